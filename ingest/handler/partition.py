@@ -1,0 +1,303 @@
+"""One input partition's consume-transform-produce unit.
+
+Exactly-once rests on three things here:
+
+1. A transactional producer per input partition, ``transactional_id`` derived
+   from (group, topic, partition). aiokafka has no KIP-447 group-generation
+   fencing, so this is what fences a zombie: the new owner's
+   ``init_transactions`` bumps the epoch and aborts or completes whatever the
+   old owner had in flight, and the old owner's next commit fails.
+2. Ticks, dead letters and the consumer offset are committed in one
+   transaction, so a ``read_committed`` reader sees each batch entirely or not
+   at all, and the committed offset always matches the committed output.
+3. Normaliser state is restored to exactly the committed offset before any new
+   output: the newest Redis snapshot at or below it, then a silent replay of
+   the raw records up to it. Processing is deterministic, so ticks after a
+   move are byte-for-byte those of an uninterrupted run (receive time aside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from ingest import metrics
+from ingest.codecs.errors import DecodeError
+from ingest.handler.redis_sink import RedisSink, snapshot_key
+from ingest.normalize import Normalizer
+from ingest.replay.publisher import partition_for
+from tickscale.constants import (
+    HDR_CODEC,
+    HDR_DATE,
+    HDR_DL_OFFSET,
+    HDR_DL_PARTITION,
+    HDR_DL_REASON,
+    HDR_DL_TOPIC,
+    HDR_SEQ,
+)
+
+log = logging.getLogger(__name__)
+
+
+def transactional_id(group: str, topic: str, partition: int) -> str:
+    return f"tickscale.{group}.{topic}.{partition}"
+
+
+class Outputs:
+    """Where a partition's results go, shared by all partitions of a handler."""
+
+    def __init__(self, ticks_topic: str, ticks_partitions: int, deadletter_topic: str) -> None:
+        self.ticks_topic = ticks_topic
+        self.ticks_partitions = ticks_partitions
+        self.deadletter_topic = deadletter_topic
+        self._part_cache: dict[str, int] = {}
+
+    def ticks_partition(self, symbol: str) -> int:
+        p = self._part_cache.get(symbol)
+        if p is None:
+            p = self._part_cache[symbol] = partition_for(symbol.encode(), self.ticks_partitions)
+        return p
+
+
+def _headers(rec: ConsumerRecord[Any, Any]) -> dict[str, bytes]:
+    return dict(rec.headers) if rec.headers else {}
+
+
+class PartitionWorker:
+    """Owns one input partition: its state, its producer, its commits.
+
+    :param tp: the input partition
+    :param group: consumer group (offsets are committed to it)
+    :param producer: transactional producer for this partition (EOS), or a shared
+        plain producer in at-least-once mode
+    :param eos: whether ``producer`` is transactional
+    """
+
+    def __init__(
+        self,
+        tp: TopicPartition,
+        group: str,
+        producer: AIOKafkaProducer,
+        outputs: Outputs,
+        eos: bool,
+        sink: RedisSink | None,
+        snapshot_interval_s: float,
+    ) -> None:
+        self.tp = tp
+        self.group = group
+        self.producer = producer
+        self.outputs = outputs
+        self.eos = eos
+        self.sink = sink
+        self.norm = Normalizer()
+        self.committed = 0  # next offset to process, as committed
+        self.snapshot_interval_s = snapshot_interval_s
+        self._last_snapshot = 0.0
+        self._partition_label = str(tp.partition)
+        self._snap_key = snapshot_key(group, tp.topic, tp.partition)
+
+    # Restore -----------------------------------------------------------------------
+
+    async def restore(self, bootstrap: str, committed: int | None) -> None:
+        """Rebuild state at the committed offset: snapshot, then silent replay."""
+        t0 = time.monotonic()
+        target = committed or 0
+        start = 0
+        if self.sink is not None and target > 0:
+            snap = await self.sink.load_snapshot(self._snap_key)
+            # A snapshot beyond the committed offset belongs to output that never
+            # committed; it cannot be rolled back, so it is ignored.
+            if snap is not None and snap[0] <= target:
+                try:
+                    self.norm = Normalizer.restore(snap[1])
+                    start = snap[0]
+                except (ValueError, KeyError, TypeError) as e:
+                    log.warning("%s: unusable snapshot (%s); full replay", self.tp, e)
+                    self.norm = Normalizer()
+        replayed = 0
+        if start < target:
+            replayed = await self._replay(bootstrap, start, target)
+        self.committed = target
+        metrics.RESTORE.observe(time.monotonic() - t0)
+        metrics.RESTORE_REPLAYED.inc(replayed)
+        log.info(
+            "%s restored at offset %d (snapshot %d, replayed %d) in %.3fs",
+            self.tp,
+            target,
+            start,
+            replayed,
+            time.monotonic() - t0,
+        )
+
+    async def _replay(self, bootstrap: str, start: int, end: int) -> int:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await consumer.start()
+        n = 0
+        try:
+            consumer.assign([self.tp])
+            consumer.seek(self.tp, start)
+            sink: list[dict[str, Any]] = []
+            while True:
+                batch = await consumer.getmany(self.tp, timeout_ms=1000, max_records=10_000)
+                for rec in batch.get(self.tp, []):
+                    if rec.offset >= end:
+                        return n
+                    self._apply(rec, 0, sink, silent=True)
+                    sink.clear()
+                    n += 1
+                    if rec.offset == end - 1:
+                        return n
+        finally:
+            await consumer.stop()
+
+    # Processing -----------------------------------------------------------------------
+
+    def _apply(
+        self,
+        rec: ConsumerRecord[Any, Any],
+        recv_ts: int,
+        out: list[dict[str, Any]],
+        silent: bool = False,
+    ) -> DecodeError | None:
+        h = _headers(rec)
+        seq = h.get(HDR_SEQ)
+        if seq is not None:
+            try:
+                missed = self.norm.check_feed_seq(int(seq))
+            except ValueError:
+                missed = 0
+            if missed and not silent:
+                metrics.SEQUENCE_GAPS.inc(missed)
+                log.warning("%s: feed sequence gap of %d before %s", self.tp, missed, seq)
+        codec = h.get(HDR_CODEC, b"itch")
+        value = rec.value or b""
+        try:
+            if codec == b"itch":
+                day = h.get(HDR_DATE)
+                if day is None:
+                    raise DecodeError("missing_date", "ITCH record without a date header")
+                self.norm.on_itch(value, day.decode(), recv_ts, out)
+            elif codec == b"json":
+                self.norm.on_json(value, recv_ts, out)
+            else:
+                raise DecodeError("unknown_codec", codec.decode("latin-1"))
+        except DecodeError as e:
+            if not silent:
+                metrics.DECODE_ERRORS.labels(codec.decode("latin-1"), e.reason).inc()
+            return e
+        return None
+
+    async def process(self, records: list[ConsumerRecord[Any, Any]]) -> int:
+        """Transform and commit one batch; returns the number of ticks committed.
+
+        Raises on any Kafka failure; the caller then discards this worker's
+        state (it ran ahead of what was committed) and restores it.
+        """
+        if records[0].offset < self.committed:
+            # A rewound fetch must never feed the same input to the state twice.
+            records = [r for r in records if r.offset >= self.committed]
+            if not records:
+                return 0
+        recv_ts = time.time_ns()
+        ticks: list[dict[str, Any]] = []
+        dead: list[tuple[ConsumerRecord[Any, Any], DecodeError]] = []
+        errs_before = sum(self.norm.book_errors.values())
+        for rec in records:
+            err = self._apply(rec, recv_ts, ticks)
+            if err is not None:
+                dead.append((rec, err))
+        if sum(self.norm.book_errors.values()) != errs_before:
+            self._count_book_errors()
+
+        p = self.producer
+        if self.eos:
+            await p.begin_transaction()
+        futures = await self._send_ticks(ticks)
+        for rec, err in dead:
+            futures.append(
+                await p.send(
+                    self.outputs.deadletter_topic,
+                    rec.value or b"",
+                    key=rec.key,
+                    headers=[
+                        (HDR_DL_REASON, f"{err.reason}: {err.detail}".encode()),
+                        (HDR_DL_TOPIC, rec.topic.encode()),
+                        (HDR_DL_PARTITION, str(rec.partition).encode()),
+                        (HDR_DL_OFFSET, str(rec.offset).encode()),
+                        *(rec.headers or ()),
+                    ],
+                )
+            )
+        next_offset = records[-1].offset + 1
+        if self.eos:
+            await p.send_offsets_to_transaction({self.tp: next_offset}, self.group)
+            await p.commit_transaction()
+        else:
+            await asyncio.gather(*futures)
+        self.committed = next_offset
+
+        done = time.time()
+        for i in range(0, len(records), 8):
+            metrics.E2E_LATENCY.observe(max(0.0, done - records[i].timestamp / 1000))
+        metrics.MESSAGES_IN.labels(self._partition_label).inc(len(records))
+        metrics.BATCH_SIZE.observe(len(records))
+        if dead:
+            for _, err in dead:
+                metrics.DEADLETTERS.labels(err.reason).inc()
+        n_trades = sum(1 for t in ticks if t["kind"] == "trade")
+        if n_trades:
+            metrics.TICKS_OUT.labels("trade").inc(n_trades)
+        if len(ticks) - n_trades:
+            metrics.TICKS_OUT.labels("quote").inc(len(ticks) - n_trades)
+        if self.sink is not None:
+            self.sink.last_ticks(ticks)
+            if done - self._last_snapshot >= self.snapshot_interval_s:
+                self.save_snapshot()
+        return len(ticks)
+
+    async def _send_ticks(self, ticks: list[dict[str, Any]]) -> list[asyncio.Future[Any]]:
+        """Send ticks in per-partition batches: far cheaper than a send() per tick."""
+        p = self.producer
+        out = self.outputs
+        by_part: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        dumps = orjson.dumps
+        for t in ticks:
+            sym = t["symbol"]
+            part = out.ticks_partition(sym)
+            b = by_part.get(part)
+            if b is None:
+                b = by_part[part] = p.create_batch()
+            value = dumps(t)
+            key = sym.encode()
+            if b.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
+                b = by_part[part] = p.create_batch()
+                b.append(key=key, value=value, timestamp=None)
+        for part, b in by_part.items():
+            futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
+        return futures
+
+    def _count_book_errors(self) -> None:
+        for reason, n in self.norm.book_errors.items():
+            metrics.BOOK_ERRORS.labels(reason).inc(n)
+            log.debug("%s: book inconsistency %s x%d", self.tp, reason, n)
+        self.norm.book_errors.clear()
+
+    def save_snapshot(self) -> None:
+        """Queue a snapshot of state at the committed offset (call only after a commit)."""
+        if self.sink is None:
+            return
+        self.sink.snapshot(self._snap_key, self.committed, self.norm.snapshot())
+        self._last_snapshot = time.time()

@@ -1,0 +1,138 @@
+"""Everything the handler keeps in Redis, off the hot path.
+
+Three things live here: order-book snapshots (tagged with the input offset
+they reflect, for fast restore after a partition move), the latest quote and
+trade per symbol (for downstream services that need a value now), and the
+handler's own throughput (for the scaler's capacity estimate).
+
+Redis is a cache, never a dependency of correctness: writes are batched by a
+background task, a failed write is counted and retried with the newest data
+only, and a missing or stale snapshot just means a longer replay on restore.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ingest import metrics
+from tickscale.constants import (
+    HANDLER_STATS_TTL_S,
+    REDIS_BOOK_SNAPSHOT,
+    REDIS_HANDLER_STATS,
+    REDIS_LAST_QUOTE,
+    REDIS_LAST_TRADE,
+)
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_key(group: str, topic: str, partition: int) -> str:
+    return f"{REDIS_BOOK_SNAPSHOT}{group}:{topic}:{partition}"
+
+
+class RedisSink:
+    """Batched, failure-tolerant writer of snapshots, last ticks and stats."""
+
+    def __init__(self, url: str, handler_id: str, flush_interval_s: float = 0.1) -> None:
+        # Short timeouts: a hung Redis must not stall snapshot restore for long.
+        self._r = aioredis.Redis.from_url(
+            url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
+        )
+        self.handler_id = handler_id
+        self._interval = flush_interval_s
+        self._latest: dict[str, dict[str, Any]] = {}  # redis key -> mapping
+        self._snapshots: dict[str, tuple[int, bytes]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stats: tuple[int, float] = (0, 0.0)
+        self._last_stats = 0.0
+        self.healthy = True
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="redis-sink")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._flush()  # best effort: final snapshots make the next restore short
+        await self._r.aclose()
+
+    # Producers of data (called from the hot path: no I/O here) ----------------
+
+    def last_ticks(self, ticks: list[dict[str, Any]]) -> None:
+        latest = self._latest
+        for t in ticks:
+            if t["kind"] == "trade":
+                latest[REDIS_LAST_TRADE + t["symbol"]] = t
+            else:
+                latest[REDIS_LAST_QUOTE + t["symbol"]] = t
+
+    def snapshot(self, key: str, offset: int, blob: bytes) -> None:
+        self._snapshots[key] = (offset, blob)
+
+    def stats(self, messages: int, busy_s: float) -> None:
+        self._stats = (messages, busy_s)
+
+    # Reads ------------------------------------------------------------------------
+
+    async def load_snapshot(self, key: str) -> tuple[int, bytes] | None:
+        try:
+            d: dict[Any, Any] = await self._r.hgetall(key)
+        except (RedisError, OSError) as e:
+            metrics.REDIS_ERRORS.inc()
+            log.warning("snapshot load from Redis failed (%s); restoring by full replay", e)
+            return None
+        if not d or b"offset" not in d or b"blob" not in d:
+            return None
+        return int(d[b"offset"]), d[b"blob"]
+
+    # Background flush ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        latest, self._latest = self._latest, {}
+        snaps, self._snapshots = self._snapshots, {}
+        now = time.time()
+        send_stats = now - self._last_stats >= 1.0
+        if not latest and not snaps and not send_stats:
+            return
+        try:
+            async with self._r.pipeline(transaction=False) as p:
+                for key, t in latest.items():
+                    p.hset(key, mapping={k: "" if v is None else str(v) for k, v in t.items()})
+                for key, (offset, blob) in snaps.items():
+                    p.hset(key, mapping={"offset": offset, "blob": blob, "ts": now})
+                if send_stats:
+                    sk = REDIS_HANDLER_STATS + self.handler_id
+                    msgs, busy = self._stats
+                    p.hset(sk, mapping={"messages": msgs, "busy_s": busy, "ts": now})
+                    p.expire(sk, HANDLER_STATS_TTL_S)
+                await p.execute()
+            if send_stats:
+                self._last_stats = now
+            if not self.healthy:
+                log.info("Redis writes recovered")
+            self.healthy = True
+        except (RedisError, OSError) as e:
+            metrics.REDIS_ERRORS.inc()
+            if self.healthy:
+                log.warning("Redis write failed (%s); ticks keep flowing, cache is stale", e)
+            self.healthy = False
+            # Keep only the newest values for the retry: no unbounded backlog.
+            for k, v in latest.items():
+                self._latest.setdefault(k, v)
+            for k, s in snaps.items():
+                self._snapshots.setdefault(k, s)

@@ -1,0 +1,285 @@
+"""The feed handler process: a consumer-group member running partition workers.
+
+Lifecycle: ``start()`` opens the HTTP probe endpoint, Redis and the consumer;
+``run()`` polls until ``stop()`` or SIGTERM; ``stop()`` lets the batch in
+flight commit, saves snapshots, leaves the group (so the partitions move at
+once rather than after the session timeout) and closes every client.
+
+Rebalances are eager in aiokafka: on revocation the current batch is allowed
+to finish and commit (the processing lock), then the partition's producer is
+closed; on assignment each new partition gets its own transactional producer,
+whose initialisation fences the previous owner, and its state is restored
+before the first new tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from ingest import metrics
+from ingest.handler.partition import Outputs, PartitionWorker, transactional_id
+from ingest.handler.redis_sink import RedisSink
+from ingest.handler.settings import HandlerSettings
+from tickscale.http import HealthServer
+
+log = logging.getLogger(__name__)
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, handler: FeedHandler) -> None:
+        self.h = handler
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.h._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.h._on_assigned(assigned)
+
+
+class FeedHandler:
+    """One feed-handler process. Use ``async with FeedHandler(s) as h: await h.run()``."""
+
+    def __init__(self, settings: HandlerSettings) -> None:
+        self.s = settings
+        self.workers: dict[TopicPartition, PartitionWorker] = {}
+        self.consumer: AIOKafkaConsumer | None = None
+        self.sink: RedisSink | None = None
+        self.http: HealthServer | None = None
+        self.outputs: Outputs | None = None
+        self._plain_producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._started = False
+        self._joined = False
+        self._fatal: BaseException | None = None
+        self.messages = 0
+        self.busy_s = 0.0
+
+    async def __aenter__(self) -> FeedHandler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.s
+        self.http = HealthServer(s.metrics_host, s.metrics_port, self._healthy, self._ready)
+        await self.http.start()
+        log.info("handler %s: metrics on port %d", s.handler_id, self.http.port)
+        if s.redis_url:
+            self.sink = RedisSink(s.redis_url, s.handler_id)
+            await self.sink.start()
+        probe = AIOKafkaProducer(bootstrap_servers=s.bootstrap)
+        await probe.start()
+        try:
+            out_parts = await probe.partitions_for(s.out_topic)
+            if not out_parts:
+                raise RuntimeError(f"output topic {s.out_topic!r} does not exist")
+        finally:
+            await probe.stop()
+        self.outputs = Outputs(s.out_topic, len(out_parts), s.deadletter_topic)
+        if not s.eos:
+            self._plain_producer = AIOKafkaProducer(
+                bootstrap_servers=s.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+            )
+            await self._plain_producer.start()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.bootstrap,
+            group_id=s.group,
+            client_id=s.handler_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_poll_records=s.max_batch,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=s.poll_timeout_ms,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            # Restores can replay many records inside the assignment callback.
+            rebalance_timeout_ms=120_000,
+            max_poll_interval_ms=300_000,
+        )
+        self.consumer.subscribe([s.in_topic], listener=_Listener(self))
+        await self.consumer.start()
+        self._started = True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        async with self._lock:  # the batch in flight commits first
+            for w in self.workers.values():
+                w.save_snapshot()
+        if self.consumer is not None:
+            # Leaves the group; the revoke callback closes the partition producers.
+            with contextlib.suppress(KafkaError):
+                await self.consumer.stop()
+            self.consumer = None
+        for tp in list(self.workers):
+            await self._close_worker(tp)
+        if self._plain_producer is not None:
+            await self._plain_producer.stop()
+            self._plain_producer = None
+        if self.sink is not None:
+            await self.sink.stop()
+            self.sink = None
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        self._started = False
+        log.info("handler %s stopped after %d messages", self.s.handler_id, self.messages)
+
+    # Probes -------------------------------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        return self._fatal is None
+
+    def _ready(self) -> bool:
+        return self._started and self._joined and self._fatal is None
+
+    # Rebalance callbacks --------------------------------------------------------------------
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self._lock:
+            for tp in revoked:
+                w = self.workers.get(tp)
+                if w is not None:
+                    w.save_snapshot()
+                await self._close_worker(tp)
+        metrics.ASSIGNED.set(len(self.workers))
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        metrics.REBALANCES.inc()
+        async with self._lock:
+            await asyncio.gather(
+                *(self._open_worker(tp) for tp in assigned if tp not in self.workers)
+            )
+        self._joined = True
+        metrics.ASSIGNED.set(len(self.workers))
+        log.info("assigned %s", sorted(tp.partition for tp in assigned))
+
+    async def _open_worker(self, tp: TopicPartition) -> None:
+        s = self.s
+        assert self.consumer is not None and self.outputs is not None
+        if s.eos:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=s.bootstrap,
+                transactional_id=transactional_id(s.group, tp.topic, tp.partition),
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=2,
+                max_batch_size=512 * 1024,
+                transaction_timeout_ms=60_000,
+            )
+            # start() runs InitProducerId: this is the fence against the old owner,
+            # and it waits for the old owner's open transaction to finish first, so
+            # the committed offset read below is final.
+            await producer.start()
+        else:
+            assert self._plain_producer is not None
+            producer = self._plain_producer
+        w = PartitionWorker(
+            tp, s.group, producer, self.outputs, s.eos, self.sink, s.snapshot_interval_s
+        )
+        committed = await self.consumer.committed(tp)
+        await w.restore(s.bootstrap, committed)
+        self.workers[tp] = w
+        # An immediate seek, never seek_to_beginning(): that one is applied lazily
+        # and can rewind the position after a batch was already consumed. Offset 0
+        # on a trimmed log falls back to the earliest offset via auto_offset_reset.
+        self.consumer.seek(tp, committed or 0)
+
+    async def _close_worker(self, tp: TopicPartition) -> None:
+        w = self.workers.pop(tp, None)
+        with contextlib.suppress(KeyError):
+            metrics.PARTITION_LAG.remove(str(tp.partition))
+        if w is not None and w.eos:
+            with contextlib.suppress(KafkaError, AssertionError):
+                await w.producer.stop()
+
+    # Main loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        last_stats = 0.0
+        while not self._stop.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=self.s.max_batch)
+            except KafkaError as e:
+                log.warning("fetch failed: %s", e)
+                await asyncio.sleep(0.5)
+                continue
+            if batches:
+                async with self._lock:
+                    t0 = time.monotonic()
+                    for tp, records in batches.items():
+                        w = self.workers.get(tp)
+                        if w is None or not records:
+                            continue  # revoked while the fetch was in flight
+                        await self._process(w, records)
+                    dt = time.monotonic() - t0
+                    self.busy_s += dt
+                    metrics.BUSY.inc(dt)
+            now = time.monotonic()
+            if now - last_stats >= 1.0:
+                last_stats = now
+                self._report(consumer)
+
+    async def _process(self, w: PartitionWorker, records: list[Any]) -> None:
+        assert self.consumer is not None
+        t0 = time.monotonic()
+        try:
+            await w.process(records)
+        except Exception as e:  # any failure leaves state ahead of the commit
+            metrics.TXN_ABORTS.labels(type(e).__name__).inc()
+            log.warning("%s: batch failed (%r); aborting and restoring", w.tp, e)
+            await self._recover(w)
+            return
+        self.messages += len(records)
+        metrics.PROCESSING.observe(time.monotonic() - t0)
+
+    async def _recover(self, w: PartitionWorker) -> None:
+        """Abort, then rebuild the partition from its committed offset."""
+        assert self.consumer is not None
+        tp = w.tp
+        if w.eos:
+            with contextlib.suppress(Exception):
+                await w.producer.abort_transaction()
+        await self._close_worker(tp)
+        if tp not in self.consumer.assignment():
+            return
+        for attempt in range(30):
+            try:
+                await self._open_worker(tp)
+                return
+            except Exception as e:
+                log.warning("%s: reopen failed (%r), retry %d", tp, e, attempt + 1)
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        self._fatal = RuntimeError(f"cannot recover {tp}")
+        self._stop.set()
+
+    def _report(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, w in self.workers.items():
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                metrics.PARTITION_LAG.labels(str(tp.partition)).set(max(0, hw - w.committed))
+        if self.sink is not None:
+            self.sink.stats(self.messages, self.busy_s)

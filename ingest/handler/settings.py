@@ -1,0 +1,51 @@
+"""Configuration of one feed-handler process (environment ``TICKSCALE_HANDLER_*``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tickscale.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class HandlerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TICKSCALE_HANDLER_", extra="forbid")
+
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    in_topic: str = RAW_TOPIC
+    out_topic: str = TICKS_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
+    group: str = HANDLER_GROUP
+    redis_url: str | None = Field(None, description="redis://host:port/db; unset = no Redis")
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9100, ge=0, le=65535)
+    handler_id: str = Field(default_factory=_default_id)
+    eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
+    max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
+    poll_timeout_ms: int = Field(20, ge=1, le=10_000)
+    snapshot_interval_s: float = Field(5.0, gt=0)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(1_000, ge=100)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for hp in v.split(","):
+            host, _, port = hp.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT], got {v!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://host:port/db, got {v!r}")
+        return v or None

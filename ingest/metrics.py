@@ -1,0 +1,71 @@
+"""Prometheus metrics of the feed handler, declared once with their help text.
+
+Names are part of the project's interface: dashboards, the scaler and the load
+tests query them, so they change only with those.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LAT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+MESSAGES_IN = Counter(
+    "tickscale_handler_messages_in_total", "Raw messages consumed from md.raw", ["partition"]
+)
+TICKS_OUT = Counter("tickscale_handler_ticks_out_total", "Ticks committed to md.ticks", ["kind"])
+DEADLETTERS = Counter(
+    "tickscale_handler_deadletters_total", "Raw messages sent to md.deadletter", ["reason"]
+)
+DECODE_ERRORS = Counter(
+    "tickscale_handler_decode_errors_total",
+    "Raw messages that failed to decode",
+    ["codec", "reason"],
+)
+BOOK_ERRORS = Counter(
+    "tickscale_handler_book_errors_total",
+    "Order events inconsistent with the book (unknown order, over-fill)",
+    ["reason"],
+)
+SEQUENCE_GAPS = Counter(
+    "tickscale_handler_sequence_gaps_total", "Feed messages missing by sequence number"
+)
+BATCH_SIZE = Histogram(
+    "tickscale_handler_batch_size",
+    "Raw messages per transaction",
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+)
+PROCESSING = Histogram(
+    "tickscale_handler_processing_seconds",
+    "Time to decode, normalise and commit one batch",
+    buckets=_LAT_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "tickscale_handler_e2e_latency_seconds",
+    "From the raw record's broker timestamp to the commit of its ticks",
+    buckets=_LAT_BUCKETS,
+)
+PARTITION_LAG = Gauge(
+    "tickscale_handler_partition_lag",
+    "Messages behind the high watermark, per assigned partition",
+    ["partition"],
+)
+ASSIGNED = Gauge("tickscale_handler_assigned_partitions", "Partitions currently owned")
+REBALANCES = Counter("tickscale_handler_rebalances_total", "Partition assignments received")
+RESTORE = Histogram(
+    "tickscale_handler_restore_seconds",
+    "Time to restore a partition's books (snapshot load and replay)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+RESTORE_REPLAYED = Counter(
+    "tickscale_handler_restore_replayed_total", "Raw messages replayed silently while restoring"
+)
+TXN_ABORTS = Counter(
+    "tickscale_handler_transaction_aborts_total", "Transactions aborted and retried", ["reason"]
+)
+REDIS_ERRORS = Counter(
+    "tickscale_handler_redis_errors_total", "Failed Redis writes (snapshots, last-tick cache)"
+)
+BUSY = Counter(
+    "tickscale_handler_busy_seconds_total", "Seconds spent processing batches (capacity estimate)"
+)

@@ -1,0 +1,299 @@
+"""Raw venue message -> normalised ticks, for one input partition.
+
+A ``Normalizer`` holds everything a partition's output depends on: the stock
+directory, the order books, the last top of book per symbol, the per-symbol
+tick sequence and the feed sequence seen so far. Processing is a pure function
+of that state and the message, so the state can be snapshotted, restored and
+replayed forward to reproduce exactly the ticks an unmoved handler would emit.
+
+The replay feed runs the same code over what it sends to compute the
+manifest's expected ticks, so the expectation and the handler cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date, datetime, time
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from ingest.book import BookError, Books, SymbolBook, Top
+from ingest.codecs import itch
+from ingest.codecs.jsonfeed import JsonQuote, JsonTrade, decode_json
+from ingest.ticks import price_e4
+
+EXCHANGE_TZ = ZoneInfo("America/New_York")
+ITCH_VENUE = "XNAS"
+
+
+@lru_cache(maxsize=64)
+def midnight_ns(day: str) -> int:
+    """UTC epoch ns of local midnight in the exchange's time zone on ``day``."""
+    d = date.fromisoformat(day)
+    return int(datetime.combine(d, time(0), tzinfo=EXCHANGE_TZ).timestamp()) * 1_000_000_000
+
+
+class Normalizer:
+    """Stateful transform of one partition's raw messages into tick dicts."""
+
+    def __init__(self) -> None:
+        self.books = Books()
+        self.directory: dict[int, str] = {}
+        self.last_top: dict[int, Top] = {}
+        self.seqs: dict[str, int] = {}
+        self.last_feed_seq = 0
+        self.book_errors: Counter[str] = Counter()
+        self.gaps = 0
+
+    # Feed sequence -------------------------------------------------------
+
+    def check_feed_seq(self, seq: int) -> int:
+        """Record a feed sequence number; returns how many messages were skipped."""
+        missed = 0
+        if self.last_feed_seq and seq > self.last_feed_seq + 1:
+            missed = seq - self.last_feed_seq - 1
+            self.gaps += missed
+        if seq > self.last_feed_seq:
+            self.last_feed_seq = seq
+        return missed
+
+    # Tick construction ---------------------------------------------------
+
+    def _next_seq(self, symbol: str) -> int:
+        s = self.seqs.get(symbol, 0) + 1
+        self.seqs[symbol] = s
+        return s
+
+    def _trade(
+        self,
+        out: list[dict[str, Any]],
+        symbol: str,
+        venue: str,
+        event_ts: int,
+        recv_ts: int,
+        price: str,
+        size: str,
+        side: str,
+        trade_id: str,
+        cross: str = "",
+    ) -> None:
+        out.append(
+            {
+                "v": 1,
+                "kind": "trade",
+                "symbol": symbol,
+                "venue": venue,
+                "seq": self._next_seq(symbol),
+                "event_ts": event_ts,
+                "recv_ts": recv_ts,
+                "price": price,
+                "size": size,
+                "side": side,
+                "trade_id": trade_id,
+                "cross": cross,
+            }
+        )
+
+    def _quote_if_changed(
+        self,
+        out: list[dict[str, Any]],
+        locate: int,
+        book: SymbolBook,
+        event_ts: int,
+        recv_ts: int,
+    ) -> None:
+        top = book.top()
+        if self.last_top.get(locate) == top:
+            return
+        self.last_top[locate] = top
+        symbol = self.directory.get(locate)
+        if symbol is None:
+            self.book_errors["unknown_locate"] += 1
+            return
+        bp, bs, ap, asz = top
+        out.append(
+            {
+                "v": 1,
+                "kind": "quote",
+                "symbol": symbol,
+                "venue": ITCH_VENUE,
+                "seq": self._next_seq(symbol),
+                "event_ts": event_ts,
+                "recv_ts": recv_ts,
+                "bid_px": None if bp is None else price_e4(bp),
+                "bid_sz": None if bs is None else str(bs),
+                "ask_px": None if ap is None else price_e4(ap),
+                "ask_sz": None if asz is None else str(asz),
+            }
+        )
+
+    # ITCH ----------------------------------------------------------------
+
+    def on_itch(
+        self, payload: bytes, day: str, recv_ts: int, out: list[dict[str, Any]]
+    ) -> itch.ItchMessage:
+        """Decode and apply one ITCH message, appending any ticks to ``out``.
+
+        Raises itch.DecodeError for input that cannot be decoded (the caller
+        dead-letters it). Book inconsistencies are counted, never raised.
+        """
+        msg = itch.decode(payload)
+        ts = midnight_ns(day) + msg.timestamp
+        try:
+            self._apply(msg, ts, recv_ts, out)
+        except BookError as e:
+            self.book_errors[e.reason] += 1
+        return msg
+
+    def _apply(
+        self, msg: itch.ItchMessage, ts: int, recv_ts: int, out: list[dict[str, Any]]
+    ) -> None:
+        books = self.books
+        loc = msg.locate
+        if isinstance(msg, itch.AddOrder | itch.AddOrderMpid):
+            self.directory.setdefault(loc, msg.stock)
+            b = books.add(loc, msg.order_ref, msg.side, msg.shares, msg.price_e4)
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.OrderExecuted):
+            b, price, was_bid = books.reduce(loc, msg.order_ref, msg.executed_shares)
+            self._exec_trade(out, loc, ts, recv_ts, price, msg.executed_shares, was_bid, msg)
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.OrderExecutedWithPrice):
+            b, _, was_bid = books.reduce(loc, msg.order_ref, msg.executed_shares)
+            if msg.printable == "Y":
+                self._exec_trade(
+                    out, loc, ts, recv_ts, msg.price_e4, msg.executed_shares, was_bid, msg
+                )
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.OrderCancel):
+            b, _, _ = books.reduce(loc, msg.order_ref, msg.cancelled_shares)
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.OrderDelete):
+            b = books.delete(loc, msg.order_ref)
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.OrderReplace):
+            b = books.replace(loc, msg.original_ref, msg.new_ref, msg.shares, msg.price_e4)
+            self._quote_if_changed(out, loc, b, ts, recv_ts)
+        elif isinstance(msg, itch.Trade):
+            self.directory.setdefault(loc, msg.stock)
+            # The side names the resting non-displayed order; the aggressor is opposite.
+            side = "S" if msg.side == "B" else "B"
+            self._trade(
+                out,
+                msg.stock,
+                ITCH_VENUE,
+                ts,
+                recv_ts,
+                price_e4(msg.price_e4),
+                str(msg.shares),
+                side,
+                str(msg.match_number),
+            )
+        elif isinstance(msg, itch.CrossTrade):
+            self.directory.setdefault(loc, msg.stock)
+            if msg.shares > 0:
+                self._trade(
+                    out,
+                    msg.stock,
+                    ITCH_VENUE,
+                    ts,
+                    recv_ts,
+                    price_e4(msg.cross_price_e4),
+                    str(msg.shares),
+                    "",
+                    str(msg.match_number),
+                    msg.cross_type,
+                )
+        elif isinstance(msg, itch.StockDirectory):
+            self.directory[loc] = msg.stock
+
+    def _exec_trade(
+        self,
+        out: list[dict[str, Any]],
+        loc: int,
+        ts: int,
+        recv_ts: int,
+        price: int,
+        shares: int,
+        was_bid: bool,
+        msg: itch.OrderExecuted | itch.OrderExecutedWithPrice,
+    ) -> None:
+        symbol = self.directory.get(loc)
+        if symbol is None:
+            self.book_errors["unknown_locate"] += 1
+            return
+        self._trade(
+            out,
+            symbol,
+            ITCH_VENUE,
+            ts,
+            recv_ts,
+            price_e4(price),
+            str(shares),
+            "S" if was_bid else "B",
+            str(msg.match_number),
+        )
+
+    # JSON ----------------------------------------------------------------
+
+    def on_json(self, payload: bytes, recv_ts: int, out: list[dict[str, Any]]) -> None:
+        """Validate one JSON feed message and append its tick. Raises DecodeError."""
+        m = decode_json(payload)
+        if isinstance(m, JsonTrade):
+            self._trade(
+                out,
+                m.symbol,
+                m.venue,
+                m.ts,
+                recv_ts,
+                str(m.price),
+                str(m.size),
+                m.side,
+                m.trade_id,
+            )
+        elif isinstance(m, JsonQuote):
+            out.append(
+                {
+                    "v": 1,
+                    "kind": "quote",
+                    "symbol": m.symbol,
+                    "venue": m.venue,
+                    "seq": self._next_seq(m.symbol),
+                    "event_ts": m.ts,
+                    "recv_ts": recv_ts,
+                    "bid_px": None if m.bid_px is None else str(m.bid_px),
+                    "bid_sz": None if m.bid_sz is None else str(m.bid_sz),
+                    "ask_px": None if m.ask_px is None else str(m.ask_px),
+                    "ask_sz": None if m.ask_sz is None else str(m.ask_sz),
+                }
+            )
+
+    # Snapshots -----------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        return orjson.dumps(
+            {
+                "v": 1,
+                "books": self.books.snapshot(),
+                "directory": list(self.directory.items()),
+                "last_top": [[k, list(v)] for k, v in self.last_top.items()],
+                "seqs": self.seqs,
+                "last_feed_seq": self.last_feed_seq,
+            }
+        )
+
+    @classmethod
+    def restore(cls, blob: bytes) -> Normalizer:
+        d = orjson.loads(blob)
+        if d.get("v") != 1:
+            raise ValueError(f"unsupported snapshot version {d.get('v')!r}")
+        n = cls()
+        n.books = Books.restore(d["books"])
+        n.directory = {int(k): v for k, v in d["directory"]}
+        n.last_top = {int(k): tuple(v) for k, v in d["last_top"]}
+        n.seqs = dict(d["seqs"])
+        n.last_feed_seq = int(d["last_feed_seq"])
+        return n

@@ -1,0 +1,198 @@
+"""Wiring of ``tickscale replay``: source selection, calendar, progress, summary."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterable, Iterator
+from datetime import date
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ingest import sessions
+from ingest.codecs import itch
+from ingest.replay.publisher import Replayer, ReplayStats
+from ingest.replay.source import (
+    NS,
+    ItchWindow,
+    JsonWindow,
+    RawMessage,
+    itch_file_source,
+    jsonl_source,
+    parse_hhmm,
+)
+from ingest.replay.synthetic import SyntheticDay
+
+CALENDAR = "XNYS"
+
+
+def resolve_day(day: str | None) -> tuple[str, int]:
+    """The trading date to stamp and its close (seconds since midnight).
+
+    A date that is not a session of the exchange calendar is a user error, not
+    something to replay silently as a normal day.
+    """
+    import exchange_calendars as xcals
+    import pandas as pd
+
+    cal = xcals.get_calendar(CALENDAR)
+    if day is None:
+        d = cal.date_to_session(pd.Timestamp(date.today()), direction="previous")
+    else:
+        try:
+            d = pd.Timestamp(date.fromisoformat(day))
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected YYYY-MM-DD, got {day!r}", param_hint="--date"
+            ) from None
+        if not cal.is_session(d):
+            raise typer.BadParameter(f"{day} is not a {CALENDAR} trading day", param_hint="--date")
+    close = cal.session_close(d).tz_convert("America/New_York")
+    return d.date().isoformat(), close.hour * 3600 + close.minute * 60
+
+
+def with_malformed(source: Iterable[RawMessage], every: int) -> Iterator[RawMessage]:
+    """Inject a malformed copy after every ``every`` keyed messages (for dead-letter drills).
+
+    Three kinds in turn, so each decoder path is exercised: a truncated
+    message, an unknown type byte and, for ITCH, an add order with a bad side.
+    """
+    n = 0
+    kind = 0
+    for m in source:
+        yield m
+        if m.key is None:
+            continue
+        n += 1
+        if n % every:
+            continue
+        kind = (kind + 1) % 3
+        if m.codec == "json":
+            bad = [m.payload[: len(m.payload) // 2], b'{"type": "bogus"}', b"not json"][kind]
+        elif kind == 0:
+            bad = m.payload[: max(1, len(m.payload) - 3)]
+        elif kind == 1:
+            bad = b"z" + m.payload[1:]
+        else:
+            add = itch.AddOrder(1, 0, m.ts_ns % (86_400 * NS), 0, "B", 1, "BAD", 1)
+            bad = itch.encode(add)
+            bad = bad[:19] + b"?" + bad[20:]
+        yield RawMessage(m.ts_ns, m.key, bad, m.codec)
+
+
+def _clock(ns: int, codec: str) -> str:
+    if codec == "json":
+        return f"{ns / NS:.0f}"
+    s = ns // NS
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_replay(
+    *,
+    manifest: Path,
+    bootstrap: str,
+    topic: str,
+    source: str,
+    file: Path | None,
+    symbols: int,
+    seed: int,
+    rate: float,
+    day: str | None,
+    start: str | None,
+    end: str | None,
+    speed: float | None,
+    malformed_every: int,
+    progress: bool,
+) -> bool:
+    try:
+        start_s = None if start is None else parse_hhmm(start)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--from") from None
+    try:
+        end_s = None if end is None else parse_hhmm(end)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--to") from None
+    if start_s is not None and end_s is not None and end_s <= start_s:
+        raise typer.BadParameter("--to must be after --from", param_hint="--to")
+
+    params: dict[str, object] = {"from": start, "to": end, "malformed_every": malformed_every}
+    codec = "itch"
+    src: Iterable[RawMessage]
+    if source == "synthetic":
+        day_s, close = resolve_day(day)
+        src = ItchWindow(SyntheticDay(symbols, seed, rate, close), start_s, end_s)
+        params |= {"symbols": symbols, "seed": seed, "rate": rate, "close": close}
+    elif source == "itch":
+        if file is None or not file.exists():
+            raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
+        day_s, _ = resolve_day(day)
+        src = ItchWindow(itch_file_source(file), start_s, end_s)
+        params |= {"file": str(file)}
+    elif source == "jsonl":
+        if file is None or not file.exists():
+            raise typer.BadParameter("an existing JSON-lines file is required", param_hint="--file")
+        day_s = day or ""
+        codec = "json"
+        src = JsonWindow(jsonl_source(file), start_s, end_s, day)
+        params |= {"file": str(file)}
+    else:
+        raise typer.BadParameter("expected synthetic, itch or jsonl", param_hint="--source")
+    if malformed_every:
+        src = with_malformed(src, malformed_every)
+    params["date"] = day_s
+
+    console = Console(stderr=True)
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]replay[/] {task.description}"),
+        TextColumn("clock {task.fields[clock]}"),
+        TextColumn("{task.completed:,} msgs"),
+        TextColumn("{task.fields[rate]:,.0f} msg/s"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    )
+    task = bar.add_task(source, total=None, clock="--:--:--", rate=0.0)
+
+    def on_progress(st: ReplayStats) -> None:
+        import time
+
+        el = max(1e-9, time.monotonic() - st.started)
+        bar.update(
+            task,
+            completed=st.source_messages,
+            clock=_clock(st.source_clock_ns, codec),
+            rate=st.records / el,
+        )
+
+    replayer = Replayer(bootstrap, topic, src, speed, day_s, on_progress)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, replayer.stop)
+        with bar:
+            m = await replayer.run()
+        m.source = source
+        m.params = params
+        m.write(manifest)
+        st = replayer.stats
+        ticks = sum(s.ticks for s in m.symbols.values())
+        console.print(
+            f"replayed {st.source_messages:,} messages ({st.records:,} records incl. broadcast) "
+            f"in {st.elapsed:.1f}s = {st.records / max(st.elapsed, 1e-9):,.0f} records/s; "
+            f"symbols={len(m.symbols)} expected ticks={ticks:,} "
+            f"dead letters expected={m.deadletters_expected}; "
+            f"pacing drift p99={m.pacing.get('drift_p99_s', 0):.3f}s "
+            f"max={m.pacing.get('drift_max_s', 0):.3f}s; manifest {manifest}"
+        )
+
+    asyncio.run(main())
+    return True
+
+
+__all__ = ["resolve_day", "run_replay", "sessions"]

@@ -1,0 +1,183 @@
+"""Publishes a replay source to ``md.raw`` at a chosen speed.
+
+Pacing follows the source's own timestamps: message i is due at
+``start + (ts_i - ts_0) / speed``. The publisher sleeps only when it is ahead
+of schedule; when the broker or the source cannot keep up it runs behind, and
+the drift (how late messages went out) is measured and reported instead of
+being hidden. Partitioning is computed here (Kafka's murmur2 over the
+instrument key) so each partition's records carry their own gap-free feed
+sequence number, and market-wide messages are copied to every partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+from ingest.manifest import Manifest, ManifestBuilder
+from ingest.replay.source import NS, RawMessage
+from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
+
+log = logging.getLogger(__name__)
+
+_CODEC_HDR = {"itch": b"itch", "json": b"json"}
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partitioner, so keyed records land where Java clients put them."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+@dataclass
+class ReplayStats:
+    source_messages: int = 0
+    records: int = 0
+    started: float = 0.0
+    elapsed: float = 0.0
+    source_clock_ns: int = 0
+    drift_samples: list[float] = field(default_factory=list)
+
+    def drift_summary(self) -> dict[str, float]:
+        d = sorted(self.drift_samples)
+        if not d:
+            return {"p50_s": 0.0, "p99_s": 0.0, "max_s": 0.0}
+        return {
+            "p50_s": round(d[len(d) // 2], 4),
+            "p99_s": round(d[min(len(d) - 1, int(len(d) * 0.99))], 4),
+            "max_s": round(d[-1], 4),
+        }
+
+
+class Replayer:
+    """Sends a source to Kafka and builds the manifest of what it sent.
+
+    :param bootstrap: Kafka bootstrap servers
+    :param topic: raw topic (``md.raw``)
+    :param source: messages in feed order
+    :param speed: 1.0 = real time, 60 = a minute per second, None = as fast as possible
+    :param day: trading date (ISO) stamped on ITCH records so handlers can build
+        absolute event times from ITCH's time-since-midnight
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        source: Iterable[RawMessage],
+        speed: float | None,
+        day: str,
+        on_progress: Any = None,
+    ) -> None:
+        if speed is not None and speed <= 0:
+            raise ValueError("speed must be > 0 or 'max'")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.source = source
+        self.speed = speed
+        self.day = day
+        self.stats = ReplayStats()
+        self.builder = ManifestBuilder()
+        self.partitions = 0
+        self._on_progress = on_progress
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop after the message in flight; what was sent is still in the manifest."""
+        self._stop.set()
+
+    async def run(self) -> Manifest:
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,  # retries must not duplicate or reorder raw input
+            linger_ms=5,
+            max_batch_size=512 * 1024,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await producer.start()
+        try:
+            parts = await producer.partitions_for(self.topic)
+            if not parts:
+                raise RuntimeError(f"topic {self.topic!r} does not exist")
+            self.partitions = len(parts)
+            await self._send_all(producer)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        st = self.stats
+        st.elapsed = time.monotonic() - st.started if st.started else 0.0
+        return self.builder.build(
+            source="",
+            topic=self.topic,
+            partitions=self.partitions,
+            records_sent=st.records,
+            pacing={
+                "speed": self.speed or 0.0,
+                "elapsed_s": round(st.elapsed, 3),
+                **{"drift_" + k: v for k, v in st.drift_summary().items()},
+            },
+        )
+
+    async def _send_all(self, producer: AIOKafkaProducer) -> None:
+        n_parts = self.partitions
+        seqs = [0] * n_parts
+        st = self.stats
+        day_hdr = self.day.encode()
+        pending: list[asyncio.Future[Any]] = []
+        first_ts: int | None = None
+        st.started = time.monotonic()
+        last_progress = 0.0
+        builder = self.builder
+        speed = self.speed
+        for m in self.source:
+            if self._stop.is_set():
+                break
+            if first_ts is None:
+                first_ts = m.ts_ns
+            if speed is not None:
+                due = st.started + (m.ts_ns - first_ts) / NS / speed
+                ahead = due - time.monotonic()
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+                else:
+                    # Sample lateness sparsely: one in 64 is plenty for percentiles.
+                    if st.source_messages & 63 == 0:
+                        st.drift_samples.append(max(0.0, -ahead))
+            targets = range(n_parts) if m.key is None else (partition_for(m.key, n_parts),)
+            codec_hdr = _CODEC_HDR[m.codec]
+            for p in targets:
+                seqs[p] += 1
+                headers = [(HDR_CODEC, codec_hdr), (HDR_SEQ, str(seqs[p]).encode())]
+                if m.codec == "itch":
+                    headers.append((HDR_DATE, day_hdr))
+                if m.key is None:
+                    headers.append((HDR_BROADCAST, b"1"))
+                fut = await producer.send(
+                    self.topic, m.payload, key=m.key, partition=p, headers=headers
+                )
+                pending.append(fut)
+                st.records += 1
+            builder.observe(m.payload, m.codec, self.day, len(targets))
+            st.source_messages += 1
+            st.source_clock_ns = m.ts_ns
+            if len(pending) >= 20_000:
+                # Bound memory and surface broker errors promptly instead of at the end.
+                await asyncio.gather(*pending)
+                pending.clear()
+            now = time.monotonic()
+            if now - last_progress > 0.25:
+                last_progress = now
+                if self._on_progress is not None:
+                    self._on_progress(st)
+                await asyncio.sleep(0)  # let signal handlers and the sender run
+        if pending:
+            await asyncio.gather(*pending)
+        if self._on_progress is not None:
+            self._on_progress(st)

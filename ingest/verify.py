@@ -1,0 +1,226 @@
+"""Checks ``md.ticks`` against a replay manifest: the no-loss ledger.
+
+Reads the tick topic with ``read_committed`` (what any correct consumer sees)
+and, per symbol, counts ticks missing (expected sequence numbers never seen),
+duplicated (a sequence number seen again), reordered (a sequence number below
+one already seen) and compares a checksum over the first occurrence of each
+tick in arrival order with the manifest's, so content and order are both
+covered. Dead letters are counted against the manifest too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ingest.manifest import Manifest
+from ingest.ticks import SymbolLedger
+
+
+@dataclass
+class SymbolCheck:
+    seen: bytearray = field(default_factory=bytearray)
+    ledger: SymbolLedger = field(default_factory=SymbolLedger)
+    max_seq: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+
+    def add(self, tick: dict[str, Any]) -> None:
+        seq = int(tick["seq"])
+        if seq >= len(self.seen):
+            self.seen.extend(b"\0" * max(seq + 1 - len(self.seen), len(self.seen)))
+        if self.seen[seq]:
+            self.duplicated += 1
+            return
+        self.seen[seq] = 1
+        if seq < self.max_seq:
+            self.reordered += 1
+        else:
+            self.max_seq = seq
+        self.ledger.add(tick)
+
+
+@dataclass
+class VerifyResult:
+    missing: int = 0
+    duplicated: int = 0
+    reordered: int = 0
+    checksum_mismatch: int = 0
+    unexpected_symbols: int = 0
+    ticks_read: int = 0
+    ticks_expected: int = 0
+    deadletters: int | None = None
+    deadletters_expected: int = 0
+    per_symbol: dict[str, dict[str, int | bool]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        dl_ok = self.deadletters is None or self.deadletters == self.deadletters_expected
+        return (
+            self.missing == 0
+            and self.duplicated == 0
+            and self.reordered == 0
+            and self.checksum_mismatch == 0
+            and self.unexpected_symbols == 0
+            and dl_ok
+        )
+
+    def summary_line(self) -> str:
+        return (
+            f"missing={self.missing} duplicated={self.duplicated} "
+            f"reordered={self.reordered} checksum_mismatch={self.checksum_mismatch}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger_ok": self.ok,
+            "missing": self.missing,
+            "duplicated": self.duplicated,
+            "reordered": self.reordered,
+            "checksum_mismatch": self.checksum_mismatch,
+            "unexpected_symbols": self.unexpected_symbols,
+            "ticks_read": self.ticks_read,
+            "ticks_expected": self.ticks_expected,
+            "deadletters": self.deadletters,
+            "deadletters_expected": self.deadletters_expected,
+        }
+
+
+async def _read_topic(
+    bootstrap: str,
+    topic: str,
+    on_record: Any,
+    expected: int | None,
+    timeout_s: float,
+    idle_s: float,
+) -> int:
+    """Read a topic from the start with read_committed.
+
+    Stops at the end offsets when ``timeout_s`` is 0; otherwise keeps polling
+    until ``expected`` records arrived and nothing new came for ``idle_s``
+    (so late duplicates are still caught), or the timeout passes.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    n = 0
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if parts is None:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            raise RuntimeError(f"topic {topic!r} does not exist")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            got = 0
+            for recs in batch.values():
+                for r in recs:
+                    on_record(r)
+                got += len(recs)
+            n += got
+            now = time.monotonic()
+            if got:
+                last_new = now
+                continue
+            if timeout_s <= 0:
+                ends = await consumer.end_offsets(tps)
+                positions = [await _position(consumer, tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    return n
+                continue
+            if expected is not None and n >= expected and now - last_new >= idle_s:
+                return n
+            if now >= deadline:
+                return n
+    finally:
+        await consumer.stop()
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
+    return int(await consumer.position(tp))
+
+
+async def verify(
+    bootstrap: str,
+    topic: str,
+    manifest: Manifest,
+    deadletter_topic: str | None = None,
+    timeout_s: float = 0.0,
+    idle_s: float = 2.0,
+) -> VerifyResult:
+    checks: dict[str, SymbolCheck] = {}
+    unexpected: set[str] = set()
+    expected_total = sum(s.ticks for s in manifest.symbols.values())
+
+    def on_tick(r: Any) -> None:
+        t = orjson.loads(r.value)
+        sym = t["symbol"]
+        c = checks.get(sym)
+        if c is None:
+            c = checks[sym] = SymbolCheck()
+        c.add(t)
+
+    res = VerifyResult(ticks_expected=expected_total)
+    res.ticks_read = await _read_topic(bootstrap, topic, on_tick, expected_total, timeout_s, idle_s)
+    for sym, exp in manifest.symbols.items():
+        c = checks.get(sym)
+        if c is None:
+            c = SymbolCheck()
+        seen = sum(c.seen[1 : exp.ticks + 1])
+        missing = exp.ticks - seen
+        mismatch = c.ledger.checksum != exp.checksum if exp.ticks else c.ledger.count != 0
+        res.missing += missing
+        res.duplicated += c.duplicated
+        res.reordered += c.reordered
+        res.checksum_mismatch += int(mismatch)
+        if missing or c.duplicated or c.reordered or mismatch:
+            res.per_symbol[sym] = {
+                "expected": exp.ticks,
+                "missing": missing,
+                "duplicated": c.duplicated,
+                "reordered": c.reordered,
+                "checksum_ok": not mismatch,
+            }
+    for sym in checks:
+        if sym not in manifest.symbols:
+            unexpected.add(sym)
+    res.unexpected_symbols = len(unexpected)
+    if deadletter_topic is not None:
+        count = 0
+
+        def on_dl(_: Any) -> None:
+            nonlocal count
+            count += 1
+
+        await _read_topic(
+            bootstrap,
+            deadletter_topic,
+            on_dl,
+            manifest.deadletters_expected,
+            min(timeout_s, 10.0),
+            idle_s,
+        )
+        res.deadletters = count
+        res.deadletters_expected = manifest.deadletters_expected
+    return res
+
+
+def run_verify(*args: Any, **kw: Any) -> VerifyResult:
+    return asyncio.run(verify(*args, **kw))

@@ -1,0 +1,3 @@
+from tickscale.cli import app
+
+app()

@@ -1,0 +1,267 @@
+"""The ``tickscale`` command: one entry point, a subcommand per role.
+
+Each subcommand reads its settings once here, at the edge, and fails before
+doing anything if a setting is invalid, naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from tickscale import constants as c
+
+app = typer.Typer(
+    name="tickscale",
+    help="Autoscaling market-data ingestion: replay feeds, feed handlers, scaler, verification.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+log = logging.getLogger("tickscale")
+
+
+@app.callback()
+def _main(
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
+
+
+def _fail_settings(e: ValidationError, flags: dict[str, str]) -> None:
+    for err in e.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        hint = flags.get(name, name)
+        typer.echo(f"error: invalid setting {hint}: {err['msg']}", err=True)
+    raise typer.Exit(2)
+
+
+# --- replay -------------------------------------------------------------------------------
+
+
+def _speed(value: str) -> float | None:
+    if value.lower() == "max":
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected a number or 'max', got {value!r}") from None
+    if v <= 0:
+        raise typer.BadParameter("must be > 0")
+    return v
+
+
+@app.command()
+def replay(
+    manifest: Annotated[Path, typer.Option(help="where to write the manifest (JSON)")],
+    bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
+    topic: Annotated[str, typer.Option(help="raw topic")] = c.RAW_TOPIC,
+    source: Annotated[str, typer.Option(help="synthetic | itch | jsonl")] = "synthetic",
+    file: Annotated[Path | None, typer.Option(help="input file for itch/jsonl")] = None,
+    symbols: Annotated[int, typer.Option(min=1, help="synthetic: instruments")] = 50,
+    seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
+    rate: Annotated[
+        float, typer.Option(min=0.001, help="synthetic: midday msgs/s per symbol")
+    ] = 1.0,
+    day: Annotated[
+        str | None, typer.Option("--date", help="trading date YYYY-MM-DD (default: last session)")
+    ] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="start HH:MM (exchange time)")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="end HH:MM (exchange time)")] = None,
+    speed: Annotated[str, typer.Option(help="1 = real time, 60 = a minute per second, max")] = "1",
+    malformed_every: Annotated[
+        int, typer.Option(min=0, help="inject a malformed message after every N (0 = none)")
+    ] = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Replay a market day into the raw topic and write its manifest."""
+    from ingest.replay.cli import run_replay
+
+    ok = run_replay(
+        manifest=manifest,
+        bootstrap=bootstrap,
+        topic=topic,
+        source=source,
+        file=file,
+        symbols=symbols,
+        seed=seed,
+        rate=rate,
+        day=day,
+        start=from_,
+        end=to,
+        speed=_speed(speed),
+        malformed_every=malformed_every,
+        progress=progress,
+    )
+    if not ok:
+        raise typer.Exit(1)
+
+
+# --- handler ------------------------------------------------------------------------------
+
+
+@app.command()
+def handler(
+    bootstrap: Annotated[str | None, typer.Option(help="Kafka HOST:PORT")] = None,
+    in_topic: Annotated[str | None, typer.Option("--in", help="raw topic")] = None,
+    out_topic: Annotated[str | None, typer.Option("--out", help="tick topic")] = None,
+    deadletter: Annotated[str | None, typer.Option(help="dead-letter topic")] = None,
+    group: Annotated[str | None, typer.Option(help="consumer group")] = None,
+    redis: Annotated[str | None, typer.Option(help="Redis URL")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="HTTP port, 0 = any")] = None,
+    eos: Annotated[bool | None, typer.Option(help="exactly-once transactions")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="raw messages per transaction")] = None,
+    handler_id: Annotated[str | None, typer.Option("--id", help="handler identity")] = None,
+) -> None:
+    """Run one feed handler: md.raw -> ticks on md.ticks, exactly once."""
+    from ingest.handler.service import FeedHandler
+    from ingest.handler.settings import HandlerSettings
+
+    overrides: dict[str, Any] = {
+        "bootstrap": bootstrap,
+        "in_topic": in_topic,
+        "out_topic": out_topic,
+        "deadletter_topic": deadletter,
+        "group": group,
+        "redis_url": redis,
+        "metrics_port": metrics_port,
+        "eos": eos,
+        "max_batch": max_batch,
+        "handler_id": handler_id,
+    }
+    flags = {
+        "bootstrap": "--bootstrap",
+        "in_topic": "--in",
+        "out_topic": "--out",
+        "deadletter_topic": "--deadletter",
+        "group": "--group",
+        "redis_url": "--redis",
+        "metrics_port": "--metrics-port",
+        "eos": "--eos",
+        "max_batch": "--max-batch",
+        "handler_id": "--id",
+    }
+    try:
+        settings = HandlerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        _fail_settings(e, flags)
+        return
+
+    async def main() -> None:
+        h = FeedHandler(settings)
+        h.install_signal_handlers()
+        async with h:
+            await h.run()
+
+    asyncio.run(main())
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    manifest: Annotated[Path, typer.Option(help="manifest written by replay")],
+    bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
+    topic: Annotated[str, typer.Option(help="tick topic")] = c.TICKS_TOPIC,
+    deadletter_topic: Annotated[
+        str | None, typer.Option(help="dead-letter topic to account for ('' = skip)")
+    ] = c.DEADLETTER_TOPIC,
+    timeout: Annotated[
+        float, typer.Option(help="wait up to N s for all expected ticks (0 = read what is there)")
+    ] = 0.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
+) -> None:
+    """Check md.ticks against a manifest: missing, duplicated, reordered, checksums."""
+    import orjson
+
+    from ingest.manifest import Manifest
+    from ingest.verify import run_verify
+
+    if not manifest.exists():
+        raise typer.BadParameter(f"{manifest} does not exist", param_hint="--manifest")
+    m = Manifest.read(manifest)
+    res = run_verify(bootstrap, topic, m, deadletter_topic or None, timeout_s=timeout)
+    for sym, d in list(res.per_symbol.items())[:20]:
+        typer.echo(f"{sym}: {d}")
+    if len(res.per_symbol) > 20:
+        typer.echo(f"... {len(res.per_symbol) - 20} more symbols with problems")
+    typer.echo(
+        f"ticks read={res.ticks_read} expected={res.ticks_expected} "
+        f"symbols={len(m.symbols)} unexpected_symbols={res.unexpected_symbols}"
+    )
+    if res.deadletters is not None:
+        typer.echo(f"deadletters={res.deadletters} expected={res.deadletters_expected}")
+    if json_out is not None:
+        json_out.write_bytes(orjson.dumps(res.to_dict(), option=orjson.OPT_INDENT_2))
+    typer.echo(res.summary_line())
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+# --- topics -------------------------------------------------------------------------------
+
+
+@app.command()
+def topics(
+    bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
+    raw_partitions: Annotated[int, typer.Option(min=1)] = 12,
+    ticks_partitions: Annotated[int, typer.Option(min=1)] = 12,
+    replication: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Create md.raw, md.ticks and md.deadletter if they do not exist."""
+    from tickscale.topology import create_topics
+
+    asyncio.run(create_topics(bootstrap, raw_partitions, ticks_partitions, replication))
+    typer.echo(f"topics ready on {bootstrap}")
+
+
+# --- up -----------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    symbols: Annotated[int, typer.Option(min=1)] = 50,
+    speed: Annotated[str, typer.Option(help="replay speed: number or max")] = "60",
+    handlers: Annotated[int, typer.Option(min=1, help="feed handlers to start")] = 2,
+    seed: Annotated[int, typer.Option()] = 1,
+    day: Annotated[str | None, typer.Option("--date")] = None,
+    from_: Annotated[str | None, typer.Option("--from")] = None,
+    to: Annotated[str | None, typer.Option("--to")] = None,
+    partitions: Annotated[int, typer.Option(min=1, help="md.raw partitions")] = 12,
+    kafka_port: Annotated[int, typer.Option()] = 9092,
+    redis_port: Annotated[int, typer.Option()] = 6379,
+    state_dir: Annotated[Path, typer.Option(help="broker and Redis data")] = Path(".local/up"),
+) -> None:
+    """Run the whole pipeline on this machine: Kafka, Redis, handlers, a replayed day."""
+    from tickscale.up import run_up
+
+    rc = run_up(
+        symbols=symbols,
+        speed=_speed(speed),
+        handlers=handlers,
+        seed=seed,
+        day=day,
+        start=from_,
+        end=to,
+        partitions=partitions,
+        kafka_port=kafka_port,
+        redis_port=redis_port,
+        state_dir=state_dir,
+    )
+    raise typer.Exit(rc)
