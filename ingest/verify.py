@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.manifest import Manifest
 from ingest.ticks import SymbolLedger
+from tickscale.topology import partitions_of
 
 
 @dataclass

@@ -24,3 +24,18 @@ async def create_topics(
     await ensure_topics(bootstrap, {raw: raw_partitions}, replication, RAW_CONFIG)
     await ensure_topics(bootstrap, {ticks: ticks_partitions}, replication, TICKS_CONFIG)
     await ensure_topics(bootstrap, {deadletter: 1}, replication, TICKS_CONFIG)
+
+
+async def partitions_of(bootstrap: str, topic: str) -> list[int]:
+    """Partition ids of ``topic``; RuntimeError naming the topic if it does not exist."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (desc,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    if desc["error_code"] != 0 or not desc["partitions"]:
+        raise RuntimeError(f"topic {topic!r} does not exist")
+    return sorted(p["partition"] for p in desc["partitions"])

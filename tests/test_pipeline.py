@@ -1,0 +1,334 @@
+"""End to end on the real broker and Redis: replay -> handlers -> verify.
+
+Handlers are real processes, so a SIGKILL is a real crash; the ledger is
+checked with the ``tickscale verify`` command users run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ingest.manifest import Manifest
+from tests.pipeline_utils import (
+    HandlerProc,
+    run_replay,
+    run_verify,
+    start_replay,
+    summary,
+)
+from tickscale.constants import (
+    HDR_DL_OFFSET,
+    HDR_DL_PARTITION,
+    HDR_DL_REASON,
+    REDIS_BOOK_SNAPSHOT,
+    REDIS_LAST_QUOTE,
+)
+from tickscale.localstack import RedisServer
+from tickscale.localstack.topics import TopicSet
+from tickscale.topology import partitions_of
+
+DAY = "2024-11-25"
+ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}
+
+
+def _assert_exact(rc: int, out: str) -> None:
+    assert summary(out) == ZERO, out[-3000:]
+    assert rc == 0, out[-3000:]
+
+
+async def _read_all(bootstrap: str, topic: str) -> list[object]:
+    c = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed",
+        auto_offset_reset="earliest", enable_auto_commit=False,
+    )  # fmt: skip
+    await c.start()
+    try:
+        parts = await partitions_of(bootstrap, topic)
+        tps = [TopicPartition(topic, p) for p in parts]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        ends = await c.end_offsets(tps)
+        out: list[object] = []
+        while True:
+            positions = [await c.position(tp) for tp in tps]
+            if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                break
+            b = await c.getmany(timeout_ms=1000)
+            for recs in b.values():
+                out.extend(recs)
+        return out
+    finally:
+        await c.stop()
+
+
+async def test_replay_handler_verify_and_deadletters(
+    topics: TopicSet, tmp_path: Path, redis_url: str
+) -> None:
+    manifest = tmp_path / "m.json"
+    run_replay(
+        topics, manifest, "--symbols", "8", "--seed", "11", "--date", DAY,
+        "--from", "09:28", "--to", "09:36", "--speed", "max", "--malformed-every", "1500",
+    )  # fmt: skip
+    m = Manifest.read(manifest)
+    assert m.deadletters_expected > 0
+    assert sum(s.ticks for s in m.symbols.values()) > 1000
+    assert m.book_errors == {}
+    h = HandlerProc(topics, tmp_path, "a", redis_url)
+    try:
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        assert f"deadletters={m.deadletters_expected} expected={m.deadletters_expected}" in out
+        assert h.metric("tickscale_handler_deadletters_total") == m.deadletters_expected
+        # Redis holds the latest quote per symbol for downstream readers.
+        r = redis.Redis.from_url(redis_url)
+        sym = next(iter(m.symbols))
+        deadline = time.monotonic() + 10
+        while not r.exists(REDIS_LAST_QUOTE + sym) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        q = r.hgetall(REDIS_LAST_QUOTE + sym)
+        assert q[b"symbol"].decode() == sym and q[b"kind"] == b"quote"
+    finally:
+        h.close()
+
+    # Each dead letter carries the original bytes and where they came from.
+    dls = await _read_all(topics.bootstrap, topics.deadletter)
+    raws = {(r.partition, r.offset): r for r in await _read_all(topics.bootstrap, topics.raw)}  # type: ignore[attr-defined]
+    assert len(dls) == m.deadletters_expected
+    for d in dls:
+        hdr = dict(d.headers)  # type: ignore[attr-defined]
+        src = raws[(int(hdr[HDR_DL_PARTITION]), int(hdr[HDR_DL_OFFSET]))]
+        assert d.value == src.value  # type: ignore[attr-defined]
+        assert hdr[HDR_DL_REASON].split(b":")[0] in (b"truncated", b"unknown_type", b"bad_side")
+
+
+async def test_sigkill_and_scale_out_mid_replay_lose_nothing(
+    topics: TopicSet, tmp_path: Path, redis_url: str
+) -> None:
+    """A handler crashes (SIGKILL) and another joins while the day replays."""
+    manifest = tmp_path / "m.json"
+    a = HandlerProc(topics, tmp_path, "a", redis_url)
+    b = HandlerProc(topics, tmp_path, "b", redis_url)
+    handlers = [a, b]
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        rp = start_replay(
+            topics, manifest, tmp_path / "replay.log", "--symbols", "8", "--seed", "5",
+            "--date", DAY, "--from", "09:29", "--to", "09:34", "--speed", "20",
+        )  # fmt: skip
+        time.sleep(5)
+        assert a.metric("tickscale_handler_messages_in_total") > 0
+        a.kill()  # no drain, no commit, no LeaveGroup: a crash
+        time.sleep(3)
+        c = HandlerProc(topics, tmp_path, "c", redis_url)
+        handlers.append(c)
+        assert rp.wait(180) == 0, (tmp_path / "replay.log").read_text()[-2000:]
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        # The survivors did restore state for partitions they took over.
+        assert b.metric("tickscale_handler_rebalances_total") >= 2
+    finally:
+        for h in handlers:
+            h.close()
+
+
+async def test_graceful_scale_in_and_out_lose_nothing(
+    topics: TopicSet, tmp_path: Path, redis_url: str
+) -> None:
+    """Handlers join and leave (SIGTERM) repeatedly during a replay."""
+    manifest = tmp_path / "m.json"
+    first = HandlerProc(topics, tmp_path, "h0", redis_url)
+    live = [first]
+    every = [first]
+    try:
+        first.wait_ready()
+        rp = start_replay(
+            topics, manifest, tmp_path / "replay.log", "--symbols", "8", "--seed", "9",
+            "--date", DAY, "--from", "09:29", "--to", "09:35", "--speed", "20",
+        )  # fmt: skip
+        for i in range(1, 4):
+            time.sleep(3)
+            h = HandlerProc(topics, tmp_path, f"h{i}", redis_url)
+            live.append(h)
+            every.append(h)
+        time.sleep(3)
+        leaving = live.pop(0)
+        assert leaving.terminate() == 0, leaving.log()
+        time.sleep(3)
+        leaving = live.pop(0)
+        assert leaving.terminate() == 0, leaving.log()
+        assert rp.wait(180) == 0
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+    finally:
+        for h in every:
+            h.close()
+
+
+async def test_restore_uses_snapshot_at_committed_offset(
+    topics: TopicSet, tmp_path: Path, redis_url: str
+) -> None:
+    manifest = tmp_path / "m.json"
+    run_replay(
+        topics, manifest, "--symbols", "6", "--seed", "3", "--date", DAY,
+        "--from", "09:29", "--to", "09:33", "--speed", "max",
+    )  # fmt: skip
+    a = HandlerProc(topics, tmp_path, "a", redis_url)
+    try:
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        assert a.terminate() == 0  # SIGTERM: drain, commit, snapshot, leave
+    finally:
+        a.close()
+    r = redis.Redis.from_url(redis_url)
+    keys = r.keys(REDIS_BOOK_SNAPSHOT + "*")
+    assert len(keys) == topics.raw_partitions
+    # A second replay continues the same day; the new handler must start from
+    # the snapshots (nothing to replay) and still produce exact output.
+    b = HandlerProc(topics, tmp_path, "b", redis_url)
+    try:
+        b.wait_ready()
+        deadline = time.monotonic() + 20
+        while b.metric("tickscale_handler_restore_seconds_count") < topics.raw_partitions:
+            assert time.monotonic() < deadline, b.log()
+            time.sleep(0.2)
+        assert b.metric("tickscale_handler_restore_replayed_total") == 0
+    finally:
+        b.close()
+
+
+async def test_restore_without_redis_replays_from_start(topics: TopicSet, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    run_replay(
+        topics, manifest, "--symbols", "6", "--seed", "4", "--date", DAY,
+        "--from", "09:29", "--to", "09:31", "--speed", "max",
+    )  # fmt: skip
+    a = HandlerProc(topics, tmp_path, "a")  # no Redis at all
+    try:
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        assert a.terminate() == 0
+    finally:
+        a.close()
+    b = HandlerProc(topics, tmp_path, "b")
+    try:
+        b.wait_ready()
+        deadline = time.monotonic() + 30
+        while b.metric("tickscale_handler_restore_seconds_count") < topics.raw_partitions:
+            assert time.monotonic() < deadline, b.log()
+            time.sleep(0.2)
+        m = Manifest.read(manifest)
+        replayed = b.metric("tickscale_handler_restore_replayed_total")
+        # Every raw record (including broadcast copies) is replayed silently.
+        assert replayed == m.records_sent
+        rc, out = run_verify(topics, manifest, timeout_s=5)
+        _assert_exact(rc, out)  # the silent replay emitted nothing new
+    finally:
+        b.close()
+
+
+async def test_redis_outage_degrades_only_the_cache(
+    topics: TopicSet, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    manifest = tmp_path / "m.json"
+    h = HandlerProc(topics, tmp_path, "a", redis_server.url)
+    try:
+        h.wait_ready()
+        rp = start_replay(
+            topics, manifest, tmp_path / "replay.log", "--symbols", "6", "--seed", "8",
+            "--date", DAY, "--from", "09:29", "--to", "09:33", "--speed", "30",
+        )  # fmt: skip
+        time.sleep(2)
+        redis_server.stop()
+        t_stop = time.monotonic()
+        ticks_at_stop = h.metric("tickscale_handler_ticks_out_total")
+        time.sleep(4)
+        # Ticks kept flowing to Kafka with Redis down.
+        assert h.metric("tickscale_handler_ticks_out_total") > ticks_at_stop
+        assert h.metric("tickscale_handler_redis_errors_total") > 0
+        assert time.monotonic() - t_stop < 30
+        redis_server.start()
+        assert rp.wait(180) == 0
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        # After recovery the cache is written again.
+        r = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 15
+        while not r.keys(REDIS_LAST_QUOTE + "*"):
+            assert time.monotonic() < deadline, h.log()
+            time.sleep(0.3)
+    finally:
+        h.close()
+
+
+async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) -> None:
+    lines = [
+        {"type": "trade", "symbol": "BTC-USD", "venue": "XCOI", "ts": 1732545000000000000 + i,
+         "price": f"97000.{i:02d}", "size": "0.01", "side": "B", "trade_id": str(i)}
+        for i in range(50)
+    ] + [
+        {"type": "quote", "symbol": "ETH-USD", "venue": "XCOI", "ts": "2024-11-25T14:30:01Z",
+         "bid_px": "3400.1", "bid_sz": "2", "ask_px": "3400.2", "ask_sz": None}
+    ]  # fmt: skip
+    f = tmp_path / "feed.jsonl"
+    body = b"\n".join(orjson.dumps(x) for x in lines)
+    f.write_bytes(body + b'\n{"type": "trade", "symbol": "BTC-USD", "price": "-1"}\n')
+    manifest = tmp_path / "m.json"
+    run_replay(topics, manifest, "--source", "jsonl", "--file", str(f), "--speed", "max")
+    m = Manifest.read(manifest)
+    assert m.symbols["BTC-USD"].ticks == 50 and m.symbols["ETH-USD"].quotes == 1
+    assert m.deadletters_expected == 1
+    h = HandlerProc(topics, tmp_path, "a")
+    try:
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        assert "deadletters=1 expected=1" in out
+    finally:
+        h.close()
+
+
+def test_verify_detects_loss(topics: TopicSet, tmp_path: Path) -> None:
+    """With no handler running nothing arrives: verify must fail, not pass."""
+    manifest = tmp_path / "m.json"
+    run_replay(
+        topics, manifest, "--symbols", "3", "--seed", "2", "--date", DAY,
+        "--from", "09:30", "--to", "09:31", "--speed", "max",
+    )  # fmt: skip
+    rc, out = run_verify(topics, manifest, timeout_s=2)
+    assert rc == 1
+    assert summary(out)["missing"] == sum(s.ticks for s in Manifest.read(manifest).symbols.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--bootstrap", "no-port-here"], "--bootstrap"),
+        (["--redis", "http://x"], "--redis"),
+        (["--max-batch", "0"], "--max-batch"),
+    ],
+)
+def test_handler_bad_config_names_the_setting(args: list[str], needle: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tickscale", "handler", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert needle in r.stderr, r.stderr
+
+
+def test_replay_rejects_a_holiday(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tickscale", "replay", "--date", "2024-12-25",
+         "--manifest", str(tmp_path / "m.json"), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "--date" in r.stderr and "not a XNYS trading day" in r.stderr
