@@ -30,11 +30,25 @@ class HandlerProc:
         self.port = free_port()
         self.log_path = log_dir / f"handler-{name}.log"
         cmd = [
-            sys.executable, "-m", "tickscale", "handler",
-            "--bootstrap", ts.bootstrap, "--in", ts.raw, "--out", ts.ticks,
-            "--deadletter", ts.deadletter, "--group", ts.group,
-            "--metrics-port", str(self.port), "--id", name,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "tickscale",
+            "handler",
+            "--bootstrap",
+            ts.bootstrap,
+            "--in",
+            ts.raw,
+            "--out",
+            ts.ticks,
+            "--deadletter",
+            ts.deadletter,
+            "--group",
+            ts.group,
+            "--metrics-port",
+            str(self.port),
+            "--id",
+            name,
+        ]
         if redis_url:
             cmd += ["--redis", redis_url]
         cmd += extra or []
@@ -100,10 +114,19 @@ class HandlerProc:
 
 def replay_cmd(ts: TopicSet, manifest: Path, *args: str) -> list[str]:
     return [
-        sys.executable, "-m", "tickscale", "replay",
-        "--bootstrap", ts.bootstrap, "--topic", ts.raw, "--manifest", str(manifest),
-        "--no-progress", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "tickscale",
+        "replay",
+        "--bootstrap",
+        ts.bootstrap,
+        "--topic",
+        ts.raw,
+        "--manifest",
+        str(manifest),
+        "--no-progress",
+        *args,
+    ]
 
 
 def run_replay(ts: TopicSet, manifest: Path, *args: str, timeout: float = 300) -> str:
@@ -137,7 +160,7 @@ def run_verify(ts: TopicSet, manifest: Path, timeout_s: float = 90) -> tuple[int
             ts.deadletter,
             "--timeout",
             str(timeout_s),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=timeout_s + 120,

@@ -6,6 +6,7 @@ checked with the ``tickscale verify`` command users run.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -46,9 +47,11 @@ def _assert_exact(rc: int, out: str) -> None:
 
 async def _read_all(bootstrap: str, topic: str) -> list[object]:
     c = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, isolation_level="read_committed",
-        auto_offset_reset="earliest", enable_auto_commit=False,
-    )  # fmt: skip
+        bootstrap_servers=bootstrap,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await c.start()
     try:
         parts = await partitions_of(bootstrap, topic)
@@ -74,9 +77,23 @@ async def test_replay_handler_verify_and_deadletters(
 ) -> None:
     manifest = tmp_path / "m.json"
     run_replay(
-        topics, manifest, "--symbols", "8", "--seed", "11", "--date", DAY,
-        "--from", "09:28", "--to", "09:36", "--speed", "max", "--malformed-every", "1500",
-    )  # fmt: skip
+        topics,
+        manifest,
+        "--symbols",
+        "8",
+        "--seed",
+        "11",
+        "--date",
+        DAY,
+        "--from",
+        "09:28",
+        "--to",
+        "09:36",
+        "--speed",
+        "max",
+        "--malformed-every",
+        "1500",
+    )
     m = Manifest.read(manifest)
     assert m.deadletters_expected > 0
     assert sum(s.ticks for s in m.symbols.values()) > 1000
@@ -92,7 +109,7 @@ async def test_replay_handler_verify_and_deadletters(
         sym = next(iter(m.symbols))
         deadline = time.monotonic() + 10
         while not r.exists(REDIS_LAST_QUOTE + sym) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         q = r.hgetall(REDIS_LAST_QUOTE + sym)
         assert q[b"symbol"].decode() == sym and q[b"kind"] == b"quote"
     finally:
@@ -121,13 +138,26 @@ async def test_sigkill_and_scale_out_mid_replay_lose_nothing(
         a.wait_ready()
         b.wait_ready()
         rp = start_replay(
-            topics, manifest, tmp_path / "replay.log", "--symbols", "8", "--seed", "5",
-            "--date", DAY, "--from", "09:29", "--to", "09:34", "--speed", "20",
-        )  # fmt: skip
-        time.sleep(5)
+            topics,
+            manifest,
+            tmp_path / "replay.log",
+            "--symbols",
+            "8",
+            "--seed",
+            "5",
+            "--date",
+            DAY,
+            "--from",
+            "09:29",
+            "--to",
+            "09:34",
+            "--speed",
+            "20",
+        )
+        await asyncio.sleep(5)
         assert a.metric("tickscale_handler_messages_in_total") > 0
         a.kill()  # no drain, no commit, no LeaveGroup: a crash
-        time.sleep(3)
+        await asyncio.sleep(3)
         c = HandlerProc(topics, tmp_path, "c", redis_url)
         handlers.append(c)
         assert rp.wait(180) == 0, (tmp_path / "replay.log").read_text()[-2000:]
@@ -151,18 +181,31 @@ async def test_graceful_scale_in_and_out_lose_nothing(
     try:
         first.wait_ready()
         rp = start_replay(
-            topics, manifest, tmp_path / "replay.log", "--symbols", "8", "--seed", "9",
-            "--date", DAY, "--from", "09:29", "--to", "09:35", "--speed", "20",
-        )  # fmt: skip
+            topics,
+            manifest,
+            tmp_path / "replay.log",
+            "--symbols",
+            "8",
+            "--seed",
+            "9",
+            "--date",
+            DAY,
+            "--from",
+            "09:29",
+            "--to",
+            "09:35",
+            "--speed",
+            "20",
+        )
         for i in range(1, 4):
-            time.sleep(3)
+            await asyncio.sleep(3)
             h = HandlerProc(topics, tmp_path, f"h{i}", redis_url)
             live.append(h)
             every.append(h)
-        time.sleep(3)
+        await asyncio.sleep(3)
         leaving = live.pop(0)
         assert leaving.terminate() == 0, leaving.log()
-        time.sleep(3)
+        await asyncio.sleep(3)
         leaving = live.pop(0)
         assert leaving.terminate() == 0, leaving.log()
         assert rp.wait(180) == 0
@@ -178,9 +221,21 @@ async def test_restore_uses_snapshot_at_committed_offset(
 ) -> None:
     manifest = tmp_path / "m.json"
     run_replay(
-        topics, manifest, "--symbols", "6", "--seed", "3", "--date", DAY,
-        "--from", "09:29", "--to", "09:33", "--speed", "max",
-    )  # fmt: skip
+        topics,
+        manifest,
+        "--symbols",
+        "6",
+        "--seed",
+        "3",
+        "--date",
+        DAY,
+        "--from",
+        "09:29",
+        "--to",
+        "09:33",
+        "--speed",
+        "max",
+    )
     a = HandlerProc(topics, tmp_path, "a", redis_url)
     try:
         rc, out = run_verify(topics, manifest)
@@ -199,7 +254,7 @@ async def test_restore_uses_snapshot_at_committed_offset(
         deadline = time.monotonic() + 20
         while b.metric("tickscale_handler_restore_seconds_count") < topics.raw_partitions:
             assert time.monotonic() < deadline, b.log()
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         assert b.metric("tickscale_handler_restore_replayed_total") == 0
     finally:
         b.close()
@@ -208,9 +263,21 @@ async def test_restore_uses_snapshot_at_committed_offset(
 async def test_restore_without_redis_replays_from_start(topics: TopicSet, tmp_path: Path) -> None:
     manifest = tmp_path / "m.json"
     run_replay(
-        topics, manifest, "--symbols", "6", "--seed", "4", "--date", DAY,
-        "--from", "09:29", "--to", "09:31", "--speed", "max",
-    )  # fmt: skip
+        topics,
+        manifest,
+        "--symbols",
+        "6",
+        "--seed",
+        "4",
+        "--date",
+        DAY,
+        "--from",
+        "09:29",
+        "--to",
+        "09:31",
+        "--speed",
+        "max",
+    )
     a = HandlerProc(topics, tmp_path, "a")  # no Redis at all
     try:
         rc, out = run_verify(topics, manifest)
@@ -224,7 +291,7 @@ async def test_restore_without_redis_replays_from_start(topics: TopicSet, tmp_pa
         deadline = time.monotonic() + 30
         while b.metric("tickscale_handler_restore_seconds_count") < topics.raw_partitions:
             assert time.monotonic() < deadline, b.log()
-            time.sleep(0.2)
+            await asyncio.sleep(0.2)
         m = Manifest.read(manifest)
         replayed = b.metric("tickscale_handler_restore_replayed_total")
         # Every raw record (including broadcast copies) is replayed silently.
@@ -243,14 +310,27 @@ async def test_redis_outage_degrades_only_the_cache(
     try:
         h.wait_ready()
         rp = start_replay(
-            topics, manifest, tmp_path / "replay.log", "--symbols", "6", "--seed", "8",
-            "--date", DAY, "--from", "09:29", "--to", "09:33", "--speed", "30",
-        )  # fmt: skip
-        time.sleep(2)
+            topics,
+            manifest,
+            tmp_path / "replay.log",
+            "--symbols",
+            "6",
+            "--seed",
+            "8",
+            "--date",
+            DAY,
+            "--from",
+            "09:29",
+            "--to",
+            "09:33",
+            "--speed",
+            "30",
+        )
+        await asyncio.sleep(2)
         redis_server.stop()
         t_stop = time.monotonic()
         ticks_at_stop = h.metric("tickscale_handler_ticks_out_total")
-        time.sleep(4)
+        await asyncio.sleep(4)
         # Ticks kept flowing to Kafka with Redis down.
         assert h.metric("tickscale_handler_ticks_out_total") > ticks_at_stop
         assert h.metric("tickscale_handler_redis_errors_total") > 0
@@ -264,20 +344,36 @@ async def test_redis_outage_degrades_only_the_cache(
         deadline = time.monotonic() + 15
         while not r.keys(REDIS_LAST_QUOTE + "*"):
             assert time.monotonic() < deadline, h.log()
-            time.sleep(0.3)
+            await asyncio.sleep(0.3)
     finally:
         h.close()
 
 
 async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) -> None:
     lines = [
-        {"type": "trade", "symbol": "BTC-USD", "venue": "XCOI", "ts": 1732545000000000000 + i,
-         "price": f"97000.{i:02d}", "size": "0.01", "side": "B", "trade_id": str(i)}
+        {
+            "type": "trade",
+            "symbol": "BTC-USD",
+            "venue": "XCOI",
+            "ts": 1732545000000000000 + i,
+            "price": f"97000.{i:02d}",
+            "size": "0.01",
+            "side": "B",
+            "trade_id": str(i),
+        }
         for i in range(50)
     ] + [
-        {"type": "quote", "symbol": "ETH-USD", "venue": "XCOI", "ts": "2024-11-25T14:30:01Z",
-         "bid_px": "3400.1", "bid_sz": "2", "ask_px": "3400.2", "ask_sz": None}
-    ]  # fmt: skip
+        {
+            "type": "quote",
+            "symbol": "ETH-USD",
+            "venue": "XCOI",
+            "ts": "2024-11-25T14:30:01Z",
+            "bid_px": "3400.1",
+            "bid_sz": "2",
+            "ask_px": "3400.2",
+            "ask_sz": None,
+        }
+    ]
     f = tmp_path / "feed.jsonl"
     body = b"\n".join(orjson.dumps(x) for x in lines)
     f.write_bytes(body + b'\n{"type": "trade", "symbol": "BTC-USD", "price": "-1"}\n')
@@ -299,9 +395,21 @@ def test_verify_detects_loss(topics: TopicSet, tmp_path: Path) -> None:
     """With no handler running nothing arrives: verify must fail, not pass."""
     manifest = tmp_path / "m.json"
     run_replay(
-        topics, manifest, "--symbols", "3", "--seed", "2", "--date", DAY,
-        "--from", "09:30", "--to", "09:31", "--speed", "max",
-    )  # fmt: skip
+        topics,
+        manifest,
+        "--symbols",
+        "3",
+        "--seed",
+        "2",
+        "--date",
+        DAY,
+        "--from",
+        "09:30",
+        "--to",
+        "09:31",
+        "--speed",
+        "max",
+    )
     rc, out = run_verify(topics, manifest, timeout_s=2)
     assert rc == 1
     assert summary(out)["missing"] == sum(s.ticks for s in Manifest.read(manifest).symbols.values())
@@ -318,17 +426,30 @@ def test_verify_detects_loss(topics: TopicSet, tmp_path: Path) -> None:
 def test_handler_bad_config_names_the_setting(args: list[str], needle: str) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "tickscale", "handler", *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert needle in r.stderr, r.stderr
 
 
 def test_replay_rejects_a_holiday(tmp_path: Path) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "tickscale", "replay", "--date", "2024-12-25",
-         "--manifest", str(tmp_path / "m.json"), "--no-progress"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tickscale",
+            "replay",
+            "--date",
+            "2024-12-25",
+            "--manifest",
+            str(tmp_path / "m.json"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "--date" in r.stderr and "not a XNYS trading day" in r.stderr

@@ -1,0 +1,141 @@
+"""Idempotent topic creation/deletion through aiokafka's admin client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+
+
+async def ensure_topics(
+    bootstrap: str,
+    specs: Mapping[str, int],
+    replication: int = 1,
+    configs: Mapping[str, str] | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create every topic in ``specs`` (name -> partitions) that does not exist yet.
+
+    An existing topic is left alone even if its partition count differs: the
+    caller owns that decision (growing partitions reshuffles keys). Returns
+    only once every partition has a leader, because a producer that races a
+    fresh topic gets UNKNOWN_TOPIC_OR_PARTITION and, with transactions, that
+    aborts the transaction instead of retrying quietly.
+    """
+    if not specs:
+        return
+    topic_configs = {k: str(v) for k, v in (configs or {}).items()}
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name, n, replication, topic_configs=topic_configs)
+            for name, n in specs.items()
+            if name not in existing
+        ]
+        if missing:
+            resp = await admin.create_topics(missing, timeout_ms=int(timeout_s * 1000))
+            for err in resp.topic_errors:
+                topic, code = err[0], err[1]
+                if code == 0 or code == TopicAlreadyExistsError.errno:
+                    continue
+                message = err[2] if len(err) > 2 else ""
+                raise for_code(code)(f"creating topic {topic!r}: {message}")
+        await _wait_for_leaders(admin, list(specs), timeout_s)
+    finally:
+        await admin.close()
+
+
+async def _wait_for_leaders(
+    admin: AIOKafkaAdminClient, topics: list[str], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = []
+        for t in await admin.describe_topics(topics):
+            partitions = t.get("partitions") or []
+            if t["error_code"] != 0 or not partitions or any(p["leader"] < 0 for p in partitions):
+                pending.append(t["topic"])
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics without leaders after {timeout_s:.0f}s: {pending}")
+        await asyncio.sleep(0.1)
+
+
+async def delete_topics(bootstrap: str, names: Iterable[str], timeout_s: float = 30.0) -> None:
+    """Delete the named topics; names that do not exist are ignored."""
+    names = list(names)
+    if not names:
+        return
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        resp = await admin.delete_topics(names, timeout_ms=int(timeout_s * 1000))
+        for err in resp.topic_error_codes:
+            topic, code = err[0], err[1]
+            if code == 0 or code == UnknownTopicOrPartitionError.errno:
+                continue
+            raise for_code(code)(f"deleting topic {topic!r}")
+    finally:
+        await admin.close()
+
+
+async def list_topics(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return list(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+@dataclass
+class TopicSet:
+    """raw/ticks/deadletter topics and a consumer group private to one test or run.
+
+    Mirrors the production names in ``tickscale.constants`` under a unique prefix.
+    """
+
+    bootstrap: str
+    prefix: str
+    raw_partitions: int
+    ticks_partitions: int
+    deadletter_partitions: int = 1
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def raw(self) -> str:
+        return f"{self.prefix}.md.raw"
+
+    @property
+    def ticks(self) -> str:
+        return f"{self.prefix}.md.ticks"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}.md.deadletter"
+
+    @property
+    def group(self) -> str:
+        return f"{self.prefix}.feed-handlers"
+
+
+# What the ``make_topics`` pytest fixture yields.
+MakeTopics = Callable[..., Awaitable[TopicSet]]
+
+
+__all__ = ["MakeTopics", "TopicSet", "delete_topics", "ensure_topics", "list_topics"]
