@@ -14,6 +14,7 @@ is the aggressor (``B``, ``S`` or empty). A quote side may be null when empty.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
@@ -21,6 +22,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from ingest.codecs.errors import DecodeError
+
+# Fractional seconds of an ISO time (dates and zones contain no "." or ",").
+_FRACTION = re.compile(r"[.,](\d+)")
 
 PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
 
@@ -40,8 +44,11 @@ class _JsonBase(BaseModel):
             if dt.tzinfo is None:
                 raise ValueError("ISO timestamp needs a time zone")
             # Split to keep nanosecond arithmetic exact (float seconds lose precision).
+            # datetime keeps only microseconds, so take the fraction from the text.
             whole = int(dt.replace(microsecond=0).timestamp())
-            return whole * 1_000_000_000 + dt.microsecond * 1000
+            frac = _FRACTION.search(v)
+            frac_ns = int(frac.group(1)[:9].ljust(9, "0")) if frac else 0
+            return whole * 1_000_000_000 + frac_ns
         if isinstance(v, bool):
             raise ValueError("ts must be a number or an ISO 8601 string")
         return v

@@ -192,7 +192,8 @@ def run_replay(
         )
 
     asyncio.run(main())
-    return True
+    # False when a signal cut the replay short: the manifest covers only what was sent.
+    return not replayer.interrupted
 
 
 __all__ = ["resolve_day", "run_replay", "sessions"]

@@ -88,6 +88,10 @@ class Replayer:
         self._on_progress = on_progress
         self._stop = asyncio.Event()
 
+    @property
+    def interrupted(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Stop after the message in flight; what was sent is still in the manifest."""
         self._stop.set()

@@ -1,0 +1,153 @@
+"""``tickscale up``: the whole pipeline on one machine, no Docker.
+
+Starts (or reuses, when something already listens on the port) a Kafka broker
+and Redis on loopback, recreates the topics so the day's ledger starts clean,
+starts the feed handlers as child processes, replays a synthetic day, then
+verifies every tick against the manifest. Ctrl-C stops the replay and then
+everything this command started, in order, handlers first so they commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+from rich.console import Console
+
+from ingest.manifest import Manifest
+from ingest.replay.cli import run_replay
+from ingest.verify import run_verify
+from tickscale import constants as c
+from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
+from tickscale.localstack.net import port_open
+from tickscale.topology import create_topics
+
+console = Console(stderr=True)
+
+
+class HandlerFleet:
+    """Feed handlers as child processes, stopped with SIGTERM so they drain."""
+
+    def __init__(self, bootstrap: str, redis_url: str, log_dir: Path, base_port: int) -> None:
+        self.bootstrap = bootstrap
+        self.redis_url = redis_url
+        self.log_dir = log_dir
+        self.base_port = base_port
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def add(self) -> None:
+        i = len(self.procs)
+        log = (self.log_dir / f"handler-{i}.log").open("wb")
+        cmd = [
+            sys.executable, "-m", "tickscale", "handler", "--bootstrap", self.bootstrap,
+            "--redis", self.redis_url, "--metrics-port", str(self.base_port + i),
+            "--id", f"handler-{i}",
+        ]  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+
+    def stop(self, timeout: float = 60) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
+    """Fresh topics and no stale snapshots: a new day's ledger must start empty."""
+    asyncio.run(delete_topics(bootstrap, [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(r.scan_iter(c.REDIS_BOOK_SNAPSHOT + "*"))
+        if keys:
+            r.delete(*keys)
+    finally:
+        r.close()
+    asyncio.run(create_topics(bootstrap, partitions, partitions))
+
+
+def run_up(
+    *,
+    symbols: int,
+    speed: float | None,
+    handlers: int,
+    seed: int,
+    day: str | None,
+    start: str | None,
+    end: str | None,
+    partitions: int,
+    kafka_port: int,
+    redis_port: int,
+    state_dir: Path,
+    metrics_base_port: int = 9100,
+) -> int:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    broker: KafkaBroker | None = None
+    redis_srv: RedisServer | None = None
+    fleet: HandlerFleet | None = None
+    try:
+        bootstrap = f"127.0.0.1:{kafka_port}"
+        if port_open("127.0.0.1", kafka_port):
+            console.print(f"reusing the Kafka broker already on {bootstrap}")
+        else:
+            console.print(f"starting Kafka on {bootstrap} (data in {state_dir / 'kafka'})")
+            broker = KafkaBroker(state_dir / "kafka", port=kafka_port).start()
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        if port_open("127.0.0.1", redis_port):
+            console.print(f"reusing Redis on {redis_url}")
+        else:
+            redis_srv = RedisServer(port=redis_port, work_dir=state_dir / "redis").start()
+            console.print(f"started Redis on {redis_url}")
+
+        _reset_day(bootstrap, redis_url, partitions)
+        fleet = HandlerFleet(bootstrap, redis_url, log_dir, metrics_base_port)
+        for _ in range(handlers):
+            fleet.add()
+        console.print(
+            f"{handlers} handlers started (metrics on ports {metrics_base_port}-"
+            f"{metrics_base_port + handlers - 1}, logs in {log_dir})"
+        )
+        manifest = state_dir / f"manifest-{int(time.time())}.json"
+        completed = run_replay(
+            manifest=manifest, bootstrap=bootstrap, topic=c.RAW_TOPIC, source="synthetic",
+            file=None, symbols=symbols, seed=seed, rate=1.0, day=day, start=start, end=end,
+            speed=speed, malformed_every=0, progress=True,
+        )  # fmt: skip
+        if not completed:
+            console.print("replay interrupted; stopping handlers and services")
+            return 130
+        console.print("replay done; waiting for the handlers to drain and verifying")
+        m = Manifest.read(manifest)
+        res = run_verify(bootstrap, c.TICKS_TOPIC, m, c.DEADLETTER_TOPIC, timeout_s=300)
+        console.print(
+            f"ticks={res.ticks_read:,} expected={res.ticks_expected:,} {res.summary_line()}"
+        )
+        return 0 if res.ok else 1
+    except KeyboardInterrupt:
+        console.print("interrupted; stopping")
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as e:
+        # Start-up failures (port taken, broker not ready) are user-facing, not bugs.
+        console.print(f"[red]error:[/] {e}")
+        return 1
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            if fleet is not None:
+                fleet.stop()
+            if redis_srv is not None:
+                redis_srv.stop()
+            if broker is not None:
+                broker.stop()
