@@ -146,6 +146,11 @@ class Normalizer:
             self._apply(msg, ts, recv_ts, out)
         except BookError as e:
             self.book_errors[e.reason] += 1
+            # An over-fill still changed the book (the order is gone): publish
+            # the new top now, stamped with the event that changed it.
+            book = self.books.books.get(msg.locate)
+            if book is not None:
+                self._quote_if_changed(out, msg.locate, book, ts, recv_ts)
         return msg
 
     def _apply(

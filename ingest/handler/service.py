@@ -230,11 +230,19 @@ class FeedHandler:
             if batches:
                 async with self._lock:
                     t0 = time.monotonic()
+                    done: dict[TopicPartition, int] = {}
                     for tp, records in batches.items():
                         w = self.workers.get(tp)
                         if w is None or not records:
                             continue  # revoked while the fetch was in flight
-                        await self._process(w, records)
+                        if await self._process(w, records):
+                            done[tp] = w.committed
+                    if done and not self.s.eos:
+                        # At-least-once: offsets after the output is acknowledged.
+                        try:
+                            await consumer.commit(done)
+                        except KafkaError as e:
+                            log.warning("offset commit failed (%s); batch may repeat", e)
                     dt = time.monotonic() - t0
                     self.busy_s += dt
                     metrics.BUSY.inc(dt)
@@ -243,7 +251,7 @@ class FeedHandler:
                 last_stats = now
                 self._report(consumer)
 
-    async def _process(self, w: PartitionWorker, records: list[Any]) -> None:
+    async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
         assert self.consumer is not None
         t0 = time.monotonic()
         try:
@@ -252,9 +260,10 @@ class FeedHandler:
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning("%s: batch failed (%r); aborting and restoring", w.tp, e)
             await self._recover(w)
-            return
+            return False
         self.messages += len(records)
         metrics.PROCESSING.observe(time.monotonic() - t0)
+        return True
 
     async def _recover(self, w: PartitionWorker) -> None:
         """Abort, then rebuild the partition from its committed offset."""

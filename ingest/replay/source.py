@@ -36,7 +36,7 @@ def parse_hhmm(s: str) -> int:
         raise ValueError(f"expected HH:MM, got {s!r}")
     h, m = int(parts[0]), int(parts[1])
     sec = int(parts[2]) if len(parts) == 3 else 0
-    if not (0 <= h <= 24 and 0 <= m < 60 and 0 <= sec < 60):
+    if not (0 <= h <= 23 and 0 <= m < 60 and 0 <= sec < 60) and (h, m, sec) != (24, 0, 0):
         raise ValueError(f"expected HH:MM, got {s!r}")
     return h * 3600 + m * 60 + sec
 

@@ -97,6 +97,8 @@ class SyntheticDay:
         return self._msg(ts, itch.SystemEvent(0, self._next_tracking(), ts, code), None)
 
     def __iter__(self) -> Iterator[RawMessage]:
+        # Counters restart with every pass: the same object replays the same bytes.
+        self._tracking = self._ref = self._match = 0
         rng = random.Random(self.seed)
         names = symbol_names(self.n, self.seed)
         syms = [
