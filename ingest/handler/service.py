@@ -187,6 +187,11 @@ class FeedHandler:
                 linger_ms=2,
                 max_batch_size=512 * 1024,
                 transaction_timeout_ms=60_000,
+                # Back-to-back transactions race the previous commit's markers; the
+                # broker answers a produce in that window with a retriable
+                # NOT_ENOUGH_REPLICAS (transaction verification, KIP-890). aiokafka's
+                # default 100 ms backoff then dominated end-to-end latency.
+                retry_backoff_ms=5,
             )
             # start() runs InitProducerId: this is the fence against the old owner,
             # and it waits for the old owner's open transaction to finish first, so
@@ -230,13 +235,17 @@ class FeedHandler:
             if batches:
                 async with self._lock:
                     t0 = time.monotonic()
-                    done: dict[TopicPartition, int] = {}
-                    for tp, records in batches.items():
-                        w = self.workers.get(tp)
-                        if w is None or not records:
-                            continue  # revoked while the fetch was in flight
-                        if await self._process(w, records):
-                            done[tp] = w.committed
+                    # Partitions commit independent transactions: run them
+                    # concurrently so their broker round trips overlap.
+                    work = [
+                        (w, records)
+                        for tp, records in batches.items()
+                        if records and (w := self.workers.get(tp)) is not None
+                    ]  # a missing worker was revoked while the fetch was in flight
+                    ok = await asyncio.gather(*(self._process(w, r) for w, r in work))
+                    done = {
+                        w.tp: w.committed for (w, _), good in zip(work, ok, strict=True) if good
+                    }
                     if done and not self.s.eos:
                         # At-least-once: offsets after the output is acknowledged.
                         try:

@@ -1,0 +1,236 @@
+"""Handler throughput and latency, against a passthrough baseline from the same run.
+
+One command: ``.venv/bin/python -m bench.bench_handler`` (starts its own broker).
+
+1. Preloads a raw topic with a synthetic market window.
+2. Baseline: a plain aiokafka consume-and-produce passthrough (no decoding, no
+   transactions, at-least-once commits), same broker, same input, own process.
+3. One ``tickscale handler`` process with EOS off, then on, each on a fresh
+   group over the same input; rate = records / time to commit the last offset.
+4. Latency: a paced replay at half the EOS handler rate with one EOS handler;
+   end-to-end p50/p99 from the handler's histogram (raw record broker time to
+   the commit of its ticks).
+
+Prints the rates and the ratios to the baseline. Goals (from the project's
+issue): EOS handler >= 60% of passthrough; p99 < 100 ms at half that rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from ingest.replay.publisher import Replayer
+from ingest.replay.source import ItchWindow, parse_hhmm
+from ingest.replay.synthetic import SyntheticDay
+from tickscale.localstack import KafkaBroker, ensure_topics
+from tickscale.localstack.net import free_port
+
+DAY = "2024-11-25"
+
+
+async def preload(bootstrap: str, topic: str, symbols: int, start: str, end: str) -> int:
+    src = ItchWindow(SyntheticDay(symbols, 42), parse_hhmm(start), parse_hhmm(end))
+    r = Replayer(bootstrap, topic, src, None, DAY)
+    m = await r.run()
+    return m.records_sent
+
+
+async def committed_total(bootstrap: str, group: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offs = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return sum(o.offset for tp, o in offs.items() if tp.topic == topic and o.offset > 0)
+
+
+async def passthrough(bootstrap: str, src: str, dst: str, total: int) -> float:
+    """Plain consume -> produce -> commit loop; returns records per second."""
+    consumer = AIOKafkaConsumer(
+        src, bootstrap_servers=bootstrap, group_id="bench-passthrough",
+        enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=2000,
+    )  # fmt: skip
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    await consumer.start()
+    await producer.start()
+    n = 0
+    t0: float | None = None
+    try:
+        while n < total:
+            batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+            if t0 is None and batches:
+                t0 = time.monotonic()
+            futs = []
+            for recs in batches.values():
+                for r in recs:
+                    futs.append(await producer.send(dst, r.value, key=r.key))
+                n += len(recs)
+            if futs:
+                await asyncio.gather(*futs)
+                await consumer.commit()
+        assert t0 is not None
+        return n / (time.monotonic() - t0)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def start_handler(bootstrap: str, topics: dict[str, str], group: str, eos: bool, port: int,
+                  log: Path) -> subprocess.Popen[bytes]:  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "tickscale", "--log-level", "WARNING", "handler",
+        "--bootstrap", bootstrap, "--in", topics["raw"], "--out", topics["ticks"],
+        "--deadletter", topics["dl"], "--group", group, "--metrics-port", str(port),
+        "--eos" if eos else "--no-eos",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def handler_rate(bootstrap: str, topics: dict[str, str], eos: bool, total: int,
+                       workdir: Path) -> float:  # fmt: skip
+    group = f"bench-{'eos' if eos else 'alo'}-{int(time.time())}"
+    p = start_handler(bootstrap, topics, group, eos, free_port(), workdir / f"{group}.log")
+    try:
+        # Time from the first commit to the last, so process start-up and the
+        # group join are not counted against throughput.
+        t0 = None
+        first = 0
+        while True:
+            done = await committed_total(bootstrap, group, topics["raw"])
+            now = time.monotonic()
+            if t0 is None and done > 0:
+                t0, first = now, done
+            if done >= total:
+                assert t0 is not None
+                return (done - first) / max(now - t0, 1e-9)
+            if p.poll() is not None:
+                raise RuntimeError((workdir / f"{group}.log").read_text()[-2000:])
+            await asyncio.sleep(0.05)
+    finally:
+        p.terminate()
+        p.wait(60)
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def histogram_quantile(text: str, name: str, q: float) -> float:
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        m = re.match(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', line)
+        if m:
+            le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, float(m.group(2))))
+    buckets.sort()
+    total = buckets[-1][1]
+    if total == 0:
+        return float("nan")
+    rank = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            # Linear interpolation inside the bucket, as PromQL's histogram_quantile.
+            return prev_le + (le - prev_le) * (rank - prev_c) / max(c - prev_c, 1e-9)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+async def latency_at(bootstrap: str, topics: dict[str, str], rate: float, symbols: int,
+                     workdir: Path) -> tuple[float, float, float]:  # fmt: skip
+    """p50/p99 e2e latency with the raw topic fed at ``rate`` records/s."""
+    port = free_port()
+    group = f"bench-lat-{int(time.time())}"
+    p = start_handler(bootstrap, topics | {"raw": topics["raw_lat"]}, group, True, port,
+                      workdir / "lat.log")  # fmt: skip
+    try:
+        await asyncio.sleep(4)  # join the group before the feed starts
+        # Midday of the synthetic day is close to flat; pick the speed that
+        # gives the requested record rate for this symbol count.
+        start, end = "12:00", "13:00"
+        src = list(ItchWindow(SyntheticDay(symbols, 7), parse_hhmm(start), parse_hhmm(end)))
+        span_s = (src[-1].ts_ns - src[0].ts_ns) / 1e9
+        speed = rate * span_s / len(src)
+        duration = min(20.0, span_s / speed)
+        cut = int(len(src) * duration / (span_s / speed))
+        r = Replayer(bootstrap, topics["raw_lat"], src[:cut], speed, DAY, manifest=False)
+        m = await r.run()
+        await asyncio.sleep(3)
+        text = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
+        name = "tickscale_handler_e2e_latency_seconds"
+        achieved = m.records_sent / max(m.pacing["elapsed_s"], 1e-9)
+        return (histogram_quantile(text, name, 0.5), histogram_quantile(text, name, 0.99),
+                achieved)  # fmt: skip
+    finally:
+        p.terminate()
+        p.wait(60)
+
+
+async def main(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="tickscale-bench-"))
+    if args.bootstrap:
+        bootstrap, broker = args.bootstrap, None
+    else:
+        extra = dict(kv.split("=", 1) for kv in args.broker_config)
+        broker = KafkaBroker(work / "kafka", config=extra).start()
+        bootstrap = broker.bootstrap
+    try:
+        suffix = str(int(time.time()))
+        topics = {
+            "raw": f"bench.raw.{suffix}", "ticks": f"bench.ticks.{suffix}",
+            "dl": f"bench.dl.{suffix}", "copy": f"bench.copy.{suffix}",
+            "raw_lat": f"bench.rawlat.{suffix}",
+        }  # fmt: skip
+        sizes = {topics[k]: args.partitions for k in ("raw", "raw_lat", "ticks", "copy")}
+        await ensure_topics(bootstrap, sizes | {topics["dl"]: 1})
+        total = await preload(bootstrap, topics["raw"], args.symbols, args.start, args.end)
+        print(f"input: {total:,} raw records on {args.partitions} partitions")
+        base = await passthrough(bootstrap, topics["raw"], topics["copy"], total)
+        print(f"passthrough (aiokafka consume+produce): {base:,.0f} msg/s")
+        alo = await handler_rate(bootstrap, topics, False, total, work)
+        print(f"handler, EOS off (at-least-once):       {alo:,.0f} msg/s"
+              f"  = {alo / base:.0%} of passthrough")  # fmt: skip
+        eos = await handler_rate(bootstrap, topics, True, total, work)
+        goal = "met" if eos / base >= 0.6 else "NOT met"
+        print(f"handler, EOS on (transactions):         {eos:,.0f} msg/s"
+              f"  = {eos / base:.0%} of passthrough  [goal >= 60%: {goal}]")  # fmt: skip
+        p50, p99, achieved = await latency_at(bootstrap, topics, eos / 2, args.symbols, work)
+        print(f"e2e latency at {achieved:,.0f} msg/s (~half the EOS rate): "
+              f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+              f"  [goal p99 < 100 ms: {'met' if p99 < 0.1 else 'NOT met'}]")  # fmt: skip
+        return 0
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bootstrap", help="use this broker instead of starting one")
+    ap.add_argument("--partitions", type=int, default=4)
+    ap.add_argument(
+        "--broker-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra broker property for the broker this run starts",
+    )
+    ap.add_argument("--symbols", type=int, default=20)
+    ap.add_argument("--start", default="09:29")
+    ap.add_argument("--end", default="09:40")
+    sys.exit(asyncio.run(main(ap.parse_args())))
