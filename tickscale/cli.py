@@ -27,6 +27,11 @@ app = typer.Typer(
 
 log = logging.getLogger("tickscale")
 
+# The scaler's commands live with the scaler; mounted here so there is one console script.
+from scaler.cli import app as _scaler_app  # noqa: E402
+
+app.add_typer(_scaler_app, name="scaler")
+
 
 @app.callback()
 def _main(
@@ -88,6 +93,9 @@ def replay(
         int, typer.Option(min=0, help="inject a malformed message after every N (0 = none)")
     ] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL: publish the replay clock for the scaler")
+    ] = None,
 ) -> None:
     """Replay a market day into the raw topic and write its manifest."""
     from ingest.replay.cli import run_replay
@@ -107,6 +115,7 @@ def replay(
         speed=_speed(speed),
         malformed_every=malformed_every,
         progress=progress,
+        redis_url=redis,
     )
     if not ok:
         raise typer.Exit(1)

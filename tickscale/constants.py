@@ -39,3 +39,8 @@ HANDLER_STATS_TTL_S = 10
 # Labels the scaler puts on containers it owns; it touches nothing without them.
 LABEL_ROLE = "io.tickscale.role"
 LABEL_SCALER = "io.tickscale.scaler"
+
+# The replay feed's clock (hash: date, clock_ns, wall, speed), refreshed every
+# second while a replay runs, so a scaler with clock=replay follows the replayed
+# day's sessions instead of today's.
+REDIS_REPLAY_CLOCK = REDIS_PREFIX + "replay:clock"

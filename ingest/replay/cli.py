@@ -106,6 +106,7 @@ def run_replay(
     speed: float | None,
     malformed_every: int,
     progress: bool,
+    redis_url: str | None = None,
 ) -> bool:
     try:
         start_s = None if start is None else parse_hhmm(start)
@@ -175,8 +176,21 @@ def run_replay(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, replayer.stop)
-        with bar:
-            m = await replayer.run()
+        clock_stop = asyncio.Event()
+        clock = None
+        if redis_url:
+            from ingest.replay.clock import publish_clock
+
+            clock = asyncio.create_task(
+                publish_clock(redis_url, replayer.stats, day_s, speed, clock_stop)
+            )
+        try:
+            with bar:
+                m = await replayer.run()
+        finally:
+            clock_stop.set()
+            if clock is not None:
+                await clock
         m.source = source
         m.params = params
         m.write(manifest)

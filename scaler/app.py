@@ -1,0 +1,142 @@
+"""Assembles a scaler from its settings: the only place that reads ScalerSettings.
+
+Start-up checks happen here, before anything is scaled, and fail naming the
+setting: Redis unreachable (redis_url), Kafka unreachable (bootstrap), the
+backend unreachable (docker_host, image, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from scaler.audit import AuditLog
+from scaler.backends.base import Backend, HandlerSpec
+from scaler.baseline import BaselineConfig, ReactiveBaseline
+from scaler.calendar import SessionCalendar, parse_session_min
+from scaler.capacity import RedisCapacity
+from scaler.clock import MarketClock, ReplayClock, WallClock
+from scaler.lag import LagProbe
+from scaler.lease import LeaderLease
+from scaler.policy import Policy, PolicyConfig
+from scaler.service import Decider, Scaler
+from scaler.settings import ScalerSettings
+from tickscale.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
+from tickscale.http import HealthServer
+
+log = logging.getLogger("scaler")
+
+
+class StartupError(RuntimeError):
+    """A setting is wrong or a dependency unreachable; ``setting`` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+def policy_config(s: ScalerSettings) -> PolicyConfig:
+    return PolicyConfig(
+        min_handlers=s.min_handlers,
+        max_handlers=s.max_handlers,
+        lag_target_s=s.lag_target_s,
+        headroom=s.headroom,
+        fallback_capacity=s.fallback_capacity,
+        scale_down_window_s=s.scale_down_window_s,
+        scale_down_fraction=s.scale_down_fraction,
+        scale_down_interval_s=s.scale_down_interval_s,
+        settle_s=s.settle_s,
+        rebalance_pause_s=s.rebalance_pause_s,
+    )
+
+
+def make_calendar(s: ScalerSettings) -> SessionCalendar | None:
+    if s.calendar == "none":
+        return None
+    return SessionCalendar(s.calendar, parse_session_min(s.session_min), s.lead_s)
+
+
+def make_decider(s: ScalerSettings) -> Decider:
+    if s.policy == "reactive":
+        return ReactiveBaseline(
+            BaselineConfig(min_replicas=max(s.min_handlers, 1), max_replicas=s.max_handlers)
+        )
+    return Policy(policy_config(s), make_calendar(s))
+
+
+def handler_spec(s: ScalerSettings) -> HandlerSpec:
+    return HandlerSpec(
+        bootstrap=s.handler_bootstrap or s.bootstrap,
+        in_topic=s.topic,
+        out_topic=s.out_topic,
+        deadletter_topic=s.deadletter_topic,
+        group=s.group,
+        redis_url=s.handler_redis_url or s.redis_url,
+    )
+
+
+def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
+    if s.backend == "process":
+        from scaler.backends.process import ProcessBackend
+
+        return ProcessBackend(
+            spec,
+            base_port=s.handler_base_port,
+            state_dir=Path(s.state_dir),
+            stop_grace_s=s.stop_grace_s,
+            name=s.name,
+        )
+    if s.backend == "docker":
+        from scaler.backends.docker import DockerBackend
+
+        return DockerBackend(
+            spec, image=s.image, name=s.name, network=s.network, cpus=s.handler_cpus,
+            mem_mb=s.handler_mem_mb, stop_grace_s=s.stop_grace_s, docker_host=s.docker_host,
+        )  # fmt: skip
+    from scaler.backends.swarm import SwarmBackend
+
+    return SwarmBackend(
+        spec, image=s.image, service=s.swarm_service, name=s.name, network=s.network,
+        cpus=s.handler_cpus, mem_mb=s.handler_mem_mb, stop_grace_s=s.stop_grace_s,
+        docker_host=s.docker_host,
+    )  # fmt: skip
+
+
+async def build(s: ScalerSettings) -> Scaler:
+    """A ready-to-start Scaler; raises StartupError naming what is wrong."""
+    redis = Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as e:
+        await redis.aclose()
+        raise StartupError("redis_url", f"cannot reach Redis at {s.redis_url}: {e}") from e
+    probe = LagProbe(s.bootstrap, s.topic, s.group)
+    try:
+        await probe.start()
+        await probe.partitions()
+    except (KafkaError, OSError) as e:
+        await probe.stop()
+        await redis.aclose()
+        raise StartupError("bootstrap", f"cannot reach Kafka at {s.bootstrap}: {e}") from e
+    await probe.stop()  # the scaler starts it again with the rest
+    backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
+    clock: MarketClock = ReplayClock(redis) if s.clock == "replay" else WallClock()
+    scaler = Scaler(
+        scaler_id=s.scaler_id,
+        backend=backend,
+        decider=make_decider(s),
+        probe=LagProbe(s.bootstrap, s.topic, s.group),
+        redis=redis,
+        lease=LeaderLease(redis, f"{REDIS_SCALER_LEASE}:{s.name}", s.scaler_id, s.lease_ttl_s),
+        audit=AuditLog(redis, f"{REDIS_SCALER_EVENTS}:{s.name}"),
+        capacity=RedisCapacity(redis, s.fallback_capacity),
+        clock=clock,
+        poll_s=s.poll_s,
+        dry_run=s.dry_run,
+    )
+    scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
+    return scaler

@@ -1,0 +1,122 @@
+"""Per-handler capacity, learned from what the handlers report about themselves.
+
+Every handler keeps a hash at ``REDIS_HANDLER_STATS + id`` with cumulative
+``messages`` processed and ``busy_s`` spent processing. Messages per busy
+second is what one handler sustains when it never waits for input, whatever
+the current load: a handler idling at 10 % utilisation still tells us its
+ceiling. That is why capacity is learned here rather than configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tickscale.constants import REDIS_HANDLER_STATS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HandlerStats:
+    handler_id: str
+    messages: int
+    busy_s: float
+    ts: float
+
+
+class CapacityEstimator:
+    """d(messages)/d(busy_s) summed over handlers, over a sliding window.
+
+    :param window_s: how far back the estimate looks; long enough to span
+        several batches, short enough to follow a code or host change.
+    :param min_busy_s: busy seconds needed in the window before the estimate
+        is trusted; below it ``estimate()`` returns None and the caller falls back.
+    """
+
+    def __init__(self, window_s: float = 60.0, min_busy_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self.min_busy_s = min_busy_s
+        self._hist: dict[str, deque[HandlerStats]] = {}
+
+    def observe(self, stats: HandlerStats) -> None:
+        h = self._hist.setdefault(stats.handler_id, deque())
+        if h and (stats.messages < h[-1].messages or stats.busy_s < h[-1].busy_s):
+            h.clear()  # counters went backwards: the handler restarted under the same id
+        if h and stats.ts <= h[-1].ts:
+            return  # not refreshed since the last poll
+        h.append(stats)
+        while len(h) > 2 and h[1].ts <= stats.ts - self.window_s:
+            h.popleft()
+
+    def forget_older_than(self, cutoff: float) -> None:
+        for hid in [k for k, h in self._hist.items() if not h or h[-1].ts < cutoff]:
+            del self._hist[hid]
+
+    def estimate(self) -> float | None:
+        msgs = 0
+        busy = 0.0
+        for h in self._hist.values():
+            if len(h) >= 2:
+                msgs += h[-1].messages - h[0].messages
+                busy += h[-1].busy_s - h[0].busy_s
+        if busy < self.min_busy_s or msgs <= 0:
+            return None
+        return msgs / busy
+
+    @property
+    def handlers(self) -> int:
+        return len(self._hist)
+
+
+async def read_handler_stats(redis: Redis, prefix: str = REDIS_HANDLER_STATS) -> list[HandlerStats]:
+    """All live handlers' self-reports (expired keys = dead handlers, already gone)."""
+    out: list[HandlerStats] = []
+    keys = [k async for k in redis.scan_iter(match=prefix + "*", count=500)]
+    if not keys:
+        return out
+    async with redis.pipeline(transaction=False) as p:
+        for k in keys:
+            p.hgetall(k)
+        rows = await p.execute()
+    for key, row in zip(keys, rows, strict=True):
+        k = key.decode() if isinstance(key, bytes) else str(key)
+        d = {(a.decode() if isinstance(a, bytes) else a): b for a, b in row.items()}
+        try:
+            out.append(
+                HandlerStats(
+                    k[len(prefix) :],
+                    int(float(d["messages"])),
+                    float(d["busy_s"]),
+                    float(d["ts"]),
+                )
+            )
+        except (KeyError, ValueError):
+            log.debug("ignoring malformed handler stats at %s: %r", k, d)
+    return out
+
+
+class RedisCapacity:
+    """The estimator fed from Redis, with the configured fallback until it has data."""
+
+    def __init__(self, redis: Redis, fallback: float, window_s: float = 60.0) -> None:
+        self.redis = redis
+        self.fallback = fallback
+        self.est = CapacityEstimator(window_s)
+
+    async def poll(self) -> tuple[float, str]:
+        try:
+            for s in await read_handler_stats(self.redis):
+                self.est.observe(s)
+        except (RedisError, OSError) as e:
+            log.warning("reading handler stats failed: %s", e)
+        self.est.forget_older_than(time.time() - 2 * self.est.window_s)
+        cap = self.est.estimate()
+        if cap is None:
+            return self.fallback, "fallback"
+        return cap, "learned"

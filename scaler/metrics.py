@@ -1,0 +1,54 @@
+"""Prometheus metrics of the scaler, declared once with their help text.
+
+Names are part of the project's interface: the Grafana dashboards and the load
+tests query them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DESIRED = Gauge("tickscale_scaler_desired_handlers", "Handler count the scaler wants now")
+TARGET = Gauge(
+    "tickscale_scaler_target_handlers",
+    "Handler count the signals ask for, before stabilisation and step limits",
+)
+RUNNING = Gauge("tickscale_scaler_running_handlers", "Handlers the backend reports running")
+MEMBERS = Gauge("tickscale_scaler_group_members", "Members of the handler consumer group")
+PROPOSAL = Gauge(
+    "tickscale_scaler_signal_proposal_handlers", "Handler count each signal proposes", ["signal"]
+)
+LAG_MSGS = Gauge("tickscale_scaler_lag_messages", "Total lag of the handler group on md.raw")
+PARTITION_LAG = Gauge(
+    "tickscale_scaler_partition_lag_messages", "Lag per partition of md.raw", ["partition"]
+)
+LAG_SECONDS = Gauge(
+    "tickscale_scaler_lag_seconds", "Age of the oldest unprocessed message on md.raw"
+)
+INGEST_RATE = Gauge("tickscale_scaler_ingest_rate", "Messages per second into md.raw (smoothed)")
+PROCESS_RATE = Gauge(
+    "tickscale_scaler_process_rate", "Messages per second the group commits (smoothed)"
+)
+CAPACITY = Gauge(
+    "tickscale_scaler_handler_capacity", "Messages per second one handler sustains (learned)"
+)
+PARTITIONS = Gauge("tickscale_scaler_partitions", "Partitions of md.raw")
+SESSION = Gauge(
+    "tickscale_scaler_session", "1 for the trading session in force, 0 for the others", ["session"]
+)
+DECISIONS = Counter(
+    "tickscale_scaler_decisions_total", "Scaling decisions by winning signal and action",
+    ["reason", "action"],
+)  # fmt: skip
+SCALE_EVENTS = Counter(
+    "tickscale_scaler_scale_events_total", "Handler count changes made", ["reason", "direction"]
+)
+BACKEND_ERRORS = Counter(
+    "tickscale_scaler_backend_errors_total", "Backend calls that failed", ["op"]
+)
+LEADER = Gauge("tickscale_scaler_leader", "1 while this scaler holds the leader lease")
+DRY_RUN = Gauge("tickscale_scaler_dry_run", "1 when the scaler decides but changes nothing")
+POLL = Histogram(
+    "tickscale_scaler_poll_seconds", "Time to measure, decide and act once",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)  # fmt: skip

@@ -1,0 +1,225 @@
+"""The scaler process: measure, decide, act, every poll, while holding the lease.
+
+One decision's path, top to bottom: ``LagProbe.measure`` (offsets and group
+state from the broker) -> ``RedisCapacity.poll`` (per-handler capacity the
+handlers report) -> the market clock (which session it is) -> the policy ->
+the backend -> the audit trail and metrics. A follower (no lease) measures
+and decides too, so its metrics and its take-over are warm, but never acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import replace
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from ingest.sessions import Session
+from scaler import metrics as m
+from scaler.audit import AuditLog
+from scaler.backends.base import Backend, BackendError
+from scaler.capacity import RedisCapacity
+from scaler.clock import MarketClock
+from scaler.lag import LagProbe
+from scaler.lease import LeaderLease
+from scaler.policy import Decision
+from scaler.signals import Snapshot
+from tickscale.http import HealthServer
+
+log = logging.getLogger("scaler")
+
+
+class Decider(Protocol):
+    name: str
+
+    def decide(self, snap: Snapshot, now: float, current: int) -> Decision: ...
+
+    def applied(self, decision: Decision) -> None: ...
+
+
+class Scaler:
+    """Owns its probe, lease, backend and HTTP server; ``async with`` starts and stops them.
+
+    :param poll_s: time between the starts of two polls.
+    :param dry_run: decide and log, change nothing.
+    """
+
+    def __init__(
+        self,
+        *,
+        scaler_id: str,
+        backend: Backend,
+        decider: Decider,
+        probe: LagProbe,
+        redis: Redis,
+        lease: LeaderLease,
+        audit: AuditLog,
+        capacity: RedisCapacity,
+        clock: MarketClock,
+        poll_s: float = 1.0,
+        dry_run: bool = False,
+        http: HealthServer | None = None,
+    ) -> None:
+        self.scaler_id = scaler_id
+        self.backend = backend
+        self.decider = decider
+        self.probe = probe
+        self.redis = redis
+        self.lease = lease
+        self.audit = audit
+        self.capacity = capacity
+        self.clock = clock
+        self.poll_s = poll_s
+        self.dry_run = dry_run
+        self.http = http
+        self.last: Decision | None = None
+        self._stop = asyncio.Event()
+        self._started = False
+        self._measured = False
+        self._last_logged: tuple[int, int] | None = None
+
+    async def start(self) -> None:
+        await self.backend.start()
+        await self.probe.start()
+        await self.lease.start()
+        if self.http is not None:
+            await self.http.start()
+        m.DRY_RUN.set(1 if self.dry_run else 0)
+        self._started = True
+        log.info(
+            "scaler %s: backend %s, policy %s%s", self.scaler_id, self.backend.name,
+            self.decider.name, " (dry run)" if self.dry_run else "",
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        self._stop.set()
+        # Lease first: a follower takes over while this one closes its connections.
+        with contextlib.suppress(Exception):
+            await self.lease.stop()
+        m.LEADER.set(0)
+        for closer in (self.probe.stop, self.backend.close):
+            try:
+                await closer()
+            except Exception as e:  # shutting down: report and keep closing the rest
+                log.warning("closing %s failed: %s", closer, e)
+        if self.http is not None:
+            await self.http.stop()
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Scaler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    def healthy(self) -> bool:
+        return self._started and not self._stop.is_set()
+
+    def ready(self) -> bool:
+        return self._started and self._measured
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                await self.poll_once()
+            except (KafkaError, OSError, RedisError, BackendError) as e:
+                # One bad poll (broker election, Docker hiccup) must not end the
+                # scaler; the next poll measures afresh.
+                log.warning("poll failed: %r", e)
+            m.POLL.observe(time.monotonic() - t0)
+            delay = max(0.0, self.poll_s - (time.monotonic() - t0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+
+    async def measure(self) -> Snapshot:
+        snap = await self.probe.measure()
+        cap, source = await self.capacity.poll()
+        snap = snap.with_capacity(cap, source)
+        mt = await self.clock.now()
+        if mt is None:
+            snap = replace(snap, market_known=False)
+        else:
+            snap = replace(snap, market_time=mt.when, market_speed=mt.speed)
+        self._measured = True
+        return snap
+
+    async def poll_once(self) -> Decision:
+        snap = await self.measure()
+        try:
+            instances = await self.backend.list()
+        except BackendError:
+            m.BACKEND_ERRORS.labels("list").inc()
+            raise
+        current = len(instances)
+        now = time.time()
+        d = self.decider.decide(snap, now, current)
+        self.last = d
+        self._export(snap, d, current)
+        leader = self.lease.is_leader
+        m.LEADER.set(1 if leader else 0)
+        if not d.changes:
+            return d
+        if not leader:
+            return d
+        if self.dry_run:
+            key = (d.current, d.desired)
+            if key != self._last_logged:
+                self._last_logged = key
+                log.info("dry run: would scale %d->%d: %s", d.current, d.desired, d.explanation)
+            return d
+        result = await self._apply(d)
+        self.decider.applied(d)
+        direction = "up" if d.desired > d.current else "down"
+        m.SCALE_EVENTS.labels(d.reason, direction).inc()
+        await self.audit.record(d, self.scaler_id, self.backend.name, result)
+        return d
+
+    async def _apply(self, d: Decision) -> dict[str, Any]:
+        op = "add" if d.desired > d.current else "remove"
+        n = abs(d.desired - d.current)
+        try:
+            ids = await (self.backend.add(n) if op == "add" else self.backend.remove(n))
+        except BackendError as e:
+            m.BACKEND_ERRORS.labels(op).inc()
+            log.error("backend %s(%d) failed: %s", op, n, e)
+            return {"op": op, "n": n, "ok": False, "error": str(e)}
+        return {"op": op, "n": n, "ok": True, "ids": ids}
+
+    def _export(self, snap: Snapshot, d: Decision, current: int) -> None:
+        m.DESIRED.set(d.desired)
+        m.TARGET.set(d.target)
+        m.RUNNING.set(current)
+        m.MEMBERS.set(snap.members)
+        m.LAG_MSGS.set(snap.lag_msgs)
+        m.LAG_SECONDS.set(snap.lag_s)
+        m.INGEST_RATE.set(snap.ingest_rate)
+        m.PROCESS_RATE.set(snap.process_rate)
+        m.PARTITIONS.set(snap.partition_count)
+        if snap.capacity is not None:
+            m.CAPACITY.set(snap.capacity)
+        for p in snap.partitions:
+            m.PARTITION_LAG.labels(str(p.partition)).set(p.lag)
+        for sig, n in d.proposals.items():
+            m.PROPOSAL.labels(sig).set(n)
+        now_session = d.inputs.get("session_now", Session.CLOSED.value)
+        for s in Session:
+            m.SESSION.labels(s.value).set(1 if s.value == now_session else 0)
+        m.DECISIONS.labels(d.reason, d.action).inc()

@@ -1,0 +1,133 @@
+"""Configuration of one scaler process (environment ``TICKSCALE_SCALER_*``, flags win).
+
+Read once at start-up; anything invalid stops the scaler before it touches a
+backend, with the setting's name in the message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal, Self
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tickscale.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ScalerSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TICKSCALE_SCALER_", extra="forbid", populate_by_name=True
+    )
+
+    # Where the handlers read and write.
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="lease, audit, capacity")
+    topic: str = RAW_TOPIC
+    out_topic: str = TICKS_TOPIC
+    deadletter_topic: str = DEADLETTER_TOPIC
+    group: str = HANDLER_GROUP
+
+    # What the handlers are told, when they reach Kafka or Redis by another
+    # address than the scaler does (unset: the scaler's own).
+    handler_bootstrap: str | None = None
+    handler_redis_url: str | None = None
+
+    # The loop.
+    policy: Literal["tickscale", "reactive"] = "tickscale"
+    backend: Literal["docker", "swarm", "process"] = "process"
+    poll_s: float = Field(1.0, gt=0, le=60)
+    dry_run: bool = False
+    scaler_id: str = Field(default_factory=_default_id)
+    # Several independent fleets may share a Docker engine or Redis: the name
+    # labels the containers and keys the lease.
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    lease_ttl_s: float = Field(5.0, gt=0.5, le=120)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(
+        9200, ge=0, le=65535,
+        validation_alias=AliasChoices(
+            "metrics_port", "TICKSCALE_SCALER_METRICS_PORT", "TICKSCALE_METRICS_PORT"
+        ),
+    )  # fmt: skip
+
+    # Policy.
+    min_handlers: int = Field(1, ge=0)
+    max_handlers: int = Field(12, ge=1)
+    lag_target_s: float = Field(5.0, gt=0)
+    headroom: float = Field(0.25, ge=0)
+    fallback_capacity: float = Field(1000.0, gt=0, description="msgs/s/handler until learned")
+    scale_down_window_s: float = Field(120.0, ge=0)
+    scale_down_fraction: float = Field(0.5, gt=0, le=1)
+    scale_down_interval_s: float = Field(30.0, ge=0)
+    settle_s: float = Field(5.0, ge=0)
+    rebalance_pause_s: float = Field(4.0, ge=0)
+    # Calendar: an exchange_calendars code, or "none" to scale on lag and rate only.
+    calendar: str = "XNYS"
+    session_min: str = Field("", description="e.g. open=8,close=4,midday=1")
+    lead_s: float = Field(120.0, ge=0, description="pre-scale this long before a session")
+    # "wall": sessions follow the real clock; "replay": they follow the clock the
+    # replay feed publishes in Redis, so a day replayed at 60x pre-scales for its
+    # own open rather than for today's.
+    clock: Literal["wall", "replay"] = "wall"
+
+    # Backends.
+    stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL")
+    image: str = "tickscale:dev"
+    network: str | None = None
+    handler_cpus: float | None = Field(1.0, gt=0)
+    handler_mem_mb: int | None = Field(512, gt=0)
+    docker_host: str | None = Field(None, description="default: DOCKER_HOST or the local socket")
+    swarm_service: str = "tickscale-handlers"
+    handler_base_port: int = Field(9300, ge=1024, le=65000, description="process backend")
+    state_dir: str = Field(".local/scaler", description="process backend: logs, targets file")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: str) -> str:
+        for hp in v.split(","):
+            host, _, port = hp.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected HOST:PORT[,HOST:PORT], got {v!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://host:port/db, got {v!r}")
+        return v
+
+    @field_validator("calendar")
+    @classmethod
+    def _calendar(cls, v: str) -> str:
+        if v.lower() == "none":
+            return "none"
+        from scaler.calendar import CalendarError, check_calendar
+
+        try:
+            check_calendar(v)
+        except CalendarError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("session_min")
+    @classmethod
+    def _session_min(cls, v: str) -> str:
+        from scaler.calendar import parse_session_min
+
+        parse_session_min(v)
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min_handlers > self.max_handlers:
+            raise ValueError(
+                f"min_handlers ({self.min_handlers}) > max_handlers ({self.max_handlers})"
+            )
+        return self
