@@ -129,11 +129,12 @@ class LagProbe:
         await self.stop()
 
     async def partitions(self) -> list[TopicPartition]:
-        assert self._consumer is not None
-        parts = self._consumer.partitions_for_topic(self.topic)
-        if not parts:
-            await self._consumer.topics()  # refresh metadata (new topic or first call)
-            parts = self._consumer.partitions_for_topic(self.topic) or set()
+        assert self._admin is not None
+        # Asked every poll: partitions added to the topic count from the next poll.
+        parts: set[int] = set()
+        for t in await self._admin.describe_topics([self.topic]):
+            if t.get("topic") == self.topic and not t.get("error_code"):
+                parts |= {int(p["partition"]) for p in t.get("partitions", [])}
         return [TopicPartition(self.topic, p) for p in sorted(parts)]
 
     async def group_info(self) -> GroupInfo:
@@ -141,8 +142,8 @@ class LagProbe:
         resp = await self._admin.describe_consumer_groups([self.group])
         for r in resp:
             for g in r.to_object()["groups"]:
-                if g["group_id"] == self.group:
-                    return GroupInfo(str(g["group_state"]), len(g["members"]))
+                if g["group"] == self.group:
+                    return GroupInfo(str(g["state"]), len(g["members"]))
         return GroupInfo("Dead", 0)
 
     async def committed(self) -> dict[int, int]:

@@ -1,0 +1,217 @@
+"""The scaler against the real broker and Redis: lag, scaling with the process backend,
+leader failover, start-up errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+from redis.asyncio import Redis
+
+from scaler.audit import read_events
+from scaler.lag import LagProbe
+from tests.pipeline_utils import run_verify, start_replay, summary
+from tickscale.constants import REDIS_SCALER_EVENTS
+from tickscale.localstack import consumer_groups_describe
+from tickscale.localstack.net import free_port
+from tickscale.localstack.topics import TopicSet
+
+
+async def test_lag_matches_kafkas_own_consumer_groups_tool(topics: TopicSet) -> None:
+    prod = AIOKafkaProducer(bootstrap_servers=topics.bootstrap)
+    await prod.start()
+    try:
+        for i in range(400):
+            await prod.send(topics.raw, b"x" * 10, partition=i % 4)
+        await prod.flush()
+    finally:
+        await prod.stop()
+    # Commit different positions on three partitions; leave partition 3 uncommitted.
+    c = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group,
+                         enable_auto_commit=False)  # fmt: skip
+    await c.start()
+    try:
+        c.assign([TopicPartition(topics.raw, p) for p in range(4)])
+        await c.commit({
+            TopicPartition(topics.raw, 0): OffsetAndMetadata(100, ""),
+            TopicPartition(topics.raw, 1): OffsetAndMetadata(37, ""),
+            TopicPartition(topics.raw, 2): OffsetAndMetadata(0, ""),
+        })  # fmt: skip
+    finally:
+        await c.stop()
+
+    async with LagProbe(topics.bootstrap, topics.raw, topics.group) as probe:
+        snap = await probe.measure()
+    ours = {p.partition: p for p in snap.partitions}
+    tool = await asyncio.to_thread(consumer_groups_describe, topics.bootstrap, topics.group)
+    rows = {r["partition"]: r for r in tool if r["topic"] == topics.raw}
+    assert set(rows) >= {0, 1, 2}, tool
+    for p, r in rows.items():
+        assert ours[p].end_offset == r["log_end_offset"], (p, r)
+        if r["current_offset"] is not None:
+            assert ours[p].committed == r["current_offset"]
+            assert ours[p].lag == r["lag"], (p, r, ours[p])
+    assert [ours[p].lag for p in range(4)] == [0, 63, 100, 100]
+    assert ours[3].committed is None  # counted from the log start
+    assert snap.lag_msgs == 263
+    # Records were produced moments ago: the oldest unprocessed is young but not zero.
+    assert 0 < snap.lag_s < 120
+    assert snap.group_state == "Empty" and snap.members == 0
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def _metric(text: str, name: str) -> float | None:
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else None
+
+
+class ScalerProc:
+    def __init__(self, ts: TopicSet, redis_url: str, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log_path = tmp / f"scaler-{self.port}.log"
+        cmd = [
+            sys.executable, "-m", "tickscale", "scaler",
+            "--backend", "process", "--bootstrap", ts.bootstrap, "--redis-url", redis_url,
+            "--topic", ts.raw, "--group", ts.group, "--metrics-port", str(self.port),
+            "--state-dir", str(tmp / "scaler"), "--handler-base-port", str(free_port()),
+            "--poll", "0.5", *args,
+        ]  # fmt: skip
+        env = os.environ | {
+            "TICKSCALE_SCALER_OUT_TOPIC": ts.ticks,
+            "TICKSCALE_SCALER_DEADLETTER_TOPIC": ts.deadletter,
+        }
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def metrics(self) -> str:
+        return _scrape(self.port)
+
+    def value(self, name: str) -> float | None:
+        try:
+            return _metric(self.metrics(), name)
+        except OSError:
+            return None
+
+    def wait_for(self, name: str, pred: object, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        v = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log()
+            v = self.value(name)
+            if v is not None and pred(v):  # type: ignore[operator]
+                return v
+            time.sleep(0.5)
+        raise AssertionError(f"{name}={v} after {timeout}s\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self._log.close()
+        return rc
+
+
+@pytest.mark.parametrize("topics", [6], indirect=True)
+async def test_scales_up_on_lag_and_down_when_drained_without_losing_a_tick(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """A replayed burst builds lag; the scaler adds handlers, then removes them when
+    it has drained. Removal is SIGTERM with drain: the ledger must be exact."""
+    name = f"t{os.getpid()}{int(time.time()) % 100000}"
+    sc = ScalerProc(
+        topics, redis_url, tmp_path,
+        "--name", name, "--min-handlers", "1", "--max-handlers", "3", "--calendar", "none",
+        "--lag-target", "2", "--scale-down-window", "8", "--settle", "2",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers", lambda v: v >= 1,
+                                60)  # fmt: skip
+        manifest = tmp_path / "manifest.json"
+        rp = start_replay(topics, manifest, tmp_path / "replay.log", "--symbols", "20",
+                          "--from", "09:29", "--to", "09:36", "--speed", "max")  # fmt: skip
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers", lambda v: v >= 2,
+                                120)  # fmt: skip
+        assert await asyncio.to_thread(rp.wait, 300) == 0
+        # Drained, then back to the minimum after the stabilisation window.
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers", lambda v: v == 1,
+                                180)  # fmt: skip
+        rc, out = await asyncio.to_thread(run_verify, topics, manifest, 120)
+        assert rc == 0, out[-3000:]
+        assert summary(out) == {"missing": 0, "duplicated": 0, "reordered": 0,
+                                "checksum_mismatch": 0}  # fmt: skip
+        r = Redis.from_url(redis_url)
+        try:
+            events = await read_events(r, f"{REDIS_SCALER_EVENTS}:{name}")
+        finally:
+            await r.aclose()
+        ups = [e for e in events if e["to"] > e["from"]]
+        downs = [e for e in events if e["to"] < e["from"]]
+        assert ups and downs, events
+        assert any(e["signal"] in ("lag", "rate") for e in ups if e["from"] >= 1), ups
+        assert all(e["result"]["ok"] for e in events), events
+        assert "explanation" in events[0] and events[0]["inputs"]["partitions"] == 6
+    finally:
+        assert sc.stop() == 0, sc.log()[-3000:]
+    # The scaler's handlers stop with it (process backend).
+    assert not (tmp_path / "scaler" / "targets.json").read_text().strip("[] \n")
+
+
+async def test_leader_failover(topics: TopicSet, redis_url: str, tmp_path: Path) -> None:
+    """Two scalers, one lease: exactly one leads; kill it and the other takes over."""
+    name = f"ha{os.getpid()}{int(time.time()) % 100000}"
+    args = ("--name", name, "--dry-run", "--calendar", "none", "--lease-ttl", "3")
+    a = ScalerProc(topics, redis_url, tmp_path, *args, "--id", "scaler-a")
+    b = ScalerProc(topics, redis_url, tmp_path, *args, "--id", "scaler-b")
+    try:
+        for s in (a, b):
+            await asyncio.to_thread(s.wait_for, "tickscale_scaler_leader", lambda v: v >= 0, 60)
+        await asyncio.sleep(2)
+        leaders = [s for s in (a, b) if s.value("tickscale_scaler_leader") == 1]
+        assert len(leaders) == 1, (a.value("tickscale_scaler_leader"),
+                                   b.value("tickscale_scaler_leader"))  # fmt: skip
+        leader = leaders[0]
+        follower = b if leader is a else a
+        leader.stop(signal.SIGKILL)  # no release: the lease must expire
+        t0 = time.monotonic()
+        await asyncio.to_thread(follower.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 15)
+        took = time.monotonic() - t0
+        assert took < 3 + 2 + 1.5  # TTL + renew period + polls
+    finally:
+        for s in (a, b):
+            if s.proc.poll() is None:
+                s.stop()
+
+
+def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tickscale", "scaler", "--state-dir", str(tmp_path), *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    r = run("--min-handlers", "4", "--max-handlers", "2")
+    assert r.returncode == 2 and "--min-handlers" in r.stderr, r.stderr
+    r = run("--calendar", "XMOON")
+    assert r.returncode == 2 and "--calendar" in r.stderr and "XMOON" in r.stderr
+    r = run("--redis-url", redis_url, "--bootstrap", "127.0.0.1:1")
+    assert r.returncode == 2 and "--bootstrap" in r.stderr, r.stderr
+    r = run("--redis-url", "redis://127.0.0.1:1/0")
+    assert r.returncode == 2 and "--redis-url" in r.stderr, r.stderr
