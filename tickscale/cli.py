@@ -247,7 +247,11 @@ def topics(
 def up(
     symbols: Annotated[int, typer.Option(min=1)] = 50,
     speed: Annotated[str, typer.Option(help="replay speed: number or max")] = "60",
-    handlers: Annotated[int, typer.Option(min=1, help="feed handlers to start")] = 2,
+    handlers: Annotated[int, typer.Option(min=1, help="feed handlers (the scaler's minimum)")] = 2,
+    max_handlers: Annotated[int, typer.Option(min=1, help="the scaler's maximum")] = 4,
+    scaler: Annotated[
+        bool, typer.Option(help="let the scaler run the handlers (off: a fixed fleet)")
+    ] = True,
     seed: Annotated[int, typer.Option()] = 1,
     day: Annotated[str | None, typer.Option("--date")] = None,
     from_: Annotated[str | None, typer.Option("--from")] = None,
@@ -272,5 +276,7 @@ def up(
         kafka_port=kafka_port,
         redis_port=redis_port,
         state_dir=state_dir,
+        scaler=scaler,
+        max_handlers=max_handlers,
     )
     raise typer.Exit(rc)

@@ -64,6 +64,29 @@ class HandlerFleet:
                 p.wait()
 
 
+class ScalerChild:
+    """``tickscale scaler`` with the process backend: it starts and stops the handlers.
+
+    SIGTERM makes it drain and stop its handlers before it exits.
+    """
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as f:
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def stop(self, timeout: float = 120) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
     """Fresh topics and no stale snapshots: a new day's ledger must start empty."""
     asyncio.run(delete_topics(bootstrap, [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]))
@@ -91,6 +114,9 @@ def run_up(
     redis_port: int,
     state_dir: Path,
     metrics_base_port: int = 9100,
+    scaler: bool = True,
+    max_handlers: int = 4,
+    scaler_port: int = 9200,
 ) -> int:
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir = state_dir / "logs"
@@ -98,6 +124,7 @@ def run_up(
     broker: KafkaBroker | None = None
     redis_srv: RedisServer | None = None
     fleet: HandlerFleet | None = None
+    scaler_child: ScalerChild | None = None
     try:
         bootstrap = f"127.0.0.1:{kafka_port}"
         if port_open("127.0.0.1", kafka_port):
@@ -113,18 +140,37 @@ def run_up(
             console.print(f"started Redis on {redis_url}")
 
         _reset_day(bootstrap, redis_url, partitions)
-        fleet = HandlerFleet(bootstrap, redis_url, log_dir, metrics_base_port)
-        for _ in range(handlers):
-            fleet.add()
-        console.print(
-            f"{handlers} handlers started (metrics on ports {metrics_base_port}-"
-            f"{metrics_base_port + handlers - 1}, logs in {log_dir})"
-        )
+        if scaler:
+            hi = max(max_handlers, handlers)
+            cmd = [
+                sys.executable, "-m", "tickscale", "scaler", "--backend", "process",
+                "--bootstrap", bootstrap, "--redis-url", redis_url,
+                "--min-handlers", str(handlers), "--max-handlers", str(hi),
+                # The replayed day's sessions, not today's; the busy sessions get
+                # the whole fleet ahead of time.
+                "--clock", "replay", "--session-min", f"open={hi},close={hi}",
+                "--lead", "5", "--scale-down-window", "30",
+                "--metrics-port", str(scaler_port), "--handler-base-port", str(metrics_base_port),
+                "--state-dir", str(state_dir / "scaler"),
+            ]  # fmt: skip
+            scaler_child = ScalerChild(cmd, log_dir / "scaler.log")
+            console.print(
+                f"scaler started ({handlers}-{hi} handlers, metrics on :{scaler_port}, "
+                f"handler logs in {state_dir / 'scaler' / 'logs'}, audit in Redis)"
+            )
+        else:
+            fleet = HandlerFleet(bootstrap, redis_url, log_dir, metrics_base_port)
+            for _ in range(handlers):
+                fleet.add()
+            console.print(
+                f"{handlers} handlers started (metrics on ports {metrics_base_port}-"
+                f"{metrics_base_port + handlers - 1}, logs in {log_dir})"
+            )
         manifest = state_dir / f"manifest-{int(time.time())}.json"
         completed = run_replay(
             manifest=manifest, bootstrap=bootstrap, topic=c.RAW_TOPIC, source="synthetic",
             file=None, symbols=symbols, seed=seed, rate=1.0, day=day, start=start, end=end,
-            speed=speed, malformed_every=0, progress=True,
+            speed=speed, malformed_every=0, progress=True, redis_url=redis_url,
         )  # fmt: skip
         if not completed:
             console.print("replay interrupted; stopping handlers and services")
@@ -145,6 +191,8 @@ def run_up(
         return 1
     finally:
         with contextlib.suppress(KeyboardInterrupt):
+            if scaler_child is not None:
+                scaler_child.stop()
             if fleet is not None:
                 fleet.stop()
             if redis_srv is not None:
