@@ -24,9 +24,9 @@ from ingest.sessions import CLOSE, OPEN, Session, session_at
 DEFAULT_SESSION_MIN: dict[Session, int] = {
     Session.CLOSED: 0,
     Session.PRE_MARKET: 1,
-    Session.OPEN: 8,
+    Session.OPEN: 12,
     Session.MIDDAY: 1,
-    Session.CLOSE: 4,
+    Session.CLOSE: 8,
     Session.AFTER_HOURS: 1,
 }
 

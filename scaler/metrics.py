@@ -52,3 +52,18 @@ POLL = Histogram(
     "tickscale_scaler_poll_seconds", "Time to measure, decide and act once",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )  # fmt: skip
+
+
+def init_series() -> None:
+    """Create every labelled counter's series at 0.
+
+    A series born at 1 hides its first event from increase() and rate(); at 0
+    from the start, the first backend error or scale event shows up.
+    """
+    for op in ("list", "add", "remove"):
+        BACKEND_ERRORS.labels(op)
+    for reason in ("lag", "rate", "session", "min"):
+        for direction in ("up", "down"):
+            SCALE_EVENTS.labels(reason, direction)
+        for action in ("up", "down", "hold"):
+            DECISIONS.labels(reason, action)

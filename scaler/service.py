@@ -92,6 +92,7 @@ class Scaler:
         if self.http is not None:
             await self.http.start()
         m.DRY_RUN.set(1 if self.dry_run else 0)
+        m.init_series()
         self._started = True
         log.info(
             "scaler %s: backend %s, policy %s%s", self.scaler_id, self.backend.name,
