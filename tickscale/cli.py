@@ -94,7 +94,11 @@ def replay(
     ] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     redis: Annotated[
-        str | None, typer.Option(help="Redis URL: publish the replay clock for the scaler")
+        str | None,
+        typer.Option(
+            help="Redis URL: publish the replay clock for the scaler",
+            envvar="TICKSCALE_REPLAY_REDIS_URL",
+        ),
     ] = None,
 ) -> None:
     """Replay a market day into the raw topic and write its manifest."""

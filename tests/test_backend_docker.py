@@ -1,0 +1,469 @@
+"""The docker and swarm backends against a real Docker engine.
+
+Handler containers run the tickscale image on the host network, so they reach
+the session's Kafka broker and Redis on 127.0.0.1 like the process handlers of
+test_pipeline. Every test uses its own fleet name, so tests (and anything else
+on the engine) never see each other's containers; everything a test starts is
+removed afterwards.
+
+Skipped when no Docker engine answers or the image is missing (build it with
+``bash .ci/docker.sh``). Image under test: $TICKSCALE_IMAGE, default ``tickscale:dev``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
+from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
+from scaler.backends.swarm import SwarmBackend
+from tests.pipeline_utils import run_verify, start_replay, summary
+from tickscale.constants import LABEL_ROLE, LABEL_SCALER
+from tickscale.localstack.topics import TopicSet
+
+IMAGE = os.environ.get("TICKSCALE_IMAGE", "tickscale:dev")
+# The distribution's CLI: a newer one earlier on PATH may not match the engine.
+DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
+DAY = "2024-11-25"
+ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}
+# Away from the handler's default 9100 and the process backend's 9300+, which
+# other local runs may be using.
+PORT_BASE = 19100
+
+
+def _engine_problem() -> str | None:
+    if DOCKER is None:
+        return "no docker CLI"
+    try:
+        r = subprocess.run([DOCKER, "info"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`docker info` failed: {e}"
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        return f"`docker info` failed (no running engine? `bash .ci/docker.sh` starts one): {last}"
+    r = subprocess.run(
+        [DOCKER, "image", "inspect", IMAGE], capture_output=True, text=True, timeout=30
+    )
+    if r.returncode != 0:
+        return f"image {IMAGE} not built: run `bash .ci/docker.sh`"
+    return None
+
+
+_PROBLEM = _engine_problem()
+if _PROBLEM:
+    pytest.skip(f"needs a Docker engine: {_PROBLEM}", allow_module_level=True)
+
+pytestmark = pytest.mark.docker
+
+
+# Helpers ------------------------------------------------------------------------------
+
+
+def docker(
+    *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    assert DOCKER is not None
+    return subprocess.run(
+        [DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
+
+
+def inspect(ref: str) -> dict[str, Any] | None:
+    r = docker("inspect", ref, check=False)
+    if r.returncode != 0:
+        return None
+    out: dict[str, Any] = json.loads(r.stdout)[0]
+    return out
+
+
+def labelled(fleet: str) -> list[str]:
+    """Ids of every container, in any state, labelled for ``fleet``."""
+    r = docker("ps", "-aq", "--no-trunc", "--filter", f"label={LABEL_SCALER}={fleet}")
+    return r.stdout.split()
+
+
+async def wait_for(
+    what: str, check: Callable[[], Awaitable[bool]], within_s: float = 90, every: float = 0.5
+) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s:.0f}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def metrics_port(cid: str) -> int:
+    c = inspect(cid)
+    assert c is not None, cid
+    return int(c["Config"]["Labels"][LABEL_METRICS_PORT])
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as r:
+            return int(r.status)
+    except OSError:
+        return 0
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    return sum(
+        float(m.group(2))
+        for line in body.splitlines()
+        if (m := re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line))
+    )
+
+
+async def wait_ready(cids: list[str], within_s: float = 120) -> None:
+    async def ready() -> bool:
+        ports = [metrics_port(c) for c in cids]
+        codes = await asyncio.gather(*(asyncio.to_thread(http_status, p, "/readyz") for p in ports))
+        return all(code == 200 for code in codes)
+
+    await wait_for(f"handlers {cids} ready", ready, within_s)
+
+
+def logs(cids: list[str]) -> str:
+    return "\n".join(
+        f"--- {c[:12]}\n" + docker("logs", "--tail", "40", c, check=False).stderr for c in cids
+    )
+
+
+# Fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fleet() -> Iterator[str]:
+    """A scaler name private to this test; its containers are removed afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    for fl in (name, f"{name}-other"):
+        ids = labelled(fl)
+        if ids:
+            docker("rm", "-f", *ids, check=False)
+
+
+@pytest.fixture
+def spec(topics: TopicSet, redis_url: str) -> HandlerSpec:
+    return HandlerSpec(
+        bootstrap=topics.bootstrap,
+        in_topic=topics.raw,
+        out_topic=topics.ticks,
+        deadletter_topic=topics.deadletter,
+        group=topics.group,
+        redis_url=redis_url,
+        # As the process handlers of test_pipeline: a crashed member is noticed sooner.
+        extra_env={"TICKSCALE_HANDLER_SESSION_TIMEOUT_MS": "6000"},
+    )
+
+
+MakeBackend = Callable[..., Awaitable[DockerBackend]]
+
+
+@pytest.fixture
+async def make_backend(spec: HandlerSpec, fleet: str) -> AsyncIterator[MakeBackend]:
+    made: list[DockerBackend] = []
+
+    async def factory(**kw: Any) -> DockerBackend:
+        args: dict[str, Any] = {
+            "image": IMAGE,
+            "name": fleet,
+            "network": "host",
+            "cpus": 0.5,
+            "mem_mb": 256,
+            "stop_grace_s": 30.0,
+            "host_port_base": PORT_BASE,
+        } | kw
+        b = DockerBackend(spec, **args)
+        made.append(b)
+        await b.start()
+        return b
+
+    yield factory
+    for b in made:
+        await b.close()
+
+
+@pytest.fixture
+def decoys(fleet: str) -> Iterator[list[str]]:
+    """Containers (by name) a test starts beside the fleet; removed afterwards."""
+    names: list[str] = []
+    yield names
+    if names:
+        docker("rm", "-f", *names, check=False)
+
+
+def run_decoy(decoys: list[str], labels: dict[str, str], command: str) -> str:
+    name = f"tickscale-decoy-{uuid.uuid4().hex[:10]}"
+    decoys.append(name)
+    args = ["run", "-d", "--name", name, "--network", "none", "--entrypoint", "sleep"]
+    for k, v in labels.items():
+        args += ["--label", f"{k}={v}"]
+    docker(*args, IMAGE, command)
+    return name
+
+
+# Docker backend -----------------------------------------------------------------------
+
+
+async def test_add_list_remove_touch_only_own_containers(
+    make_backend: MakeBackend, fleet: str, spec: HandlerSpec, decoys: list[str]
+) -> None:
+    other = {LABEL_ROLE: "handler", LABEL_SCALER: f"{fleet}-other"}
+    plain = run_decoy(decoys, {}, "600")
+    other_running = run_decoy(decoys, other, "600")
+    other_exited = run_decoy(decoys, other, "0")
+    b = await make_backend()
+
+    ids = await b.add(2)
+    assert len(ids) == 2 and len(set(ids)) == 2
+
+    listed: list[HandlerInstance] = []
+
+    async def both_running() -> bool:
+        nonlocal listed
+        listed = await b.list()
+        return [h.state for h in listed] == ["running", "running"]
+
+    await wait_for("2 running handler containers", both_running, within_s=120)
+    assert [h.id for h in listed] == ids  # oldest first
+    assert listed[0].started_at <= listed[1].started_at
+    await wait_ready(ids)
+
+    ports = set()
+    for h in listed:
+        c = inspect(h.id)
+        assert c is not None
+        assert c["Name"] == f"/{h.name}" and h.name.startswith(f"tickscale-handler-{fleet}-")
+        labels = c["Config"]["Labels"]
+        assert labels[LABEL_ROLE] == "handler" and labels[LABEL_SCALER] == fleet
+        env = dict(e.split("=", 1) for e in c["Config"]["Env"])
+        assert spec.env().items() <= env.items()
+        assert env["TICKSCALE_HANDLER_HANDLER_ID"] == h.name
+        assert env["TICKSCALE_HANDLER_METRICS_PORT"] == labels[LABEL_METRICS_PORT]
+        ports.add(labels[LABEL_METRICS_PORT])
+        assert c["Config"]["Cmd"] == ["handler"]
+        host = c["HostConfig"]
+        assert host["NetworkMode"] == "host"
+        assert host["RestartPolicy"]["Name"] in ("", "no")
+        assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 256 * 1024 * 1024
+    assert len(ports) == 2  # host network: each handler on its own metrics port
+
+    removed = await b.remove(1)
+    assert removed == [ids[1]]  # the youngest
+    assert inspect(ids[1]) is None
+    assert [h.id for h in await b.list()] == [ids[0]]
+
+    # More than there are: stops what there is.
+    assert await b.remove(5) == [ids[0]]
+    assert await b.list() == []
+    assert labelled(fleet) == []
+
+    # Never listed, stopped, removed or reaped: not ours.
+    for name, running in ((plain, True), (other_running, True), (other_exited, False)):
+        c = inspect(name)
+        assert c is not None, f"{name} was removed"
+        assert c["State"]["Running"] is running, name
+
+
+async def test_sigterm_drained_removal_loses_nothing(
+    make_backend: MakeBackend,
+    topics: TopicSet,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    b = await make_backend(stop_grace_s=60.0)
+    ids = await b.add(2)
+    try:
+        await wait_ready(ids)
+    except AssertionError:
+        raise AssertionError(logs(ids)) from None
+    manifest = tmp_path / "m.json"
+    replay_log = tmp_path / "replay.log"
+    rp = start_replay(
+        topics, manifest, replay_log,
+        "--symbols", "6", "--seed", "7", "--date", DAY,
+        "--from", "09:29", "--to", "09:34", "--speed", "15",
+    )  # fmt: skip
+    try:
+        young, old = metrics_port(ids[1]), metrics_port(ids[0])
+
+        async def young_consuming() -> bool:
+            return metric(young, "tickscale_handler_messages_in_total") > 0
+
+        await wait_for("the youngest handler to consume", young_consuming, within_s=60)
+        name = next(h.name for h in await b.list() if h.id == ids[1])
+        with caplog.at_level(logging.INFO, logger="scaler.backends.docker"):
+            t0 = time.monotonic()
+            assert await b.remove(1) == [ids[1]]
+            took = time.monotonic() - t0
+        # It left on SIGTERM (drained and committed), well before the SIGKILL.
+        assert f"stopped handler container {name} (exit 0)" in caplog.text, caplog.text
+        assert took < 50, took
+        assert rp.poll() is None, "the replay ended before the removal: nothing was tested"
+        assert [h.id for h in await b.list()] == [ids[0]]
+
+        assert rp.wait(180) == 0, replay_log.read_text()[-2000:]
+        rc, out = run_verify(topics, manifest)
+        assert summary(out) == ZERO, out[-3000:]
+        assert rc == 0, out[-3000:]
+        # The survivor took over the leaver's partitions.
+        assert metric(old, "tickscale_handler_rebalances_total") >= 2
+    finally:
+        if rp.poll() is None:
+            rp.kill()
+            rp.wait(10)
+
+
+async def test_new_instance_adopts_and_reaps_killed(
+    make_backend: MakeBackend, fleet: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await make_backend()
+    ids = await first.add(2)
+    await first.close()
+
+    second = await make_backend()  # e.g. a restarted scaler
+    assert [h.id for h in await second.list()] == ids
+    assert sorted(labelled(fleet)) == sorted(ids)  # adopted, nothing new started
+
+    docker("kill", ids[0])
+    live: list[str] = []
+
+    async def reaped() -> bool:
+        nonlocal live
+        live = [h.id for h in await second.list()]
+        return ids[0] not in live
+
+    with caplog.at_level(logging.WARNING, logger="scaler.backends.docker"):
+        await wait_for("the killed container to leave list()", reaped, within_s=60)
+    assert live == [ids[1]]
+    assert inspect(ids[0]) is None  # removed, not merely hidden
+    assert "exit code 137" in caplog.text, caplog.text
+    health = await second.health()
+    assert health.ok and health.info["dead"] == "0", health
+    assert int(health.info["running"]) + int(health.info["starting"]) == 1, health
+
+
+async def test_start_names_the_bad_setting(fleet: str) -> None:
+    spec = HandlerSpec("127.0.0.1:9", "raw", "ticks", "dl", "g", None)
+    unreachable = "tcp://127.0.0.1:1"
+    missing_image = f"tickscale:missing-{fleet}"
+    cases: list[tuple[DockerBackend | SwarmBackend, str, str]] = [
+        (DockerBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
+        (SwarmBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
+        (DockerBackend(spec, image=missing_image, name=fleet), "image", missing_image),
+        (DockerBackend(spec, image=IMAGE, network=f"no-{fleet}"), "network", f"no-{fleet}"),
+    ]
+    for backend, setting, detail in cases:
+        with pytest.raises(BackendError) as err:
+            await backend.start()
+        msg = str(err.value)
+        assert msg.startswith(f"{setting}: ") and detail in msg, msg
+    assert labelled(fleet) == []
+
+
+# Swarm backend ------------------------------------------------------------------------
+
+
+def swarm_state() -> tuple[str, bool]:
+    info = json.loads(docker("info", "--format", "{{json .Swarm}}").stdout)
+    return info.get("LocalNodeState", ""), bool(info.get("ControlAvailable"))
+
+
+async def test_swarm_start_refuses_a_non_manager(fleet: str) -> None:
+    if swarm_state()[0] != "inactive":
+        pytest.skip("the engine is already part of a swarm")
+    spec = HandlerSpec("127.0.0.1:9", "raw", "ticks", "dl", "g", None)
+    with pytest.raises(BackendError, match=r"^docker_host: .*not a swarm manager"):
+        await SwarmBackend(spec, image=IMAGE, name=fleet).start()
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[None]:
+    state, manager = swarm_state()
+    if state == "active":
+        if not manager:
+            pytest.skip("the engine is a swarm worker, not a manager")
+        yield
+        return
+    if state != "inactive":
+        pytest.skip(f"swarm state {state!r}")
+    r = docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
+    if r.returncode != 0:
+        pytest.skip(f"`docker swarm init` failed: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        # Only because this fixture made the engine a swarm.
+        docker("swarm", "leave", "--force", check=False)
+
+
+async def test_swarm_add_remove_change_running_tasks(
+    swarm: None, spec: HandlerSpec, fleet: str
+) -> None:
+    service = f"tickscale-handlers-{fleet}"
+    b = SwarmBackend(
+        spec, image=IMAGE, service=service, name=fleet, network="host",
+        cpus=0.5, mem_mb=256, stop_grace_s=15.0,
+    )  # fmt: skip
+    try:
+        await b.start()
+        svc = json.loads(docker("service", "inspect", service).stdout)[0]["Spec"]
+        assert svc["Mode"]["Replicated"]["Replicas"] == 0
+        assert svc["Labels"] == {LABEL_ROLE: "handler", LABEL_SCALER: fleet}
+        assert svc["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == 15 * 10**9
+        assert await b.list() == []
+
+        def running_containers() -> int:
+            r = docker(
+                "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={service}",
+                "--filter", "status=running",
+            )  # fmt: skip
+            return len(r.stdout.split())
+
+        async def running(n: int) -> bool:
+            tasks = await b.list()
+            return [t.state for t in tasks] == ["running"] * n and running_containers() == n
+
+        assert len(await b.add(2)) == 2
+        await wait_for("2 running tasks", lambda: running(2), within_s=120)
+
+        # Another instance adopts the labelled service as it is.
+        again = SwarmBackend(spec, image=IMAGE, service=service, name=fleet, network="host")
+        await again.start()
+        try:
+            assert len(await again.list()) == 2
+        finally:
+            await again.close()
+
+        assert len(await b.remove(1)) == 1
+        await wait_for("1 running task", lambda: running(1), within_s=60)
+        health = await b.health()
+        assert health.ok and health.info["replicas"] == "1", health
+    finally:
+        await b.close()
+        docker("service", "rm", service, check=False)
+
+        async def gone() -> bool:
+            r = docker("ps", "-aq", "--filter", f"label=com.docker.swarm.service.name={service}")
+            return not r.stdout.split()
+
+        with contextlib.suppress(AssertionError):
+            await wait_for("the service's containers to go", gone, within_s=60)
