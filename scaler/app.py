@@ -137,6 +137,7 @@ async def build(s: ScalerSettings) -> Scaler:
         clock=clock,
         poll_s=s.poll_s,
         dry_run=s.dry_run,
+        stop_handlers_on_exit=s.stop_handlers_on_exit,
     )
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
     return scaler

@@ -66,6 +66,7 @@ class Scaler:
         poll_s: float = 1.0,
         dry_run: bool = False,
         http: HealthServer | None = None,
+        stop_handlers_on_exit: bool = False,
     ) -> None:
         self.scaler_id = scaler_id
         self.backend = backend
@@ -79,6 +80,7 @@ class Scaler:
         self.poll_s = poll_s
         self.dry_run = dry_run
         self.http = http
+        self.stop_handlers_on_exit = stop_handlers_on_exit
         self.last: Decision | None = None
         self._stop = asyncio.Event()
         self._started = False
@@ -101,6 +103,13 @@ class Scaler:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self.stop_handlers_on_exit and self.lease.is_leader and not self.dry_run:
+            try:
+                n = len(await self.backend.list())
+                removed = await self.backend.remove(n)
+                log.info("stopped %d handlers on exit", len(removed))
+            except BackendError as e:
+                log.warning("could not stop the handlers on exit: %s", e)
         # Lease first: a follower takes over while this one closes its connections.
         with contextlib.suppress(Exception):
             await self.lease.stop()

@@ -78,6 +78,10 @@ class ScalerSettings(BaseSettings):
 
     # Backends.
     stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL")
+    # On a clean stop (SIGTERM) the leader drains and removes its handlers, so
+    # `compose down` leaves nothing attached to the network. Off by default:
+    # a restarted scaler then adopts the running fleet instead.
+    stop_handlers_on_exit: bool = False
     image: str = "tickscale:dev"
     network: str | None = None
     handler_cpus: float | None = Field(1.0, gt=0)
