@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tickscale.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
+from tickscale.validation import check_bootstrap, check_redis_url
 
 
 def _default_id() -> str:
@@ -94,18 +95,12 @@ class ScalerSettings(BaseSettings):
     @field_validator("bootstrap")
     @classmethod
     def _bootstrap(cls, v: str) -> str:
-        for hp in v.split(","):
-            host, _, port = hp.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"expected HOST:PORT[,HOST:PORT], got {v!r}")
-        return v
+        return check_bootstrap(v)
 
     @field_validator("redis_url")
     @classmethod
     def _redis(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected redis://host:port/db, got {v!r}")
-        return v
+        return check_redis_url(v)
 
     @field_validator("calendar")
     @classmethod

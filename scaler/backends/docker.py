@@ -119,7 +119,41 @@ def _port_free(port: int) -> bool:
     return True
 
 
-class DockerBackend:
+class EngineClient:
+    """What the container and the Swarm backend share: one engine connection,
+    calls in worker threads with engine errors as BackendError, this fleet's labels."""
+
+    kind = "Docker"
+    fleet: str
+    where: str
+    _client: Any
+
+    async def health(self) -> BackendHealth:
+        try:
+            return await asyncio.to_thread(self._health)
+        except (*ENGINE_ERRORS, BackendError) as e:
+            return BackendHealth(False, f"{self.kind} at {self.where}: {e}")
+
+    def _health(self) -> BackendHealth:
+        raise NotImplementedError
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            raise BackendError(f"{self.kind.lower()} backend not started")
+        return self._client
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ENGINE_ERRORS as e:
+            raise BackendError(f"{what} on {self.where}: {e}") from e
+
+    def _labels(self) -> dict[str, str]:
+        return {LABEL_ROLE: ROLE_HANDLER, LABEL_SCALER: self.fleet}
+
+
+class DockerBackend(EngineClient):
     name = "docker"
 
     def __init__(
@@ -210,28 +244,7 @@ class DockerBackend:
             raise BackendError("stop handler containers: " + "; ".join(failed))
         return [h.id for h in victims]
 
-    async def health(self) -> BackendHealth:
-        try:
-            return await asyncio.to_thread(self._health)
-        except (*ENGINE_ERRORS, BackendError) as e:
-            return BackendHealth(False, f"Docker at {self.where}: {e}")
-
     # Engine side (worker threads) ------------------------------------------------------
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            raise BackendError("docker backend not started")
-        return self._client
-
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except ENGINE_ERRORS as e:
-            raise BackendError(f"{what} on {self.where}: {e}") from e
-
-    def _labels(self) -> dict[str, str]:
-        return {LABEL_ROLE: ROLE_HANDLER, LABEL_SCALER: self.fleet}
 
     def _mine(self) -> builtins.list[Any]:
         """Every container labelled for this scaler, in any state."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from docker.errors import APIError, NotFound
@@ -23,15 +22,14 @@ from docker.types import Healthcheck, Resources, RestartPolicy, ServiceMode
 from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
 from scaler.backends.docker import (
     CONTAINER_METRICS_PORT,
-    ENGINE_ERRORS,
     LABEL_METRICS_PORT,
-    ROLE_HANDLER,
+    EngineClient,
     check_image,
     connect,
     engine_address,
     parse_docker_time,
 )
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
+from tickscale.constants import LABEL_SCALER
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +40,9 @@ _SCALE_RETRIES = 5
 T = TypeVar("T")
 
 
-class SwarmBackend:
+class SwarmBackend(EngineClient):
     name = "swarm"
+    kind = "Swarm"
 
     def __init__(
         self,
@@ -109,28 +108,7 @@ class SwarmBackend:
             old, new = await self._call("scale the service", self._scale_by, -n)
         return [f"{self.service}/replica-{k}" for k in range(old, new, -1)]
 
-    async def health(self) -> BackendHealth:
-        try:
-            return await asyncio.to_thread(self._health)
-        except (*ENGINE_ERRORS, BackendError) as e:
-            return BackendHealth(False, f"Swarm at {self.where}: {e}")
-
     # Engine side (worker threads) ------------------------------------------------------
-
-    @property
-    def client(self) -> Any:
-        if self._client is None:
-            raise BackendError("swarm backend not started")
-        return self._client
-
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except ENGINE_ERRORS as e:
-            raise BackendError(f"{what} on {self.where}: {e}") from e
-
-    def _labels(self) -> dict[str, str]:
-        return {LABEL_ROLE: ROLE_HANDLER, LABEL_SCALER: self.fleet}
 
     def _check_manager(self) -> None:
         swarm = self.client.info().get("Swarm") or {}
