@@ -1,0 +1,229 @@
+"""Scaler reaction time, live, and the policy backtest, each beside the reactive baseline.
+
+One command: ``.venv/bin/python -m bench.bench_scaler [--backend docker|process]``
+(starts its own broker and Redis; the docker backend needs the engine and the
+``tickscale:dev`` image, see ``.ci/docker.sh``).
+
+Live, per policy (ours, then the KEDA+HPA model), on a fresh topic and group:
+
+1. one handler idles; then a load step: a synthetic open replayed as fast as
+   the broker takes it;
+2. scale-up reaction: step start -> the scaler's first added handler is a
+   member of the group and the group is consuming again (Stable, committed
+   offsets advancing);
+3. scale-down reaction: lag drained -> the scaler's first removal.
+
+Offline (``scaler.simulate``): a whole synthetic day through both policies:
+handler-seconds, seconds above the lag target, peak lag at the open.
+
+Goals (from the project's issue): a new handler consuming within 10 s of the
+step with the docker backend; with pre-scaling, lag at the synthetic open
+under the target; handler-seconds within 110% of the baseline's while
+lag-above-target seconds fall by at least 80%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiokafka.errors import KafkaError
+
+from scaler.calendar import SessionCalendar
+from scaler.lag import LagProbe
+from scaler.signals import Snapshot
+from scaler.simulate import HandlerModel, backtest, synthetic_day
+from tickscale.localstack import KafkaBroker, RedisServer, ensure_topics
+from tickscale.localstack.net import free_port
+
+DAY = dt.date(2024, 11, 25)
+
+
+@dataclass
+class Reaction:
+    policy: str
+    up_s: float | None  # step -> added handler consuming
+    drained_s: float | None  # step -> lag back to 0
+    down_s: float | None  # drained -> first removal
+    peak_lag: int
+
+
+def scaler_cmd(args: argparse.Namespace, bootstrap: str, redis_url: str, topic: str,
+               group: str, policy: str, work: Path) -> list[str]:  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "tickscale", "scaler", "--backend", args.backend,
+        "--policy", policy, "--bootstrap", bootstrap, "--redis-url", redis_url,
+        "--topic", topic, "--group", group, "--min-handlers", "1", "--max-handlers", "4",
+        "--calendar", "none", "--lag-target", "5", "--poll", "1",
+        "--scale-down-window", str(args.down_window), "--name", f"bench-{policy}",
+        "--metrics-port", str(free_port()), "--handler-base-port", str(free_port()),
+        "--state-dir", str(work / f"scaler-{policy}"), "--stop-grace", "30",
+    ]  # fmt: skip
+    if args.backend in ("docker", "swarm"):
+        cmd += ["--network", "host", "--image", args.image]
+    return cmd
+
+
+async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy: str,
+               work: Path) -> Reaction:  # fmt: skip
+    suffix = f"{policy}-{int(time.time())}"
+    raw, ticks, dl = f"b.raw.{suffix}", f"b.ticks.{suffix}", f"b.dl.{suffix}"
+    group = f"b.group.{suffix}"
+    await ensure_topics(bootstrap, {raw: args.partitions, ticks: args.partitions, dl: 1})
+    env = os.environ | {
+        "TICKSCALE_SCALER_OUT_TOPIC": ticks, "TICKSCALE_SCALER_DEADLETTER_TOPIC": dl,
+    }  # fmt: skip
+    log = (work / f"scaler-{policy}.log").open("wb")
+    sc = subprocess.Popen(
+        scaler_cmd(args, bootstrap, redis_url, raw, group, policy, work),
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    probe = LagProbe(bootstrap, raw, group)
+    await probe.start()
+    try:
+        # Idle: wait for the first handler to join and the group to settle.
+        deadline = time.monotonic() + 120
+        while True:
+            s = await measure(probe)
+            if s.members >= 1 and s.group_state == "Stable":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{policy}: no handler joined; see {log.name}")
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(5)
+        members0 = s.members
+        t_step = time.monotonic()
+        rp = subprocess.Popen(
+            [sys.executable, "-m", "tickscale", "replay", "--bootstrap", bootstrap,
+             "--topic", raw, "--manifest", str(work / f"m-{policy}.json"), "--no-progress",
+             "--symbols", str(args.symbols), "--from", "09:29", "--to", args.step_end,
+             "--speed", "max"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        up_s = drained_s = down_s = None
+        peak = 0
+        last_committed = None
+        max_members = members0
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            s = await measure(probe)
+            now = time.monotonic()
+            peak = max(peak, s.lag_msgs)
+            committed = sum(p.end_offset - p.lag for p in s.partitions)
+            consuming = last_committed is not None and committed > last_committed
+            last_committed = committed
+            max_members = max(max_members, s.members)
+            if up_s is None and s.members > members0 and s.group_state == "Stable" and consuming:
+                up_s = now - t_step
+            if drained_s is None and rp.poll() is not None and s.lag_msgs == 0:
+                drained_s = now - t_step
+            if drained_s is not None and down_s is None and s.members < max_members:
+                down_s = now - t_step - drained_s
+                break
+            await asyncio.sleep(0.25)
+        rp.wait(60)
+        return Reaction(policy, up_s, drained_s, down_s, peak)
+    finally:
+        await probe.stop()
+        sc.terminate()
+        try:
+            sc.wait(120)
+        except subprocess.TimeoutExpired:
+            sc.kill()
+        log.close()
+
+
+async def measure(probe: LagProbe) -> Snapshot:
+    """One probe reading, retried through a fresh broker's coordinator election."""
+    for _ in range(60):
+        try:
+            return await probe.measure()
+        except KafkaError:
+            await asyncio.sleep(0.5)
+    return await probe.measure()
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:6.1f} s"
+
+
+def offline(args: argparse.Namespace) -> None:
+    cal = SessionCalendar("XNYS")
+    series = synthetic_day(DAY, symbols=args.sim_symbols, seed=args.seed)
+    ours, reactive = backtest(series, cal, HandlerModel(), lag_target_s=5.0, keep_series=True)
+
+    def open_peak(r: object) -> float:
+        t0 = 9 * 3600 + 30 * 60
+        return max(
+            (lag for t, lag in zip(r.times, r.lag_s, strict=True)  # type: ignore[attr-defined]
+             if t0 - 60 <= t < t0 + 300), default=0.0,
+        )  # fmt: skip
+
+    print(f"\nbacktest: {series.source}, {DAY}, 04:00-20:00, lag target 5 s")
+    print(f"{'':28}{'tickscale':>14}{'reactive':>14}{'ratio':>10}")
+    for key in ("handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events"):
+        a, b = getattr(ours, key), getattr(reactive, key)
+        print(f"{key:28}{a:14,.1f}{b:14,.1f}{a / b if b else float('nan'):10.2f}")
+    op_a, op_b = open_peak(ours), open_peak(reactive)
+    print(f"{'peak lag 09:29-09:35 (s)':28}{op_a:14.1f}{op_b:14.1f}")
+    hs = ours.handler_seconds / reactive.handler_seconds
+    cut = 1 - ours.lag_above_target_s / max(reactive.lag_above_target_s, 1)
+    print(f"goal handler-seconds <= 110% of baseline: {hs:.0%} "
+          f"[{'met' if hs <= 1.1 else 'NOT met'}]; lag-above-target cut >= 80%: {cut:.0%} "
+          f"[{'met' if cut >= 0.8 else 'NOT met'}]; open lag < 5 s: "
+          f"[{'met' if op_a < 5 else 'NOT met'}]")  # fmt: skip
+
+
+async def main(args: argparse.Namespace) -> int:
+    offline(args)
+    if args.offline_only:
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="tickscale-bench-scaler-"))
+    broker = KafkaBroker(work / "kafka").start()
+    redis = RedisServer(work_dir=work / "redis").start()
+    try:
+        results = []
+        for policy in ("tickscale", "reactive"):
+            r = await step(args, broker.bootstrap, redis.url, policy, work)
+            results.append(r)
+        print(f"\nlive load step ({args.backend} backend, {args.partitions} partitions, "
+              f"synthetic open 09:29-{args.step_end} at max speed)")  # fmt: skip
+        print(f"{'':34}{'up: step->consuming':>22}{'drained':>12}{'down: drained->removal':>26}"
+              f"{'peak lag':>12}")  # fmt: skip
+        for r in results:
+            print(f"{r.policy:34}{fmt(r.up_s):>22}{fmt(r.drained_s):>12}{fmt(r.down_s):>26}"
+                  f"{r.peak_lag:>12,}")  # fmt: skip
+        ours = results[0]
+        if args.backend == "docker":
+            ok = ours.up_s is not None and ours.up_s <= 10
+            print(
+                f"goal new handler consuming within 10 s (docker): [{'met' if ok else 'NOT met'}]"
+            )
+        print(f"logs: {work}")
+        return 0
+    finally:
+        redis.stop()
+        broker.stop()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="process", choices=["process", "docker", "swarm"])
+    ap.add_argument("--image", default="tickscale:dev")
+    ap.add_argument("--partitions", type=int, default=6)
+    ap.add_argument("--symbols", type=int, default=40)
+    ap.add_argument("--step-end", default="10:00")
+    ap.add_argument("--down-window", type=float, default=30.0, help="our scale-down window")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--sim-symbols", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--offline-only", action="store_true")
+    sys.exit(asyncio.run(main(ap.parse_args())))
