@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -225,3 +229,33 @@ def test_backtest_beats_the_reactive_baseline() -> None:
     assert ours.lag_above_target_s <= 0.2 * max(reactive.lag_above_target_s, 1)
     assert ours.handler_seconds <= 1.1 * reactive.handler_seconds
     assert ours.unprocessed_at_end < 1e6
+
+
+def test_simulate_cli_prints_both_policies_as_json_and_draws_the_chart(tmp_path: Path) -> None:
+    png = tmp_path / "day.png"
+    r = subprocess.run(
+        [sys.executable, "-m", "tickscale", "scaler", "simulate", "--source", "synthetic",
+         "--seed", "4", "--symbols", "200", "--date", "2024-11-25", "--json", "--plot", str(png)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["policies"]) == {"tickscale", "reactive"}
+    for p in out["policies"].values():
+        assert {"handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events"} <= set(p)
+        assert p["handler_seconds"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_reads_a_recorded_rate_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "rate.csv"
+    rows = ["time,msgs_per_s"] + [f"09:{m:02d},{200 if m < 30 else 20000}" for m in range(20, 40)]
+    trace.write_text("\n".join(rows) + "\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "tickscale", "scaler", "simulate", "--source", "trace",
+         "--trace", str(trace), "--date", "2024-11-25", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)["policies"]["tickscale"]
+    assert ours["max_handlers"] > 1  # the step at 09:30 needed more than one handler

@@ -189,6 +189,11 @@ async def test_leader_failover(topics: TopicSet, redis_url: str, tmp_path: Path)
                                    b.value("tickscale_scaler_leader"))  # fmt: skip
         leader = leaders[0]
         follower = b if leader is a else a
+        # Dry run: the leader wants its minimum (1) but starts nothing.
+        text = leader.metrics()
+        assert _metric(text, "tickscale_scaler_desired_handlers") == 1
+        assert _metric(text, "tickscale_scaler_running_handlers") == 0
+        assert _metric(text, "tickscale_scaler_dry_run") == 1
         leader.stop(signal.SIGKILL)  # no release: the lease must expire
         t0 = time.monotonic()
         await asyncio.to_thread(follower.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 15)
