@@ -264,6 +264,8 @@ def up(
     kafka_port: Annotated[int, typer.Option()] = 9092,
     redis_port: Annotated[int, typer.Option()] = 6379,
     state_dir: Annotated[Path, typer.Option(help="broker and Redis data")] = Path(".local/up"),
+    metrics_port: Annotated[int, typer.Option(help="first handler's metrics port")] = 9100,
+    scaler_port: Annotated[int, typer.Option(help="the scaler's metrics port")] = 9200,
 ) -> None:
     """Run the whole pipeline on this machine: Kafka, Redis, handlers, a replayed day."""
     from tickscale.up import run_up
@@ -282,5 +284,7 @@ def up(
         state_dir=state_dir,
         scaler=scaler,
         max_handlers=max_handlers,
+        metrics_base_port=metrics_port,
+        scaler_port=scaler_port,
     )
     raise typer.Exit(rc)

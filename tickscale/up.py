@@ -178,8 +178,10 @@ def run_up(
         console.print("replay done; waiting for the handlers to drain and verifying")
         m = Manifest.read(manifest)
         res = run_verify(bootstrap, c.TICKS_TOPIC, m, c.DEADLETTER_TOPIC, timeout_s=300)
+        # One unwrapped line: scripts grep for the ledger summary.
         console.print(
-            f"ticks={res.ticks_read:,} expected={res.ticks_expected:,} {res.summary_line()}"
+            f"ticks={res.ticks_read:,} expected={res.ticks_expected:,} {res.summary_line()}",
+            soft_wrap=True,
         )
         return 0 if res.ok else 1
     except KeyboardInterrupt:
