@@ -3,7 +3,9 @@
 Checks what must hold for every build: it runs as a non-root user, carries no
 build secret (the CA bundle passed with ``--secret id=cacert``) in any layer,
 its history or its environment, ``tickscale --help`` works inside it, and it
-declares a HEALTHCHECK on the handler's /healthz.
+declares a HEALTHCHECK on the handler's /healthz. Then the compose stack
+(compose/docker-compose.yml) from that image and the local stand-ins: the
+infrastructure alone, and the whole stack end to end with the scaler.
 
 Skipped when no Docker engine answers. When the engine answers but the image
 is missing, skipped locally (run ``bash .ci/docker.sh``) and failed under CI.
@@ -12,6 +14,7 @@ Image under test: $TICKSCALE_IMAGE, default ``tickscale:dev``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -23,11 +26,19 @@ import tarfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tickscale.constants import LABEL_ROLE, LABEL_SCALER
+from tickscale.dashboards import (
+    Failure,
+    check_queries,
+    extract_queries,
+    load_dashboards,
+    run_query,
+)
 from tickscale.localstack.net import free_port
 
 pytestmark = pytest.mark.docker
@@ -208,9 +219,13 @@ def test_no_build_secret_in_any_layer(image: dict) -> None:
 
 # --- compose/docker-compose.yml -------------------------------------------------------
 
-# Everything but the scaler/replay (long-running, the project's own behaviour is
-# tested elsewhere) and Grafana (profile; no image here).
-STACK = ("kafka", "redis", "topics", "docker-proxy-ro", "prometheus")
+# The public images compose names; .ci/docker.sh builds local stand-ins for them.
+STANDIN_IMAGES = (
+    "apache/kafka:3.9.2",
+    "redis:7.0-bookworm",
+    "prom/prometheus:v2.42.0",
+    "tecnativa/docker-socket-proxy:0.3.0",
+)
 
 
 def _compose_cmd() -> list[str] | None:
@@ -221,7 +236,7 @@ def _compose_cmd() -> list[str] | None:
     return [v1] if v1 else None
 
 
-def _wait(what: str, cond, timeout: float) -> None:
+def _wait(what: str, cond: Callable[[], object], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -234,85 +249,140 @@ def _state(cid: str) -> dict:
     return json.loads(_docker("inspect", "--format", "{{json .State}}", cid).stdout)
 
 
-@pytest.mark.slow
-def test_compose_stack_comes_up(image: dict, tmp_path: Path) -> None:
-    """kafka healthy, topics created (exit 0), redis healthy, prometheus ready,
-    and the broker reachable from the host on the published EXTERNAL listener."""
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _handlers(fleet: str, *, all_states: bool = False) -> list[str]:
+    """Ids of the handler containers a scaler named ``fleet`` labelled (running only by default)."""
+    args = ["ps", "-q", "--no-trunc"]
+    if all_states:
+        args.append("-a")
+    args += ["--filter", f"label={LABEL_ROLE}=handler", "--filter", f"label={LABEL_SCALER}={fleet}"]
+    return _docker(*args).stdout.split()
+
+
+class ComposeStack:
+    """One stack from compose/docker-compose.yml under its own project, network, ports, password.
+
+    Settings are .env.example plus the overrides, in an env file of the test's
+    own. Variables of the same names are dropped from the environment compose
+    runs in, since compose would prefer them to the file.
+    """
+
+    def __init__(self, cmd: list[str], tmp_path: Path, **overrides: str) -> None:
+        self.project = f"tstest{uuid.uuid4().hex[:8]}"
+        self.kafka_port, self.prom_port = free_port(), free_port()
+        self.network = f"{self.project}-md"
+        settings = {
+            "COMPOSE_PROJECT_NAME": self.project,
+            "REDIS_PASSWORD": uuid.uuid4().hex,
+            "KAFKA_EXTERNAL_PORT": str(self.kafka_port),
+            "PROMETHEUS_PORT": str(self.prom_port),
+            "TICKSCALE_NETWORK": self.network,
+            "TICKSCALE_IMAGE": IMAGE,
+            **overrides,
+        }
+        text = (COMPOSE_DIR / ".env.example").read_text()
+        text += "\n" + "".join(f"{k}={v}\n" for k, v in settings.items())
+        self.env_file = tmp_path / "compose.env"
+        self.env_file.write_text(text)
+        names = {
+            line.partition("=")[0].strip()
+            for line in text.splitlines()
+            if "=" in line and not line.lstrip().startswith("#")
+        }
+        self._environ = {k: v for k, v in os.environ.items() if k not in names}
+        self._base = [
+            *cmd,
+            "-f",
+            str(COMPOSE_DIR / "docker-compose.yml"),
+            "--env-file",
+            str(self.env_file),
+            "-p",
+            self.project,
+        ]
+
+    @property
+    def prometheus(self) -> str:
+        return f"http://127.0.0.1:{self.prom_port}"
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*self._base, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=self._environ,
+        )
+
+    def cid(self, service: str) -> str:
+        out = self.run("ps", "-q", service).stdout.strip()
+        return out.splitlines()[0] if out else ""
+
+    def healthy(self, service: str) -> bool:
+        return _state(self.cid(service)).get("Health", {}).get("Status") == "healthy"
+
+    def logs(self, fleet: str | None = None) -> str:
+        r = self.run("logs", "--no-color", "--tail", "60", timeout=60)
+        text = r.stdout[-16000:] + r.stderr[-2000:]
+        # The handler containers are the scaler's, not compose's: logs of their own.
+        for cid in _handlers(fleet, all_states=True)[:4] if fleet else []:
+            h = _docker("logs", "--tail", "25", cid, check=False)
+            text += f"\n--- handler container {cid[:12]}\n{(h.stdout + h.stderr)[-3000:]}"
+        return text
+
+
+def _compose_stack(tmp_path: Path, **overrides: str) -> ComposeStack:
     compose = _compose_cmd()
     if compose is None:
         pytest.skip("needs docker compose (v2 plugin) or docker-compose (v1)")
-    project = f"tstest{uuid.uuid4().hex[:8]}"
-    kafka_port, prom_port = free_port(), free_port()
-    env = (COMPOSE_DIR / ".env.example").read_text()
-    env += (
-        f"\nCOMPOSE_PROJECT_NAME={project}\nREDIS_PASSWORD={uuid.uuid4().hex}\n"
-        f"KAFKA_EXTERNAL_PORT={kafka_port}\nPROMETHEUS_PORT={prom_port}\n"
-        f"TICKSCALE_NETWORK={project}-md\nTICKSCALE_IMAGE={IMAGE}\n"
-    )
-    env_file = tmp_path / "compose.env"
-    env_file.write_text(env)
-    base = [
-        *compose,
-        "-f",
-        str(COMPOSE_DIR / "docker-compose.yml"),
-        "--env-file",
-        str(env_file),
-        "-p",
-        project,
-    ]
-
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*base, *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-
     missing = [
-        img
-        for img in ("apache/kafka:3.9.2", "redis:7.0-bookworm", "prom/prometheus:v2.42.0")
-        if _docker("image", "inspect", img, check=False).returncode != 0
+        img for img in STANDIN_IMAGES if _docker("image", "inspect", img, check=False).returncode
     ]
     if missing:
         msg = f"images {missing} missing: run `bash .ci/docker.sh` (builds local stand-ins)"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
+    return ComposeStack(compose, tmp_path, **overrides)
 
+
+# Everything but the scaler/replay (long-running, the project's own behaviour is
+# tested elsewhere) and Grafana (profile; no image here).
+STACK = ("kafka", "redis", "topics", "docker-proxy-ro", "prometheus")
+
+
+@pytest.mark.slow
+def test_compose_stack_comes_up(image: dict, tmp_path: Path) -> None:
+    """kafka healthy, topics created (exit 0), redis healthy, prometheus ready,
+    and the broker reachable from the host on the published EXTERNAL listener."""
+    stack = _compose_stack(tmp_path)
     ok = False
     try:
-        r = run("up", "-d", *STACK)
+        r = stack.run("up", "-d", *STACK)
         assert r.returncode == 0, r.stdout + r.stderr
 
-        def cid(service: str) -> str:
-            out = run("ps", "-q", service).stdout.strip()
-            return out.splitlines()[0] if out else ""
-
         def topics_done() -> bool:
-            c = cid("topics")
+            c = stack.cid("topics")
             return bool(c) and _state(c)["Status"] == "exited"
 
         _wait("the topics job", topics_done, 240)
-        assert _state(cid("topics"))["ExitCode"] == 0, run("logs", "topics").stdout
+        assert _state(stack.cid("topics"))["ExitCode"] == 0, stack.run("logs", "topics").stdout
         for svc in ("kafka", "redis"):
-            _wait(
-                f"{svc} healthy",
-                lambda svc=svc: _state(cid(svc)).get("Health", {}).get("Status") == "healthy",
-                120,
-            )
-
-        def prom_ready() -> bool:
-            try:
-                url = f"http://127.0.0.1:{prom_port}/-/ready"
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-
-        _wait("prometheus ready", prom_ready, 60)
+            _wait(f"{svc} healthy", functools.partial(stack.healthy, svc), 120)
+        _wait("prometheus ready", lambda: _http_ok(f"{stack.prometheus}/-/ready"), 60)
 
         # From the host, through the advertised EXTERNAL listener: topics exist
         # already, so this is also the idempotency check of `tickscale topics`.
+        bootstrap = f"127.0.0.1:{stack.kafka_port}"
         r2 = subprocess.run(
-            [sys.executable, "-m", "tickscale", "topics", "--bootstrap", f"127.0.0.1:{kafka_port}"],
+            [sys.executable, "-m", "tickscale", "topics", "--bootstrap", bootstrap],
             capture_output=True,
             text=True,
             timeout=120,
@@ -322,6 +392,185 @@ def test_compose_stack_comes_up(image: dict, tmp_path: Path) -> None:
         ok = True
     finally:
         if not ok:
-            logs = run("logs", "--no-color", "--tail", "40", timeout=60)
-            print(logs.stdout[-8000:], logs.stderr[-2000:])
-        run("down", "-v", "--remove-orphans", timeout=180)
+            print(stack.logs())
+        stack.run("down", "-v", "--remove-orphans", timeout=180)
+
+
+# A short replay across the open, fast: the scaler runs one handler (minimum)
+# until the replay publishes its clock, raises the fleet to the open's floor
+# (capped at the maximum), and once the replay ends and its clock goes stale,
+# scales down after the (short) scale-down window.
+E2E_MAX_HANDLERS = 3
+E2E_SETTINGS = {
+    "REPLAY_SYMBOLS": "20",
+    "REPLAY_SPEED": "20",
+    "REPLAY_FROM": "09:25",
+    "REPLAY_TO": "09:45",
+    "REPLAY_MALFORMED_EVERY": "500",
+    "SCALER_MIN_HANDLERS": "1",
+    "SCALER_MAX_HANDLERS": str(E2E_MAX_HANDLERS),
+    "SCALER_SESSION_MIN": f"pre_market=1,open={E2E_MAX_HANDLERS},close={E2E_MAX_HANDLERS}",
+    "SCALER_SCALE_DOWN_WINDOW_S": "20",
+}
+LEDGER_OK = "missing=0 duplicated=0 reordered=0 checksum_mismatch=0"
+
+
+def _series(url: str, promql: str, start: float) -> list[dict]:
+    return run_query(url, promql, start=start, end=time.time(), step=2.0)["result"]
+
+
+def _dashboard_failures(url: str, start: float, within_s: float) -> list[Failure]:
+    """Every dashboard query over the run, retried while scrapes catch up."""
+    queries = [q for name, d in load_dashboards().items() for q in extract_queries(name, d)]
+    assert queries, "no dashboard queries found"
+    deadline = time.monotonic() + within_s
+    while True:
+        failures = check_queries(url, queries, start=start, end=time.time(), step=2.0)
+        if not failures or time.monotonic() > deadline:
+            return failures
+        time.sleep(3)
+
+
+@pytest.mark.slow
+def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -> None:
+    """The whole stack as users start it (Grafana aside): the scaler starts handler
+    containers through the socket proxy, scales up for the replayed open and
+    down after it, every tick arrives exactly once (verified from the host),
+    Prometheus finds the handlers through Docker and every dashboard query has
+    data, and `down` leaves neither handler containers nor the network behind."""
+    fleet = f"e2e{uuid.uuid4().hex[:8]}"
+    stack = _compose_stack(tmp_path, SCALER_NAME=fleet, **E2E_SETTINGS)
+    t0 = time.time()
+    counts: list[int] = []  # running handler containers, one sample a second
+    took: dict[str, float] = {}  # seconds per phase, for the log
+    mark = time.monotonic()
+
+    def done(phase: str) -> None:
+        nonlocal mark
+        took[phase] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+
+    def handlers_now() -> int:
+        counts.append(len(_handlers(fleet)))
+        return counts[-1]
+
+    ok = down_ran = False
+    pre_down_logs = ""
+    try:
+        # Compose itself orders the start: topics once Kafka is healthy, the
+        # scaler after topics and Redis, the replay once the scaler is healthy.
+        r = stack.run("up", "-d", timeout=420)
+        assert r.returncode == 0, r.stdout + r.stderr
+        done("up")
+        replay = stack.cid("replay")
+        assert replay, stack.run("ps").stdout
+
+        def replay_done() -> bool:
+            handlers_now()
+            return _state(replay)["Status"] == "exited"
+
+        # 20 market minutes at 20x: about a minute, plus the start-up snapshot.
+        _wait("the replay to finish", replay_done, 300)
+        done("replay")
+        assert _state(replay)["ExitCode"] == 0, stack.logs(fleet)
+        peak = max(counts)
+        assert peak == E2E_MAX_HANDLERS, f"handler containers seen during the replay: {counts}"
+
+        def all_healthy() -> bool:
+            try:
+                states = [_state(c).get("Health", {}).get("Status") for c in _handlers(fleet)]
+            except subprocess.CalledProcessError:
+                return False  # one went between listing and inspecting: ask again
+            return bool(states) and set(states) == {"healthy"}
+
+        # The image's HEALTHCHECK, in the containers the scaler started.
+        _wait("the handler containers to report healthy", all_healthy, 90)
+
+        # The ledger, from the host through the published EXTERNAL listener,
+        # against the manifest the replay left in its volume.
+        manifest, report = tmp_path / "manifest.json", tmp_path / "verify.json"
+        _docker("cp", f"{replay}:/data/manifest.json", str(manifest))
+        v = subprocess.run(
+            [
+                sys.executable, "-m", "tickscale", "verify",
+                "--bootstrap", f"127.0.0.1:{stack.kafka_port}",
+                "--manifest", str(manifest),
+                "--timeout", "120",
+                "--json", str(report),
+            ],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        print(v.stdout[-1500:])
+        lines = v.stdout.strip().splitlines()
+        assert lines and lines[-1] == LEDGER_OK, v.stdout[-3000:] + v.stderr[-3000:]
+        assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
+        ledger = json.loads(report.read_text())
+        assert ledger["ticks_read"] == ledger["ticks_expected"] > 0, ledger
+        assert ledger["deadletters"] == ledger["deadletters_expected"] > 0, ledger
+        done("verify")
+
+        # No replay clock, no load: handlers go once the window has passed.
+        _wait("the scaler to remove handlers after the replay", lambda: handlers_now() < peak, 180)
+        done("scale-down")
+
+        url = stack.prometheus
+        assert _series(url, 'up{job="scaler"} == 1', t0), "Prometheus never scraped the scaler"
+        scraped = {
+            s["metric"].get("container")
+            for s in _series(url, f'up{{job="handler", container=~".*-{fleet}-.*"}} == 1', t0)
+        }
+        # Each handler container the scaler started is its own target, found through Docker.
+        assert len(scraped) >= peak, f"handler containers scraped: {sorted(map(str, scraped))}"
+        assert _series(url, 'tickscale_scaler_session{session="open"} == 1', t0), (
+            "the scaler never saw the replayed open"
+        )
+        failures = _dashboard_failures(url, t0, within_s=90)
+        assert not failures, "\n".join(map(str, failures))
+        done("dashboards")
+
+        pre_down_logs = stack.logs(fleet)
+        # As a user stops it: the scaler (TICKSCALE_SCALER_STOP_HANDLERS_ON_EXIT)
+        # drains and removes its handlers, so the network can go too. Its own
+        # account of that is gone with its container unless followed now.
+        scaler_log = tmp_path / "scaler-stop.log"
+        with scaler_log.open("wb") as f:
+            cli = _docker_cli()
+            assert cli is not None
+            follow = subprocess.Popen(
+                [cli, "logs", "-f", "--since", "1s", stack.cid("scaler")], stdout=f, stderr=f
+            )
+            down_ran = True
+            try:
+                r = stack.run("down", "-v", "--remove-orphans", timeout=240)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    follow.wait(timeout=30)  # ends with the container
+            finally:
+                if follow.poll() is None:
+                    follow.kill()
+                    follow.wait()
+        stopping = f"{r.stdout}{r.stderr}\n--- scaler\n{scaler_log.read_text(errors='replace')}"
+        assert r.returncode == 0, stopping
+        done("down")
+        left = _handlers(fleet, all_states=True)
+        assert not left, f"handler containers left after down: {left}\n{stopping}"
+        net = _docker("network", "inspect", stack.network, check=False)
+        assert net.returncode != 0, f"network {stack.network} left after down\n{stopping}"
+        # Drained, not killed: each handler committed and left while Kafka was up.
+        exits = re.findall(r"stopped handler container \S+ \(exit (\S+)\)", stopping)
+        assert exits and set(exits) == {"0"}, stopping
+        print(stopping[-3000:])
+        ok = True
+    finally:
+        # Shown by pytest on failure (or with -rP): the fleet's size over the run.
+        print(f"handler containers, one sample a second: {counts}")
+        print(f"seconds per phase: {took}")
+        if not ok:
+            print(pre_down_logs or stack.logs(fleet))
+        if not down_ran:
+            stack.run("down", "-v", "--remove-orphans", timeout=240)
+        # Whatever happened above: nothing of this run may stay on the engine.
+        left = _handlers(fleet, all_states=True)
+        if left:
+            _docker("rm", "-f", *left, check=False)
+        if _docker("network", "inspect", stack.network, check=False).returncode == 0:
+            stack.run("down", "-v", "--remove-orphans", timeout=240)
