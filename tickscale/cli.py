@@ -31,6 +31,9 @@ log = logging.getLogger("tickscale")
 from scaler.cli import app as _scaler_app  # noqa: E402
 
 app.add_typer(_scaler_app, name="scaler")
+from tickscale.loadtest.cli import app as _loadtest_app  # noqa: E402
+
+app.add_typer(_loadtest_app, name="loadtest")
 
 
 @app.callback()

@@ -1,0 +1,170 @@
+"""``tickscale loadtest`` (run one load test) and ``tickscale loadtest compare A.json B.json``.
+
+Exit status of a run: 0 when the ledger and every SLO check pass, 1 otherwise (also when the
+run could not be carried out), 2 for invalid options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Replay a market day through a running stack; check the ledger and the SLOs.",
+    no_args_is_help=False,
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _bad(param: str, msg: str) -> typer.BadParameter:
+    return typer.BadParameter(msg, param_hint=param)
+
+
+@app.callback()
+def run(
+    ctx: typer.Context,
+    scenario: Annotated[
+        str, typer.Option(help="full-day | open | close | flash-burst | after-hours")
+    ] = "open",
+    target: Annotated[str, typer.Option(help="local | compose")] = "local",
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka HOST:PORT to use (default: start one / compose's)")
+    ] = None,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL to use (default: start one / compose's)")
+    ] = None,
+    compose_env: Annotated[Path, typer.Option(help="compose .env (target compose)")] = Path(
+        "compose/.env"
+    ),
+    source: Annotated[str, typer.Option(help="synthetic | itch | jsonl")] = "synthetic",
+    file: Annotated[Path | None, typer.Option(help="input file for itch/jsonl")] = None,
+    symbols: Annotated[
+        int | None, typer.Option(min=1, help="synthetic: instruments (default: scenario's)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
+    day: Annotated[str | None, typer.Option("--date", help="trading date YYYY-MM-DD")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="start HH:MM (exchange time)")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="end HH:MM (exchange time)")] = None,
+    speed: Annotated[
+        str | None, typer.Option(help="replay speed: number or max (default: scenario's)")
+    ] = None,
+    burst_at: Annotated[str, typer.Option(help="flash-burst: when it starts")] = "09:30",
+    burst_multiple: Annotated[
+        float, typer.Option(help="flash-burst: multiple of the base speed (peak rate)")
+    ] = 3.0,
+    burst_seconds: Annotated[float, typer.Option(help="flash-burst: wall seconds")] = 20.0,
+    malformed_every: Annotated[
+        int, typer.Option(min=0, help="inject a malformed message after every N")
+    ] = 0,
+    partitions: Annotated[int, typer.Option(min=1, help="partitions of the run's topics")] = 6,
+    policy: Annotated[str, typer.Option(help="tickscale | reactive | fixed:N")] = "tickscale",
+    min_handlers: Annotated[int, typer.Option(min=0, help="the scaler's minimum")] = 1,
+    max_handlers: Annotated[int, typer.Option(min=1, help="the scaler's maximum")] = 4,
+    session_min: Annotated[
+        str, typer.Option(help="tickscale policy: per-session floor")
+    ] = "open=4,close=3",
+    lead: Annotated[float, typer.Option(help="tickscale policy: pre-scale lead, wall s")] = 5.0,
+    lag_target: Annotated[float, typer.Option(help="the scaler's lag target, s")] = 5.0,
+    scale_down_window: Annotated[
+        float, typer.Option(help="the scaler's scale-down window, s")
+    ] = 30.0,
+    chaos: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KIND@SECONDS[:DURATION], repeatable; kill-handler, scale-in, broker-restart, "
+            "redis-stop (duration default 60)"
+        ),
+    ] = None,
+    slo_p50: Annotated[float, typer.Option(help="latency p50 limit, s (0 = off)")] = 1.0,
+    slo_p99: Annotated[float, typer.Option(help="latency p99 limit, s (0 = off)")] = 5.0,
+    slo_max: Annotated[float, typer.Option(help="latency max limit, s (0 = off)")] = 30.0,
+    slo_lag_p99: Annotated[float, typer.Option(help="lag p99 limit, s (0 = off)")] = 5.0,
+    slo_lag_max: Annotated[float, typer.Option(help="lag max limit, s (0 = off)")] = 30.0,
+    slo_recovery: Annotated[float, typer.Option(help="recovery limit, s (0 = off)")] = 60.0,
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default .local/loadtest/<run>)")
+    ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
+    drain_timeout: Annotated[float, typer.Option(help="wait for the group to drain, s")] = 300.0,
+    progress: Annotated[bool, typer.Option(help="live progress")] = True,
+    keep_topics: Annotated[bool, typer.Option(help="keep the run's topics")] = False,
+) -> None:
+    """Run one load test (see ``tickscale.loadtest.scenarios`` for the scenarios)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tickscale.loadtest.chaos import check_options, parse_chaos
+    from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
+    from tickscale.loadtest.scenarios import resolve
+    from tickscale.loadtest.slo import Thresholds
+
+    try:
+        plan = resolve(
+            scenario, source=source, file=file, symbols=symbols, seed=seed, date=day,
+            start=from_, end=to, speed=speed, burst_at=burst_at, burst_multiple=burst_multiple,
+            burst_seconds=burst_seconds, malformed_every=malformed_every,
+        )  # fmt: skip
+    except ValueError as e:
+        opt, _, msg = str(e).partition(": ")
+        raise _bad(opt if msg else "--scenario", msg or opt) from None
+    if source in ("itch", "jsonl") and (file is None or not file.exists()):
+        raise _bad("--file", f"an existing file is required with --source {source}")
+    if source not in ("synthetic", "itch", "jsonl"):
+        raise _bad("--source", "expected synthetic, itch or jsonl")
+    if source != "jsonl":
+        from ingest.replay.cli import resolve_day
+
+        resolve_day(day)  # a holiday or a malformed date fails here, not in the feed
+    if target not in ("local", "compose"):
+        raise _bad("--target", "expected local or compose")
+    try:
+        pol = parse_policy(policy, min_handlers, max_handlers)
+    except ValueError as e:
+        raise _bad("--policy", str(e).split(": ", 1)[-1]) from None
+    if pol.min_handlers > pol.max_handlers:
+        raise _bad("--min-handlers", f"{min_handlers} > --max-handlers {max_handlers}")
+    try:
+        specs = [parse_chaos(c) for c in chaos or []]
+        check_options(specs, target, bootstrap, redis, pol.name)
+    except ValueError as e:
+        raise _bad("--chaos", str(e)) from None
+    cfg = LoadTestConfig(
+        plan=plan, policy=pol, target=target, bootstrap=bootstrap, redis_url=redis,
+        compose_env=compose_env, partitions=partitions, session_min=session_min, lead_s=lead,
+        lag_target_s=lag_target, scale_down_window_s=scale_down_window, chaos=specs,
+        thresholds=Thresholds(slo_p50, slo_p99, slo_max, slo_lag_p99, slo_lag_max, slo_recovery),
+        out_dir=out, json_path=json_out, drain_timeout_s=drain_timeout, progress=progress,
+        keep_topics=keep_topics,
+    )  # fmt: skip
+    console = Console(stderr=True)
+    try:
+        rc, _ = run_loadtest(cfg, console)
+    except (RunError, RuntimeError, TimeoutError, OSError) as e:
+        # Set-up failures (broker not starting, compose stack absent) are findings, not bugs.
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+    raise typer.Exit(rc)
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="results JSON of run A (--json)")],
+    b: Annotated[Path, typer.Argument(help="results JSON of run B")],
+) -> None:
+    """Two runs side by side: ledger, latency, lag, recovery, handler-seconds."""
+    from tickscale.loadtest.compare import print_comparison
+    from tickscale.loadtest.results import load
+
+    try:
+        ra, rb = load(a), load(b)
+    except (OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print_comparison(ra, rb, a.name, b.name, Console())

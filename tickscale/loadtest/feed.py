@@ -1,0 +1,238 @@
+"""The load test's replay feed: the project's publisher with a speed profile, as a child process.
+
+``python -m tickscale.loadtest.feed --bootstrap B --topic T --manifest M [plan options]``
+
+It runs apart from the load test's sampler because publishing at tens of thousands of messages
+a second keeps an interpreter busy, and sharing one would make both the feed and the
+once-a-second samples late. The window's messages and the manifest are prepared before the
+first message goes out (see ``run``). Sources, windows, malformed-message injection, the
+publisher and the replay clock in Redis are the ones ``tickscale replay`` uses.
+
+Progress goes to stdout as one JSON object per line (wall time, market time, messages), which
+the parent turns into its live view and into the market-time axis of the charts.
+
+Flash bursts: the publisher paces every message by its timestamp at one speed. Timestamps
+inside the burst window are compressed by the burst multiple before the publisher sees them
+(payloads keep their true times, so ticks and the manifest are unchanged), so that stretch goes
+out ``multiple`` times faster. The clock published to Redis and reported to the parent is
+un-compressed again: the scaler's calendar and the charts see true market time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ingest.manifest import Manifest, ManifestBuilder
+from ingest.normalize import EXCHANGE_TZ, midnight_ns
+from ingest.replay.cli import resolve_day, with_malformed
+from ingest.replay.publisher import Replayer, ReplayStats
+from ingest.replay.source import (
+    NS,
+    ItchWindow,
+    JsonWindow,
+    RawMessage,
+    itch_file_source,
+    jsonl_source,
+    parse_hhmm,
+)
+from ingest.replay.synthetic import SyntheticDay
+from tickscale.topology import partitions_of
+
+
+class TimeWarp:
+    """Compresses time-of-day ``[start_s, end_s)`` by ``multiple``; shifts what follows.
+
+    ITCH timestamps are already time of day; JSON ones are epoch nanoseconds, so their base is
+    the exchange midnight of the first message's date.
+    """
+
+    def __init__(self, start_s: int, end_s: int, multiple: float, codec: str) -> None:
+        self.start_s = start_s
+        self.end_s = end_s
+        self.multiple = multiple
+        self.codec = codec
+        self.base_ns: int | None = 0 if codec == "itch" else None
+        self._saved = (end_s - start_s) * NS * (1.0 - 1.0 / multiple)
+
+    def _base(self, ts_ns: int) -> int:
+        if self.base_ns is None:
+            d = datetime.fromtimestamp(ts_ns / NS, tz=UTC).astimezone(EXCHANGE_TZ)
+            self.base_ns = midnight_ns(d.date().isoformat())
+        return self.base_ns
+
+    def warp(self, ts_ns: int) -> int:
+        base = self._base(ts_ns)
+        t = ts_ns - base
+        b0, b1 = self.start_s * NS, self.end_s * NS
+        if t < b0:
+            return ts_ns
+        if t < b1:
+            return base + b0 + int((t - b0) / self.multiple)
+        return ts_ns - int(self._saved)
+
+    def unwarp(self, ts_ns: int) -> int:
+        if self.base_ns is None:
+            return ts_ns
+        t = ts_ns - self.base_ns
+        b0 = self.start_s * NS
+        b1w = b0 + (self.end_s - self.start_s) * NS / self.multiple
+        if t < b0:
+            return ts_ns
+        if t < b1w:
+            return self.base_ns + b0 + int((t - b0) * self.multiple)
+        return ts_ns + int(self._saved)
+
+    def apply(self, source: Iterable[RawMessage]) -> Iterator[RawMessage]:
+        for m in source:
+            yield RawMessage(self.warp(m.ts_ns), m.key, m.payload, m.codec)
+
+
+def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
+    """(messages, codec, trading date, manifest params) as ``tickscale replay`` builds them."""
+    start_s = None if a.start is None else parse_hhmm(a.start)
+    end_s = None if a.end is None else parse_hhmm(a.end)
+    params: dict[str, object] = {"from": a.start, "to": a.end, "malformed_every": a.malformed_every}
+    src: Iterable[RawMessage]
+    codec = "itch"
+    if a.source == "synthetic":
+        day, close = resolve_day(a.date)
+        src = ItchWindow(SyntheticDay(a.symbols, a.seed, a.rate, close), start_s, end_s)
+        params |= {"symbols": a.symbols, "seed": a.seed, "rate": a.rate, "close": close}
+    elif a.source == "itch":
+        day, close = resolve_day(a.date)
+        src = ItchWindow(itch_file_source(a.file), start_s, end_s)
+        params |= {"file": str(a.file), "close": close}
+    elif a.source == "jsonl":
+        day = a.date or ""
+        codec = "json"
+        src = JsonWindow(jsonl_source(a.file), start_s, end_s, a.date)
+        params |= {"file": str(a.file)}
+    else:
+        raise SystemExit(f"error: unknown source {a.source!r}")
+    if a.malformed_every:
+        src = with_malformed(src, a.malformed_every)
+    params["date"] = day
+    return src, codec, day, params
+
+
+def _emit(obj: dict[str, object]) -> None:
+    sys.stdout.write(orjson.dumps(obj).decode() + "\n")
+    sys.stdout.flush()
+
+
+def build_manifest(
+    msgs: list[RawMessage], day: str, topic: str, partitions: int, **kw: Any
+) -> Manifest:
+    """What ``msgs`` must produce, computed as the publisher does while it sends."""
+    b = ManifestBuilder()
+    for m in msgs:
+        # Market-wide messages are copied to every partition, keyed ones to one.
+        b.observe(m.payload, m.codec, day, partitions if m.key is None else 1)
+    return b.build(source="", topic=topic, partitions=partitions, **kw)
+
+
+async def run(a: argparse.Namespace) -> int:
+    src, codec, day, params = build_source(a)
+    warp = None
+    if a.burst_multiple:
+        warp = TimeWarp(a.burst_from, a.burst_to, a.burst_multiple, codec)
+        src = warp.apply(src)
+        params |= {"burst": [a.burst_from, a.burst_to, a.burst_multiple]}
+    speed = None if a.speed == "max" else float(a.speed)
+    # A load generator must not be the bottleneck it measures. Generating the day (and, for a
+    # window late in the day, rebuilding the state before it) and computing the manifest cost
+    # more than publishing, so both happen here, before the publisher's pacing clock starts;
+    # during the run it only sends. It also keeps the snapshot work from counting as lateness,
+    # which would send a late window's first minutes at full speed.
+    msgs = list(src)
+    partitions = len(await partitions_of(a.bootstrap, a.topic))
+    manifest = build_manifest(msgs, day, a.topic, partitions)
+    _emit({"event": "prepared", "wall": time.time(), "msgs": len(msgs)})
+    midnight = midnight_ns(day) if codec == "itch" else 0
+    # The clock the scaler reads: true market time, however the feed is paced.
+    clock_stats = ReplayStats()
+
+    def on_progress(st: ReplayStats) -> None:
+        clock = st.source_clock_ns
+        if warp is not None and clock:
+            clock = warp.unwarp(clock)
+        clock_stats.source_clock_ns = clock
+        if clock:
+            _emit({
+                "wall": time.time(), "market": (midnight + clock) / NS,
+                "msgs": st.source_messages, "records": st.records,
+            })  # fmt: skip
+
+    replayer = Replayer(a.bootstrap, a.topic, msgs, speed, day, on_progress, manifest=False)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, replayer.stop)
+    stop = asyncio.Event()
+    clock_task = None
+    if a.redis:
+        from ingest.replay.clock import publish_clock
+
+        clock_task = asyncio.create_task(publish_clock(a.redis, clock_stats, day, speed, stop))
+    try:
+        sent = await replayer.run()
+    finally:
+        stop.set()
+        if clock_task is not None:
+            await clock_task
+    st = replayer.stats
+    if replayer.interrupted:
+        # Only what went out can be expected downstream.
+        manifest = build_manifest(msgs[: st.source_messages], day, a.topic, partitions)
+    manifest.records_sent = sent.records_sent
+    manifest.pacing = sent.pacing
+    manifest.source = a.source
+    manifest.params = params
+    manifest.write(a.manifest)
+    _emit({
+        "event": "done", "wall": time.time(), "msgs": st.source_messages, "records": st.records,
+        "date": day, "elapsed_s": st.elapsed, "interrupted": replayer.interrupted,
+        "ticks_expected": sum(s.ticks for s in manifest.symbols.values()),
+        "deadletters_expected": manifest.deadletters_expected,
+        **{"drift_" + k: v for k, v in st.drift_summary().items()},
+    })  # fmt: skip
+    return 130 if replayer.interrupted else 0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m tickscale.loadtest.feed")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--topic", required=True)
+    ap.add_argument("--manifest", type=Path, required=True)
+    ap.add_argument("--redis")
+    ap.add_argument("--source", default="synthetic")
+    ap.add_argument("--file", type=Path)
+    ap.add_argument("--symbols", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=1.0)
+    ap.add_argument("--date")
+    ap.add_argument("--from", dest="start")
+    ap.add_argument("--to", dest="end")
+    ap.add_argument("--speed", default="1")
+    ap.add_argument("--malformed-every", type=int, default=0)
+    ap.add_argument("--burst-from", type=int, default=0)
+    ap.add_argument("--burst-to", type=int, default=0)
+    ap.add_argument("--burst-multiple", type=float, default=0.0)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(run(parse_args(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The run's report: PNG charts over the replayed day and one self-contained HTML file.
+
+Charts share a market-time axis (the replayed day's clock, exchange time) with the trading
+sessions shaded, scale events from the scaler's audit stream marked (green up, orange down)
+and chaos drills marked in red. After the last message the axis runs on at the replay's
+average speed, so the drain stays visible. The PNGs are written next to the report and also
+embedded in it (base64), so the HTML file alone is the whole report.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingest import sessions
+from ingest.normalize import EXCHANGE_TZ
+from tickscale.loadtest.sampler import ReplayClock, Sample
+
+SESSION_SPANS: list[tuple[str, str]] = [
+    ("pre-market", "#eef2f7"),
+    ("open", "#fde9c9"),
+    ("midday", "#f4f4f4"),
+    ("close", "#fde9c9"),
+    ("after-hours", "#eef2f7"),
+]
+
+
+def _session_bounds(close_s: int) -> list[tuple[str, str, float, float]]:
+    edges = [
+        sessions.PRE_MARKET_START,
+        sessions.OPEN,
+        sessions.OPEN + 1800,
+        close_s - 1800,
+        close_s,
+        sessions.AFTER_HOURS_END,
+    ]
+    return [
+        (name, color, edges[i] / 3600, edges[i + 1] / 3600)
+        for i, (name, color) in enumerate(SESSION_SPANS)
+    ]
+
+
+def market_midnight(market_ts: float) -> float:
+    d = dt.datetime.fromtimestamp(market_ts, tz=EXCHANGE_TZ).date()
+    return dt.datetime.combine(d, dt.time(0), tzinfo=EXCHANGE_TZ).timestamp()
+
+
+def charts(
+    samples: Sequence[Sample],
+    clock: ReplayClock,
+    scale_events: Sequence[dict[str, Any]],
+    chaos: Sequence[dict[str, Any]],
+    lag_target_s: float,
+    close_s: int = sessions.CLOSE,
+    burst: tuple[int, int] | None = None,
+) -> dict[str, bytes]:
+    """PNG bytes per chart name (rate, lag, handlers, latency); empty without data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    pts = [(clock.market_at(s.wall), s) for s in samples]
+    pts2 = [(m, s) for m, s in pts if m is not None]
+    if not pts2:
+        return {}
+    midnight = market_midnight(pts2[0][0])
+
+    def hours(market: float) -> float:
+        return (market - midnight) / 3600
+
+    xs = [hours(m) for m, _ in pts2]
+    lo, hi = min(xs), max(xs)
+    pad = max((hi - lo) * 0.01, 1 / 3600)
+
+    def x_of(wall: float) -> float | None:
+        m = clock.market_at(wall)
+        return None if m is None else hours(m)
+
+    def frame(ax: Any, ylabel: str) -> None:
+        for name, color, a, b in _session_bounds(close_s):
+            if b >= lo - pad and a <= hi + pad:
+                ax.axvspan(max(a, lo - pad), min(b, hi + pad), color=color, zorder=0)
+                mid = (max(a, lo) + min(b, hi)) / 2
+                if lo <= mid <= hi:
+                    ax.text(mid, 0.02, name, transform=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=7, color="#667")  # fmt: skip
+        if burst is not None:
+            ax.axvspan(
+                burst[0] / 3600, burst[1] / 3600, facecolor="none", hatch="//",
+                edgecolor="#d62828", alpha=0.35, lw=0, zorder=1, label="flash burst",
+            )  # fmt: skip
+        for e in scale_events:
+            x = x_of(float(e["time"]))
+            if x is None:
+                continue
+            up = int(e["to"]) > int(e["from"])
+            ax.axvline(x, color="#2a9d4b" if up else "#e08a1e", lw=1, alpha=0.8)
+        for c in chaos:
+            x = x_of(float(c.get("wall") or 0))
+            if x is None or not c.get("wall"):
+                continue
+            ax.axvline(x, color="#d62828", lw=1.3, ls="--")
+            ax.text(x, 0.97, c["kind"], transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="right", va="top", fontsize=7, color="#d62828")  # fmt: skip
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{int(v):02d}:{round(v * 60) % 60:02d}")
+        )
+        ax.set_xlabel("replayed market time (exchange time)")
+
+    def render(draw: Callable[[Any], None], ylabel: str, title: str) -> bytes:
+        fig, ax = plt.subplots(figsize=(11, 3.2), dpi=100)
+        draw(ax)
+        frame(ax, ylabel)
+        ax.set_title(title, fontsize=10, loc="left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
+
+    def series(get: Callable[[Sample], float | int | None]) -> tuple[list[float], list[float]]:
+        xx, yy = [], []
+        for x, (_, s) in zip(xs, pts2, strict=True):
+            v = get(s)
+            xx.append(x)
+            yy.append(float("nan") if v is None else float(v))
+        return xx, yy
+
+    def rate(ax: Any) -> None:
+        ax.plot(*series(lambda s: s.ingest_rate), label="into md.raw", lw=1)
+        ax.plot(*series(lambda s: s.process_rate), label="processed (committed)", lw=1)
+
+    def lag(ax: Any) -> None:
+        ax.plot(*series(lambda s: s.lag_s), label="lag (s)", color="#7b2cbf", lw=1.2)
+        ax.axhline(lag_target_s, color="#d62828", ls=":", lw=1, label=f"target {lag_target_s:g} s")
+
+    def handlers(ax: Any) -> None:
+        ax.step(*series(lambda s: s.handlers), where="post", label="handler processes", lw=1.5)
+        ax.step(*series(lambda s: s.members), where="post", label="group members", lw=1, ls="--")
+        ax.set_ylim(bottom=0)
+
+    def latency(ax: Any) -> None:
+        ax.plot(*series(lambda s: s.lat_p50), label="p50", lw=1)
+        ax.plot(*series(lambda s: s.lat_p99), label="p99", lw=1)
+        ax.set_yscale("log")
+
+    out = {
+        "rate": render(rate, "messages/s", "Message rate"),
+        "lag": render(lag, "seconds", "Lag of the handler group (age of the oldest unprocessed)"),
+        "handlers": render(handlers, "handlers", "Handlers (scale events: green up, orange down)"),
+        "latency": render(
+            latency, "seconds", "End-to-end latency percentiles (handler histograms, 5 s windows)"
+        ),
+    }
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}
+th{background:#f0f0f0;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.pass{color:#1b7a3a;font-weight:600}.fail{color:#c1121f;font-weight:600}
+img{max-width:100%;border:1px solid #ddd;margin:6px 0}code{background:#f4f4f4;padding:1px 4px}
+.small{font-size:12px;color:#555}
+"""
+
+
+def _v(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def _verdict(ok: bool) -> str:
+    return '<span class="pass">PASS</span>' if ok else '<span class="fail">FAIL</span>'
+
+
+def render_html(r: dict[str, Any], pngs: dict[str, bytes]) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>tickscale load test {e(r.get('run_id', ''))}</title><style>{_CSS}</style>",
+        "</head><body>",
+        f"<h1>Load test {e(r.get('run_id', ''))}: {_verdict(bool(r.get('ok')))}</h1>",
+        f"<p>scenario <b>{e(str(r.get('scenario')))}</b>, policy <b>{e(str(r.get('policy')))}</b>"
+        f", target {e(str(r.get('target')))}, {e(str(r.get('source')))} "
+        f"{_v(r.get('symbols'))} symbols, seed {_v(r.get('seed'))}, date {e(str(r.get('date')))}, "
+        f"window {e(str(r.get('window')))}, speed {e(str(r.get('speed')))}, "
+        f"{_v(r.get('partitions'))} partitions; started {e(str(r.get('started_at')))}</p>",
+        f"<p><code>{e(str(r.get('ledger_line', '')))}</code></p>",
+        "<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>SLO</th><th></th></tr>",
+    ]
+    slo = {c["name"]: c for c in r.get("slo", [])}
+
+    def row(label: str, value: Any, slo_name: str | None = None, unit: str = "") -> None:
+        c = slo.get(slo_name or "")
+        lim = f"&le; {c['threshold']:g} s" if c else ""
+        verdict = _verdict(c["ok"]) if c else ""
+        parts.append(
+            f"<tr><td>{e(label)}</td><td class='n'>{_v(value)}{unit}</td><td>{lim}</td>"
+            f"<td>{verdict}</td></tr>"
+        )
+
+    row("ledger", "pass" if r.get("ledger_ok") else "FAIL")
+    row("ticks read / expected", f"{_v(r.get('ticks_read'))} / {_v(r.get('ticks_expected'))}")
+    row("missing / duplicated / reordered",
+        f"{r.get('missing')} / {r.get('duplicated')} / {r.get('reordered')}")  # fmt: skip
+    row("checksum mismatches", r.get("checksum_mismatch"))
+    row("dead letters / expected",
+        f"{_v(r.get('deadletters'))} / {_v(r.get('deadletters_expected'))}")  # fmt: skip
+    row("raw records replayed", r.get("replay_records"))
+    row("peak rate into md.raw (msg/s)", r.get("peak_rate"))
+    row("latency p50 (s)", r.get("latency_p50_s"), "latency p50")
+    row("latency p99 (s)", r.get("latency_p99_s"), "latency p99")
+    row("latency max, bucket upper bound (s)", r.get("latency_max_s"), "latency max")
+    row("lag p99 (s)", r.get("lag_p99_s"), "lag p99")
+    row("lag max (s)", r.get("lag_max_s"), "lag max")
+    row("recovery (s)", r.get("recovery_s"), "recovery")
+    row("duration, first message to drained (s)", r.get("duration_s"))
+    row("handler-seconds used", r.get("handler_seconds"))
+    row("peak handlers", r.get("peak_handlers"))
+    row("fixed fleet sized for the peak (peak x duration)", r.get("fixed_peak_handler_seconds"))
+    row("handler-seconds / fixed fleet", r.get("handler_seconds_ratio"))
+    parts.append("</table>")
+    if r.get("latency_max_note"):
+        parts.append(f"<p class='small'>{e(r['latency_max_note'])}</p>")
+
+    for name, title in (
+        ("rate", "Rate"),
+        ("lag", "Lag"),
+        ("handlers", "Handlers"),
+        ("latency", "Latency"),
+    ):
+        if name in pngs:
+            b64 = base64.b64encode(pngs[name]).decode()
+            parts.append(f"<h2>{title}</h2><img alt='{name}' src='data:image/png;base64,{b64}'>")
+    if not pngs:
+        parts.append(f"<p class='small'>{e(str(r.get('charts_note', 'no charts')))}</p>")
+
+    parts.append("<h2>Chaos</h2>")
+    if r.get("chaos"):
+        parts.append("<table><tr><th>drill</th><th>at (s)</th><th>ok</th><th>detail</th></tr>")
+        for c in r["chaos"]:
+            parts.append(
+                f"<tr><td>{e(c['kind'])}</td><td class='n'>{c['at_s']:g}</td>"
+                f"<td>{_verdict(c['ok'])}</td><td>{e(c['detail'])}</td></tr>"
+            )
+        parts.append("</table>")
+    else:
+        parts.append("<p>none</p>")
+    if r.get("recoveries"):
+        parts.append("<h2>Recovery</h2><table><tr><th>after</th><th>recovery (s)</th>"
+                     "<th>peak lag after it (s)</th></tr>")  # fmt: skip
+        for rc in r["recoveries"]:
+            parts.append(
+                f"<tr><td>{e(rc['label'])}</td><td class='n'>{_v(rc['recovery_s'], 1)}</td>"
+                f"<td class='n'>{_v(rc['peak_lag_s'], 1)}</td></tr>"
+            )
+        parts.append("</table>")
+
+    parts.append("<h2>Scale events (scaler audit stream)</h2>")
+    evs = r.get("scale_events") or []
+    if evs:
+        parts.append("<table><tr><th>+s</th><th>from</th><th>to</th><th>signal</th>"
+                     "<th>explanation</th></tr>")  # fmt: skip
+        for ev in evs:
+            parts.append(
+                f"<tr><td class='n'>{_v(ev.get('offset_s'), 1)}</td><td class='n'>{ev['from']}</td>"
+                f"<td class='n'>{ev['to']}</td><td>{e(str(ev.get('signal', '')))}</td>"
+                f"<td class='small'>{e(str(ev.get('explanation', '')))}</td></tr>"
+            )
+        parts.append("</table>")
+    else:
+        parts.append("<p>none</p>")
+    rp = r.get("replay") or {}
+    parts.append(
+        "<h2>Replay</h2><p>"
+        + ", ".join(f"{e(k)}={_v(v)}" for k, v in rp.items())
+        + "</p><p class='small'>Latency: the handlers' "
+        "<code>tickscale_handler_e2e_latency_seconds</code> histograms (raw record published to "
+        "its ticks committed), scraped every second from every handler and merged; percentiles "
+        "are interpolated within buckets and the maximum is the upper bound of the highest "
+        "non-empty bucket. Lag: the scaler's own measure (age of the oldest unprocessed raw "
+        "record), sampled every second from the broker.</p></body></html>"
+    )
+    return "\n".join(parts)
+
+
+def write_report(
+    result: dict[str, Any],
+    samples: Sequence[Sample],
+    clock: ReplayClock,
+    out_dir: Path,
+    lag_target_s: float,
+    close_s: int = sessions.CLOSE,
+    burst: tuple[int, int] | None = None,
+) -> Path:
+    """Charts as PNG files in ``out_dir`` and ``report.html`` embedding them; the report path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        pngs = charts(samples, clock, result.get("scale_events", []), result.get("chaos", []),
+                      lag_target_s, close_s, burst)  # fmt: skip
+    except ImportError as e:
+        pngs = {}
+        result["charts_note"] = f"no charts: {e} (install the plot extra: matplotlib)"
+    paths = []
+    for name, png in pngs.items():
+        p = out_dir / f"{name}.png"
+        p.write_bytes(png)
+        paths.append(str(p))
+    result["charts"] = paths
+    report = out_dir / "report.html"
+    report.write_text(render_html(result, pngs))
+    return report

@@ -1,0 +1,79 @@
+"""``tickscale scaler`` as the load test runs it: the same command, plus a scale-in trigger.
+
+``python -m tickscale.loadtest.scaler_proc <the flags of tickscale scaler>``
+
+The scale-in drill needs the scaler itself to remove a handler while load flows, through its
+own decision path and backend (SIGTERM, the handler drains and commits, leaves the group; an
+audit event records it), at a moment the load test picks. Restarting the scaler with a lower
+``--max-handlers`` would be the way with a container backend, which adopts the handlers it
+finds; the process backend cannot: its handlers are its children and stop with it, so a
+restart is a fleet restart, not a scale-in.
+
+So on SIGUSR1 this process lowers the running policy's maximum to one below the number of
+handlers it runs: what that restart would have configured. The policy then removes one by its
+ordinary rules, i.e. once the lower count has held for its scale-down window
+(``--scale-down-window``) and the last change is ``scale_down_interval_s`` old. The maximum
+stays lowered for the rest of the run, as it would after a restart. Everything else is the
+unmodified command, settings and code of ``tickscale scaler``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import replace
+from typing import Any
+
+log = logging.getLogger("scaler.loadtest")
+
+
+async def lower_max(sc: Any) -> int | None:
+    """Set the policy's maximum to one below the running count; the new maximum, or None."""
+    from scaler.policy import Policy
+
+    policy = sc.decider
+    if not isinstance(policy, Policy):
+        log.warning("scale-in drill: policy %s has no maximum to lower", policy.name)
+        return None
+    running = len(await sc.backend.list())
+    if running <= 1:
+        log.warning("scale-in drill: %d handler(s) running, none to remove", running)
+        return None
+    new_max = running - 1
+    policy.cfg = replace(
+        policy.cfg, max_handlers=new_max, min_handlers=min(policy.cfg.min_handlers, new_max)
+    )
+    log.info("scale-in drill: max handlers lowered to %d (%d running)", new_max, running)
+    return new_max
+
+
+def main() -> None:
+    import scaler.app as scaler_app
+    from scaler.cli import app
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    real_build = scaler_app.build
+    tasks: set[asyncio.Task[int | None]] = set()
+
+    async def build(settings: Any) -> Any:
+        sc = await real_build(settings)
+
+        def on_usr1() -> None:
+            t = asyncio.ensure_future(lower_max(sc))
+            tasks.add(t)  # keep a reference until it is done
+            t.add_done_callback(tasks.discard)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, on_usr1)
+        return sc
+
+    # The command imports ``build`` from scaler.app when it runs, so it picks this one up.
+    scaler_app.build = build  # type: ignore[assignment]
+    app(prog_name="tickscale scaler")
+
+
+if __name__ == "__main__":
+    main()

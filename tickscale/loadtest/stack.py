@@ -1,0 +1,316 @@
+"""Where a load test runs: Kafka and Redis (started or reused), its topics, its scaler.
+
+Targets:
+
+- ``local`` (default): a Kafka broker and a Redis server of its own on free loopback ports,
+  started like ``tickscale up`` starts them, or the ones given by ``--bootstrap``/``--redis``;
+- ``compose``: the compose stack's Kafka on ``127.0.0.1:${KAFKA_EXTERNAL_PORT}`` (29092) and its
+  Redis with the password of ``compose/.env``. Redis is not published on the host, so it is
+  reached at its container's address on the stack's network (looked up through Docker), unless
+  ``--redis`` says otherwise.
+
+Every run gets its own topics, consumer group and scaler name (``lt-<time>-<random>``), so
+it starts with an empty ledger and never touches another fleet's data, including the compose
+stack's own day on ``md.raw``. The fleet under test is always the load test's own scaler with
+the process backend: handlers are child processes of the scaler, which the chaos drills need
+(a SIGKILL is a real crash) and which work against any of the targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from tickscale.localstack.net import HOST, free_port, port_open
+
+if TYPE_CHECKING:
+    from tickscale.localstack.kafka import KafkaBroker
+
+
+class Restartable(Protocol):
+    """A service a chaos drill may stop and start again."""
+
+    def stop(self) -> None: ...
+
+    def start(self) -> object: ...
+
+
+@dataclass(frozen=True)
+class RunNames:
+    run_id: str
+
+    @property
+    def raw(self) -> str:
+        return f"{self.run_id}.md.raw"
+
+    @property
+    def ticks(self) -> str:
+        return f"{self.run_id}.md.ticks"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.run_id}.md.deadletter"
+
+    @property
+    def group(self) -> str:
+        return f"{self.run_id}.feed-handlers"
+
+    @property
+    def audit_stream(self) -> str:
+        from tickscale.constants import REDIS_SCALER_EVENTS
+
+        return f"{REDIS_SCALER_EVENTS}:{self.run_id}"
+
+
+def new_run_id() -> str:
+    # The scaler's fleet name allows 40 characters; this is 24.
+    return f"lt-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of a compose ``.env`` file (comments and blanks skipped)."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, _, v = line.partition("=")
+        out[k.strip()] = v.strip().strip("'\"")
+    return out
+
+
+def compose_bootstrap(env_file: Path) -> str:
+    """The compose stack's Kafka as published on the host."""
+    if not env_file.exists():
+        raise RuntimeError(f"{env_file} not found: copy compose/.env.example to it (see README)")
+    return f"127.0.0.1:{read_env_file(env_file).get('KAFKA_EXTERNAL_PORT', '29092')}"
+
+
+def compose_redis_url(env_file: Path) -> str:
+    """The compose stack's Redis: its container's address on the stack's network."""
+    if not env_file.exists():
+        raise RuntimeError(f"{env_file} not found: copy compose/.env.example to it (see README)")
+    env = read_env_file(env_file)
+    password = env.get("REDIS_PASSWORD", "")
+    ip = _compose_redis_ip(env.get("COMPOSE_PROJECT_NAME", "tickscale"))
+    auth = f":{password}@" if password else ""
+    return f"redis://{auth}{ip}:6379/0"
+
+
+def _compose_container(project: str, service: str) -> object:
+    from docker.client import from_env
+
+    client = from_env()
+    found = client.containers.list(
+        filters={
+            "label": [
+                f"com.docker.compose.project={project}",
+                f"com.docker.compose.service={service}",
+            ]
+        }
+    )
+    if not found:
+        raise RuntimeError(f"no running {service} container of compose project {project!r}")
+    return found[0]
+
+
+def _compose_redis_ip(project: str) -> str:
+    try:
+        c = _compose_container(project, "redis")
+    except Exception as e:  # the Docker SDK raises its own and requests' errors
+        raise RuntimeError(f"cannot find the compose stack's Redis ({e}); pass --redis") from e
+    networks = c.attrs["NetworkSettings"]["Networks"]  # type: ignore[attr-defined]
+    for net in networks.values():
+        if net.get("IPAddress"):
+            return str(net["IPAddress"])
+    raise RuntimeError("the compose Redis container has no IP address; pass --redis")
+
+
+class ComposeService:
+    """A compose service's container, stopped and started through Docker (redis-stop drill)."""
+
+    def __init__(self, project: str, service: str) -> None:
+        self.container = _compose_container(project, service)
+
+    def stop(self) -> None:
+        self.container.stop(timeout=10)  # type: ignore[attr-defined]
+
+    def start(self) -> object:
+        self.container.start()  # type: ignore[attr-defined]
+        return self
+
+
+def free_port_block(n: int, lo: int = 20000, hi: int = 60000) -> int:
+    """A base port with ``n`` consecutive free ports (the process backend's handler slots)."""
+    for _ in range(200):
+        base = lo + secrets.randbelow(hi - lo - n)
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((HOST, p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no {n} consecutive free ports between {lo} and {hi}")
+
+
+@dataclass
+class Services:
+    """Kafka and Redis for one run; ``broker``/``redis`` are set only for what it owns."""
+
+    bootstrap: str
+    redis_url: str
+    target: str
+    broker: KafkaBroker | None = None  # when started here
+    redis: Restartable | None = None  # RedisServer, or a compose container
+    owns_broker: bool = False
+    owns_redis: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(
+        cls,
+        target: str,
+        bootstrap: str | None,
+        redis_url: str | None,
+        work_dir: Path,
+        compose_env: Path,
+    ) -> Services:
+        from tickscale.localstack import KafkaBroker, RedisServer
+
+        if target == "compose":
+            svc = cls(
+                bootstrap or compose_bootstrap(compose_env),
+                redis_url or compose_redis_url(compose_env),
+                target,
+            )
+            env = read_env_file(compose_env) if compose_env.exists() else {}
+            if redis_url is None:
+                with contextlib.suppress(RuntimeError):
+                    svc.redis = ComposeService(
+                        env.get("COMPOSE_PROJECT_NAME", "tickscale"), "redis"
+                    )
+            host, _, port = svc.bootstrap.rpartition(":")
+            if not port_open(host, int(port)):
+                raise RuntimeError(f"the compose stack's Kafka is not listening on {svc.bootstrap}")
+            return svc
+        if target != "local":
+            raise RuntimeError(f"--target: expected local or compose, got {target!r}")
+        svc = cls(bootstrap or "", redis_url or "", target)
+        try:
+            if bootstrap is None:
+                broker = KafkaBroker(work_dir / "kafka")
+                broker.start()
+                svc.broker, svc.owns_broker, svc.bootstrap = broker, True, broker.bootstrap
+                svc.notes.append(f"started Kafka on {broker.bootstrap}")
+            if redis_url is None:
+                rs = RedisServer(port=free_port(), work_dir=work_dir / "redis").start()
+                svc.redis, svc.owns_redis, svc.redis_url = rs, True, rs.url
+                svc.notes.append(f"started Redis on {rs.url}")
+        except BaseException:
+            svc.close()
+            raise
+        return svc
+
+    def close(self) -> None:
+        if self.owns_redis and self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.stop()
+        if self.owns_broker and self.broker is not None:
+            with contextlib.suppress(Exception):
+                self.broker.stop()
+            # The day's data is the run's only big output; the broker's log stays.
+            shutil.rmtree(self.broker.log_dir, ignore_errors=True)
+
+
+class ScalerChild:
+    """The run's scaler (process backend) as a child process; SIGTERM drains its handlers."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as f:
+            self.proc = subprocess.Popen(
+                cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                # Its own session: a Ctrl-C on the terminal reaches the load test, which then
+                # stops the scaler in order (handlers drain first).
+                start_new_session=True,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 90.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def scaler_command(
+    *,
+    names: RunNames,
+    bootstrap: str,
+    redis_url: str,
+    policy: str,
+    min_handlers: int,
+    max_handlers: int,
+    calendar: str,
+    session_min: str,
+    lead_s: float,
+    lag_target_s: float,
+    scale_down_window_s: float,
+    metrics_port: int,
+    handler_base_port: int,
+    state_dir: Path,
+) -> list[str]:
+    return [
+        sys.executable, "-m", "tickscale.loadtest.scaler_proc",
+        "--backend", "process", "--bootstrap", bootstrap, "--redis-url", redis_url,
+        "--topic", names.raw, "--group", names.group, "--name", names.run_id,
+        "--policy", policy, "--min-handlers", str(min_handlers),
+        "--max-handlers", str(max_handlers), "--calendar", calendar,
+        *(["--clock", "replay", "--session-min", session_min, "--lead", str(lead_s)]
+          if calendar != "none" else []),
+        "--lag-target", str(lag_target_s), "--scale-down-window", str(scale_down_window_s),
+        "--poll", "1", "--metrics-port", str(metrics_port),
+        "--handler-base-port", str(handler_base_port), "--state-dir", str(state_dir),
+    ]  # fmt: skip
+
+
+def scaler_env(names: RunNames) -> dict[str, str]:
+    # Output topics have no flag on the scaler; its settings take them from the environment.
+    return os.environ | {
+        "TICKSCALE_SCALER_OUT_TOPIC": names.ticks,
+        "TICKSCALE_SCALER_DEADLETTER_TOPIC": names.deadletter,
+    }
