@@ -133,7 +133,7 @@ async def build(s: ScalerSettings) -> Scaler:
         redis=redis,
         lease=LeaderLease(redis, f"{REDIS_SCALER_LEASE}:{s.name}", s.scaler_id, s.lease_ttl_s),
         audit=AuditLog(redis, f"{REDIS_SCALER_EVENTS}:{s.name}"),
-        capacity=RedisCapacity(redis, s.fallback_capacity),
+        capacity=RedisCapacity(redis, s.fallback_capacity, hold_s=s.capacity_hold_s),
         clock=clock,
         poll_s=s.poll_s,
         dry_run=s.dry_run,

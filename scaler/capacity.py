@@ -2,9 +2,17 @@
 
 Every handler keeps a hash at ``REDIS_HANDLER_STATS + id`` with cumulative
 ``messages`` processed and ``busy_s`` spent processing. Messages per busy
-second is what one handler sustains when it never waits for input, whatever
-the current load: a handler idling at 10 % utilisation still tells us its
-ceiling. That is why capacity is learned here rather than configured.
+second is what one handler sustains when it never waits for input, learned
+here rather than configured.
+
+It is only a lower bound of the ceiling, and a loose one under light load: a
+busy second includes each transaction's broker round trips, whatever its size,
+and a quiet feed makes small batches, so the same handler that shows a few
+hundred messages per busy second at midday shows tens of thousands at the open.
+The estimate is therefore the highest windowed value seen within ``hold_s``:
+the ceiling measured at the last busy stretch, not the overhead of the quiet
+one. Were it taken at face value, the rate signal would keep a midday fleet
+sized for an imagined slowness.
 """
 
 from __future__ import annotations
@@ -37,12 +45,17 @@ class CapacityEstimator:
         several batches, short enough to follow a code or host change.
     :param min_busy_s: busy seconds needed in the window before the estimate
         is trusted; below it ``estimate()`` returns None and the caller falls back.
+    :param hold_s: how long the highest windowed value stands (see the module).
     """
 
-    def __init__(self, window_s: float = 60.0, min_busy_s: float = 2.0) -> None:
+    def __init__(
+        self, window_s: float = 60.0, min_busy_s: float = 2.0, hold_s: float = 3600.0
+    ) -> None:
         self.window_s = window_s
         self.min_busy_s = min_busy_s
+        self.hold_s = hold_s
         self._hist: dict[str, deque[HandlerStats]] = {}
+        self._seen: deque[tuple[float, float]] = deque()  # (ts, windowed value)
 
     def observe(self, stats: HandlerStats) -> None:
         h = self._hist.setdefault(stats.handler_id, deque())
@@ -58,7 +71,8 @@ class CapacityEstimator:
         for hid in [k for k, h in self._hist.items() if not h or h[-1].ts < cutoff]:
             del self._hist[hid]
 
-    def estimate(self) -> float | None:
+    def windowed(self) -> float | None:
+        """Messages per busy second over the window (None until ``min_busy_s``)."""
         msgs = 0
         busy = 0.0
         for h in self._hist.values():
@@ -68,6 +82,18 @@ class CapacityEstimator:
         if busy < self.min_busy_s or msgs <= 0:
             return None
         return msgs / busy
+
+    def estimate(self) -> float | None:
+        """The highest windowed value of the last ``hold_s`` (None if there is none)."""
+        now = max((h[-1].ts for h in self._hist.values() if h), default=None)
+        if now is None:
+            return max((v for _, v in self._seen), default=None)
+        current = self.windowed()
+        if current is not None and (not self._seen or self._seen[-1][0] < now):
+            self._seen.append((now, current))
+        while self._seen and self._seen[0][0] < now - self.hold_s:
+            self._seen.popleft()
+        return max((v for _, v in self._seen), default=None)
 
     @property
     def handlers(self) -> int:
@@ -104,10 +130,12 @@ async def read_handler_stats(redis: Redis, prefix: str = REDIS_HANDLER_STATS) ->
 class RedisCapacity:
     """The estimator fed from Redis, with the configured fallback until it has data."""
 
-    def __init__(self, redis: Redis, fallback: float, window_s: float = 60.0) -> None:
+    def __init__(
+        self, redis: Redis, fallback: float, window_s: float = 60.0, hold_s: float = 3600.0
+    ) -> None:
         self.redis = redis
         self.fallback = fallback
-        self.est = CapacityEstimator(window_s)
+        self.est = CapacityEstimator(window_s, hold_s=hold_s)
 
     async def poll(self) -> tuple[float, str]:
         try:

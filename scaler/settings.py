@@ -63,6 +63,9 @@ class ScalerSettings(BaseSettings):
     lag_target_s: float = Field(5.0, gt=0)
     headroom: float = Field(0.25, ge=0)
     fallback_capacity: float = Field(1000.0, gt=0, description="msgs/s/handler until learned")
+    capacity_hold_s: float = Field(
+        3600.0, ge=0, description="how long the highest learned capacity stands"
+    )
     scale_down_window_s: float = Field(120.0, ge=0)
     scale_down_fraction: float = Field(0.5, gt=0, le=1)
     scale_down_interval_s: float = Field(30.0, ge=0)

@@ -208,6 +208,29 @@ def test_capacity_learns_messages_per_busy_second() -> None:
     assert est.estimate() == pytest.approx(9000 / 2.25)
 
 
+def test_capacity_holds_the_ceiling_seen_under_load() -> None:
+    # Under load, big batches: 20,000 msgs per busy second. Then a quiet stretch whose small
+    # batches are mostly transaction round trips: 500. The quiet figure is overhead, not a
+    # slower handler, so the busy stretch's figure stands for hold_s.
+    est = CapacityEstimator(window_s=10, min_busy_s=1, hold_s=100)
+    msgs, busy = 0, 0.0
+    for t in range(0, 20):
+        msgs, busy = msgs + 10_000, busy + 0.5
+        est.observe(HandlerStats("a", msgs, busy, float(t)))
+    assert est.estimate() == pytest.approx(20_000)
+    for t in range(20, 60):
+        msgs, busy = msgs + 250, busy + 0.5
+        est.observe(HandlerStats("a", msgs, busy, float(t)))
+        assert est.estimate() == pytest.approx(20_000)
+    assert est.windowed() == pytest.approx(500)
+    for t in range(60, 140):
+        msgs, busy = msgs + 250, busy + 0.5
+        est.observe(HandlerStats("a", msgs, busy, float(t)))
+        held = est.estimate()
+    # A hold later only the quiet figure is left.
+    assert held == pytest.approx(500)
+
+
 def test_end_history_dates_a_record_between_two_sightings() -> None:
     h = _EndHistory(horizon_s=600)
     h.add(100.0, 0)
