@@ -1,18 +1,26 @@
 """Per-handler capacity, learned from what the handlers report about themselves.
 
 Every handler keeps a hash at ``REDIS_HANDLER_STATS + id`` with cumulative
-``messages`` processed and ``busy_s`` spent processing. Messages per busy
-second is what one handler sustains when it never waits for input, learned
-here rather than configured.
+``messages`` processed, ``busy_s`` spent processing (wall time), ``cpu_s`` of
+that spent on the CPU, ``batches`` (one transaction per partition each) and its
+``max_batch``. Capacity is learned from these rather than configured.
 
-It is only a lower bound of the ceiling, and a loose one under light load: a
-busy second includes each transaction's broker round trips, whatever its size,
-and a quiet feed makes small batches, so the same handler that shows a few
-hundred messages per busy second at midday shows tens of thousands at the open.
-The estimate is therefore the highest windowed value seen within ``hold_s``:
-the ceiling measured at the last busy stretch, not the overhead of the quiet
-one. Were it taken at face value, the rate signal would keep a midday fleet
-sized for an imagined slowness.
+Messages per busy second would be the obvious figure, but it depends on the
+load: a busy second is CPU, which grows with the messages, plus waits for the
+transaction's broker round trips, which grow with the batches. A quiet feed
+makes small batches, so the same handler shows a few hundred messages per busy
+second at midday and tens of thousands at the open. The estimate therefore
+projects the window's costs to a handler that never waits for input, i.e.
+runs full batches: with ``c`` CPU seconds per message and ``w`` waiting seconds
+per batch, a batch of ``max_batch`` takes ``w + c * max_batch``:
+
+    capacity = max_batch / (w + c * max_batch)
+
+``c`` still carries each batch's fixed CPU, so the projection errs low, never
+high. Handlers that report no CPU time fall back to messages per busy second.
+The estimate is the highest windowed value of the last ``hold_s``, so a
+quiet stretch does not talk the ceiling down; the lag signal still catches a
+handler that really became slower.
 """
 
 from __future__ import annotations
@@ -36,6 +44,18 @@ class HandlerStats:
     messages: int
     busy_s: float
     ts: float
+    cpu_s: float | None = None  # None: an older handler that does not report it
+    batches: int = 0
+    max_batch: int = 0
+
+
+def project(msgs: int, busy_s: float, cpu_s: float | None, batches: int, max_batch: int) -> float:
+    """Messages per second of full batches, from one window's costs (see the module)."""
+    if cpu_s is None or batches <= 0 or max_batch <= 0:
+        return msgs / busy_s
+    wait = max(0.0, busy_s - cpu_s) / batches
+    per_msg = cpu_s / msgs
+    return max_batch / (wait + per_msg * max_batch)
 
 
 class CapacityEstimator:
@@ -59,7 +79,11 @@ class CapacityEstimator:
 
     def observe(self, stats: HandlerStats) -> None:
         h = self._hist.setdefault(stats.handler_id, deque())
-        if h and (stats.messages < h[-1].messages or stats.busy_s < h[-1].busy_s):
+        if h and (
+            stats.messages < h[-1].messages
+            or stats.busy_s < h[-1].busy_s
+            or stats.batches < h[-1].batches
+        ):
             h.clear()  # counters went backwards: the handler restarted under the same id
         if h and stats.ts <= h[-1].ts:
             return  # not refreshed since the last poll
@@ -72,16 +96,25 @@ class CapacityEstimator:
             del self._hist[hid]
 
     def windowed(self) -> float | None:
-        """Messages per busy second over the window (None until ``min_busy_s``)."""
+        """Per-handler capacity over the window (None until ``min_busy_s``): the mean of the
+        handlers' projections, weighted by their busy time."""
         msgs = 0
         busy = 0.0
+        weighted = 0.0
         for h in self._hist.values():
-            if len(h) >= 2:
-                msgs += h[-1].messages - h[0].messages
-                busy += h[-1].busy_s - h[0].busy_s
+            if len(h) < 2:
+                continue
+            a, b = h[0], h[-1]
+            m, bs = b.messages - a.messages, b.busy_s - a.busy_s
+            if m <= 0 or bs <= 0:
+                continue
+            cpu = None if a.cpu_s is None or b.cpu_s is None else b.cpu_s - a.cpu_s
+            msgs += m
+            busy += bs
+            weighted += bs * project(m, bs, cpu, b.batches - a.batches, b.max_batch)
         if busy < self.min_busy_s or msgs <= 0:
             return None
-        return msgs / busy
+        return weighted / busy
 
     def estimate(self) -> float | None:
         """The highest windowed value of the last ``hold_s`` (None if there is none)."""
@@ -120,6 +153,9 @@ async def read_handler_stats(redis: Redis, prefix: str = REDIS_HANDLER_STATS) ->
                     int(float(d["messages"])),
                     float(d["busy_s"]),
                     float(d["ts"]),
+                    float(d["cpu_s"]) if "cpu_s" in d else None,
+                    int(float(d.get("batches", 0))),
+                    int(float(d.get("max_batch", 0))),
                 )
             )
         except (KeyError, ValueError):

@@ -15,9 +15,11 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
+import redis.asyncio as aredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.manifest import Manifest
+from scaler.capacity import project, read_handler_stats
 from tests.pipeline_utils import (
     HandlerProc,
     run_replay,
@@ -112,6 +114,23 @@ async def test_replay_handler_verify_and_deadletters(
             await asyncio.sleep(0.2)
         q = r.hgetall(REDIS_LAST_QUOTE + sym)
         assert q[b"symbol"].decode() == sym and q[b"kind"] == b"quote"
+        # The self-report the scaler's capacity model reads, refreshed about every second.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            consumed = h.metric("tickscale_handler_messages_in_total")
+            ra = aredis.Redis.from_url(redis_url)
+            try:
+                mine = [s for s in await read_handler_stats(ra) if s.handler_id == "a"]
+            finally:
+                await ra.aclose()
+            if mine and mine[0].messages == consumed:
+                break
+            await asyncio.sleep(0.3)
+        assert len(mine) == 1 and mine[0].messages == consumed > 0, mine
+        st = mine[0]
+        assert st.batches > 0 and st.max_batch == 2000
+        assert st.cpu_s is not None and 0 < st.cpu_s and 0 < st.busy_s
+        assert project(st.messages, st.busy_s, st.cpu_s, st.batches, st.max_batch) > 0
     finally:
         h.close()
 

@@ -208,6 +208,28 @@ def test_capacity_learns_messages_per_busy_second() -> None:
     assert est.estimate() == pytest.approx(9000 / 2.25)
 
 
+def test_capacity_projects_to_full_batches_whatever_the_load() -> None:
+    # One handler, 20 us of CPU per message and 30 ms of broker waits per batch, batches of
+    # up to 2,000. Quiet: batches of 10 (a busy second is mostly waiting). Busy: full batches.
+    # Both must show the same ceiling: 2000 / (0.030 + 0.00002 * 2000) = 28,571 msgs/s.
+    def run(batch: int) -> float | None:
+        est = CapacityEstimator(window_s=1000, min_busy_s=1)
+        msgs, busy, cpu, batches = 0, 0.0, 0.0, 0
+        for t in range(100):
+            msgs += batch * 5
+            cpu += 0.00002 * batch * 5
+            busy += 0.00002 * batch * 5 + 0.030 * 5
+            batches += 5
+            est.observe(HandlerStats("h", msgs, busy, float(t), cpu, batches, 2000))
+        return est.windowed()
+
+    quiet, full = run(10), run(2000)
+    assert quiet == pytest.approx(28_571, rel=1e-3)
+    assert full == pytest.approx(28_571, rel=1e-3)
+    # What messages per busy second would have said when quiet: 10 / 0.0302 = 331.
+    assert 10 / (0.00002 * 10 + 0.030) == pytest.approx(331, rel=1e-2)
+
+
 def test_capacity_holds_the_ceiling_seen_under_load() -> None:
     # Under load, big batches: 20,000 msgs per busy second. Then a quiet stretch whose small
     # batches are mostly transaction round trips: 500. The quiet figure is overhead, not a

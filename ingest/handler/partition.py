@@ -199,7 +199,8 @@ class PartitionWorker:
         return None
 
     async def process(self, records: list[ConsumerRecord[Any, Any]]) -> int:
-        """Transform and commit one batch; returns the number of ticks committed.
+        """Transform and commit one batch; returns the number of raw messages it consumed
+        (a rewound fetch's records below the committed offset are skipped, not counted).
 
         Raises on any Kafka failure; the caller then discards this worker's
         state (it ran ahead of what was committed) and restores it.
@@ -264,7 +265,7 @@ class PartitionWorker:
             self.sink.last_ticks(ticks)
             if done - self._last_snapshot >= self.snapshot_interval_s:
                 self.save_snapshot()
-        return len(ticks)
+        return len(records)
 
     async def _send_ticks(self, ticks: list[dict[str, Any]]) -> list[asyncio.Future[Any]]:
         """Send ticks in per-partition batches: far cheaper than a send() per tick."""

@@ -50,7 +50,7 @@ class RedisSink:
         self._latest: dict[str, dict[str, Any]] = {}  # redis key -> mapping
         self._snapshots: dict[str, tuple[int, bytes]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._stats: tuple[int, float] = (0, 0.0)
+        self._stats: dict[str, float] = {"messages": 0, "busy_s": 0.0}
         self._last_stats = 0.0
         self.healthy = True
 
@@ -79,8 +79,16 @@ class RedisSink:
     def snapshot(self, key: str, offset: int, blob: bytes) -> None:
         self._snapshots[key] = (offset, blob)
 
-    def stats(self, messages: int, busy_s: float) -> None:
-        self._stats = (messages, busy_s)
+    def stats(
+        self, messages: int, busy_s: float, cpu_s: float, batches: int, max_batch: int
+    ) -> None:
+        self._stats = {
+            "messages": messages,
+            "busy_s": busy_s,
+            "cpu_s": cpu_s,
+            "batches": batches,
+            "max_batch": max_batch,
+        }
 
     # Reads ------------------------------------------------------------------------
 
@@ -117,8 +125,8 @@ class RedisSink:
                     p.hset(key, mapping={"offset": offset, "blob": blob, "ts": now})
                 if send_stats:
                     sk = REDIS_HANDLER_STATS + self.handler_id
-                    msgs, busy = self._stats
-                    p.hset(sk, mapping={"messages": msgs, "busy_s": busy, "ts": now})
+                    stats: dict[Any, Any] = {**self._stats, "ts": now}
+                    p.hset(sk, mapping=stats)
                     p.expire(sk, HANDLER_STATS_TTL_S)
                 await p.execute()
             if send_stats:

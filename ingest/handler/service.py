@@ -62,6 +62,10 @@ class FeedHandler:
         self._fatal: BaseException | None = None
         self.messages = 0
         self.busy_s = 0.0
+        # The scaler's capacity model separates the two parts of a busy second: CPU
+        # (grows with the messages) and waits on the broker (grows with the batches).
+        self.cpu_s = 0.0
+        self.batches = 0
 
     async def __aenter__(self) -> FeedHandler:
         await self.start()
@@ -235,6 +239,7 @@ class FeedHandler:
             if batches:
                 async with self._lock:
                     t0 = time.monotonic()
+                    c0 = time.process_time()
                     # Partitions commit independent transactions: run them
                     # concurrently so their broker round trips overlap.
                     work = [
@@ -254,6 +259,8 @@ class FeedHandler:
                             log.warning("offset commit failed (%s); batch may repeat", e)
                     dt = time.monotonic() - t0
                     self.busy_s += dt
+                    self.cpu_s += time.process_time() - c0
+                    self.batches += 1
                     metrics.BUSY.inc(dt)
             now = time.monotonic()
             if now - last_stats >= 1.0:
@@ -264,13 +271,13 @@ class FeedHandler:
         assert self.consumer is not None
         t0 = time.monotonic()
         try:
-            await w.process(records)
+            consumed = await w.process(records)
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning("%s: batch failed (%r); aborting and restoring", w.tp, e)
             await self._recover(w)
             return False
-        self.messages += len(records)
+        self.messages += consumed
         metrics.PROCESSING.observe(time.monotonic() - t0)
         return True
 
@@ -300,4 +307,4 @@ class FeedHandler:
             if hw is not None:
                 metrics.PARTITION_LAG.labels(str(tp.partition)).set(max(0, hw - w.committed))
         if self.sink is not None:
-            self.sink.stats(self.messages, self.busy_s)
+            self.sink.stats(self.messages, self.busy_s, self.cpu_s, self.batches, self.s.max_batch)
