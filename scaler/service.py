@@ -107,6 +107,7 @@ class Scaler:
             try:
                 n = len(await self.backend.list())
                 removed = await self.backend.remove(n)
+                await self.backend.retire()
                 log.info("stopped %d handlers on exit", len(removed))
             except BackendError as e:
                 log.warning("could not stop the handlers on exit: %s", e)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.docker_utils import docker, swarm_state
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics, ensure_topics
 from tickscale.localstack.topics import MakeTopics, TopicSet
 
@@ -186,3 +187,25 @@ async def topics(request: pytest.FixtureRequest, make_topics: MakeTopics) -> Top
     """
     raw_partitions: int = getattr(request, "param", 4)
     return await make_topics(raw_partitions=raw_partitions)
+
+
+@pytest.fixture(scope="module")
+def swarm() -> Iterator[None]:
+    """This engine as a swarm manager: made a one-node swarm for the module if it was not
+    one, and returned to its old state after."""
+    state, manager = swarm_state()
+    if state == "active":
+        if not manager:
+            pytest.skip("the engine is a swarm worker, not a manager")
+        yield
+        return
+    if state != "inactive":
+        pytest.skip(f"swarm state {state!r}")
+    r = docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
+    if r.returncode != 0:
+        pytest.skip(f"`docker swarm init` failed: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        # Only because this fixture made the engine a swarm.
+        docker("swarm", "leave", "--force", check=False)

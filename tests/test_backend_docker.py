@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -32,13 +31,12 @@ import pytest
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
 from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
 from scaler.backends.swarm import SwarmBackend
+from tests.docker_utils import DOCKER, docker, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
 from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.localstack.topics import TopicSet
 
 IMAGE = os.environ.get("TICKSCALE_IMAGE", "tickscale:dev")
-# The distribution's CLI: a newer one earlier on PATH may not match the engine.
-DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else shutil.which("docker")
 DAY = "2024-11-25"
 ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}
 # Away from the handler's default 9100 and the process backend's 9300+, which
@@ -72,15 +70,6 @@ pytestmark = pytest.mark.docker
 
 
 # Helpers ------------------------------------------------------------------------------
-
-
-def docker(
-    *args: str, check: bool = True, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    assert DOCKER is not None
-    return subprocess.run(
-        [DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout
-    )
 
 
 def inspect(ref: str) -> dict[str, Any] | None:
@@ -382,37 +371,12 @@ async def test_start_names_the_bad_setting(fleet: str) -> None:
 # Swarm backend ------------------------------------------------------------------------
 
 
-def swarm_state() -> tuple[str, bool]:
-    info = json.loads(docker("info", "--format", "{{json .Swarm}}").stdout)
-    return info.get("LocalNodeState", ""), bool(info.get("ControlAvailable"))
-
-
 async def test_swarm_start_refuses_a_non_manager(fleet: str) -> None:
     if swarm_state()[0] != "inactive":
         pytest.skip("the engine is already part of a swarm")
     spec = HandlerSpec("127.0.0.1:9", "raw", "ticks", "dl", "g", None)
     with pytest.raises(BackendError, match=r"^docker_host: .*not a swarm manager"):
         await SwarmBackend(spec, image=IMAGE, name=fleet).start()
-
-
-@pytest.fixture(scope="module")
-def swarm() -> Iterator[None]:
-    state, manager = swarm_state()
-    if state == "active":
-        if not manager:
-            pytest.skip("the engine is a swarm worker, not a manager")
-        yield
-        return
-    if state != "inactive":
-        pytest.skip(f"swarm state {state!r}")
-    r = docker("swarm", "init", "--advertise-addr", "127.0.0.1", check=False)
-    if r.returncode != 0:
-        pytest.skip(f"`docker swarm init` failed: {r.stderr.strip()}")
-    try:
-        yield
-    finally:
-        # Only because this fixture made the engine a swarm.
-        docker("swarm", "leave", "--force", check=False)
 
 
 async def test_swarm_add_remove_change_running_tasks(
@@ -457,6 +421,12 @@ async def test_swarm_add_remove_change_running_tasks(
         await wait_for("1 running task", lambda: running(1), within_s=60)
         health = await b.health()
         assert health.ok and health.info["replicas"] == "1", health
+
+        # As on the scaler's exit: the last task drains, then the service goes.
+        assert len(await b.remove(1)) == 1
+        await b.retire()
+        assert running_containers() == 0
+        assert docker("service", "inspect", service, check=False).returncode != 0
     finally:
         await b.close()
         docker("service", "rm", service, check=False)

@@ -274,7 +274,7 @@ class ComposeStack:
     runs in, since compose would prefer them to the file.
     """
 
-    def __init__(self, cmd: list[str], tmp_path: Path, **overrides: str) -> None:
+    def __init__(self, cmd: list[str], tmp_path: Path, *variants: str, **overrides: str) -> None:
         self.project = f"tstest{uuid.uuid4().hex[:8]}"
         self.kafka_port, self.prom_port = free_port(), free_port()
         self.network = f"{self.project}-md"
@@ -301,6 +301,7 @@ class ComposeStack:
             *cmd,
             "-f",
             str(COMPOSE_DIR / "docker-compose.yml"),
+            *(a for v in variants for a in ("-f", str(COMPOSE_DIR / v))),
             "--env-file",
             str(self.env_file),
             "-p",
@@ -338,7 +339,7 @@ class ComposeStack:
         return text
 
 
-def _compose_stack(tmp_path: Path, **overrides: str) -> ComposeStack:
+def _compose_stack(tmp_path: Path, *variants: str, **overrides: str) -> ComposeStack:
     compose = _compose_cmd()
     if compose is None:
         pytest.skip("needs docker compose (v2 plugin) or docker-compose (v1)")
@@ -350,12 +351,42 @@ def _compose_stack(tmp_path: Path, **overrides: str) -> ComposeStack:
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
-    return ComposeStack(compose, tmp_path, **overrides)
+    return ComposeStack(compose, tmp_path, *variants, **overrides)
 
 
 # Everything but the scaler/replay (long-running, the project's own behaviour is
-# tested elsewhere) and Grafana (profile; no image here).
+# tested elsewhere) and Grafana (no image can be obtained here).
 STACK = ("kafka", "redis", "topics", "docker-proxy-ro", "prometheus")
+# The whole stack as users start it, less Grafana.
+NOT_HERE = {"grafana"}
+
+
+def test_compose_variants_resolve(image: dict, tmp_path: Path) -> None:
+    """itch.yml and swarm.yml on top of the main file: what they change, and a
+    missing ITCH setting named before anything starts."""
+    itch_dir = tmp_path / "itch"
+    itch_dir.mkdir()
+    stack = _compose_stack(
+        tmp_path, "itch.yml", ITCH_DIR=str(itch_dir), ITCH_FILE="day.itch.gz",
+        ITCH_DATE="2024-11-25",
+    )  # fmt: skip
+    r = stack.run("config")
+    assert r.returncode == 0, r.stderr
+    assert "/itch/day.itch.gz" in r.stdout and f"{itch_dir}:/itch:ro" in r.stdout, r.stdout
+    assert "synthetic" not in r.stdout  # the replay's command was replaced, not appended to
+    assert "grafana" in stack.run("config", "--services").stdout.split()
+
+    unset = _compose_stack(tmp_path, "itch.yml", ITCH_DIR=str(itch_dir), ITCH_DATE="2024-11-25")
+    r = unset.run("config")
+    assert r.returncode != 0 and "ITCH_FILE" in r.stderr, r.stdout + r.stderr
+
+    swarm = _compose_stack(tmp_path, "swarm.yml")
+    r = swarm.run("config")
+    assert r.returncode == 0, r.stderr
+    scaler = r.stdout.split("\n  scaler:\n", 1)[1].split("\n  topics:\n", 1)[0]
+    assert "- swarm" in scaler and "tcp://docker-proxy-swarm:2375" in scaler, scaler
+    assert "driver: overlay" in r.stdout and "attachable: true" in r.stdout, r.stdout
+    assert "docker-proxy-swarm" in swarm.run("config", "--services").stdout.split()
 
 
 @pytest.mark.slow
@@ -415,6 +446,30 @@ E2E_SETTINGS = {
 LEDGER_OK = "missing=0 duplicated=0 reordered=0 checksum_mismatch=0"
 
 
+def _assert_compose_ledger(stack: ComposeStack, replay: str, tmp_path: Path) -> None:
+    """Every tick exactly once and every dead letter accounted for: checked from the host
+    through the published EXTERNAL listener, against the manifest in the replay's volume."""
+    manifest, report = tmp_path / "manifest.json", tmp_path / "verify.json"
+    _docker("cp", f"{replay}:/data/manifest.json", str(manifest))
+    v = subprocess.run(
+        [
+            sys.executable, "-m", "tickscale", "verify",
+            "--bootstrap", f"127.0.0.1:{stack.kafka_port}",
+            "--manifest", str(manifest),
+            "--timeout", "120",
+            "--json", str(report),
+        ],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    print(v.stdout[-1500:])
+    lines = v.stdout.strip().splitlines()
+    assert lines and lines[-1] == LEDGER_OK, v.stdout[-3000:] + v.stderr[-3000:]
+    assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
+    ledger = json.loads(report.read_text())
+    assert ledger["ticks_read"] == ledger["ticks_expected"] > 0, ledger
+    assert ledger["deadletters"] == ledger["deadletters_expected"] > 0, ledger
+
+
 def _series(url: str, promql: str, start: float) -> list[dict]:
     return run_query(url, promql, start=start, end=time.time(), step=2.0)["result"]
 
@@ -459,7 +514,9 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
     try:
         # Compose itself orders the start: topics once Kafka is healthy, the
         # scaler after topics and Redis, the replay once the scaler is healthy.
-        r = stack.run("up", "-d", timeout=420)
+        services = stack.run("config", "--services").stdout.split()
+        assert {"kafka", "redis", "scaler", "replay", "prometheus", "grafana"} <= set(services)
+        r = stack.run("up", "-d", *(s for s in services if s not in NOT_HERE), timeout=420)
         assert r.returncode == 0, r.stdout + r.stderr
         done("up")
         replay = stack.cid("replay")
@@ -486,27 +543,7 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
         # The image's HEALTHCHECK, in the containers the scaler started.
         _wait("the handler containers to report healthy", all_healthy, 90)
 
-        # The ledger, from the host through the published EXTERNAL listener,
-        # against the manifest the replay left in its volume.
-        manifest, report = tmp_path / "manifest.json", tmp_path / "verify.json"
-        _docker("cp", f"{replay}:/data/manifest.json", str(manifest))
-        v = subprocess.run(
-            [
-                sys.executable, "-m", "tickscale", "verify",
-                "--bootstrap", f"127.0.0.1:{stack.kafka_port}",
-                "--manifest", str(manifest),
-                "--timeout", "120",
-                "--json", str(report),
-            ],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        print(v.stdout[-1500:])
-        lines = v.stdout.strip().splitlines()
-        assert lines and lines[-1] == LEDGER_OK, v.stdout[-3000:] + v.stderr[-3000:]
-        assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
-        ledger = json.loads(report.read_text())
-        assert ledger["ticks_read"] == ledger["ticks_expected"] > 0, ledger
-        assert ledger["deadletters"] == ledger["deadletters_expected"] > 0, ledger
+        _assert_compose_ledger(stack, replay, tmp_path)
         done("verify")
 
         # No replay clock, no load: handlers go once the window has passed.
@@ -574,3 +611,66 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
             _docker("rm", "-f", *left, check=False)
         if _docker("network", "inspect", stack.network, check=False).returncode == 0:
             stack.run("down", "-v", "--remove-orphans", timeout=240)
+
+
+@pytest.mark.slow
+def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swarm: None) -> None:
+    """compose/swarm.yml on a one-node swarm: the scaler grows a Swarm service for the
+    replayed open, every tick arrives exactly once, Prometheus scrapes each task, and
+    `down` leaves neither the service nor the overlay network behind."""
+    fleet = f"sw{uuid.uuid4().hex[:8]}"
+    service = f"tickscale-handlers-{fleet}"
+    stack = _compose_stack(
+        tmp_path, "swarm.yml", SCALER_NAME=fleet, SWARM_SERVICE=service, **E2E_SETTINGS
+    )
+    t0 = time.time()
+    counts: list[int] = []  # running task containers, one sample a second
+
+    def tasks_now() -> int:
+        r = _docker(
+            "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={service}",
+            "--filter", "status=running",
+        )  # fmt: skip
+        counts.append(len(r.stdout.split()))
+        return counts[-1]
+
+    down_ran = False
+    try:
+        services = stack.run("config", "--services").stdout.split()
+        r = stack.run("up", "-d", *(s for s in services if s not in NOT_HERE), timeout=420)
+        assert r.returncode == 0, r.stdout + r.stderr
+        replay = stack.cid("replay")
+        assert replay, stack.run("ps").stdout
+
+        def replay_done() -> bool:
+            tasks_now()
+            return _state(replay)["Status"] == "exited"
+
+        _wait("the replay to finish", replay_done, 300)
+        assert _state(replay)["ExitCode"] == 0, stack.logs()
+        assert max(counts) == E2E_MAX_HANDLERS, f"running tasks seen during the replay: {counts}"
+        spec = json.loads(_docker("service", "inspect", service).stdout)[0]["Spec"]
+        assert spec["Labels"][LABEL_SCALER] == fleet, spec
+        _assert_compose_ledger(stack, replay, tmp_path)
+
+        # The tasks are found through Docker like the containers of the docker backend.
+        up = _series(stack.prometheus, f'up{{job="handler", container=~"{service}[.].*"}} == 1', t0)
+        scraped = {s["metric"]["container"] for s in up}
+        assert len(scraped) >= E2E_MAX_HANDLERS, f"tasks scraped: {sorted(scraped)}"
+
+        down_ran = True
+        r = stack.run("down", "-v", "--remove-orphans", timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # The scaler drained the tasks and removed the service, which held the network.
+        assert _docker("service", "inspect", service, check=False).returncode != 0
+        assert tasks_now() == 0
+        assert _docker("network", "inspect", stack.network, check=False).returncode != 0
+    finally:
+        print(f"running tasks, one sample a second: {counts}")
+        if not down_ran:
+            print(stack.logs())
+            stack.run("down", "-v", "--remove-orphans", timeout=240)
+        _docker("service", "rm", service, check=False)
+        if _docker("network", "inspect", stack.network, check=False).returncode == 0:
+            time.sleep(5)  # the service's tasks release the network as they go
+            _docker("network", "rm", stack.network, check=False)

@@ -210,6 +210,9 @@ class DockerBackend(EngineClient):
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
 
+    async def retire(self) -> None:
+        """Nothing to drop: ``remove`` already stopped and removed the containers."""
+
     # Backend --------------------------------------------------------------------------
 
     async def list(self) -> builtins.list[HandlerInstance]:

@@ -69,6 +69,9 @@ class ProcessBackend:
         await self._stop_children(list(self._children.values()))
         self._write_targets()
 
+    async def retire(self) -> None:
+        """Nothing to drop: ``remove`` already waited for the processes."""
+
     async def list(self) -> builtins.list[HandlerInstance]:
         self._reap()
         return [

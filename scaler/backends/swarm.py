@@ -4,7 +4,10 @@ The scaler only changes the service's replica count; Swarm places the tasks,
 replaces crashed ones, and on scale-in picks the tasks to stop and sends them
 SIGTERM with the service's stop grace period. The service is created (with
 zero replicas) on first start and carries the scaler's labels; an existing
-service of that name without them is refused rather than taken over.
+service of that name without them is refused rather than taken over. A scaler
+that stops its handlers on exit scales the service to zero, waits for the
+tasks to drain and removes the service, which would otherwise keep its
+network in use.
 
 A swarm spans machines, so the network must be an overlay (or ``host``).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import time
 from typing import Any, TypeVar
 
 from docker.errors import APIError, NotFound
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 # Task states before "running": the task exists and is on its way up.
 _STARTING = {"new", "pending", "assigned", "accepted", "ready", "preparing", "starting"}
 _SCALE_RETRIES = 5
+# Beyond the stop grace period: Swarm's own lag between a task's exit and its state.
+_RETIRE_MARGIN_S = 15.0
 
 T = TypeVar("T")
 
@@ -83,6 +89,19 @@ class SwarmBackend(EngineClient):
         except BaseException:
             await self.close()
             raise
+
+    async def retire(self) -> None:
+        """Wait for the scaled-in tasks to drain, then remove the service: it holds the
+        overlay network, and removing it while tasks still run would kill them."""
+        deadline = time.monotonic() + self.stop_grace_s + _RETIRE_MARGIN_S
+        while await self._call("list service tasks", self._running_tasks):
+            if time.monotonic() > deadline:
+                raise BackendError(
+                    f"swarm_service: tasks of {self.service!r} still running after "
+                    f"{self.stop_grace_s + _RETIRE_MARGIN_S:.0f} s; service left in place"
+                )
+            await asyncio.sleep(0.5)
+        await self._call("remove the service", self._remove_service)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -221,6 +240,20 @@ class SwarmBackend(EngineClient):
             log.info("swarm service %s: replicas %d -> %d", self.service, old, new)
             return old, new
         raise BackendError(f"swarm_service: could not update {self.service!r}")
+
+    def _running_tasks(self) -> int:
+        """Tasks whose containers may still run, whatever their desired state."""
+        svc = self._find()
+        if svc is None:
+            return 0
+        live = _STARTING | {"running"}
+        return sum(1 for t in svc.tasks() if (t.get("Status") or {}).get("State") in live)
+
+    def _remove_service(self) -> None:
+        svc = self._find()
+        if svc is not None:
+            svc.remove()
+            log.info("removed swarm service %s", self.service)
 
     def _tasks(self) -> builtins.list[HandlerInstance]:
         svc = self._service()
