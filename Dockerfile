@@ -42,7 +42,7 @@ COPY README* ./
 COPY ingest ./ingest
 COPY scaler ./scaler
 COPY tickscale ./tickscale
-# --no-build-isolation: setuptools and wheel are already in /opt/build, so this
+# --no-build-isolation: the build backend is already in /opt/build, so this
 # step needs no network (and no CA).
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
     && ls -1 /wheels

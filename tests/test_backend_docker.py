@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import time
 import urllib.request
 import uuid
@@ -31,7 +30,7 @@ import pytest
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
 from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
 from scaler.backends.swarm import SwarmBackend
-from tests.docker_utils import DOCKER, docker, swarm_state
+from tests.docker_utils import docker, engine_problem, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
 from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.localstack.topics import TopicSet
@@ -45,21 +44,10 @@ PORT_BASE = 19100
 
 
 def _engine_problem() -> str | None:
-    if DOCKER is None:
-        return "no docker CLI"
-    try:
-        r = subprocess.run([DOCKER, "info"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`docker info` failed: {e}"
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"`docker info` failed (no running engine? `bash .ci/docker.sh` starts one): {last}"
-    r = subprocess.run(
-        [DOCKER, "image", "inspect", IMAGE], capture_output=True, text=True, timeout=30
-    )
-    if r.returncode != 0:
-        return f"image {IMAGE} not built: run `bash .ci/docker.sh`"
-    return None
+    problem = engine_problem()
+    if problem is None and docker("image", "inspect", IMAGE, check=False).returncode != 0:
+        problem = f"image {IMAGE} not built: run `bash .ci/docker.sh`"
+    return problem
 
 
 _PROBLEM = _engine_problem()

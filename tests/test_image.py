@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.docker_utils import DOCKER, docker, engine_problem
 from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.dashboards import (
     Failure,
@@ -56,42 +57,12 @@ SECRET_ENV_NAMES = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 
 
-def _docker_cli() -> str | None:
-    env = os.environ.get("DOCKER")
-    if env:
-        return env
-    return shutil.which("docker")
-
-
-def _docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    cli = _docker_cli()
-    assert cli is not None
-    return subprocess.run(
-        [cli, *args], capture_output=True, text=True, check=check, timeout=timeout
-    )
-
-
-@functools.cache
-def _engine_problem() -> str | None:
-    cli = _docker_cli()
-    if cli is None:
-        return "no docker CLI on PATH"
-    try:
-        r = subprocess.run([cli, "info"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"`docker info` failed: {e}"
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"`docker info` failed (no running engine?): {last}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def image() -> dict:
-    problem = _engine_problem()
+    problem = engine_problem()
     if problem:
         pytest.skip(f"needs a Docker engine: {problem}")
-    r = _docker("image", "inspect", IMAGE, check=False)
+    r = docker("image", "inspect", IMAGE, check=False)
     if r.returncode != 0:
         msg = f"image {IMAGE} not built: run `bash .ci/docker.sh`"
         if os.environ.get("CI"):
@@ -104,13 +75,13 @@ def test_runs_as_non_root(image: dict) -> None:
     user = image["Config"].get("User") or ""
     assert user, "image has no USER: it would run as root"
     assert user.split(":")[0] not in ("root", "0")
-    out = _docker("run", "--rm", "--entrypoint", "id", IMAGE).stdout
+    out = docker("run", "--rm", "--entrypoint", "id", IMAGE).stdout
     assert "uid=0(" not in out, out
     assert "uid=10001(tickscale)" in out, out
 
 
 def test_tickscale_help_runs(image: dict) -> None:
-    r = _docker("run", "--rm", "--read-only", IMAGE, "--help")
+    r = docker("run", "--rm", "--read-only", IMAGE, "--help")
     for role in ("handler", "replay"):
         assert role in r.stdout, r.stdout
     assert image["Config"]["Entrypoint"] == ["tickscale"]
@@ -141,7 +112,7 @@ def test_no_secret_in_env(image: dict) -> None:
 
 
 def test_no_secret_in_history(image: dict) -> None:
-    out = _docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
+    out = docker("history", "--no-trunc", "--format", "{{.CreatedBy}}", IMAGE).stdout
     for needle in ("PIP_CERT", "/run/secrets", "cacert", "ca-certificates.crt"):
         assert needle not in out, f"{needle!r} in the image history:\n{out}"
 
@@ -163,9 +134,8 @@ def _host_only_certs() -> set[bytes]:
 
 def _layer_files(image_ref: str) -> Iterator[tuple[str, str, bytes | None]]:
     """(layer, path, content or None) for every file of every layer, streamed."""
-    cli = _docker_cli()
-    assert cli is not None
-    proc = subprocess.Popen([cli, "save", image_ref], stdout=subprocess.PIPE)
+    assert DOCKER is not None
+    proc = subprocess.Popen([DOCKER, "save", image_ref], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
         with tarfile.open(fileobj=proc.stdout, mode="r|") as outer:
@@ -229,9 +199,11 @@ STANDIN_IMAGES = (
 
 
 def _compose_cmd() -> list[str] | None:
-    cli = _docker_cli()
-    if cli and subprocess.run([cli, "compose", "version"], capture_output=True).returncode == 0:
-        return [cli, "compose"]
+    if (
+        DOCKER
+        and subprocess.run([DOCKER, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [DOCKER, "compose"]
     v1 = shutil.which("docker-compose")
     return [v1] if v1 else None
 
@@ -246,7 +218,7 @@ def _wait(what: str, cond: Callable[[], object], timeout: float) -> None:
 
 
 def _state(cid: str) -> dict:
-    return json.loads(_docker("inspect", "--format", "{{json .State}}", cid).stdout)
+    return json.loads(docker("inspect", "--format", "{{json .State}}", cid).stdout)
 
 
 def _http_ok(url: str) -> bool:
@@ -263,7 +235,7 @@ def _handlers(fleet: str, *, all_states: bool = False) -> list[str]:
     if all_states:
         args.append("-a")
     args += ["--filter", f"label={LABEL_ROLE}=handler", "--filter", f"label={LABEL_SCALER}={fleet}"]
-    return _docker(*args).stdout.split()
+    return docker(*args).stdout.split()
 
 
 class ComposeStack:
@@ -334,7 +306,7 @@ class ComposeStack:
         text = r.stdout[-16000:] + r.stderr[-2000:]
         # The handler containers are the scaler's, not compose's: logs of their own.
         for cid in _handlers(fleet, all_states=True)[:4] if fleet else []:
-            h = _docker("logs", "--tail", "25", cid, check=False)
+            h = docker("logs", "--tail", "25", cid, check=False)
             text += f"\n--- handler container {cid[:12]}\n{(h.stdout + h.stderr)[-3000:]}"
         return text
 
@@ -344,7 +316,7 @@ def _compose_stack(tmp_path: Path, *variants: str, **overrides: str) -> ComposeS
     if compose is None:
         pytest.skip("needs docker compose (v2 plugin) or docker-compose (v1)")
     missing = [
-        img for img in STANDIN_IMAGES if _docker("image", "inspect", img, check=False).returncode
+        img for img in STANDIN_IMAGES if docker("image", "inspect", img, check=False).returncode
     ]
     if missing:
         msg = f"images {missing} missing: run `bash .ci/docker.sh` (builds local stand-ins)"
@@ -450,7 +422,7 @@ def _assert_compose_ledger(stack: ComposeStack, replay: str, tmp_path: Path) -> 
     """Every tick exactly once and every dead letter accounted for: checked from the host
     through the published EXTERNAL listener, against the manifest in the replay's volume."""
     manifest, report = tmp_path / "manifest.json", tmp_path / "verify.json"
-    _docker("cp", f"{replay}:/data/manifest.json", str(manifest))
+    docker("cp", f"{replay}:/data/manifest.json", str(manifest))
     v = subprocess.run(
         [
             sys.executable, "-m", "tickscale", "verify",
@@ -565,16 +537,34 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
         assert not failures, "\n".join(map(str, failures))
         done("dashboards")
 
+        # A load test against this stack's Kafka and Redis, as a user would point one at it:
+        # its own topics, scaler and handlers on the host, the same ledger.
+        res = tmp_path / "loadtest.json"
+        lt = subprocess.run(
+            [
+                sys.executable, "-m", "tickscale", "loadtest", "--no-progress",
+                "--target", "compose", "--compose-env", str(stack.env_file),
+                "--scenario", "open", "--from", "09:30", "--to", "09:32", "--speed", "20",
+                "--symbols", "10", "--partitions", "2", "--policy", "fixed:1",
+                "--out", str(tmp_path / "loadtest"), "--json", str(res),
+            ],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert lt.returncode == 0, lt.stderr[-4000:]
+        lr = json.loads(res.read_text())
+        assert lr["target"] == "compose" and lr["ledger_ok"] and lr["slo_ok"], lr
+        assert lr["ticks_read"] == lr["ticks_expected"] > 0, lr
+        done("loadtest")
+
         pre_down_logs = stack.logs(fleet)
         # As a user stops it: the scaler (TICKSCALE_SCALER_STOP_HANDLERS_ON_EXIT)
         # drains and removes its handlers, so the network can go too. Its own
         # account of that is gone with its container unless followed now.
         scaler_log = tmp_path / "scaler-stop.log"
         with scaler_log.open("wb") as f:
-            cli = _docker_cli()
-            assert cli is not None
+            assert DOCKER is not None
             follow = subprocess.Popen(
-                [cli, "logs", "-f", "--since", "1s", stack.cid("scaler")], stdout=f, stderr=f
+                [DOCKER, "logs", "-f", "--since", "1s", stack.cid("scaler")], stdout=f, stderr=f
             )
             down_ran = True
             try:
@@ -590,7 +580,7 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
         done("down")
         left = _handlers(fleet, all_states=True)
         assert not left, f"handler containers left after down: {left}\n{stopping}"
-        net = _docker("network", "inspect", stack.network, check=False)
+        net = docker("network", "inspect", stack.network, check=False)
         assert net.returncode != 0, f"network {stack.network} left after down\n{stopping}"
         # Drained, not killed: each handler committed and left while Kafka was up.
         exits = re.findall(r"stopped handler container \S+ \(exit (\S+)\)", stopping)
@@ -608,8 +598,8 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
         # Whatever happened above: nothing of this run may stay on the engine.
         left = _handlers(fleet, all_states=True)
         if left:
-            _docker("rm", "-f", *left, check=False)
-        if _docker("network", "inspect", stack.network, check=False).returncode == 0:
+            docker("rm", "-f", *left, check=False)
+        if docker("network", "inspect", stack.network, check=False).returncode == 0:
             stack.run("down", "-v", "--remove-orphans", timeout=240)
 
 
@@ -627,7 +617,7 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
     counts: list[int] = []  # running task containers, one sample a second
 
     def tasks_now() -> int:
-        r = _docker(
+        r = docker(
             "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={service}",
             "--filter", "status=running",
         )  # fmt: skip
@@ -649,7 +639,7 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
         _wait("the replay to finish", replay_done, 300)
         assert _state(replay)["ExitCode"] == 0, stack.logs()
         assert max(counts) == E2E_MAX_HANDLERS, f"running tasks seen during the replay: {counts}"
-        spec = json.loads(_docker("service", "inspect", service).stdout)[0]["Spec"]
+        spec = json.loads(docker("service", "inspect", service).stdout)[0]["Spec"]
         assert spec["Labels"][LABEL_SCALER] == fleet, spec
         _assert_compose_ledger(stack, replay, tmp_path)
 
@@ -662,15 +652,15 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
         r = stack.run("down", "-v", "--remove-orphans", timeout=240)
         assert r.returncode == 0, r.stdout + r.stderr
         # The scaler drained the tasks and removed the service, which held the network.
-        assert _docker("service", "inspect", service, check=False).returncode != 0
+        assert docker("service", "inspect", service, check=False).returncode != 0
         assert tasks_now() == 0
-        assert _docker("network", "inspect", stack.network, check=False).returncode != 0
+        assert docker("network", "inspect", stack.network, check=False).returncode != 0
     finally:
         print(f"running tasks, one sample a second: {counts}")
         if not down_ran:
             print(stack.logs())
             stack.run("down", "-v", "--remove-orphans", timeout=240)
-        _docker("service", "rm", service, check=False)
-        if _docker("network", "inspect", stack.network, check=False).returncode == 0:
+        docker("service", "rm", service, check=False)
+        if docker("network", "inspect", stack.network, check=False).returncode == 0:
             time.sleep(5)  # the service's tasks release the network as they go
-            _docker("network", "rm", stack.network, check=False)
+            docker("network", "rm", stack.network, check=False)
