@@ -63,7 +63,7 @@ def scaler_cmd(args: argparse.Namespace, bootstrap: str, redis_url: str, topic: 
         "--policy", policy, "--bootstrap", bootstrap, "--redis-url", redis_url,
         "--topic", topic, "--group", group, "--min-handlers", "1", "--max-handlers", "4",
         "--calendar", "none", "--lag-target", "5", "--poll", "1",
-        "--scale-down-window", str(args.down_window), "--name", f"bench-{policy}",
+        "--scale-down-window", str(args.down_window), "--name", f"bench-{policy}-{os.getpid()}",
         "--metrics-port", str(free_port()), "--handler-base-port", str(free_port()),
         "--state-dir", str(work / f"scaler-{policy}"), "--stop-grace", "30",
     ]  # fmt: skip
@@ -80,6 +80,9 @@ async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy:
     await ensure_topics(bootstrap, {raw: args.partitions, ticks: args.partitions, dl: 1})
     env = os.environ | {
         "TICKSCALE_SCALER_OUT_TOPIC": ticks, "TICKSCALE_SCALER_DEADLETTER_TOPIC": dl,
+        # Containers and services outlive a scaler unless it removes them; a run's own
+        # fleet name keeps the next run from adopting handlers of a broker that is gone.
+        "TICKSCALE_SCALER_STOP_HANDLERS_ON_EXIT": "true",
     }  # fmt: skip
     log = (work / f"scaler-{policy}.log").open("wb")
     sc = subprocess.Popen(
