@@ -15,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ingest.manifest import Manifest
 from tickscale.loadtest.chaos import parse_chaos
 from tickscale.loadtest.feed import TimeWarp
 from tickscale.loadtest.latency import Histogram, parse_buckets
@@ -104,10 +105,13 @@ def test_an_impossible_slo_fails_the_run_with_exit_status_1(
         "--bootstrap", kafka_bootstrap, "--redis", redis_url, "--from", "04:00", "--to", "05:00",
         "--speed", "max", "--symbols", "20", "--date", "2024-11-25", "--partitions", "2",
         "--policy", "fixed:1", "--slo-p99", "0.0001", "--out", str(tmp_path / "run"),
-        "--json", str(res_path),
+        "--json", str(res_path), "--only", "JQK,XP,EE",
     )  # fmt: skip
     assert p.returncode == 1, p.stderr[-5000:]
     r = orjson.loads(res_path.read_bytes())
+    # Three of the day's twenty instruments were replayed, and the ledger is theirs.
+    assert r["only"] == ["EE", "JQK", "XP"]
+    assert set(Manifest.read(tmp_path / "run" / "manifest.json").symbols) == {"EE", "JQK", "XP"}
     # Everything arrived; only the latency check failed.
     assert r["ledger_ok"] and r["missing"] == 0 and r["ticks_read"] == r["ticks_expected"] > 0
     assert not r["ok"] and not r["slo_ok"]
@@ -176,6 +180,9 @@ def test_flash_burst_plan_and_time_warp() -> None:
         resolve("flash-burst", speed="max")
     with pytest.raises(ValueError, match="--scenario"):
         resolve("lunch")
+    assert resolve("open", only="AAPL,MSFT").feed_args()[-2:] == ["--only", "AAPL,MSFT"]
+    with pytest.raises(ValueError, match="--only"):
+        resolve("open", only=" , ")
 
 
 def test_chaos_specs() -> None:

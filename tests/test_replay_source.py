@@ -17,7 +17,9 @@ from ingest.replay.source import (
     RawMessage,
     itch_file_source,
     jsonl_source,
+    only_symbols,
     parse_hhmm,
+    parse_only,
 )
 from ingest.replay.synthetic import SyntheticDay
 
@@ -222,3 +224,37 @@ def test_itch_file_source(tmp_path: Path) -> None:
     assert [m.key for m in got] == [None, b"\x01\x02", b"", b"\x01\x02"]
     t = 4 * 3600 * NS
     assert [m.ts_ns for m in got] == [t, t + 7, t + 7, t + 7]
+
+
+def test_only_symbols_keeps_a_subset_and_the_market_wide_messages() -> None:
+    day = full_day(1)
+    names = {
+        d.locate: d.stock.rstrip()
+        for m in day
+        if m.key is not None and isinstance(d := itch.decode(m.payload), itch.StockDirectory)
+    }
+    assert len(names) == 3
+    keep = sorted(names.values())[:2]
+    short = RawMessage(day[-1].ts_ns, b"", b"A\x01", "itch")  # too short for a locate
+    got = list(only_symbols([*day, short], parse_only(",".join(keep))))
+    kept = {int.from_bytes(m.payload[1:3], "big") for m in got if m.key}
+    assert {names[loc] for loc in kept if loc in names} == set(keep)
+    assert kept <= {loc for loc, n in names.items() if n in keep}
+    dropped = [m for m in day if m.key and names[int.from_bytes(m.key, "big")] not in keep]
+    assert dropped and len(got) == len(day) + 1 - len(dropped)
+    # Market-wide messages (system events) and unattributable input stay.
+    assert [m for m in day if m.key is None] == [m for m in got if m.key is None]
+    assert got[-1] == short
+
+
+def test_only_symbols_on_json_lines_and_bad_lists() -> None:
+    msgs = [
+        RawMessage(1, b"BTC-USD", b"{}", "json"),
+        RawMessage(2, b"ETH-USD", b"{}", "json"),
+        RawMessage(3, b"", b"not json", "json"),
+    ]
+    got = list(only_symbols(msgs, parse_only("BTC-USD")))
+    assert [m.ts_ns for m in got] == [1, 3]
+    assert parse_only(None) is None
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_only(" , ")

@@ -95,6 +95,10 @@ def replay(
     malformed_every: Annotated[
         int, typer.Option(min=0, help="inject a malformed message after every N (0 = none)")
     ] = 0,
+    only: Annotated[
+        str | None,
+        typer.Option(help="only these symbols, comma-separated (and market-wide messages)"),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     redis: Annotated[
         str | None,
@@ -123,6 +127,7 @@ def replay(
         malformed_every=malformed_every,
         progress=progress,
         redis_url=redis,
+        only=only,
     )
     if not ok:
         raise typer.Exit(1)

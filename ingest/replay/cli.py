@@ -23,6 +23,8 @@ from ingest.replay.source import (
     itch_file_source,
     jsonl_source,
     parse_hhmm,
+    parse_only,
+    subset_of,
 )
 from ingest.replay.synthetic import SyntheticDay
 
@@ -107,6 +109,7 @@ def run_replay(
     malformed_every: int,
     progress: bool,
     redis_url: str | None = None,
+    only: str | None = None,
 ) -> bool:
     try:
         start_s = None if start is None else parse_hhmm(start)
@@ -118,32 +121,40 @@ def run_replay(
         raise typer.BadParameter(str(e), param_hint="--to") from None
     if start_s is not None and end_s is not None and end_s <= start_s:
         raise typer.BadParameter("--to must be after --from", param_hint="--to")
+    try:
+        subset = parse_only(only)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--only") from None
 
     params: dict[str, object] = {"from": start, "to": end, "malformed_every": malformed_every}
     codec = "itch"
     src: Iterable[RawMessage]
     if source == "synthetic":
         day_s, close = resolve_day(day)
-        src = ItchWindow(SyntheticDay(symbols, seed, rate, close), start_s, end_s)
+        src = ItchWindow(
+            subset_of(SyntheticDay(symbols, seed, rate, close), subset), start_s, end_s
+        )
         params |= {"symbols": symbols, "seed": seed, "rate": rate, "close": close}
     elif source == "itch":
         if file is None or not file.exists():
             raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
         day_s, _ = resolve_day(day)
-        src = ItchWindow(itch_file_source(file), start_s, end_s)
+        src = ItchWindow(subset_of(itch_file_source(file), subset), start_s, end_s)
         params |= {"file": str(file)}
     elif source == "jsonl":
         if file is None or not file.exists():
             raise typer.BadParameter("an existing JSON-lines file is required", param_hint="--file")
         day_s = day or ""
         codec = "json"
-        src = JsonWindow(jsonl_source(file), start_s, end_s, day)
+        src = JsonWindow(subset_of(jsonl_source(file), subset), start_s, end_s, day)
         params |= {"file": str(file)}
     else:
         raise typer.BadParameter("expected synthetic, itch or jsonl", param_hint="--source")
     if malformed_every:
         src = with_malformed(src, malformed_every)
     params["date"] = day_s
+    if subset is not None:
+        params["only"] = sorted(subset)
 
     console = Console(stderr=True)
     bar = Progress(

@@ -93,6 +93,50 @@ def jsonl_source(path: str | Path) -> Iterator[RawMessage]:
             yield RawMessage(last_ts, key, line, "json")
 
 
+def parse_only(value: str | None) -> frozenset[str] | None:
+    """``--only AAPL,MSFT`` -> the symbols (None: every symbol); ValueError on an empty list."""
+    if value is None:
+        return None
+    syms = frozenset(s.strip() for s in value.split(",") if s.strip())
+    if not syms:
+        raise ValueError(f"expected comma-separated symbols, got {value!r}")
+    return syms
+
+
+def only_symbols(source: Iterable[RawMessage], symbols: frozenset[str]) -> Iterator[RawMessage]:
+    """The messages of ``symbols`` and the market-wide ones, in order.
+
+    ITCH messages carry a stock locate, not the symbol: a stock's locate is learned from
+    its stock directory message, which the feed sends before any other message of that
+    stock. JSON lines are routed by their symbol. A message that cannot be attributed
+    (a frame too short for a locate, a line without a symbol) is kept: it is bad input the
+    handler dead-letters, and a subset must not hide it.
+    """
+    locates: set[int] = set()
+    for m in source:
+        if m.codec != "itch":
+            if not m.key or m.key.decode("utf-8", "replace") in symbols:
+                yield m
+            continue
+        p = m.payload
+        if m.key is None or len(p) < itch.HEADER_LEN:
+            yield m
+            continue
+        locate = int.from_bytes(p[1:3], "big")
+        if (
+            p[:1] == b"R"
+            and len(p) >= 19
+            and p[11:19].decode("ascii", "replace").rstrip() in symbols
+        ):
+            locates.add(locate)
+        if locate in locates:
+            yield m
+
+
+def subset_of(source: Iterable[RawMessage], symbols: frozenset[str] | None) -> Iterable[RawMessage]:
+    return source if symbols is None else only_symbols(source, symbols)
+
+
 class ItchWindow:
     """Restrict an ITCH stream to ``[start, end)`` seconds since midnight.
 

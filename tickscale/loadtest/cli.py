@@ -46,6 +46,10 @@ def run(
     symbols: Annotated[
         int | None, typer.Option(min=1, help="synthetic: instruments (default: scenario's)")
     ] = None,
+    only: Annotated[
+        str | None,
+        typer.Option(help="only these symbols, comma-separated (any source; market-wide kept)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
     day: Annotated[str | None, typer.Option("--date", help="trading date YYYY-MM-DD")] = None,
     from_: Annotated[str | None, typer.Option("--from", help="start HH:MM (exchange time)")] = None,
@@ -106,7 +110,7 @@ def run(
         plan = resolve(
             scenario, source=source, file=file, symbols=symbols, seed=seed, date=day,
             start=from_, end=to, speed=speed, burst_at=burst_at, burst_multiple=burst_multiple,
-            burst_seconds=burst_seconds, malformed_every=malformed_every,
+            burst_seconds=burst_seconds, malformed_every=malformed_every, only=only,
         )  # fmt: skip
     except ValueError as e:
         opt, _, msg = str(e).partition(": ")

@@ -44,6 +44,8 @@ from ingest.replay.source import (
     itch_file_source,
     jsonl_source,
     parse_hhmm,
+    parse_only,
+    subset_of,
 )
 from ingest.replay.synthetic import SyntheticDay
 from tickscale.topology import partitions_of
@@ -102,20 +104,24 @@ def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str,
     start_s = None if a.start is None else parse_hhmm(a.start)
     end_s = None if a.end is None else parse_hhmm(a.end)
     params: dict[str, object] = {"from": a.start, "to": a.end, "malformed_every": a.malformed_every}
+    subset = parse_only(a.only)
+    if subset is not None:
+        params["only"] = sorted(subset)
     src: Iterable[RawMessage]
     codec = "itch"
     if a.source == "synthetic":
         day, close = resolve_day(a.date)
-        src = ItchWindow(SyntheticDay(a.symbols, a.seed, a.rate, close), start_s, end_s)
+        syn = SyntheticDay(a.symbols, a.seed, a.rate, close)
+        src = ItchWindow(subset_of(syn, subset), start_s, end_s)
         params |= {"symbols": a.symbols, "seed": a.seed, "rate": a.rate, "close": close}
     elif a.source == "itch":
         day, close = resolve_day(a.date)
-        src = ItchWindow(itch_file_source(a.file), start_s, end_s)
+        src = ItchWindow(subset_of(itch_file_source(a.file), subset), start_s, end_s)
         params |= {"file": str(a.file), "close": close}
     elif a.source == "jsonl":
         day = a.date or ""
         codec = "json"
-        src = JsonWindow(jsonl_source(a.file), start_s, end_s, a.date)
+        src = JsonWindow(subset_of(jsonl_source(a.file), subset), start_s, end_s, a.date)
         params |= {"file": str(a.file)}
     else:
         raise SystemExit(f"error: unknown source {a.source!r}")
@@ -217,6 +223,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--source", default="synthetic")
     ap.add_argument("--file", type=Path)
     ap.add_argument("--symbols", type=int, default=50)
+    ap.add_argument("--only")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--rate", type=float, default=1.0)
     ap.add_argument("--date")

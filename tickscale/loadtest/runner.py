@@ -433,6 +433,9 @@ class LoadTest:
             "target": cfg.target,
             "source": plan.source,
             "symbols": plan.symbols if plan.source == "synthetic" else None,
+            "only": sorted(s.strip() for s in plan.only.split(",") if s.strip())
+            if plan.only
+            else None,
             "seed": plan.seed,
             "date": (self.clock.done or {}).get("date") or plan.date,
             "window": f"{plan.start}-{plan.end}",

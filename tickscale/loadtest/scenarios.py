@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ingest.replay.source import parse_hhmm
+from ingest.replay.source import parse_hhmm, parse_only
 
 AFTER_BURST_S = 600  # market seconds replayed at the base speed after a flash burst
 
@@ -85,6 +85,7 @@ class ReplayPlan:
     speed: float | None  # None = as fast as the broker takes it
     burst: Burst | None = None
     malformed_every: int = 0
+    only: str | None = None  # comma-separated symbols: replay only these
 
     @property
     def start_s(self) -> int | None:
@@ -109,6 +110,8 @@ class ReplayPlan:
             args += ["--from", self.start]
         if self.end:
             args += ["--to", self.end]
+        if self.only:
+            args += ["--only", self.only]
         if self.burst is not None:
             b = self.burst
             args += [
@@ -152,6 +155,7 @@ def resolve(
     burst_multiple: float = 3.0,
     burst_seconds: float = 20.0,
     malformed_every: int = 0,
+    only: str | None = None,
 ) -> ReplayPlan:
     """The plan for scenario ``name`` with the command line's overrides applied.
 
@@ -162,6 +166,10 @@ def resolve(
     if sc is None:
         raise ValueError(f"--scenario: unknown scenario {name!r} (one of {', '.join(SCENARIOS)})")
     sp = sc.speed if speed is None else parse_speed(speed)
+    try:
+        parse_only(only)
+    except ValueError as e:
+        raise ValueError(f"--only: {e}") from None
     plan = ReplayPlan(
         scenario=name,
         source=source,
@@ -174,6 +182,7 @@ def resolve(
         end=end or sc.end,
         speed=sp,
         malformed_every=malformed_every,
+        only=only,
     )
     for opt, v in (("--from", plan.start), ("--to", plan.end), ("--burst-at", burst_at)):
         if v is not None:
