@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ingest.replay.source import parse_only
 from ingest.sessions import CLOSE
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
@@ -433,9 +434,7 @@ class LoadTest:
             "target": cfg.target,
             "source": plan.source,
             "symbols": plan.symbols if plan.source == "synthetic" else None,
-            "only": sorted(s.strip() for s in plan.only.split(",") if s.strip())
-            if plan.only
-            else None,
+            "only": sorted(parse_only(plan.only) or ()) or None,
             "seed": plan.seed,
             "date": (self.clock.done or {}).get("date") or plan.date,
             "window": f"{plan.start}-{plan.end}",
