@@ -234,6 +234,11 @@ async def test_graceful_scale_in_and_out_lose_nothing(
         assert rp.wait(180) == 0
         rc, out = run_verify(topics, manifest)
         _assert_exact(rc, out)
+        # Every move was a hand-over (rebalance or SIGTERM): the old owner wrote its
+        # snapshot at the committed offset before letting go, so nothing was replayed.
+        for h in live:
+            assert h.metric("tickscale_handler_restore_seconds_count") > 0, h.log()
+            assert h.metric("tickscale_handler_restore_replayed_total") == 0, h.log()
     finally:
         for h in every:
             h.close()

@@ -66,6 +66,10 @@ class RedisSink:
         await self._flush()  # best effort: final snapshots make the next restore short
         await self._r.aclose()
 
+    async def flush(self) -> None:
+        """Write what is queued now (best effort, as the background flush)."""
+        await self._flush()
+
     # Producers of data (called from the hot path: no I/O here) ----------------
 
     def last_ticks(self, ticks: list[dict[str, Any]]) -> None:

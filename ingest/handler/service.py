@@ -131,6 +131,8 @@ class FeedHandler:
         async with self._lock:  # the batch in flight commits first
             for w in self.workers.values():
                 w.save_snapshot()
+        if self.sink is not None:
+            await self.sink.flush()  # before leaving: the next owners restore from these
         if self.consumer is not None:
             # Leaves the group; the revoke callback closes the partition producers.
             with contextlib.suppress(KafkaError):
@@ -167,6 +169,11 @@ class FeedHandler:
                 if w is not None:
                     w.save_snapshot()
                 await self._close_worker(tp)
+            if self.sink is not None:
+                # Written before this member rejoins, so the partitions' next owners
+                # restore from the committed offset itself instead of replaying from
+                # an older snapshot.
+                await self.sink.flush()
         metrics.ASSIGNED.set(len(self.workers))
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -226,6 +233,8 @@ class FeedHandler:
     # Main loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve until ``stop()``. Raises the error that made the handler give up, if
+        one did, so the process exits non-zero and its supervisor replaces it."""
         assert self.consumer is not None
         consumer = self.consumer
         last_stats = 0.0
@@ -266,6 +275,8 @@ class FeedHandler:
             if now - last_stats >= 1.0:
                 last_stats = now
                 self._report(consumer)
+        if self._fatal is not None:
+            raise self._fatal
 
     async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
         assert self.consumer is not None
