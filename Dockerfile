@@ -71,6 +71,13 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && /opt/venv/bin/pip uninstall -y -q pip \
     && tickscale --help >/dev/null
 
+# Bytecode for the interpreter's own library, made once here: a base image may
+# ship it stripped (ours does, to stay small), and the containers run read-only,
+# so without it every handler start compiled asyncio, logging and the rest
+# again: importing the handler in a fresh container took 1.4-1.8 s before, 1.1-1.3 s
+# after, on an idle machine.
+RUN python3 -m compileall -q -j 0 "$(python3 -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')"
+
 # Labels last: VERSION/REVISION/CREATED change per build, and an ARG used
 # earlier would invalidate the cached install layer above on every build.
 ARG VERSION=0.1.0

@@ -325,52 +325,75 @@ class DockerBackend(EngineClient):
     def _add(self, n: int) -> builtins.list[str]:
         host = self.network == "host"
         ports = self._host_ports(n) if host else [CONTAINER_METRICS_PORT] * n
-        started: builtins.list[str] = []
-        # One after the other, so creation order (the age the scaler sees) is
-        # the order of the returned ids.
-        for port in ports:
-            name = f"tickscale-handler-{self.fleet}-{secrets.token_hex(4)}"
-            env = self.spec.env() | {
-                "TICKSCALE_HANDLER_HANDLER_ID": name,
-                "TICKSCALE_HANDLER_METRICS_PORT": str(port),
-                # The image's HEALTHCHECK probes this one.
-                "TICKSCALE_METRICS_PORT": str(port),
-            }
-            kwargs: dict[str, Any] = {
-                "image": self.image,
-                "command": ["handler"],
-                "name": name,
-                "environment": env,
-                "labels": self._labels() | {LABEL_METRICS_PORT: str(port)},
-                "restart_policy": {"Name": "no"},
-                "read_only": True,
-                "tmpfs": {"/tmp": ""},
-                "security_opt": ["no-new-privileges:true"],
-                "log_config": _LOG_CONFIG,
-            }
-            if host:
-                kwargs["network_mode"] = "host"
-            elif self.network:
-                kwargs["network"] = self.network
-            if self.cpus:
-                kwargs["nano_cpus"] = int(self.cpus * 1e9)
-            if self.mem_mb:
-                kwargs["mem_limit"] = f"{self.mem_mb}m"
-            # create + start rather than run(): run() pulls a missing image.
-            try:
-                c = self.client.containers.create(**kwargs)
-            except ImageNotFound as e:
-                raise BackendError(f"image: {self.image} not found on {self.where}") from e
-            try:
-                c.start()
-            except ENGINE_ERRORS:
-                # A created-but-never-started container would look "starting" forever.
-                with contextlib.suppress(*ENGINE_ERRORS):
-                    c.remove(force=True)
-                raise
-            started.append(c.id)
-            log.info("started handler container %s (%s)", name, c.short_id)
-        return started
+        created: builtins.list[tuple[Any, str]] = []
+        # Created one after the other, so creation order (the age the scaler sees)
+        # is the order of the returned ids.
+        try:
+            for port in ports:
+                created.append(self._create(port))
+        except BaseException:
+            self._discard([c for c, _ in created])
+            raise
+        # Started together: handlers that reach the group within one join window
+        # share one rebalance, where one after the other each could cause its own.
+        with ThreadPoolExecutor(max_workers=len(created)) as pool:
+            errors = list(pool.map(self._start, created))
+        failed = [(c, e) for (c, _), e in zip(created, errors, strict=True) if e is not None]
+        if failed:
+            # A created-but-never-started container would look "starting" forever.
+            self._discard([c for c, _ in failed])
+            raise failed[0][1]
+        return [c.id for c, _ in created]
+
+    def _create(self, port: int) -> tuple[Any, str]:
+        name = f"tickscale-handler-{self.fleet}-{secrets.token_hex(4)}"
+        env = self.spec.env() | {
+            "TICKSCALE_HANDLER_HANDLER_ID": name,
+            "TICKSCALE_HANDLER_METRICS_PORT": str(port),
+            # The image's HEALTHCHECK probes this one.
+            "TICKSCALE_METRICS_PORT": str(port),
+        }
+        kwargs: dict[str, Any] = {
+            "image": self.image,
+            "command": ["handler"],
+            "name": name,
+            "environment": env,
+            "labels": self._labels() | {LABEL_METRICS_PORT: str(port)},
+            "restart_policy": {"Name": "no"},
+            "read_only": True,
+            "tmpfs": {"/tmp": ""},
+            "security_opt": ["no-new-privileges:true"],
+            "log_config": _LOG_CONFIG,
+        }
+        if self.network == "host":
+            kwargs["network_mode"] = "host"
+        elif self.network:
+            kwargs["network"] = self.network
+        if self.cpus:
+            kwargs["nano_cpus"] = int(self.cpus * 1e9)
+        if self.mem_mb:
+            kwargs["mem_limit"] = f"{self.mem_mb}m"
+        # create + start rather than run(): run() pulls a missing image.
+        try:
+            return self.client.containers.create(**kwargs), name
+        except ImageNotFound as e:
+            raise BackendError(f"image: {self.image} not found on {self.where}") from e
+
+    @staticmethod
+    def _start(created: tuple[Any, str]) -> BaseException | None:
+        c, name = created
+        try:
+            c.start()
+        except ENGINE_ERRORS as e:
+            return e
+        log.info("started handler container %s (%s)", name, c.short_id)
+        return None
+
+    @staticmethod
+    def _discard(containers: builtins.list[Any]) -> None:
+        for c in containers:
+            with contextlib.suppress(*ENGINE_ERRORS):
+                c.remove(force=True)
 
     def _stop_and_remove(self, cid: str, name: str) -> None:
         t0 = time.monotonic()
