@@ -220,8 +220,9 @@ async def test_add_list_remove_touch_only_own_containers(
         return [h.state for h in listed] == ["running", "running"]
 
     await wait_for("2 running handler containers", both_running, within_s=120)
-    assert [h.id for h in listed] == ids  # oldest first
-    assert listed[0].started_at <= listed[1].started_at
+    assert [h.id for h in listed] == ids  # oldest (first created) first
+    # Started concurrently, so start times need not follow creation order.
+    assert all(h.started_at > 0 for h in listed)
     await wait_ready(ids)
 
     ports = set()
