@@ -92,11 +92,8 @@ def _clock(ns: int, codec: str) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run_replay(
+def build_source(
     *,
-    manifest: Path,
-    bootstrap: str,
-    topic: str,
     source: str,
     file: Path | None,
     symbols: int,
@@ -105,12 +102,14 @@ def run_replay(
     day: str | None,
     start: str | None,
     end: str | None,
-    speed: float | None,
     malformed_every: int,
-    progress: bool,
-    redis_url: str | None = None,
-    only: str | None = None,
-) -> bool:
+    only: str | None,
+) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
+    """(messages, codec, trading date, manifest params) of a replay; the replay command
+    and the load test's feed both build their source here.
+
+    :raises typer.BadParameter: naming the option that is wrong
+    """
     try:
         start_s = None if start is None else parse_hhmm(start)
     except ValueError as e:
@@ -138,9 +137,10 @@ def run_replay(
     elif source == "itch":
         if file is None or not file.exists():
             raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
-        day_s, _ = resolve_day(day)
+        day_s, close = resolve_day(day)
         src = ItchWindow(subset_of(itch_file_source(file), subset), start_s, end_s)
-        params |= {"file": str(file)}
+        # The load test's report shades the sessions from it (early closes included).
+        params |= {"file": str(file), "close": close}
     elif source == "jsonl":
         if file is None or not file.exists():
             raise typer.BadParameter("an existing JSON-lines file is required", param_hint="--file")
@@ -155,6 +155,32 @@ def run_replay(
     params["date"] = day_s
     if subset is not None:
         params["only"] = sorted(subset)
+    return src, codec, day_s, params
+
+
+def run_replay(
+    *,
+    manifest: Path,
+    bootstrap: str,
+    topic: str,
+    source: str,
+    file: Path | None,
+    symbols: int,
+    seed: int,
+    rate: float,
+    day: str | None,
+    start: str | None,
+    end: str | None,
+    speed: float | None,
+    malformed_every: int,
+    progress: bool,
+    redis_url: str | None = None,
+    only: str | None = None,
+) -> bool:
+    src, codec, day_s, params = build_source(
+        source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
+        start=start, end=end, malformed_every=malformed_every, only=only,
+    )  # fmt: skip
 
     console = Console(stderr=True)
     bar = Progress(
@@ -221,4 +247,4 @@ def run_replay(
     return not replayer.interrupted
 
 
-__all__ = ["resolve_day", "run_replay", "sessions"]
+__all__ = ["build_source", "resolve_day", "run_replay", "sessions"]

@@ -31,23 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import typer
 
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.normalize import EXCHANGE_TZ, midnight_ns
-from ingest.replay.cli import resolve_day, with_malformed
+from ingest.replay.cli import build_source as replay_source
 from ingest.replay.publisher import Replayer, ReplayStats
-from ingest.replay.source import (
-    NS,
-    ItchWindow,
-    JsonWindow,
-    RawMessage,
-    itch_file_source,
-    jsonl_source,
-    parse_hhmm,
-    parse_only,
-    subset_of,
-)
-from ingest.replay.synthetic import SyntheticDay
+from ingest.replay.source import NS, RawMessage
 from tickscale.topology import partitions_of
 
 
@@ -101,34 +91,13 @@ class TimeWarp:
 
 def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
     """(messages, codec, trading date, manifest params) as ``tickscale replay`` builds them."""
-    start_s = None if a.start is None else parse_hhmm(a.start)
-    end_s = None if a.end is None else parse_hhmm(a.end)
-    params: dict[str, object] = {"from": a.start, "to": a.end, "malformed_every": a.malformed_every}
-    subset = parse_only(a.only)
-    if subset is not None:
-        params["only"] = sorted(subset)
-    src: Iterable[RawMessage]
-    codec = "itch"
-    if a.source == "synthetic":
-        day, close = resolve_day(a.date)
-        syn = SyntheticDay(a.symbols, a.seed, a.rate, close)
-        src = ItchWindow(subset_of(syn, subset), start_s, end_s)
-        params |= {"symbols": a.symbols, "seed": a.seed, "rate": a.rate, "close": close}
-    elif a.source == "itch":
-        day, close = resolve_day(a.date)
-        src = ItchWindow(subset_of(itch_file_source(a.file), subset), start_s, end_s)
-        params |= {"file": str(a.file), "close": close}
-    elif a.source == "jsonl":
-        day = a.date or ""
-        codec = "json"
-        src = JsonWindow(subset_of(jsonl_source(a.file), subset), start_s, end_s, a.date)
-        params |= {"file": str(a.file)}
-    else:
-        raise SystemExit(f"error: unknown source {a.source!r}")
-    if a.malformed_every:
-        src = with_malformed(src, a.malformed_every)
-    params["date"] = day
-    return src, codec, day, params
+    try:
+        return replay_source(
+            source=a.source, file=a.file, symbols=a.symbols, seed=a.seed, rate=a.rate,
+            day=a.date, start=a.start, end=a.end, malformed_every=a.malformed_every, only=a.only,
+        )  # fmt: skip
+    except typer.BadParameter as e:
+        raise SystemExit(f"error: {e.format_message()}") from None
 
 
 def _emit(obj: dict[str, object]) -> None:
