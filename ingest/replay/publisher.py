@@ -28,6 +28,16 @@ from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
 log = logging.getLogger(__name__)
 
 _CODEC_HDR = {"itch": b"itch", "json": b"json"}
+# send() only appends to the producer's buffer; its sender task runs when this
+# loop yields. A publisher running behind schedule never sleeps, so without a
+# bound it would hold a burst of already-timestamped records back from the
+# broker for as long as it stays behind.
+_YIELD_EVERY_S = 0.002
+# Acknowledgements are checked in chunks: bounds memory and surfaces broker
+# errors promptly. Only the older half is checked, which the broker acknowledged
+# long ago, so the feed does not stop to wait for its newest records; and one
+# by one, since gathering ten thousand futures stalls the loop for tens of ms.
+_PENDING_MAX = 20_000
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -140,6 +150,7 @@ class Replayer:
         first_ts: int | None = None
         st.started = time.monotonic()
         last_progress = 0.0
+        last_yield = st.started
         builder = self.builder
         speed = self.speed
         for m in self.source:
@@ -152,6 +163,7 @@ class Replayer:
                 ahead = due - time.monotonic()
                 if ahead > 0.002:
                     await asyncio.sleep(ahead)
+                    last_yield = due
                 else:
                     # Sample lateness sparsely: one in 64 is plenty for percentiles.
                     if st.source_messages & 63 == 0:
@@ -174,16 +186,19 @@ class Replayer:
                 builder.observe(m.payload, m.codec, self.day, len(targets))
             st.source_messages += 1
             st.source_clock_ns = m.ts_ns
-            if len(pending) >= 20_000:
-                # Bound memory and surface broker errors promptly instead of at the end.
-                await asyncio.gather(*pending)
-                pending.clear()
+            if len(pending) >= _PENDING_MAX:
+                older = pending[: _PENDING_MAX // 2]
+                del pending[: _PENDING_MAX // 2]
+                for fut in older:
+                    await fut  # acknowledged long ago: returns (or raises) at once
             now = time.monotonic()
+            if now - last_yield > _YIELD_EVERY_S:
+                last_yield = now
+                await asyncio.sleep(0)  # the sender, and signal handlers
             if now - last_progress > 0.25:
                 last_progress = now
                 if self._on_progress is not None:
                     self._on_progress(st)
-                await asyncio.sleep(0)  # let signal handlers and the sender run
         if pending:
             await asyncio.gather(*pending)
         if self._on_progress is not None:
