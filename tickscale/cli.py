@@ -152,6 +152,7 @@ def handler(
     """Run one feed handler: md.raw -> ticks on md.ticks, exactly once."""
     from ingest.handler.service import FeedHandler
     from ingest.handler.settings import HandlerSettings
+    from tickscale.runtime import freeze_startup_heap
 
     overrides: dict[str, Any] = {
         "bootstrap": bootstrap,
@@ -187,6 +188,7 @@ def handler(
         h = FeedHandler(settings)
         h.install_signal_handlers()
         async with h:
+            freeze_startup_heap()
             await h.run()
 
     asyncio.run(main())

@@ -27,6 +27,7 @@ from ingest.replay.source import (
     subset_of,
 )
 from ingest.replay.synthetic import SyntheticDay
+from tickscale.runtime import freeze_startup_heap
 
 CALENDAR = "XNYS"
 
@@ -221,6 +222,7 @@ def run_replay(
             clock = asyncio.create_task(
                 publish_clock(redis_url, replayer.stats, day_s, speed, clock_stop)
             )
+        freeze_startup_heap()
         try:
             with bar:
                 m = await replayer.run()
