@@ -42,8 +42,9 @@ from scaler.calendar import SessionCalendar
 from scaler.lag import LagProbe
 from scaler.signals import Snapshot
 from scaler.simulate import HandlerModel, backtest, synthetic_day
-from tickscale.localstack import KafkaBroker, RedisServer, ensure_topics
+from tickscale.localstack import KafkaBroker, RedisServer
 from tickscale.localstack.net import free_port
+from tickscale.topology import create_topics
 
 DAY = dt.date(2024, 11, 25)
 
@@ -79,7 +80,8 @@ async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy:
     suffix = f"{policy}-{int(time.time())}"
     raw, ticks, dl = f"b.raw.{suffix}", f"b.ticks.{suffix}", f"b.dl.{suffix}"
     group = f"b.group.{suffix}"
-    await ensure_topics(bootstrap, {raw: args.partitions, ticks: args.partitions, dl: 1})
+    await create_topics(bootstrap, args.partitions, args.partitions, raw=raw, ticks=ticks,
+                        deadletter=dl)  # fmt: skip
     env = os.environ | {
         "TICKSCALE_SCALER_OUT_TOPIC": ticks, "TICKSCALE_SCALER_DEADLETTER_TOPIC": dl,
         # Containers and services outlive a scaler unless it removes them; a run's own

@@ -6,8 +6,15 @@ from tickscale import constants as c
 from tickscale.localstack.topics import ensure_topics
 
 # md.raw must keep a whole day: a partition restored without a snapshot is
-# rebuilt by replaying it from the start.
-RAW_CONFIG = {"retention.ms": str(7 * 24 * 3600 * 1000), "max.message.bytes": "1048576"}
+# rebuilt by replaying it from the start. Its record timestamps are the broker's
+# append times, so the handlers' end-to-end latency and the scaler's lag in
+# seconds start when a message reached Kafka, whatever the publisher's clock or
+# buffering (the exchange's own event time travels in the payload).
+RAW_CONFIG = {
+    "retention.ms": str(7 * 24 * 3600 * 1000),
+    "max.message.bytes": "1048576",
+    "message.timestamp.type": "LogAppendTime",
+}
 TICKS_CONFIG = {"retention.ms": str(7 * 24 * 3600 * 1000)}
 
 

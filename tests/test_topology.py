@@ -1,0 +1,51 @@
+"""The pipeline's topics are created with the settings their roles need."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+from tickscale.localstack.topics import delete_topics
+from tickscale.topology import create_topics
+
+# Far from any wall clock this test runs at: a publisher with a wrong clock.
+_OLD_MS = 1_000_000_000_000  # 2001-09-09
+
+
+async def _first_record(bootstrap: str, topic: str) -> ConsumerRecord[bytes, bytes]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        return await consumer.getone()
+    finally:
+        await consumer.stop()
+
+
+async def test_raw_records_carry_the_broker_append_time(kafka_bootstrap: str) -> None:
+    prefix = f"t-topology-{uuid.uuid4().hex[:8]}"
+    raw, ticks, dl = f"{prefix}.raw", f"{prefix}.ticks", f"{prefix}.dl"
+    await create_topics(kafka_bootstrap, 2, 1, raw=raw, ticks=ticks, deadletter=dl)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        before = time.time()
+        await producer.send_and_wait(raw, b"m", key=b"k", timestamp_ms=_OLD_MS)
+        await producer.send_and_wait(ticks, b"t", key=b"k", timestamp_ms=_OLD_MS)
+        after = time.time()
+        got_raw = await _first_record(kafka_bootstrap, raw)
+        got_tick = await _first_record(kafka_bootstrap, ticks)
+    finally:
+        await producer.stop()
+        await delete_topics(kafka_bootstrap, [raw, ticks, dl])
+    # md.raw: the broker's clock (timestamp type 1 = LogAppendTime), so latency and
+    # lag in seconds start when a message reached Kafka, not when a publisher said.
+    assert got_raw.timestamp_type == 1
+    assert before - 1 <= got_raw.timestamp / 1000 <= after + 1
+    # md.ticks keeps what its producer set.
+    assert got_tick.timestamp_type == 0
+    assert got_tick.timestamp == _OLD_MS
