@@ -36,6 +36,8 @@ from ingest.replay.source import ItchWindow, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tickscale.localstack import KafkaBroker, ensure_topics
 from tickscale.localstack.net import free_port
+from tickscale.runtime import freeze_startup_heap
+from tickscale.topology import RAW_CONFIG
 
 DAY = "2024-11-25"
 
@@ -188,6 +190,9 @@ async def latency_at(bootstrap: str, topics: dict[str, str], rate: float, symbol
         # give the requested record rate for this symbol count.
         start, end = "11:00", "14:30"
         src = list(ItchWindow(SyntheticDay(symbols, 7), parse_hhmm(start), parse_hhmm(end)))
+        # The live replay streams its source; this list of the whole window would
+        # otherwise be walked by every full collection, stalling the feed.
+        freeze_startup_heap()
         span_s = (src[-1].ts_ns - src[0].ts_ns) / 1e9
         speed = rate * span_s / len(src)
         duration = min(WARMUP_S + MEASURE_S, span_s / speed)
@@ -222,8 +227,10 @@ async def main(args: argparse.Namespace) -> int:
             "dl": f"bench.dl.{suffix}", "copy": f"bench.copy.{suffix}",
             "raw_lat": f"bench.rawlat.{suffix}",
         }  # fmt: skip
-        sizes = {topics[k]: args.partitions for k in ("raw", "raw_lat", "ticks", "copy")}
-        await ensure_topics(bootstrap, sizes | {topics["dl"]: 1})
+        raw = {topics[k]: args.partitions for k in ("raw", "raw_lat")}
+        await ensure_topics(bootstrap, raw, configs=RAW_CONFIG)
+        out = {topics[k]: args.partitions for k in ("ticks", "copy")}
+        await ensure_topics(bootstrap, out | {topics["dl"]: 1})
         if args.latency_rate:
             p50, p99, achieved = await latency_at(
                 bootstrap, topics, args.latency_rate, args.symbols, work
