@@ -38,6 +38,7 @@ from ingest.normalize import EXCHANGE_TZ, midnight_ns
 from ingest.replay.cli import build_source as replay_source
 from ingest.replay.publisher import Replayer, ReplayStats
 from ingest.replay.source import NS, RawMessage
+from tickscale.runtime import freeze_startup_heap
 from tickscale.topology import partitions_of
 
 
@@ -133,6 +134,8 @@ async def run(a: argparse.Namespace) -> int:
     partitions = len(await partitions_of(a.bootstrap, a.topic))
     manifest = build_manifest(msgs, day, a.topic, partitions)
     _emit({"event": "prepared", "wall": time.time(), "msgs": len(msgs)})
+    # Every full collection would walk the whole day held in msgs and stall the sends.
+    freeze_startup_heap()
     midnight = midnight_ns(day) if codec == "itch" else 0
     # The clock the scaler reads: true market time, however the feed is paced.
     clock_stats = ReplayStats()
