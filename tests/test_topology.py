@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -21,7 +22,7 @@ async def _first_record(bootstrap: str, topic: str) -> ConsumerRecord[bytes, byt
     )
     await consumer.start()
     try:
-        return await consumer.getone()
+        return await asyncio.wait_for(consumer.getone(), timeout=30)
     finally:
         await consumer.stop()
 
