@@ -64,19 +64,27 @@ class _Batches:
         self._last: list[asyncio.Future[Any] | None] = [None] * partitions
         self.pending: list[asyncio.Future[Any]] = []
 
-    async def append(
+    def add(
         self, partition: int, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
-    ) -> None:
+    ) -> bool:
+        """Append to the partition's open batch; False if it is full (then ``add_full``)."""
         b = self._open[partition]
-        if b is None:
-            b = self._open[partition] = self._producer.create_batch()
-        elif b.append(key=key, value=value, timestamp=None, headers=headers) is not None:
-            return
-        else:  # full: send it, waiting for the previous one if need be
-            await self._send(partition, b)
-            b = self._open[partition] = self._producer.create_batch()
+        if b is not None:
+            return b.append(key=key, value=value, timestamp=None, headers=headers) is not None
+        b = self._open[partition] = self._producer.create_batch()
         if b.append(key=key, value=value, timestamp=None, headers=headers) is None:
             raise ValueError(f"a {len(value)}-byte record does not fit in an empty batch")
+        return True
+
+    async def add_full(
+        self, partition: int, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        """Send the partition's full batch (waiting for the previous one if need be)
+        and start the next with this record."""
+        b = self._open[partition]
+        assert b is not None
+        await self._send(partition, b)
+        self.add(partition, key, value, headers)
 
     async def flush(self, wait: bool = False) -> None:
         """Send the open batches whose partition has nothing in flight (all: ``wait``)."""
@@ -237,7 +245,8 @@ class Replayer:
                     headers.append((HDR_DATE, day_hdr))
                 if m.key is None:
                     headers.append((HDR_BROADCAST, b"1"))
-                await out.append(p, m.key, m.payload, headers)
+                if not out.add(p, m.key, m.payload, headers):
+                    await out.add_full(p, m.key, m.payload, headers)
                 st.records += 1
             if self._manifest:
                 builder.observe(m.payload, m.codec, self.day, len(targets))
