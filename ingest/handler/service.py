@@ -66,6 +66,7 @@ class FeedHandler:
         # (grows with the messages) and waits on the broker (grows with the batches).
         self.cpu_s = 0.0
         self.batches = 0
+        self.rebalances = 0  # revocations seen; a poll across one holds stale records
 
     async def __aenter__(self) -> FeedHandler:
         await self.start()
@@ -163,6 +164,7 @@ class FeedHandler:
     # Rebalance callbacks --------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rebalances += 1
         async with self._lock:
             for tp in revoked:
                 w = self.workers.get(tp)
@@ -245,6 +247,8 @@ class FeedHandler:
                 log.warning("fetch failed: %s", e)
                 await asyncio.sleep(0.5)
                 continue
+            if batches and self.s.fetch_topup_ms:
+                batches = await self._top_up(consumer, batches)
             if batches:
                 async with self._lock:
                     t0 = time.monotonic()
@@ -277,6 +281,36 @@ class FeedHandler:
                 self._report(consumer)
         if self._fatal is not None:
             raise self._fatal
+
+    async def _top_up(
+        self, consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """Add the records that reached the broker while ``batches`` sat in the buffer.
+
+        The consumer sends no fetch to a broker while it holds unconsumed records
+        of any partition that broker leads. So what a poll returns was fetched
+        early in the previous batch and has waited a whole batch, and what
+        arrived since is still on the broker. The poll emptied the buffer, which
+        started a fetch at once; waiting for it (one round trip) takes those
+        records into this batch instead of the one after.
+        """
+        room = self.s.max_batch - sum(len(r) for r in batches.values())
+        if room <= 0:
+            return batches
+        rebalances = self.rebalances
+        try:
+            more = await consumer.getmany(timeout_ms=self.s.fetch_topup_ms, max_records=room)
+        except KafkaError as e:
+            log.warning("fetch failed: %s", e)
+            return batches
+        if self.rebalances != rebalances:
+            # The poll's records predate a rebalance (the wait can span one):
+            # the partitions kept were moved back to their committed offsets
+            # and are fetched again from there.
+            return more
+        for tp, recs in more.items():
+            batches[tp] = batches[tp] + recs if tp in batches else recs
+        return batches
 
     async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
         assert self.consumer is not None

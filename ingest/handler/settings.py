@@ -31,6 +31,12 @@ class HandlerSettings(BaseSettings):
     eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
     max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
     poll_timeout_ms: int = Field(20, ge=1, le=10_000)
+    fetch_topup_ms: int = Field(
+        10,
+        ge=0,
+        le=1_000,
+        description="after each poll, wait this long at most for the fetch it started (0 = off)",
+    )
     snapshot_interval_s: float = Field(5.0, gt=0)
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
