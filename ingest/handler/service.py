@@ -302,7 +302,7 @@ class FeedHandler:
             more = await consumer.getmany(timeout_ms=self.s.fetch_topup_ms, max_records=room)
         except KafkaError as e:
             log.warning("fetch failed: %s", e)
-            return batches
+            more = {}
         if self.rebalances != rebalances:
             # The poll's records predate a rebalance (the wait can span one):
             # the partitions kept were moved back to their committed offsets
