@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from ingest.replay.source import ItchWindow, RawMessage, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
 from tickscale.localstack import KafkaBroker, ensure_topics
+from tickscale.runtime import freeze_startup_heap
 from tickscale.topology import RAW_CONFIG
 
 DAY = "2024-11-25"
@@ -64,7 +64,7 @@ async def publisher(bootstrap: str, topic: str, src: list[RawMessage]) -> int:
 async def main(args: argparse.Namespace) -> int:
     src = list(ItchWindow(SyntheticDay(args.symbols, 42), parse_hhmm(args.start),
                           parse_hhmm(args.end)))  # fmt: skip
-    gc.freeze()  # the window is held for every run; no collection should walk it
+    freeze_startup_heap()  # the window is held for every run; no collection should walk it
     broker = KafkaBroker(Path(tempfile.mkdtemp(prefix="tickscale-bench-")) / "kafka").start()
     try:
         rates: dict[str, list[float]] = {"baseline": [], "publisher": []}

@@ -309,7 +309,7 @@ class FeedHandler:
             # and are fetched again from there.
             return more
         for tp, recs in more.items():
-            batches[tp] = batches[tp] + recs if tp in batches else recs
+            batches.setdefault(tp, []).extend(recs)
         return batches
 
     async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
