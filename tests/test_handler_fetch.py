@@ -1,13 +1,20 @@
-"""The handler's top-up fetch, on the real broker: records join a batch whole and in order."""
+"""The handler's top-up fetch, on the real broker: records join a batch whole, once, in order."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from ingest.handler.partition import unseen
 from ingest.handler.service import FeedHandler
 from ingest.handler.settings import HandlerSettings
+from ingest.manifest import Manifest
+from ingest.verify import verify
+from tests.pipeline_utils import run_replay
 from tickscale.localstack.topics import MakeTopics
 
 PER_PARTITION = 40
@@ -116,3 +123,106 @@ async def test_top_up_drops_a_poll_that_predates_a_rebalance(make_topics: MakeTo
     # Only what was fetched after the rebalance is returned; the poll's records
     # are neither processed stale nor glued in front of the later ones.
     assert got and all(r.offset >= n for recs in got.values() for r in recs)
+
+
+class _SeekingConsumer:
+    """An assignment callback's seek back to the committed offset inside the top-up's wait."""
+
+    def __init__(self, real: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        self.real = real
+        self.tp = tp
+
+    async def getmany(self, **kw: Any) -> Batches:
+        self.real.seek(self.tp, 0)
+        got: Batches = await self.real.getmany(**kw)
+        return got
+
+
+async def test_top_up_after_a_seek_back_keeps_one_copy(make_topics: MakeTopics) -> None:
+    ts = await make_topics(raw_partitions=1)
+    await _fill(ts.bootstrap, ts.raw, 1)
+    tp = TopicPartition(ts.raw, 0)
+    h = FeedHandler(HandlerSettings(bootstrap=ts.bootstrap, fetch_topup_ms=1000))
+    consumer = await _consumer(ts.bootstrap, [tp])
+    try:
+        polled: Batches = {}
+        while not polled:
+            polled = await consumer.getmany(timeout_ms=5000)
+        got = await h._top_up(_SeekingConsumer(consumer, tp), dict(polled))  # type: ignore[arg-type]
+    finally:
+        await consumer.stop()
+    offs = _offsets(got)[0]
+    assert offs == list(range(len(offs))), offs
+
+
+def test_a_batch_never_applies_an_offset_twice() -> None:
+    recs = [
+        ConsumerRecord("t", 0, o, 0, 0, None, b"", 0, 0, 0, ()) for o in (3, 4, 5, 4, 5, 6, 2, 7)
+    ]
+    assert [r.offset for r in unseen(recs, 4)] == [4, 5, 6, 7]
+    assert unseen(recs, 8) == []
+
+
+class _SlowRestore(FeedHandler):
+    """A partition whose restore takes a while, as a long replay from a snapshot does.
+
+    The consumer marks the rebalance done before it runs the assignment
+    callback, so its fetcher is already fetching (and a poll already
+    returning) what the callback's seek will fetch once more.
+    """
+
+    async def _open_worker(self, tp: TopicPartition) -> None:
+        await asyncio.sleep(0.5)
+        await super()._open_worker(tp)
+
+
+async def test_records_polled_during_a_slow_restore_are_processed_once(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    ts = await make_topics(raw_partitions=1)
+    feed = tmp_path / "feed.jsonl"
+    feed.write_bytes(
+        b"\n".join(
+            orjson.dumps(
+                {
+                    "type": "trade",
+                    "symbol": "BTC-USD",
+                    "venue": "XCOI",
+                    "ts": 1732545000000000000 + i,
+                    "price": f"97000.{i:02d}",
+                    "size": "0.01",
+                    "side": "B",
+                    "trade_id": str(i),
+                }
+            )
+            for i in range(50)
+        )
+        + b"\n"
+    )
+    manifest = tmp_path / "m.json"
+    run_replay(ts, manifest, "--source", "jsonl", "--file", str(feed), "--speed", "max")
+    expected = Manifest.read(manifest)
+    assert expected.symbols["BTC-USD"].ticks == 50
+    h = _SlowRestore(
+        HandlerSettings(
+            bootstrap=ts.bootstrap,
+            in_topic=ts.raw,
+            out_topic=ts.ticks,
+            deadletter_topic=ts.deadletter,
+            group=ts.group,
+            metrics_port=0,
+            fetch_topup_ms=1000,  # the top-up's wait spans the callback's seek
+        )
+    )
+    async with h:
+        task = asyncio.create_task(h.run())
+        try:
+            res = await verify(ts.bootstrap, ts.ticks, expected, timeout_s=30)
+        finally:
+            h.request_stop()
+            await task
+    assert (res.ticks_read, res.summary_line()) == (
+        50,
+        "missing=0 duplicated=0 reordered=0 checksum_mismatch=0",
+    )
+    assert h.messages == 50

@@ -64,6 +64,22 @@ class Outputs:
         return p
 
 
+def unseen(records: list[ConsumerRecord[Any, Any]], start: int) -> list[ConsumerRecord[Any, Any]]:
+    """The records at or past offset ``start``, each offset once, in order.
+
+    A seek back to the committed offset (every assignment makes one) lets the
+    consumer return records it has already returned; they can sit in one batch
+    behind their first copy.
+    """
+    out = []
+    nxt = start
+    for r in records:
+        if r.offset >= nxt:
+            out.append(r)
+            nxt = r.offset + 1
+    return out
+
+
 def _headers(rec: ConsumerRecord[Any, Any]) -> dict[str, bytes]:
     return dict(rec.headers) if rec.headers else {}
 
@@ -205,11 +221,11 @@ class PartitionWorker:
         Raises on any Kafka failure; the caller then discards this worker's
         state (it ran ahead of what was committed) and restores it.
         """
-        if records[0].offset < self.committed:
-            # A rewound fetch must never feed the same input to the state twice.
-            records = [r for r in records if r.offset >= self.committed]
-            if not records:
-                return 0
+        # A rewound fetch, or a batch holding the same records twice, must never
+        # feed the same input to the state twice.
+        records = unseen(records, self.committed)
+        if not records:
+            return 0
         recv_ts = time.time_ns()
         ticks: list[dict[str, Any]] = []
         dead: list[tuple[ConsumerRecord[Any, Any], DecodeError]] = []

@@ -309,7 +309,14 @@ class FeedHandler:
             # and are fetched again from there.
             return more
         for tp, recs in more.items():
-            batches.setdefault(tp, []).extend(recs)
+            polled = batches.get(tp)
+            if polled and recs[0].offset <= polled[-1].offset:
+                # An assignment callback (a slow restore) can run while the poll
+                # returns, and its seek fetches those records again: the poll's
+                # copy is the stale one.
+                batches[tp] = recs
+            else:
+                batches.setdefault(tp, []).extend(recs)
         return batches
 
     async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
