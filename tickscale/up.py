@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -48,8 +49,12 @@ class HandlerFleet:
             "--redis", self.redis_url, "--metrics-port", str(self.base_port + i),
             "--id", f"handler-{i}",
         ]  # fmt: skip
+        # Handlers drain and leave by themselves if this process dies unannounced.
+        env = os.environ | {"TICKSCALE_HANDLER_PARENT_PID": str(os.getpid())}
         self.procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
         )
 
     def stop(self, timeout: float = 60) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -279,6 +280,7 @@ class FeedHandler:
             if now - last_stats >= 1.0:
                 last_stats = now
                 self._report(consumer)
+                self._check_parent()
         if self._fatal is not None:
             raise self._fatal
 
@@ -352,6 +354,14 @@ class FeedHandler:
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
         self._fatal = RuntimeError(f"cannot recover {tp}")
         self._stop.set()
+
+    def _check_parent(self) -> None:
+        """An orphan would keep consuming outside any fleet its owner's successor sees,
+        which could then neither count it nor stop it."""
+        pid = self.s.parent_pid
+        if pid is not None and os.getppid() != pid and not self._stop.is_set():
+            log.warning("parent process %d is gone; draining and leaving the group", pid)
+            self.request_stop()
 
     def _report(self, consumer: AIOKafkaConsumer) -> None:
         for tp, w in self.workers.items():

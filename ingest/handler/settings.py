@@ -38,6 +38,12 @@ class HandlerSettings(BaseSettings):
         description="after each poll, wait this long at most for the fetch it started (0 = off)",
     )
     snapshot_interval_s: float = Field(5.0, gt=0)
+    parent_pid: int | None = Field(
+        None,
+        gt=0,
+        description="drain and exit once this process is no longer the parent (set by the "
+        "process backend: a handler must not outlive the scaler that owns it)",
+    )
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
 

@@ -6,8 +6,10 @@ handlers is rewritten on every change, so a local Prometheus finds the
 handlers this backend starts the way the compose one finds containers.
 
 Children belong to the scaler: ``close()`` stops them (SIGTERM, grace, then
-SIGKILL). A restarted scaler starts fresh ones; adoption is a container
-backend's job.
+SIGKILL). A scaler that dies without ``close()`` (SIGKILL, out of memory)
+cannot stop them, so each child watches its parent and drains and leaves on
+its own within a second of the scaler's death. A restarted scaler starts fresh
+ones; adoption is a container backend's job.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class ProcessBackend:
                 "TICKSCALE_HANDLER_HANDLER_ID": name,
                 "TICKSCALE_HANDLER_METRICS_HOST": self.host,
                 "TICKSCALE_HANDLER_METRICS_PORT": str(port),
+                "TICKSCALE_HANDLER_PARENT_PID": str(os.getpid()),
             }  # fmt: skip
             logf = (self.state_dir / "logs" / f"{name}.log").open("ab")
             try:
