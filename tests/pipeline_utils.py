@@ -171,3 +171,20 @@ def run_verify(ts: TopicSet, manifest: Path, timeout_s: float = 90) -> tuple[int
 def summary(out: str) -> dict[str, int]:
     last = [ln for ln in out.splitlines() if ln.startswith("missing=")][-1]
     return {k: int(v) for k, v in (kv.split("=") for kv in last.split())}
+
+
+def json_trades(symbol: str, n: int) -> list[dict[str, object]]:
+    """``n`` valid trades of one symbol in the JSONL replay format, 1 ns apart."""
+    return [
+        {
+            "type": "trade",
+            "symbol": symbol,
+            "venue": "XCOI",
+            "ts": 1732545000000000000 + i,
+            "price": f"97000.{i:02d}",
+            "size": "0.01",
+            "side": "B",
+            "trade_id": str(i),
+        }
+        for i in range(n)
+    ]

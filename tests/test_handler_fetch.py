@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from ingest.handler.service import FeedHandler
 from ingest.handler.settings import HandlerSettings
 from ingest.manifest import Manifest
 from ingest.verify import verify
-from tests.pipeline_utils import run_replay
+from tests.pipeline_utils import json_trades, run_replay
 from tickscale.localstack.topics import MakeTopics
 
 PER_PARTITION = 40
@@ -106,7 +107,11 @@ class _RebalancingConsumer:
         return got
 
 
-async def test_top_up_drops_a_poll_that_predates_a_rebalance(make_topics: MakeTopics) -> None:
+async def _top_up_through(
+    make_topics: MakeTopics, wrap: Callable[[AIOKafkaConsumer, FeedHandler, TopicPartition], Any]
+) -> tuple[int, Batches]:
+    """Fill one partition, poll it, then top the poll up through ``wrap``'s consumer.
+    Returns the number of records polled and the topped-up batch."""
     ts = await make_topics(raw_partitions=1)
     await _fill(ts.bootstrap, ts.raw, 1)
     tp = TopicPartition(ts.raw, 0)
@@ -116,10 +121,13 @@ async def test_top_up_drops_a_poll_that_predates_a_rebalance(make_topics: MakeTo
         polled: Batches = {}
         while not polled:
             polled = await consumer.getmany(timeout_ms=5000)
-        n = len(polled[tp])
-        got = await h._top_up(_RebalancingConsumer(consumer, h), dict(polled))  # type: ignore[arg-type]
+        return len(polled[tp]), await h._top_up(wrap(consumer, h, tp), dict(polled))
     finally:
         await consumer.stop()
+
+
+async def test_top_up_drops_a_poll_that_predates_a_rebalance(make_topics: MakeTopics) -> None:
+    n, got = await _top_up_through(make_topics, lambda c, h, _: _RebalancingConsumer(c, h))
     # Only what was fetched after the rebalance is returned; the poll's records
     # are neither processed stale nor glued in front of the later ones.
     assert got and all(r.offset >= n for recs in got.values() for r in recs)
@@ -139,18 +147,7 @@ class _SeekingConsumer:
 
 
 async def test_top_up_after_a_seek_back_keeps_one_copy(make_topics: MakeTopics) -> None:
-    ts = await make_topics(raw_partitions=1)
-    await _fill(ts.bootstrap, ts.raw, 1)
-    tp = TopicPartition(ts.raw, 0)
-    h = FeedHandler(HandlerSettings(bootstrap=ts.bootstrap, fetch_topup_ms=1000))
-    consumer = await _consumer(ts.bootstrap, [tp])
-    try:
-        polled: Batches = {}
-        while not polled:
-            polled = await consumer.getmany(timeout_ms=5000)
-        got = await h._top_up(_SeekingConsumer(consumer, tp), dict(polled))  # type: ignore[arg-type]
-    finally:
-        await consumer.stop()
+    _, got = await _top_up_through(make_topics, lambda c, _, tp: _SeekingConsumer(c, tp))
     offs = _offsets(got)[0]
     assert offs == list(range(len(offs))), offs
 
@@ -181,24 +178,7 @@ async def test_records_polled_during_a_slow_restore_are_processed_once(
 ) -> None:
     ts = await make_topics(raw_partitions=1)
     feed = tmp_path / "feed.jsonl"
-    feed.write_bytes(
-        b"\n".join(
-            orjson.dumps(
-                {
-                    "type": "trade",
-                    "symbol": "BTC-USD",
-                    "venue": "XCOI",
-                    "ts": 1732545000000000000 + i,
-                    "price": f"97000.{i:02d}",
-                    "size": "0.01",
-                    "side": "B",
-                    "trade_id": str(i),
-                }
-            )
-            for i in range(50)
-        )
-        + b"\n"
-    )
+    feed.write_bytes(b"\n".join(orjson.dumps(t) for t in json_trades("BTC-USD", 50)) + b"\n")
     manifest = tmp_path / "m.json"
     run_replay(ts, manifest, "--source", "jsonl", "--file", str(feed), "--speed", "max")
     expected = Manifest.read(manifest)

@@ -26,6 +26,7 @@ from ingest.replay.synthetic import SyntheticDay
 from scaler.capacity import project, read_handler_stats
 from tests.pipeline_utils import (
     HandlerProc,
+    json_trades,
     run_replay,
     run_verify,
     start_replay,
@@ -379,18 +380,7 @@ async def test_redis_outage_degrades_only_the_cache(
 
 async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) -> None:
     lines = [
-        {
-            "type": "trade",
-            "symbol": "BTC-USD",
-            "venue": "XCOI",
-            "ts": 1732545000000000000 + i,
-            "price": f"97000.{i:02d}",
-            "size": "0.01",
-            "side": "B",
-            "trade_id": str(i),
-        }
-        for i in range(50)
-    ] + [
+        *json_trades("BTC-USD", 50),
         {
             "type": "quote",
             "symbol": "ETH-USD",
@@ -400,7 +390,7 @@ async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) ->
             "bid_sz": "2",
             "ask_px": "3400.2",
             "ask_sz": None,
-        }
+        },
     ]
     f = tmp_path / "feed.jsonl"
     body = b"\n".join(orjson.dumps(x) for x in lines)
