@@ -3,9 +3,16 @@ handlers, a replayed window, the ledger."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tickscale.localstack.net import free_port
 
@@ -29,3 +36,74 @@ def test_up_runs_a_replayed_open_with_the_scaler_and_verifies(tmp_path: Path) ->
     ups = [ln for ln in scaler_log.splitlines() if "scaler.audit: scale up" in ln]
     assert any("->2 " in ln for ln in ups), scaler_log[-3000:]
     assert list((state / "scaler" / "logs").glob("handler-*.log"))
+
+
+def _holding(path: Path) -> list[int]:
+    """Processes with a file under ``path`` open (logs, data): what a stack left running."""
+    root = str(path)
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fds = list((d / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(root):
+                    pids.append(int(d.name))
+                    break
+    return pids
+
+
+def _until(pred: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize(
+    ("sig", "when"),
+    [(signal.SIGTERM, "starting"), (signal.SIGHUP, "replaying")],
+    ids=["sigterm-starting", "sighup-replaying"],
+)
+def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
+    tmp_path: Path, sig: signal.Signals, when: str
+) -> None:
+    """A service manager's SIGTERM or a closed terminal's SIGHUP, during start-up or the
+    replay, stops everything `up` started instead of leaving it running."""
+    state = tmp_path / "up"
+    out = tmp_path / "up.out"
+    with out.open("wb") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
+             "--to", "10:30", "--speed", "1", "--handlers", "1", "--max-handlers", "1",
+             "--partitions", "2",
+             "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
+             "--metrics-port", str(free_port()), "--scaler-port", str(free_port()),
+             "--state-dir", str(state)],
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        if when == "starting":
+            # The broker is being started: its process exists, `up` waits for it.
+            _until(lambda: (state / "kafka" / "server.log").exists(), 60, out.read_text)
+        else:
+            logs = state / "scaler" / "logs"
+            _until(
+                lambda: any("assigned" in q.read_text() for q in logs.glob("handler-*.log")),
+                120,
+                out.read_text,
+            )
+        assert p.poll() is None, out.read_text()
+        p.send_signal(sig)
+        assert p.wait(180) == 130, out.read_text()[-3000:]
+        _until(lambda: not _holding(state), 15, lambda: f"left running: {_holding(state)}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _holding(state):  # never leave a broker behind for the next test
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

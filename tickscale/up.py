@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,18 @@ def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
     asyncio.run(create_topics(bootstrap, partitions, partitions))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _take_the_ctrl_c_path() -> None:
+    """SIGTERM (kill, a service manager) and SIGHUP (the terminal closed) would end the
+    interpreter on the spot and leave the broker, Redis, scaler and handlers running;
+    they stop the stack in order instead, as Ctrl-C does."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
 def run_up(
     *,
     symbols: int,
@@ -130,6 +143,7 @@ def run_up(
     redis_srv: RedisServer | None = None
     fleet: HandlerFleet | None = None
     scaler_child: ScalerChild | None = None
+    _take_the_ctrl_c_path()
     try:
         bootstrap = f"127.0.0.1:{kafka_port}"
         if port_open("127.0.0.1", kafka_port):
@@ -177,6 +191,7 @@ def run_up(
             file=None, symbols=symbols, seed=seed, rate=1.0, day=day, start=start, end=end,
             speed=speed, malformed_every=0, progress=True, redis_url=redis_url,
         )  # fmt: skip
+        _take_the_ctrl_c_path()  # the replay's event loop reset them when it closed
         if not completed:
             console.print("replay interrupted; stopping handlers and services")
             return 130
@@ -197,6 +212,10 @@ def run_up(
         console.print(f"[red]error:[/] {e}")
         return 1
     finally:
+        # A second SIGTERM or SIGHUP must not cut the shutdown short; a second
+        # Ctrl-C still does.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         with contextlib.suppress(KeyboardInterrupt):
             if scaler_child is not None:
                 scaler_child.stop()

@@ -212,7 +212,8 @@ def run_replay(
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP: the terminal closed. Each ends the replay with its manifest written.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, replayer.stop)
         clock_stop = asyncio.Event()
         clock = None
