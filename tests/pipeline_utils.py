@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -188,3 +189,22 @@ def json_trades(symbol: str, n: int) -> list[dict[str, object]]:
         }
         for i in range(n)
     ]
+
+
+def holding(path: Path) -> list[int]:
+    """Processes with a file under ``path`` open (logs, data): what a stack left running."""
+    root = str(path)
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fds = list((d / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(root):
+                    pids.append(int(d.name))
+                    break
+    return pids

@@ -6,16 +6,20 @@ Redis are passed by address so no second broker is started.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 
 from ingest.manifest import Manifest
+from tests.pipeline_utils import holding
 from tickscale.loadtest.chaos import parse_chaos
 from tickscale.loadtest.feed import TimeWarp
 from tickscale.loadtest.latency import Histogram, parse_buckets
@@ -218,3 +222,35 @@ def test_recovery_is_time_until_lag_stays_under_target() -> None:
     assert r.recovery_s == pytest.approx(9.0) and r.peak_lag_s == 9.0
     (never,) = recoveries(samples[:6], [("kill", 101.0)], t_end=106.0, target_s=5.0)
     assert never.recovery_s is None
+
+
+def test_sigterm_stops_the_run_and_everything_it_started(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A CI job's timeout sends SIGTERM: the run must stop its scaler and handlers, not
+    leave them consuming."""
+    out = tmp_path / "run"
+    log = tmp_path / "loadtest.out"
+    with log.open("wb") as f:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tickscale", "loadtest", "--no-progress",
+             "--bootstrap", kafka_bootstrap, "--redis", redis_url, "--scenario", "open",
+             "--from", "09:29", "--to", "10:30", "--speed", "1", "--symbols", "5",
+             "--partitions", "2", "--policy", "fixed:1", "--out", str(out)],
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        logs = out / "scaler" / "logs"
+        deadline = time.monotonic() + 120
+        while not any("assigned" in q.read_text() for q in logs.glob("handler-*.log")):
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(180) == 130, log.read_text()[-3000:]
+        assert not holding(out), log.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in holding(out):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

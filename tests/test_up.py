@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline_utils import holding
 from tickscale.localstack.net import free_port
 
 
@@ -36,25 +37,6 @@ def test_up_runs_a_replayed_open_with_the_scaler_and_verifies(tmp_path: Path) ->
     ups = [ln for ln in scaler_log.splitlines() if "scaler.audit: scale up" in ln]
     assert any("->2 " in ln for ln in ups), scaler_log[-3000:]
     assert list((state / "scaler" / "logs").glob("handler-*.log"))
-
-
-def _holding(path: Path) -> list[int]:
-    """Processes with a file under ``path`` open (logs, data): what a stack left running."""
-    root = str(path)
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fds = list((d / "fd").iterdir())
-        except OSError:
-            continue
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(fd).startswith(root):
-                    pids.append(int(d.name))
-                    break
-    return pids
 
 
 def _until(pred: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
@@ -100,10 +82,10 @@ def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
         assert p.poll() is None, out.read_text()
         p.send_signal(sig)
         assert p.wait(180) == 130, out.read_text()[-3000:]
-        _until(lambda: not _holding(state), 15, lambda: f"left running: {_holding(state)}")
+        assert not holding(state), out.read_text()[-3000:]
     finally:
         if p.poll() is None:
             p.kill()
-        for pid in _holding(state):  # never leave a broker behind for the next test
+        for pid in holding(state):  # never leave a broker behind for the next test
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -1,8 +1,10 @@
-"""Process-wide tuning for the latency-sensitive processes (handler, replay feed)."""
+"""Process-wide settings: heap tuning for the latency-sensitive processes (handler, replay
+feed), and signal handling for the commands that start a whole stack (up, loadtest)."""
 
 from __future__ import annotations
 
 import gc
+import signal
 
 
 def freeze_startup_heap() -> None:
@@ -17,3 +19,23 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _forward_to_sigint(signum: int, frame: object) -> None:
+    signal.raise_signal(signal.SIGINT)
+
+
+def sigterm_and_sighup_as_ctrl_c() -> None:
+    """Make SIGTERM (kill, a service manager, a CI timeout) and SIGHUP (the terminal
+    closed) do what Ctrl-C does.
+
+    By default either ends the interpreter on the spot: no ``finally``, no
+    ``atexit``, so every server and child the command started (each in its own
+    session) keeps running. Forwarded as SIGINT they take the path Ctrl-C
+    takes, in plain code (KeyboardInterrupt) and inside ``asyncio.run`` (the
+    main task is cancelled, its cleanup awaited). An event loop that handles
+    these signals itself resets them to the default when it closes: call this
+    again after it.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _forward_to_sigint)

@@ -27,6 +27,7 @@ from ingest.verify import run_verify
 from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
 from tickscale.localstack.net import port_open
+from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
 from tickscale.topology import create_topics
 
 console = Console(stderr=True)
@@ -106,18 +107,6 @@ def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
     asyncio.run(create_topics(bootstrap, partitions, partitions))
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _take_the_ctrl_c_path() -> None:
-    """SIGTERM (kill, a service manager) and SIGHUP (the terminal closed) would end the
-    interpreter on the spot and leave the broker, Redis, scaler and handlers running;
-    they stop the stack in order instead, as Ctrl-C does."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
-
-
 def run_up(
     *,
     symbols: int,
@@ -143,7 +132,7 @@ def run_up(
     redis_srv: RedisServer | None = None
     fleet: HandlerFleet | None = None
     scaler_child: ScalerChild | None = None
-    _take_the_ctrl_c_path()
+    sigterm_and_sighup_as_ctrl_c()
     try:
         bootstrap = f"127.0.0.1:{kafka_port}"
         if port_open("127.0.0.1", kafka_port):
@@ -191,7 +180,7 @@ def run_up(
             file=None, symbols=symbols, seed=seed, rate=1.0, day=day, start=start, end=end,
             speed=speed, malformed_every=0, progress=True, redis_url=redis_url,
         )  # fmt: skip
-        _take_the_ctrl_c_path()  # the replay's event loop reset them when it closed
+        sigterm_and_sighup_as_ctrl_c()  # the replay's event loop reset them when it closed
         if not completed:
             console.print("replay interrupted; stopping handlers and services")
             return 130

@@ -105,6 +105,7 @@ def run(
     from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
     from tickscale.loadtest.scenarios import resolve
     from tickscale.loadtest.slo import Thresholds
+    from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
 
     try:
         plan = resolve(
@@ -145,6 +146,8 @@ def run(
         keep_topics=keep_topics,
     )  # fmt: skip
     console = Console(stderr=True)
+    # A CI job's timeout or a closed terminal must not leave the run's stack behind.
+    sigterm_and_sighup_as_ctrl_c()
     try:
         rc, _ = run_loadtest(cfg, console)
     except (RunError, RuntimeError, TimeoutError, OSError) as e:
