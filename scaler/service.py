@@ -137,7 +137,8 @@ class Scaler:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP: the terminal it ran in closed; a graceful stop, not a crash.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_stop)
 
     def healthy(self) -> bool:

@@ -90,8 +90,8 @@ class HandlerProc:
             time.sleep(0.2)
         raise TimeoutError(f"handler {self.name} not ready: {self.log()}")
 
-    def terminate(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
+    def terminate(self, timeout: float = 60, sig: signal.Signals = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
         rc = self.proc.wait(timeout)
         self._log.close()
         return rc

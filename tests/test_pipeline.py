@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import signal
 import subprocess
 import sys
 import time
@@ -197,7 +198,8 @@ async def test_sigkill_and_scale_out_mid_replay_lose_nothing(
 async def test_graceful_scale_in_and_out_lose_nothing(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
-    """Handlers join and leave (SIGTERM) repeatedly during a replay."""
+    """Handlers join and leave (SIGTERM, and SIGHUP as from a closed terminal) repeatedly
+    during a replay."""
     manifest = tmp_path / "m.json"
     first = HandlerProc(topics, tmp_path, "h0", redis_url)
     live = [first]
@@ -231,7 +233,7 @@ async def test_graceful_scale_in_and_out_lose_nothing(
         assert leaving.terminate() == 0, leaving.log()
         await asyncio.sleep(3)
         leaving = live.pop(0)
-        assert leaving.terminate() == 0, leaving.log()
+        assert leaving.terminate(sig=signal.SIGHUP) == 0, leaving.log()
         assert rp.wait(180) == 0
         rc, out = run_verify(topics, manifest)
         _assert_exact(rc, out)

@@ -170,7 +170,8 @@ async def test_scales_up_on_lag_and_down_when_drained_without_losing_a_tick(
         assert all(e["result"]["ok"] for e in events), events
         assert "explanation" in events[0] and events[0]["inputs"]["partitions"] == 6
     finally:
-        assert sc.stop() == 0, sc.log()[-3000:]
+        # SIGHUP, as from a closed terminal: the same orderly stop as SIGTERM.
+        assert sc.stop(signal.SIGHUP) == 0, sc.log()[-3000:]
     # The scaler's handlers stop with it (process backend).
     assert not (tmp_path / "scaler" / "targets.json").read_text().strip("[] \n")
 

@@ -125,7 +125,8 @@ class FeedHandler:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP: the terminal it ran in closed; a graceful stop, not a crash.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.request_stop)
 
     async def stop(self) -> None:
