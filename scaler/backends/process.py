@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,9 @@ class ProcessBackend:
             for c in sorted(self._children.values(), key=lambda c: c.slot)
         ]
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.targets_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(groups, indent=1))
-        tmp.replace(self.targets_path)  # atomic: Prometheus never reads half a file
+        # A temporary file of its own: two scalers sharing a state directory (a
+        # leader and its standby) once renamed each other's and one crashed.
+        fd, name = tempfile.mkstemp(dir=self.state_dir, prefix="targets.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(groups, indent=1))
+        os.replace(name, self.targets_path)  # atomic: Prometheus never reads half a file
