@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from dataclasses import replace
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ from scaler.lease import LeaderLease
 from scaler.policy import Decision
 from scaler.signals import Snapshot
 from tickscale.http import HealthServer
+from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger("scaler")
 
@@ -136,10 +136,7 @@ class Scaler:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        # SIGHUP: the terminal it ran in closed; a graceful stop, not a crash.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.request_stop)
+        stop_on_signals(asyncio.get_running_loop(), self.request_stop)
 
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set()

@@ -3,8 +3,15 @@ feed), and signal handling for the commands that start a whole stack (up, loadte
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import signal
+from collections.abc import Callable
+
+# What ends a command from outside: kill or a service manager, and a closed terminal.
+TERMINATION_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# What asks a long-running process to stop in order: Ctrl-C and the two above.
+STOP_SIGNALS = (signal.SIGINT, *TERMINATION_SIGNALS)
 
 
 def freeze_startup_heap() -> None:
@@ -37,5 +44,12 @@ def sigterm_and_sighup_as_ctrl_c() -> None:
     these signals itself resets them to the default when it closes: call this
     again after it.
     """
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in TERMINATION_SIGNALS:
         signal.signal(sig, _forward_to_sigint)
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    """Call ``stop`` on any of STOP_SIGNALS: the orderly stop of a handler, a scaler or a
+    replay, whichever way it was asked for."""
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)

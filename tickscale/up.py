@@ -27,7 +27,7 @@ from ingest.verify import run_verify
 from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
 from tickscale.localstack.net import port_open
-from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
+from tickscale.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
 from tickscale.topology import create_topics
 
 console = Console(stderr=True)
@@ -203,7 +203,7 @@ def run_up(
     finally:
         # A second SIGTERM or SIGHUP must not cut the shutdown short; a second
         # Ctrl-C still does.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        for sig in TERMINATION_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
         with contextlib.suppress(KeyboardInterrupt):
             if scaler_child is not None:

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -30,6 +29,7 @@ from ingest.handler.partition import Outputs, PartitionWorker, transactional_id
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.settings import HandlerSettings
 from tickscale.http import HealthServer
+from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,7 @@ class FeedHandler:
         self._stop.set()
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        # SIGHUP: the terminal it ran in closed; a graceful stop, not a crash.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.request_stop)
+        stop_on_signals(asyncio.get_running_loop(), self.request_stop)
 
     async def stop(self) -> None:
         self._stop.set()

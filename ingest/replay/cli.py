@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Iterable, Iterator
 from datetime import date
 from pathlib import Path
@@ -27,7 +26,7 @@ from ingest.replay.source import (
     subset_of,
 )
 from ingest.replay.synthetic import SyntheticDay
-from tickscale.runtime import freeze_startup_heap
+from tickscale.runtime import freeze_startup_heap, stop_on_signals
 
 CALENDAR = "XNYS"
 
@@ -211,10 +210,8 @@ def run_replay(
     replayer = Replayer(bootstrap, topic, src, speed, day_s, on_progress)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        # SIGHUP: the terminal closed. Each ends the replay with its manifest written.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(sig, replayer.stop)
+        # Each ends the replay with its manifest written.
+        stop_on_signals(asyncio.get_running_loop(), replayer.stop)
         clock_stop = asyncio.Event()
         clock = None
         if redis_url:
