@@ -207,6 +207,35 @@ async def test_leader_failover(topics: TopicSet, redis_url: str, tmp_path: Path)
                 s.stop()
 
 
+@pytest.mark.parametrize("topics", [2], indirect=True)
+async def test_standby_leaves_the_leaders_targets_alone(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """A standby shares its leader's state directory: starting and stopping it must not
+    empty the Prometheus targets file that lists the leader's handlers."""
+    name = f"sb{os.getpid()}{int(time.time()) % 100000}"
+    args = ("--name", name, "--min-handlers", "1", "--max-handlers", "1", "--calendar", "none")
+    targets = tmp_path / "scaler" / "targets.json"
+    leader = ScalerProc(topics, redis_url, tmp_path, *args, "--id", "scaler-a")
+    standby: ScalerProc | None = None
+    try:
+        await asyncio.to_thread(leader.wait_for, "tickscale_scaler_running_handlers",
+                                lambda v: v >= 1, 60)  # fmt: skip
+        fleet = json.loads(targets.read_text())
+        assert len(fleet) == 1, fleet
+        standby = ScalerProc(topics, redis_url, tmp_path, *args, "--id", "scaler-b")
+        await asyncio.to_thread(standby.wait_for, "tickscale_scaler_leader", lambda v: v == 0, 60)
+        assert json.loads(targets.read_text()) == fleet
+        assert standby.stop() == 0, standby.log()[-3000:]
+        assert json.loads(targets.read_text()) == fleet
+        assert leader.value("tickscale_scaler_leader") == 1
+    finally:
+        for s in (standby, leader):
+            if s is not None and s.proc.poll() is None:
+                s.stop()
+    assert json.loads(targets.read_text()) == []  # the leader stopped its handler
+
+
 def _handler_pids(names: list[str]) -> list[int]:
     """Live processes whose environment names them as one of these handlers."""
     wanted = {f"TICKSCALE_HANDLER_HANDLER_ID={n}".encode() for n in names}

@@ -3,7 +3,9 @@
 Each handler gets its own metrics port (the lowest free slot from
 ``base_port``) and log file. A Prometheus file-discovery JSON listing the live
 handlers is rewritten on every change, so a local Prometheus finds the
-handlers this backend starts the way the compose one finds containers.
+handlers this backend starts the way the compose one finds containers. Of two
+scalers sharing a state directory, only the one that has started handlers
+writes it.
 
 Children belong to the scaler: ``close()`` stops them (SIGTERM, grace, then
 SIGKILL). A scaler that dies without ``close()`` (SIGKILL, out of memory)
@@ -63,10 +65,15 @@ class ProcessBackend:
         self.targets_path = state_dir / "targets.json"
         self._children: dict[int, _Child] = {}  # slot -> child
         self._serial = 0
+        # A leader and its standby share one state directory and so one targets
+        # file: only a backend that has started handlers may rewrite it, or a
+        # standby starting or stopping would hide the leader's fleet from Prometheus.
+        self._owns_targets = False
 
     async def start(self) -> None:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self._write_targets()
+        if not self.targets_path.exists():
+            self._write_targets(force=True)  # Prometheus reads an empty fleet, not an error
 
     async def close(self) -> None:
         await self._stop_children(list(self._children.values()))
@@ -108,6 +115,7 @@ class ProcessBackend:
             finally:
                 logf.close()
             self._children[slot] = _Child(slot, name, port, proc, time.time())
+            self._owns_targets = True
             started.append(str(proc.pid))
             log.info("started %s (pid %d, metrics :%d)", name, proc.pid, port)
         self._write_targets()
@@ -148,7 +156,9 @@ class ProcessBackend:
                 del self._children[slot]
                 self._write_targets()
 
-    def _write_targets(self) -> None:
+    def _write_targets(self, force: bool = False) -> None:
+        if not (self._owns_targets or force):
+            return
         groups = [
             {
                 "targets": [f"{self.host}:{c.port}"],
