@@ -46,21 +46,13 @@ def _until(pred: Callable[[], bool], timeout: float, what: Callable[[], str]) ->
         time.sleep(0.3)
 
 
-@pytest.mark.parametrize(
-    ("sig", "when"),
-    [(signal.SIGTERM, "starting"), (signal.SIGHUP, "replaying")],
-    ids=["sigterm-starting", "sighup-replaying"],
-)
-def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
-    tmp_path: Path, sig: signal.Signals, when: str
-) -> None:
-    """A service manager's SIGTERM or a closed terminal's SIGHUP, during start-up or the
-    replay, stops everything `up` started instead of leaving it running."""
-    state = tmp_path / "up"
-    out = tmp_path / "up.out"
+def _start_up(state: Path, out: Path, sigint_ignored: bool = False) -> subprocess.Popen[bytes]:
+    # A script's `tickscale up &` starts with SIGINT ignored, as the shell does for
+    # background commands; `exec` keeps that disposition.
+    shell = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if sigint_ignored else []
     with out.open("wb") as f:
-        p = subprocess.Popen(
-            [sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
+        return subprocess.Popen(
+            [*shell, sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
              "--to", "10:30", "--speed", "1", "--handlers", "1", "--max-handlers", "1",
              "--partitions", "2",
              "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
@@ -68,17 +60,43 @@ def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
              "--state-dir", str(state)],
             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
+
+
+def _until_consuming(state: Path, out: Path) -> None:
+    logs = state / "scaler" / "logs"
+    _until(
+        lambda: any("assigned" in q.read_text() for q in logs.glob("handler-*.log")),
+        120,
+        out.read_text,
+    )
+
+
+def _kill_leftovers(state: Path) -> None:
+    for pid in holding(state):  # never leave a broker behind for the next test
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("sig", "when"),
+    [(signal.SIGTERM, "starting"), (signal.SIGHUP, "replaying"),
+     (signal.SIGTERM, "starting in the background")],
+    ids=["sigterm-starting", "sighup-replaying", "sigterm-background"],
+)  # fmt: skip
+def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
+    tmp_path: Path, sig: signal.Signals, when: str
+) -> None:
+    """A service manager's SIGTERM or a closed terminal's SIGHUP, during start-up or the
+    replay, stops everything `up` started instead of leaving it running."""
+    state = tmp_path / "up"
+    out = tmp_path / "up.out"
+    p = _start_up(state, out, sigint_ignored="background" in when)
     try:
-        if when == "starting":
+        if when.startswith("starting"):
             # The broker is being started: its process exists, `up` waits for it.
             _until(lambda: (state / "kafka" / "server.log").exists(), 60, out.read_text)
         else:
-            logs = state / "scaler" / "logs"
-            _until(
-                lambda: any("assigned" in q.read_text() for q in logs.glob("handler-*.log")),
-                120,
-                out.read_text,
-            )
+            _until_consuming(state, out)
         assert p.poll() is None, out.read_text()
         p.send_signal(sig)
         assert p.wait(180) == 130, out.read_text()[-3000:]
@@ -86,6 +104,31 @@ def test_up_stops_the_whole_stack_on_sigterm_and_sighup(
     finally:
         if p.poll() is None:
             p.kill()
-        for pid in holding(state):  # never leave a broker behind for the next test
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_leftovers(state)
+
+
+def test_a_killed_up_takes_its_stack_with_it(tmp_path: Path) -> None:
+    """SIGKILL (or the out-of-memory killer) gives `up` no chance to stop anything: the
+    broker, Redis and the scaler it started must stop on their own, and the scaler's
+    handlers with the scaler."""
+    state = tmp_path / "up"
+    out = tmp_path / "up.out"
+    p = _start_up(state, out)
+    try:
+        _until_consuming(state, out)
+        assert p.poll() is None, out.read_text()
+        p.kill()
+        p.wait(10)
+        _until(lambda: not holding(state), 150, lambda: _still_running(state))
+    finally:
+        _kill_leftovers(state)
+
+
+def _still_running(state: Path) -> str:
+    """The command lines of what still holds a file under ``state``."""
+    lines = []
+    for pid in holding(state):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            lines.append(f"{pid}: {cmd[:200].decode(errors='replace')}")
+    return "\n".join(lines)

@@ -43,7 +43,13 @@ def sigterm_and_sighup_as_ctrl_c() -> None:
     main task is cancelled, its cleanup awaited). An event loop that handles
     these signals itself resets them to the default when it closes: call this
     again after it.
+
+    A command a script starts in the background (``tickscale up &``) inherits
+    SIGINT ignored, and the forwarded signal would be lost with it: SIGINT gets
+    its default handler back.
     """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in TERMINATION_SIGNALS:
         signal.signal(sig, _forward_to_sigint)
 

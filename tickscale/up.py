@@ -27,6 +27,7 @@ from ingest.verify import run_verify
 from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
 from tickscale.localstack.net import port_open
+from tickscale.localstack.proc import dying_with_parent
 from tickscale.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
 from tickscale.topology import create_topics
 
@@ -80,8 +81,9 @@ class ScalerChild:
     def __init__(self, cmd: list[str], log: Path) -> None:
         self.log = log
         with log.open("wb") as f:
+            # SIGTERM if `up` is killed: the scaler then stops its handlers itself.
             self.proc = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                dying_with_parent(cmd), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def stop(self, timeout: float = 120) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +16,21 @@ from pathlib import Path
 # Ctrl-C twice, fixture teardown never runs; without this a JVM would keep the
 # port (and 768 MB) until someone finds it by hand.
 _LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+def dying_with_parent(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` set to receive SIGTERM when this process dies, however it dies.
+
+    ``atexit`` covers a normal exit and Ctrl-C; a SIGKILL or the out-of-memory
+    killer skips it and would leave a broker, Redis or a scaler running with
+    nobody to stop it. The kernel's parent-death signal (``setpriv``, part of
+    util-linux) fires on the death of the *thread* that started the child, so
+    it is set only from the main thread, which lives as long as the process.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return list(cmd)
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
 
 
 def spawn(
@@ -26,12 +43,13 @@ def spawn(
 
     A separate session keeps a terminal's Ctrl-C from reaching the child
     directly, so the parent decides the shutdown order, and lets ``stop`` signal
-    any grandchildren along with it.
+    any grandchildren along with it. The child is stopped if this process is
+    killed (``dying_with_parent``).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            list(cmd),
+            dying_with_parent(cmd),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
