@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
-from tickscale.localstack.topics import delete_topics
-from tickscale.topology import create_topics
+from tickscale.localstack.topics import delete_topics, differing_configs, ensure_topics
+from tickscale.topology import RAW_CONFIG, create_topics
 
 # Far from any wall clock this test runs at: a publisher with a wrong clock.
 _OLD_MS = 1_000_000_000_000  # 2001-09-09
@@ -50,3 +53,34 @@ async def test_raw_records_carry_the_broker_append_time(kafka_bootstrap: str) ->
     # md.ticks keeps what its producer set.
     assert got_tick.timestamp_type == 0
     assert got_tick.timestamp == _OLD_MS
+
+
+async def test_an_existing_topic_with_other_settings_is_named_and_left_alone(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # md.raw from an older version of this project: the publisher's clock (CreateTime).
+    prefix = f"t-topology-{uuid.uuid4().hex[:8]}"
+    raw, ticks, dl = f"{prefix}.raw", f"{prefix}.ticks", f"{prefix}.dl"
+    old = RAW_CONFIG | {"message.timestamp.type": "CreateTime"}
+    await ensure_topics(kafka_bootstrap, {raw: 2}, configs=old)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tickscale.localstack.topics"):
+            await create_topics(kafka_bootstrap, 2, 1, raw=raw, ticks=ticks, deadletter=dl)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1, warned
+        assert raw in warned[0]
+        assert "message.timestamp.type=CreateTime, not LogAppendTime" in warned[0]
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            left = await differing_configs(admin, [raw], RAW_CONFIG)
+        finally:
+            await admin.close()
+        assert left == [(raw, "message.timestamp.type", "CreateTime", "LogAppendTime")]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tickscale.localstack.topics"):
+            await create_topics(kafka_bootstrap, 2, 1, raw=f"{prefix}.raw2", ticks=ticks,
+                                deadletter=dl)  # fmt: skip
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    finally:
+        await delete_topics(kafka_bootstrap, [raw, f"{prefix}.raw2", ticks, dl])

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
     for_code,
 )
+
+log = logging.getLogger(__name__)
 
 
 async def ensure_topics(
@@ -24,8 +28,10 @@ async def ensure_topics(
 ) -> None:
     """Create every topic in ``specs`` (name -> partitions) that does not exist yet.
 
-    An existing topic is left alone even if its partition count differs: the
-    caller owns that decision (growing partitions reshuffles keys). Returns
+    An existing topic is left alone even if its partition count or one of
+    ``configs`` differs: the caller owns that decision (growing partitions
+    reshuffles keys, a shorter retention deletes data); a differing setting is
+    logged as a warning naming the topic, the setting and both values. Returns
     only once every partition has a leader, because a producer that races a
     fresh topic gets UNKNOWN_TOPIC_OR_PARTITION and, with transactions, that
     aborts the transaction instead of retrying quietly.
@@ -52,9 +58,37 @@ async def ensure_topics(
                     continue
                 message = err[2] if len(err) > 2 else ""
                 raise for_code(code)(f"creating topic {topic!r}: {message}")
+        kept = [name for name in specs if name in existing]
+        for topic, key, have, want in await differing_configs(admin, kept, topic_configs):
+            log.warning(
+                "topic %s exists with %s=%s, not %s as this project creates it; left as it "
+                "is (change it with the broker's config tools if %s should apply)",
+                topic, key, have, want, want,
+            )  # fmt: skip
         await _wait_for_leaders(admin, list(specs), timeout_s)
     finally:
         await admin.close()
+
+
+async def differing_configs(
+    admin: AIOKafkaAdminClient, topics: list[str], wanted: Mapping[str, str]
+) -> list[tuple[str, str, str | None, str]]:
+    """(topic, setting, current value, wanted value) for each of ``wanted`` that an
+    existing topic has otherwise."""
+    if not topics or not wanted:
+        return []
+    resources = [ConfigResource(ConfigResourceType.TOPIC, t, dict(wanted)) for t in topics]
+    out = []
+    for resp in await admin.describe_configs(resources):
+        # (error, message, type, name, [(key, value, ...)]) per resource, in every version
+        for error, _, _, topic, entries in (r[:5] for r in resp.resources):
+            if error:
+                raise for_code(error)(f"describing the settings of topic {topic!r}")
+            have = {e[0]: e[1] for e in entries}
+            for key, want in wanted.items():
+                if have.get(key) != want:
+                    out.append((topic, key, have.get(key), want))
+    return sorted(out, key=lambda d: (d[0], d[1]))
 
 
 async def _wait_for_leaders(
@@ -138,4 +172,11 @@ class TopicSet:
 MakeTopics = Callable[..., Awaitable[TopicSet]]
 
 
-__all__ = ["MakeTopics", "TopicSet", "delete_topics", "ensure_topics", "list_topics"]
+__all__ = [
+    "MakeTopics",
+    "TopicSet",
+    "delete_topics",
+    "differing_configs",
+    "ensure_topics",
+    "list_topics",
+]
