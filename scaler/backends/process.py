@@ -64,11 +64,7 @@ class ProcessBackend:
         self.host = host
         self.targets_path = state_dir / "targets.json"
         self._children: dict[int, _Child] = {}  # slot -> child
-        self._serial = 0
-        # A leader and its standby share one state directory and so one targets
-        # file: only a backend that has started handlers may rewrite it, or a
-        # standby starting or stopping would hide the leader's fleet from Prometheus.
-        self._owns_targets = False
+        self._serial = 0  # handlers started so far, for their names
 
     async def start(self) -> None:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -115,7 +111,6 @@ class ProcessBackend:
             finally:
                 logf.close()
             self._children[slot] = _Child(slot, name, port, proc, time.time())
-            self._owns_targets = True
             started.append(str(proc.pid))
             log.info("started %s (pid %d, metrics :%d)", name, proc.pid, port)
         self._write_targets()
@@ -157,7 +152,10 @@ class ProcessBackend:
                 self._write_targets()
 
     def _write_targets(self, force: bool = False) -> None:
-        if not (self._owns_targets or force):
+        # A leader and its standby share one state directory and so one targets
+        # file: only a backend that has started handlers may rewrite it, or a
+        # standby starting or stopping would hide the leader's fleet from Prometheus.
+        if not (self._serial or force):
             return
         groups = [
             {
