@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import re
 import subprocess
 import sys
@@ -188,18 +189,24 @@ class LatencyFeed:
     def build(cls, symbols: int, rate: float) -> LatencyFeed:
         # Generated before any clock starts, so the feed spends its CPU on sending.
         # The middle of the synthetic day is close to flat; the speed is chosen to
-        # give the requested record rate for this symbol count, and the symbols
-        # are enough for the whole warm-up and measurement at 20,000 records/s.
+        # give the requested record rate for this symbol count. At a high rate the
+        # window runs out before the warm-up and measurement do (it lasted 24 s at
+        # 25,900 records/s with 50 symbols), so it is built again with more symbols.
         symbols = max(symbols, LATENCY_SYMBOLS)
-        start, end = "11:00", "14:30"
-        src = list(ItchWindow(SyntheticDay(symbols, 7), parse_hhmm(start), parse_hhmm(end)))
+        wanted_s = WARMUP_S + MEASURE_S
+        while True:
+            src = list(ItchWindow(SyntheticDay(symbols, 7), parse_hhmm("11:00"),
+                                  parse_hhmm("14:30")))  # fmt: skip
+            lasts_s = len(src) / rate
+            if lasts_s >= wanted_s:
+                break
+            symbols = math.ceil(symbols * wanted_s / lasts_s * 1.1)
         # The live replay streams its source; this list of the whole window would
         # otherwise be walked by every full collection, stalling the feed.
         freeze_startup_heap()
         span_s = (src[-1].ts_ns - src[0].ts_ns) / 1e9
         speed = rate * span_s / len(src)
-        duration = min(WARMUP_S + MEASURE_S, span_s / speed)
-        return cls(src[: int(len(src) * duration / (span_s / speed))], speed)
+        return cls(src[: int(rate * wanted_s)], speed)
 
 
 @dataclass
