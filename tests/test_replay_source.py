@@ -20,6 +20,7 @@ from ingest.replay.source import (
     only_symbols,
     parse_hhmm,
     parse_only,
+    symbol_key,
 )
 from ingest.replay.synthetic import SyntheticDay
 
@@ -75,7 +76,8 @@ def test_window_snapshot_then_live(seed: int) -> None:
     for a in adds:
         assert a.stock == ref.directory[a.locate]
     for m, d in zip(snap, decoded, strict=True):
-        assert m.key == (None if isinstance(d, itch.SystemEvent) else d.locate.to_bytes(2, "big"))
+        want = None if isinstance(d, itch.SystemEvent) else symbol_key(ref.directory[d.locate])
+        assert m.key == want
     assert win[-1].ts_ns < END * NS
 
 
@@ -211,19 +213,25 @@ def test_jsonl_source_keeps_invalid_lines(tmp_path: Path) -> None:
 
 
 def test_itch_file_source(tmp_path: Path) -> None:
+    t = 4 * 3600 * NS
     msgs = [
-        itch.SystemEvent(0, 1, 4 * 3600 * NS, "O"),
-        itch.AddOrder(258, 2, 4 * 3600 * NS + 7, 1, "B", 100, "AAPL", 10_0000),
+        itch.SystemEvent(0, 1, t, "O"),
+        itch.AddOrder(258, 2, t + 7, 1, "B", 100, "AAPL", 10_0000),
     ]
-    payloads = [itch.encode(m) for m in msgs] + [b"A\x01", itch.encode(msgs[1])]
+    directory = itch.StockDirectory(
+        258, 3, t + 8, "AAPL", "Q", "N", 100, "N", "C", "  ", "P", "N", " ", "1", "N", 1, "N"
+    )
+    payloads = [itch.encode(m) for m in msgs] + [b"A\x01", itch.encode(directory)]
+    payloads.append(itch.encode(msgs[1]))
     path = tmp_path / "x.itch.gz"
     with gzip.open(path, "wb") as f:
         f.write(b"".join(itch.frame(p) for p in payloads))
     got = list(itch_file_source(path))
     assert [m.payload for m in got] == payloads
-    assert [m.key for m in got] == [None, b"\x01\x02", b"", b"\x01\x02"]
-    t = 4 * 3600 * NS
-    assert [m.ts_ns for m in got] == [t, t + 7, t + 7, t + 7]
+    # A stock is keyed by its symbol once its directory message is seen (as its
+    # ticks are), by its locate before that.
+    assert [m.key for m in got] == [None, b"\x01\x02", b"", b"AAPL", b"AAPL"]
+    assert [m.ts_ns for m in got] == [t, t + 7, t + 7, t + 8, t + 7]
 
 
 def test_only_symbols_keeps_a_subset_and_the_market_wide_messages() -> None:
@@ -240,7 +248,7 @@ def test_only_symbols_keeps_a_subset_and_the_market_wide_messages() -> None:
     kept = {int.from_bytes(m.payload[1:3], "big") for m in got if m.key}
     assert {names[loc] for loc in kept if loc in names} == set(keep)
     assert kept <= {loc for loc, n in names.items() if n in keep}
-    dropped = [m for m in day if m.key and names[int.from_bytes(m.key, "big")] not in keep]
+    dropped = [m for m in day if m.key and m.key.decode() not in keep]
     assert dropped and len(got) == len(day) + 1 - len(dropped)
     # Market-wide messages (system events) and unattributable input stay.
     assert [m for m in day if m.key is None] == [m for m in got if m.key is None]

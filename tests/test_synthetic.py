@@ -14,8 +14,8 @@ import pytest
 from ingest import sessions
 from ingest.codecs import itch
 from ingest.normalize import Normalizer
-from ingest.replay.source import RawMessage
-from ingest.replay.synthetic import SyntheticDay, locate_key, symbol_names
+from ingest.replay.source import RawMessage, symbol_key
+from ingest.replay.synthetic import SyntheticDay, symbol_names
 from ingest.ticks import parse_tick
 
 NS = 1_000_000_000
@@ -97,13 +97,17 @@ def test_timestamps_non_decreasing_and_match_payload(day: Day) -> None:
     assert all(a <= b for a, b in itertools.pairwise(ts))
     assert ts[0] == sessions.PRE_MARKET_START * NS
     assert ts[-1] == sessions.AFTER_HOURS_END * NS
+    names: dict[int, str] = {}
     for m, d in zip(day.msgs, day.decoded, strict=True):
         assert d.timestamp == m.ts_ns
         assert m.codec == "itch"
+        if isinstance(d, itch.StockDirectory):
+            names[d.locate] = d.stock
         if isinstance(d, itch.SystemEvent):
             assert m.key is None
         else:
-            assert m.key == locate_key(d.locate)
+            # Keyed like its ticks (co-partitioned); the directory comes first.
+            assert m.key == symbol_key(names[d.locate])
 
 
 def system_events(d: Day) -> list[tuple[str, int]]:

@@ -342,6 +342,11 @@ def _dec_alpha(b: bytes) -> str:
     return b.decode("latin-1").rstrip(" ")
 
 
+def stock_name(field: bytes) -> str:
+    """An 8-byte ITCH stock field, as the decoder reads it."""
+    return _dec_alpha(field)
+
+
 def _ident(v: int) -> int:
     return v
 

@@ -3,6 +3,14 @@
 Every source yields ``RawMessage``: the venue bytes, the codec that decodes
 them, a source timestamp used for pacing, and the instrument key that decides
 the Kafka partition (``None`` = market-wide, copied to every partition).
+
+The key is the instrument's symbol, for ITCH too (learnt from the stock
+directory message that precedes a stock's other messages), which is also the
+key of its ticks: ``md.raw`` and ``md.ticks`` are co-partitioned. With equal
+partition counts a symbol's raw messages and its ticks have the same partition
+number, so a handler's transaction for one input partition writes to one ticks
+partition instead of to every one of them (fewer partitions in each
+transaction, fewer commit markers for the broker to write).
 """
 
 from __future__ import annotations
@@ -41,6 +49,29 @@ def parse_hhmm(s: str) -> int:
     return h * 3600 + m * 60 + sec
 
 
+def symbol_key(symbol: str) -> bytes:
+    """The key of an instrument's records, raw and ticks alike."""
+    return symbol.encode()
+
+
+class ItchKeys:
+    """Partition keys of ITCH messages, as the feed reveals its stock directory."""
+
+    def __init__(self) -> None:
+        self._by_locate: dict[int, bytes] = {}
+
+    def key(self, payload: bytes) -> bytes | None:
+        """None for a market-wide message (locate 0). A stock message whose
+        directory message has not been seen keeps its 2-byte locate as the key;
+        a real feed sends the directory first."""
+        locate = int.from_bytes(payload[1:3], "big")
+        if locate == 0:
+            return None
+        if payload[:1] == b"R" and len(payload) >= 19:
+            self._by_locate[locate] = symbol_key(itch.stock_name(payload[11:19]))
+        return self._by_locate.get(locate) or payload[1:3]
+
+
 def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
     """Messages of a NASDAQ TotalView-ITCH 5.0 file (plain or gzip, 2-byte framing).
 
@@ -49,12 +80,12 @@ def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
     replay never silently drops input.
     """
     last_ts = 0
+    keys = ItchKeys()
     with itch.open_itch_file(path) as f:
         for payload in itch.iter_frames(f):
             if len(payload) >= itch.HEADER_LEN:
-                locate = int.from_bytes(payload[1:3], "big")
                 last_ts = int.from_bytes(payload[5:11], "big")
-                key = None if locate == 0 else payload[1:3]
+                key = keys.key(payload)
             else:
                 key = b""
             yield RawMessage(last_ts, key, payload, "itch")
@@ -196,13 +227,16 @@ class ItchWindow:
         assert ts is not None
         for p in sys_events:
             yield RawMessage(ts, None, _retime(p, ts), "itch")
-        for locate, payloads in reference.items():
+        keys = ItchKeys()
+        for payloads in reference.values():
             for p in payloads:
-                yield RawMessage(ts, locate.to_bytes(2, "big"), _retime(p, ts), "itch")
+                yield RawMessage(ts, keys.key(p), _retime(p, ts), "itch")
         for ref, (locate, is_bid, price, shares) in state.books.orders.items():
             stock = state.directory.get(locate, "")
-            add = itch.AddOrder(locate, 0, ts, ref, "B" if is_bid else "S", shares, stock, price)
-            yield RawMessage(ts, locate.to_bytes(2, "big"), itch.encode(add), "itch")
+            add = itch.encode(
+                itch.AddOrder(locate, 0, ts, ref, "B" if is_bid else "S", shares, stock, price)
+            )
+            yield RawMessage(ts, keys.key(add), add, "itch")
 
 
 def _retime(payload: bytes, ts: int) -> bytes:

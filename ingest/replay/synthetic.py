@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ingest import sessions
 from ingest.codecs import itch
-from ingest.replay.source import RawMessage
+from ingest.replay.source import RawMessage, symbol_key
 
 NS = 1_000_000_000
 TICK = 100  # $0.01 in 4-implied-decimal units
@@ -54,10 +54,6 @@ def symbol_names(n: int, seed: int) -> list[str]:
             names.add(s)
             out.append(s)
     return out
-
-
-def locate_key(locate: int) -> bytes:
-    return locate.to_bytes(2, "big")
 
 
 class SyntheticDay:
@@ -102,7 +98,7 @@ class SyntheticDay:
         rng = random.Random(self.seed)
         names = symbol_names(self.n, self.seed)
         syms = [
-            _Sym(i + 1, name, rng.randrange(10, 400) * 10000, locate_key(i + 1))
+            _Sym(i + 1, name, rng.randrange(10, 400) * 10000, symbol_key(name))
             for i, name in enumerate(names)
         ]
         # Zipf-like activity: a few names carry most of the flow, as on a real tape.
