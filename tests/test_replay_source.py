@@ -11,7 +11,9 @@ import orjson
 import pytest
 
 from ingest.codecs import itch
+from ingest.handler.partition import Outputs
 from ingest.normalize import Normalizer
+from ingest.replay.publisher import partition_for
 from ingest.replay.source import (
     ItchWindow,
     RawMessage,
@@ -266,3 +268,20 @@ def test_only_symbols_on_json_lines_and_bad_lists() -> None:
     assert parse_only(None) is None
     with pytest.raises(ValueError, match="comma-separated"):
         parse_only(" , ")
+
+
+@pytest.mark.parametrize(("raw", "ticks"), [(12, 12), (4, 4), (24, 12)])
+def test_raw_messages_and_their_ticks_share_a_partition(raw: int, ticks: int) -> None:
+    """Co-partitioning: a symbol's ticks go to its raw partition (modulo the ticks
+    count), so a transaction for one raw partition writes to one ticks partition."""
+    outputs = Outputs("md.ticks", ticks, "md.deadletter")
+    norm = Normalizer()
+    seen = 0
+    for m in ItchWindow(SyntheticDay(30, 3), parse_hhmm("09:28"), parse_hhmm("09:34")):
+        out: list[dict[str, Any]] = []
+        norm.on_itch(m.payload, "2024-11-25", 0, out)
+        for t in out:
+            assert m.key is not None
+            assert outputs.ticks_partition(t["symbol"]) == partition_for(m.key, raw) % ticks
+            seen += 1
+    assert seen > 1000
