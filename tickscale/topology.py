@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from tickscale import constants as c
 from tickscale.localstack.topics import ensure_topics
 
@@ -17,6 +19,19 @@ RAW_CONFIG = {
 }
 TICKS_CONFIG = {"retention.ms": str(7 * 24 * 3600 * 1000)}
 
+log = logging.getLogger(__name__)
+
+
+def co_partitioned(raw_partitions: int, ticks_partitions: int) -> bool:
+    """Whether each raw partition's ticks all land in one ticks partition.
+
+    Both topics are keyed by symbol with the default partitioner, so a symbol's
+    ticks partition is its raw partition modulo the ticks count exactly when
+    that count divides the raw count; then a handler's transaction for one
+    input partition writes to one ticks partition, not to many.
+    """
+    return raw_partitions % ticks_partitions == 0
+
 
 async def create_topics(
     bootstrap: str,
@@ -27,10 +42,23 @@ async def create_topics(
     ticks: str = c.TICKS_TOPIC,
     deadletter: str = c.DEADLETTER_TOPIC,
 ) -> None:
-    """Create the raw, tick and dead-letter topics if missing (idempotent)."""
+    """Create the raw, tick and dead-letter topics if missing (idempotent).
+
+    Warns when the topics, as they now are, are not co-partitioned: correct,
+    but every transaction then writes to several ticks partitions.
+    """
     await ensure_topics(bootstrap, {raw: raw_partitions}, replication, RAW_CONFIG)
     await ensure_topics(bootstrap, {ticks: ticks_partitions}, replication, TICKS_CONFIG)
     await ensure_topics(bootstrap, {deadletter: 1}, replication, TICKS_CONFIG)
+    # An existing topic keeps its own count, so the check reads what is there.
+    n_raw = len(await partitions_of(bootstrap, raw))
+    n_ticks = len(await partitions_of(bootstrap, ticks))
+    if not co_partitioned(n_raw, n_ticks):
+        log.warning(
+            "%s has %d partitions and %s %d: %d does not divide %d, so each transaction "
+            "writes to several %s partitions (slower, still exactly once); use equal counts",
+            raw, n_raw, ticks, n_ticks, n_ticks, n_raw, ticks,
+        )  # fmt: skip
 
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
