@@ -31,6 +31,7 @@ from ingest.codecs.errors import DecodeError
 from ingest.handler.redis_sink import RedisSink, snapshot_key
 from ingest.normalize import Normalizer
 from ingest.replay.publisher import partition_for
+from ingest.replay.source import symbol_key
 from tickscale.constants import (
     HDR_CODEC,
     HDR_DATE,
@@ -55,13 +56,16 @@ class Outputs:
         self.ticks_topic = ticks_topic
         self.ticks_partitions = ticks_partitions
         self.deadletter_topic = deadletter_topic
-        self._part_cache: dict[str, int] = {}
+        self._routes: dict[str, tuple[int, bytes]] = {}
 
-    def ticks_partition(self, symbol: str) -> int:
-        p = self._part_cache.get(symbol)
-        if p is None:
-            p = self._part_cache[symbol] = partition_for(symbol.encode(), self.ticks_partitions)
-        return p
+    def route(self, symbol: str) -> tuple[int, bytes]:
+        """A tick's partition and key. The key is the one the replay gives the
+        symbol's raw messages, which keeps the two topics co-partitioned."""
+        r = self._routes.get(symbol)
+        if r is None:
+            key = symbol_key(symbol)
+            r = self._routes[symbol] = (partition_for(key, self.ticks_partitions), key)
+        return r
 
 
 def unseen(records: list[ConsumerRecord[Any, Any]], start: int) -> list[ConsumerRecord[Any, Any]]:
@@ -291,13 +295,11 @@ class PartitionWorker:
         futures: list[asyncio.Future[Any]] = []
         dumps = orjson.dumps
         for t in ticks:
-            sym = t["symbol"]
-            part = out.ticks_partition(sym)
+            part, key = out.route(t["symbol"])
             b = by_part.get(part)
             if b is None:
                 b = by_part[part] = p.create_batch()
             value = dumps(t)
-            key = sym.encode()
             if b.append(key=key, value=value, timestamp=None) is None:
                 futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
                 b = by_part[part] = p.create_batch()
