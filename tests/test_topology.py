@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
 import uuid
 
@@ -12,8 +14,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
+from tickscale import constants as c
 from tickscale.localstack.topics import delete_topics, differing_configs, ensure_topics
-from tickscale.topology import RAW_CONFIG, co_partitioned, create_topics
+from tickscale.topology import RAW_CONFIG, co_partitioned, create_topics, partitions_of
 
 # Far from any wall clock this test runs at: a publisher with a wrong clock.
 _OLD_MS = 1_000_000_000_000  # 2001-09-09
@@ -110,3 +113,21 @@ async def test_topics_that_are_not_co_partitioned_are_named(
         assert not [r for r in caplog.records if r.name == "tickscale.topology"]
     finally:
         await delete_topics(kafka_bootstrap, [*names.values(), *(f"{v}2" for v in names.values())])
+
+
+async def test_the_topics_command_co_partitions_by_default(kafka_bootstrap: str) -> None:
+    # The command creates the pipeline's own names, which no other test uses.
+    names = [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]
+    cmd = [sys.executable, "-m", "tickscale", "topics", "--bootstrap", kafka_bootstrap]
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run, [*cmd, "--raw-partitions", "8"], capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert len(await partitions_of(kafka_bootstrap, c.RAW_TOPIC)) == 8
+        # md.ticks follows md.raw unless told otherwise, as `up` and the compose stack need.
+        assert len(await partitions_of(kafka_bootstrap, c.TICKS_TOPIC)) == 8
+        assert "does not divide" not in done.stderr + done.stdout
+    finally:
+        await delete_topics(kafka_bootstrap, names)

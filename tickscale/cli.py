@@ -244,13 +244,17 @@ def verify(
 def topics(
     bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
     raw_partitions: Annotated[int, typer.Option(min=1)] = 12,
-    ticks_partitions: Annotated[int, typer.Option(min=1)] = 12,
+    ticks_partitions: Annotated[
+        int | None,
+        typer.Option(min=1, help="default: the md.raw count, so the topics are co-partitioned"),
+    ] = None,
     replication: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Create md.raw, md.ticks and md.deadletter if they do not exist."""
     from tickscale.topology import create_topics
 
-    asyncio.run(create_topics(bootstrap, raw_partitions, ticks_partitions, replication))
+    ticks = ticks_partitions or raw_partitions
+    asyncio.run(create_topics(bootstrap, raw_partitions, ticks, replication))
     typer.echo(f"topics ready on {bootstrap}")
 
 
