@@ -255,8 +255,9 @@ async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: Lat
 
 
 # A broker whose JIT compiled less than this during a pass has settled: a slow VM
-# was still compiling the transaction paths after four passes (18, 9, 6, 2, 2 and
-# 1 s of compile time in passes 1-6 at 21,000 msg/s), and its p99 fell with it.
+# was still compiling the transaction paths after four passes (18.3, 9.4, 5.5, 2.2,
+# 2.1 and 1.0 s of compile time in passes 1-6 at 21,000 msg/s), and its p99 fell
+# with it.
 SETTLED_JIT_S = 1.0
 
 

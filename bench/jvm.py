@@ -10,7 +10,8 @@ variability, data offset) with its name and value at offsets from its start.
 
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 import struct
 from pathlib import Path
 
@@ -19,8 +20,10 @@ _MAGIC = b"\xca\xfe\xc0\xc0"
 
 def perf_counters(pid: int) -> dict[str, int] | None:
     """The scalar long counters of the JVM ``pid``; None if it publishes none."""
-    # HotSpot puts it under /tmp on Linux whatever TMPDIR says.
-    path = Path("/tmp") / f"hsperfdata_{getpass.getuser()}" / str(pid)
+    # HotSpot puts it under /tmp on Linux whatever TMPDIR says, named after the
+    # effective user (not whatever $USER claims).
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    path = Path("/tmp") / f"hsperfdata_{user}" / str(pid)
     try:
         data = path.read_bytes()
     except OSError:
