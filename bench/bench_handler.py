@@ -274,7 +274,11 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
     """
     feed = LatencyFeed.build(args.symbols, rate)
     n, most = args.latency_passes, max(args.latency_passes, args.latency_max_passes)
-    jit = compile_seconds(broker_pid) if broker_pid else None
+
+    def compiled_s() -> float | None:
+        return compile_seconds(broker_pid) if broker_pid else None
+
+    jit = compiled_s()
     settled = jit is None
     i = 0
     while True:
@@ -284,12 +288,11 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
         await ensure_topics(bootstrap, {raw: args.partitions}, configs=RAW_CONFIG)
         res = await latency_at(bootstrap, topics, raw, feed, workdir)
         compiled = ""
-        if jit is not None and broker_pid:
-            now = compile_seconds(broker_pid)
-            if now is not None:
-                settled = now - jit < SETTLED_JIT_S
-                compiled = f", broker JIT {now - jit:.1f} s"
-                jit = now
+        now = compiled_s()
+        if jit is not None and now is not None:
+            settled = now - jit < SETTLED_JIT_S
+            compiled = f", broker JIT {now - jit:.1f} s"
+            jit = now
         role = "measured" if measured else "warm-up"
         print(f"  latency pass {i} ({role}): {res.rate:,.0f} msg/s, "
               f"p50 {res.p50 * 1000:.1f} ms, p99 {res.p99 * 1000:.1f} ms "
