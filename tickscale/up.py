@@ -27,7 +27,7 @@ from ingest.verify import run_verify
 from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
 from tickscale.localstack.net import port_open
-from tickscale.localstack.proc import dying_with_parent
+from tickscale.localstack.proc import spawn, stop
 from tickscale.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
 from tickscale.topology import create_topics
 
@@ -72,30 +72,6 @@ class HandlerFleet:
                 p.wait()
 
 
-class ScalerChild:
-    """``tickscale scaler`` with the process backend: it starts and stops the handlers.
-
-    SIGTERM makes it drain and stop its handlers before it exits.
-    """
-
-    def __init__(self, cmd: list[str], log: Path) -> None:
-        self.log = log
-        with log.open("wb") as f:
-            # SIGTERM if `up` is killed: the scaler then stops its handlers itself.
-            self.proc = subprocess.Popen(
-                dying_with_parent(cmd), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def stop(self, timeout: float = 120) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
     """Fresh topics and no stale snapshots: a new day's ledger must start empty."""
     asyncio.run(delete_topics(bootstrap, [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]))
@@ -133,7 +109,7 @@ def run_up(
     broker: KafkaBroker | None = None
     redis_srv: RedisServer | None = None
     fleet: HandlerFleet | None = None
-    scaler_child: ScalerChild | None = None
+    scaler_child: subprocess.Popen[bytes] | None = None
     sigterm_and_sighup_as_ctrl_c()
     try:
         bootstrap = f"127.0.0.1:{kafka_port}"
@@ -163,7 +139,9 @@ def run_up(
                 "--metrics-port", str(scaler_port), "--handler-base-port", str(metrics_base_port),
                 "--state-dir", str(state_dir / "scaler"),
             ]  # fmt: skip
-            scaler_child = ScalerChild(cmd, log_dir / "scaler.log")
+            # Its SIGTERM (also sent if `up` is killed) makes it drain and stop its
+            # handlers before it exits.
+            scaler_child = spawn(cmd, log_dir / "scaler.log")
             console.print(
                 f"scaler started ({handlers}-{hi} handlers, metrics on :{scaler_port}, "
                 f"handler logs in {state_dir / 'scaler' / 'logs'}, audit in Redis)"
@@ -209,7 +187,7 @@ def run_up(
             signal.signal(sig, signal.SIG_IGN)
         with contextlib.suppress(KeyboardInterrupt):
             if scaler_child is not None:
-                scaler_child.stop()
+                stop(scaler_child, timeout=120)
             if fleet is not None:
                 fleet.stop()
             if redis_srv is not None:
