@@ -131,3 +131,9 @@ async def test_the_topics_command_co_partitions_by_default(kafka_bootstrap: str)
         assert "does not divide" not in done.stderr + done.stdout
     finally:
         await delete_topics(kafka_bootstrap, names)
+
+
+async def test_partitions_of_a_missing_topic_names_it(kafka_bootstrap: str) -> None:
+    missing = f"t-topology-missing-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RuntimeError, match=f"topic {missing!r} does not exist"):
+        await partitions_of(kafka_bootstrap, missing)

@@ -48,11 +48,12 @@ async def create_topics(
     but every transaction then writes to several ticks partitions.
     """
     await ensure_topics(bootstrap, {raw: raw_partitions}, replication, RAW_CONFIG)
-    await ensure_topics(bootstrap, {ticks: ticks_partitions}, replication, TICKS_CONFIG)
-    await ensure_topics(bootstrap, {deadletter: 1}, replication, TICKS_CONFIG)
+    await ensure_topics(
+        bootstrap, {ticks: ticks_partitions, deadletter: 1}, replication, TICKS_CONFIG
+    )
     # An existing topic keeps its own count, so the check reads what is there.
-    n_raw = len(await partitions_of(bootstrap, raw))
-    n_ticks = len(await partitions_of(bootstrap, ticks))
+    ids = await _partition_ids(bootstrap, [raw, ticks])
+    n_raw, n_ticks = len(ids[raw]), len(ids[ticks])
     if not co_partitioned(n_raw, n_ticks):
         log.warning(
             "%s has %d partitions and %s %d: %d does not divide %d, so each transaction "
@@ -63,14 +64,25 @@ async def create_topics(
 
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
     """Partition ids of ``topic``; RuntimeError naming the topic if it does not exist."""
+    return (await _partition_ids(bootstrap, [topic]))[topic]
+
+
+async def _partition_ids(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:
+    """Partition ids of each of ``topics`` from one admin client; RuntimeError naming
+    the first that does not exist."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        (desc,) = await admin.describe_topics([topic])
+        descs = await admin.describe_topics(topics)
     finally:
         await admin.close()
-    if desc["error_code"] != 0 or not desc["partitions"]:
-        raise RuntimeError(f"topic {topic!r} does not exist")
-    return sorted(p["partition"] for p in desc["partitions"])
+    found = {d["topic"]: d for d in descs}
+    out = {}
+    for topic in topics:
+        desc = found.get(topic)
+        if desc is None or desc["error_code"] != 0 or not desc["partitions"]:
+            raise RuntimeError(f"topic {topic!r} does not exist")
+        out[topic] = sorted(p["partition"] for p in desc["partitions"])
+    return out
