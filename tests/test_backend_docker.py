@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import urllib.request
 import uuid
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from docker.errors import APIError
 
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
 from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
@@ -259,6 +261,50 @@ async def test_add_list_remove_touch_only_own_containers(
         c = inspect(name)
         assert c is not None, f"{name} was removed"
         assert c["State"]["Running"] is running, name
+
+
+async def test_a_container_that_fails_to_start_is_removed_and_the_others_serve(
+    make_backend: MakeBackend, fleet: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine refusing one start out of several (a runtime or cgroup error) is
+    # not something a test can make happen to one container of a batch on its
+    # own, so that one start is failed here; the engine does everything else.
+    real_start = DockerBackend._start
+    lock = threading.Lock()
+    names: list[str] = []
+
+    def start_all_but_the_second(created: tuple[Any, str]) -> BaseException | None:
+        with lock:
+            names.append(created[1])
+            second = len(names) == 2
+        if second:
+            return APIError("cannot start container: injected runtime error")
+        return real_start(created)
+
+    monkeypatch.setattr(DockerBackend, "_start", staticmethod(start_all_but_the_second))
+    b = await make_backend()
+    with pytest.raises(BackendError, match=r"start handler containers on .*injected runtime error"):
+        await b.add(3)
+
+    # The container never started is gone (it would look "starting" forever and
+    # count as a handler that never joins); the two that started serve.
+    assert len(names) == 3
+    left = labelled(fleet)
+    assert len(left) == 2
+    assert not any(names[1] in (inspect(c) or {}).get("Name", "") for c in left)
+    await wait_ready(left)
+    assert sorted(h.id for h in await b.list()) == sorted(left)
+
+    monkeypatch.setattr(DockerBackend, "_start", staticmethod(real_start))
+    (added,) = await b.add(1)
+    await wait_ready([added])
+
+    async def three_running() -> bool:
+        return [h.state for h in await b.list()] == ["running"] * 3
+
+    await wait_for("3 running handler containers", three_running, within_s=120)
+    assert await b.remove(3)
+    assert labelled(fleet) == []
 
 
 async def test_sigterm_drained_removal_loses_nothing(
