@@ -248,7 +248,7 @@ def run_feed(r: Replayer, nice: int) -> Manifest:
 
 
 async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: LatencyFeed,
-                     workdir: Path, feed_nice: int = 0) -> Latency:  # fmt: skip
+                     workdir: Path, feed_nice: int) -> Latency:  # fmt: skip
     """p50/p99 e2e latency of a fresh EOS handler with ``raw`` fed by ``feed``.
 
     Only the steady state counts: the histogram is read after a warm-up and at
