@@ -109,25 +109,20 @@ def replay(
     ] = None,
 ) -> None:
     """Replay a market day into the raw topic and write its manifest."""
-    from ingest.replay.cli import run_replay
+    from ingest.replay.cli import SourceSpec, run_replay
 
+    spec = SourceSpec(
+        source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
+        start=from_, end=to, malformed_every=malformed_every, only=only,
+    )  # fmt: skip
     ok = run_replay(
+        spec,
         manifest=manifest,
         bootstrap=bootstrap,
         topic=topic,
-        source=source,
-        file=file,
-        symbols=symbols,
-        seed=seed,
-        rate=rate,
-        day=day,
-        start=from_,
-        end=to,
         speed=_speed(speed),
-        malformed_every=malformed_every,
         progress=progress,
         redis_url=redis,
-        only=only,
     )
     if not ok:
         raise typer.Exit(1)

@@ -22,7 +22,7 @@ import redis
 from rich.console import Console
 
 from ingest.manifest import Manifest
-from ingest.replay.cli import run_replay
+from ingest.replay.cli import SourceSpec, run_replay
 from ingest.verify import run_verify
 from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
@@ -155,10 +155,10 @@ def run_up(
                 f"{metrics_base_port + handlers - 1}, logs in {log_dir})"
             )
         manifest = state_dir / f"manifest-{int(time.time())}.json"
+        spec = SourceSpec("synthetic", symbols, seed, day=day, start=start, end=end)
         completed = run_replay(
-            manifest=manifest, bootstrap=bootstrap, topic=c.RAW_TOPIC, source="synthetic",
-            file=None, symbols=symbols, seed=seed, rate=1.0, day=day, start=start, end=end,
-            speed=speed, malformed_every=0, progress=True, redis_url=redis_url,
+            spec, manifest=manifest, bootstrap=bootstrap, topic=c.RAW_TOPIC, speed=speed,
+            progress=True, redis_url=redis_url,
         )  # fmt: skip
         sigterm_and_sighup_as_ctrl_c()  # the replay's event loop reset them when it closed
         if not completed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -92,95 +93,101 @@ def _clock(ns: int, codec: str) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def build_source(
-    *,
-    source: str,
-    file: Path | None,
-    symbols: int,
-    seed: int,
-    rate: float,
-    day: str | None,
-    start: str | None,
-    end: str | None,
-    malformed_every: int,
-    only: str | None,
-) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
-    """(messages, codec, trading date, manifest params) of a replay; the replay command
-    and the load test's feed both build their source here.
+@dataclass(frozen=True)
+class SourceSpec:
+    """What a replay sends: the replay command's source options. The replay
+    command, ``tickscale up`` and the load test's feed all describe their source
+    with one and build it with ``build()``."""
 
-    :raises typer.BadParameter: naming the option that is wrong
-    """
-    try:
-        start_s = None if start is None else parse_hhmm(start)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--from") from None
-    try:
-        end_s = None if end is None else parse_hhmm(end)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--to") from None
-    if start_s is not None and end_s is not None and end_s <= start_s:
-        raise typer.BadParameter("--to must be after --from", param_hint="--to")
-    try:
-        subset = parse_only(only)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--only") from None
+    source: str
+    symbols: int
+    seed: int
+    file: Path | None = None
+    rate: float = 1.0
+    day: str | None = None
+    start: str | None = None
+    end: str | None = None
+    malformed_every: int = 0
+    only: str | None = None
 
-    params: dict[str, object] = {"from": start, "to": end, "malformed_every": malformed_every}
-    codec = "itch"
-    src: Iterable[RawMessage]
-    if source == "synthetic":
-        day_s, close = resolve_day(day)
-        src = ItchWindow(
-            subset_of(SyntheticDay(symbols, seed, rate, close), subset), start_s, end_s
-        )
-        params |= {"symbols": symbols, "seed": seed, "rate": rate, "close": close}
-    elif source == "itch":
-        if file is None or not file.exists():
-            raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
-        day_s, close = resolve_day(day)
-        src = ItchWindow(subset_of(itch_file_source(file), subset), start_s, end_s)
-        # The load test's report shades the sessions from it (early closes included).
-        params |= {"file": str(file), "close": close}
-    elif source == "jsonl":
-        if file is None or not file.exists():
-            raise typer.BadParameter("an existing JSON-lines file is required", param_hint="--file")
-        day_s = day or ""
-        codec = "json"
-        src = JsonWindow(subset_of(jsonl_source(file), subset), start_s, end_s, day)
-        params |= {"file": str(file)}
-    else:
-        raise typer.BadParameter("expected synthetic, itch or jsonl", param_hint="--source")
-    if malformed_every:
-        src = with_malformed(src, malformed_every)
-    params["date"] = day_s
-    if subset is not None:
-        params["only"] = sorted(subset)
-    return src, codec, day_s, params
+    def build(self) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
+        """(messages, codec, trading date, manifest params) of the replay.
+
+        :raises typer.BadParameter: naming the option that is wrong
+        """
+        try:
+            start_s = None if self.start is None else parse_hhmm(self.start)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--from") from None
+        try:
+            end_s = None if self.end is None else parse_hhmm(self.end)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--to") from None
+        if start_s is not None and end_s is not None and end_s <= start_s:
+            raise typer.BadParameter("--to must be after --from", param_hint="--to")
+        try:
+            subset = parse_only(self.only)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--only") from None
+
+        params: dict[str, object] = {
+            "from": self.start,
+            "to": self.end,
+            "malformed_every": self.malformed_every,
+        }
+        codec = "itch"
+        src: Iterable[RawMessage]
+        if self.source == "synthetic":
+            day_s, close = resolve_day(self.day)
+            src = ItchWindow(
+                subset_of(SyntheticDay(self.symbols, self.seed, self.rate, close), subset),
+                start_s,
+                end_s,
+            )
+            params |= {
+                "symbols": self.symbols,
+                "seed": self.seed,
+                "rate": self.rate,
+                "close": close,
+            }
+        elif self.source == "itch":
+            if self.file is None or not self.file.exists():
+                raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
+            day_s, close = resolve_day(self.day)
+            src = ItchWindow(subset_of(itch_file_source(self.file), subset), start_s, end_s)
+            # The load test's report shades the sessions from it (early closes included).
+            params |= {"file": str(self.file), "close": close}
+        elif self.source == "jsonl":
+            if self.file is None or not self.file.exists():
+                raise typer.BadParameter(
+                    "an existing JSON-lines file is required", param_hint="--file"
+                )
+            day_s = self.day or ""
+            codec = "json"
+            src = JsonWindow(subset_of(jsonl_source(self.file), subset), start_s, end_s, self.day)
+            params |= {"file": str(self.file)}
+        else:
+            raise typer.BadParameter("expected synthetic, itch or jsonl", param_hint="--source")
+        if self.malformed_every:
+            src = with_malformed(src, self.malformed_every)
+        params["date"] = day_s
+        if subset is not None:
+            params["only"] = sorted(subset)
+        return src, codec, day_s, params
 
 
 def run_replay(
+    spec: SourceSpec,
     *,
     manifest: Path,
     bootstrap: str,
     topic: str,
-    source: str,
-    file: Path | None,
-    symbols: int,
-    seed: int,
-    rate: float,
-    day: str | None,
-    start: str | None,
-    end: str | None,
     speed: float | None,
-    malformed_every: int,
     progress: bool,
     redis_url: str | None = None,
-    only: str | None = None,
 ) -> bool:
-    src, codec, day_s, params = build_source(
-        source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
-        start=start, end=end, malformed_every=malformed_every, only=only,
-    )  # fmt: skip
+    src, codec, day_s, params = spec.build()
+    source = spec.source
 
     console = Console(stderr=True)
     bar = Progress(
@@ -247,4 +254,4 @@ def run_replay(
     return not replayer.interrupted
 
 
-__all__ = ["build_source", "resolve_day", "run_replay", "sessions"]
+__all__ = ["SourceSpec", "resolve_day", "run_replay", "sessions"]

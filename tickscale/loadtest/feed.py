@@ -35,7 +35,7 @@ import typer
 
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.normalize import EXCHANGE_TZ, midnight_ns
-from ingest.replay.cli import build_source as replay_source
+from ingest.replay.cli import SourceSpec
 from ingest.replay.publisher import Replayer, ReplayStats
 from ingest.replay.source import NS, RawMessage
 from tickscale.runtime import freeze_startup_heap
@@ -93,10 +93,10 @@ class TimeWarp:
 def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
     """(messages, codec, trading date, manifest params) as ``tickscale replay`` builds them."""
     try:
-        return replay_source(
+        return SourceSpec(
             source=a.source, file=a.file, symbols=a.symbols, seed=a.seed, rate=a.rate,
             day=a.date, start=a.start, end=a.end, malformed_every=a.malformed_every, only=a.only,
-        )  # fmt: skip
+        ).build()  # fmt: skip
     except typer.BadParameter as e:
         raise SystemExit(f"error: {e.format_message()}") from None
 
