@@ -159,7 +159,8 @@ async def rate_rounds(bootstrap: str, topics: dict[str, str], total: int, rounds
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     suffix = int(time.time())
     for r in range(rounds):
-        order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]
+        k = r % len(VARIANTS)
+        order = VARIANTS[k:] + VARIANTS[:k]
         got = []
         for v in order:
             group = f"bench-{v.replace(' ', '-').lower()}-{suffix}-{r}"
