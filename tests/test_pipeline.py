@@ -195,6 +195,79 @@ async def test_sigkill_and_scale_out_mid_replay_lose_nothing(
             h.close()
 
 
+def _wait_metric(
+    h: HandlerProc, name: str, want: float, timeout: float, at_least: bool = False
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = h.metric(name)
+        if v == want or (at_least and v > want):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{h.name}: {name} never reached {want}: {h.log()}")
+
+
+async def test_frozen_handler_resumes_as_a_fenced_zombie(
+    topics: TopicSet, tmp_path: Path, redis_url: str
+) -> None:
+    """A handler frozen (SIGSTOP) past its session timeout loses its partitions while it
+    still believes it owns them; thawed, it is a zombie with fetched records and open
+    producers. The new owner's fencing must keep every one of its late writes out."""
+    manifest = tmp_path / "m.json"
+    a = HandlerProc(topics, tmp_path, "a", redis_url)
+    b = HandlerProc(topics, tmp_path, "b", redis_url)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        _wait_metric(a, "tickscale_handler_assigned_partitions", topics.raw_partitions / 2, 30)
+        rp = start_replay(
+            topics,
+            manifest,
+            tmp_path / "replay.log",
+            "--symbols",
+            "8",
+            "--seed",
+            "11",
+            "--date",
+            DAY,
+            "--from",
+            "09:29",
+            "--to",
+            "09:45",
+            "--speed",
+            "25",
+        )
+        await asyncio.sleep(4)
+        # A thawed handler may learn of its eviction from a heartbeat before it writes
+        # anything (then it is no zombie): freeze it again, while the feed runs.
+        cycles = 0
+        while cycles < 4 and rp.poll() is None:
+            cycles += 1
+            assert a.metric("tickscale_handler_messages_in_total") > 0
+            joins = a.metric("tickscale_handler_rebalances_total")
+            a.proc.send_signal(signal.SIGSTOP)
+            try:
+                # The session timeout (6 s here) expires and b takes every partition.
+                _wait_metric(b, "tickscale_handler_assigned_partitions", topics.raw_partitions, 60)
+                await asyncio.sleep(2)  # b commits output for a's former partitions
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
+            # The zombie finds out and rejoins (its partition gauge is stale until then).
+            _wait_metric(a, "tickscale_handler_rebalances_total", joins + 1, 60, at_least=True)
+            _wait_metric(b, "tickscale_handler_assigned_partitions", topics.raw_partitions / 2, 60)
+            if a.metric("tickscale_handler_transaction_aborts_total", "ProducerFenced") > 0:
+                break
+        assert rp.wait(180) == 0, (tmp_path / "replay.log").read_text()[-2000:]
+        rc, out = run_verify(topics, manifest)
+        _assert_exact(rc, out)
+        # The zombie did write late, and was fenced.
+        fenced = a.metric("tickscale_handler_transaction_aborts_total", "ProducerFenced")
+        assert fenced > 0, f"{cycles} freezes: {a.log()}"
+    finally:
+        a.close()
+        b.close()
+
+
 async def test_graceful_scale_in_and_out_lose_nothing(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
