@@ -68,6 +68,10 @@ RESTORE_REPLAYED = Counter(
 TXN_ABORTS = Counter(
     "tickscale_handler_transaction_aborts_total", "Transactions aborted and retried", ["reason"]
 )
+STALE_TXN_FENCED = Counter(
+    "tickscale_handler_stale_transactions_fenced_total",
+    "Previous owners' transactions fenced after outlasting fence_after_s on a new assignment",
+)
 REDIS_ERRORS = Counter(
     "tickscale_handler_redis_errors_total", "Failed Redis writes (snapshots, last-tick cache)"
 )

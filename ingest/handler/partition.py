@@ -1,15 +1,14 @@
-"""One input partition's consume-transform-produce unit.
+"""One input partition's state: its normaliser, its restore, its share of a batch.
 
-Exactly-once rests on three things here:
+Exactly-once rests on three things (the handler commits, see service.py):
 
-1. A transactional producer per input partition, ``transactional_id`` derived
-   from (group, topic, partition). aiokafka has no KIP-447 group-generation
-   fencing, so this is what fences a zombie: the new owner's
-   ``init_transactions`` bumps the epoch and aborts or completes whatever the
-   old owner had in flight, and the old owner's next commit fails.
-2. Ticks, dead letters and the consumer offset are committed in one
-   transaction, so a ``read_committed`` reader sees each batch entirely or not
-   at all, and the committed offset always matches the committed output.
+1. One transaction per poll holds every partition's ticks, dead letters and
+   consumer offsets, so a ``read_committed`` reader sees each batch entirely or
+   not at all, and the committed offsets always match the committed output.
+2. The consumer group fences a stale owner (fencing.py): the transaction's
+   offset commit carries the group generation, which the coordinator refuses
+   once the partitions have moved, and a new owner reads its start offset only
+   once no open transaction holds one for the partition.
 3. Normaliser state is restored to exactly the committed offset before any new
    output: the newest Redis snapshot at or below it, then a silent replay of
    the raw records up to it. Processing is deterministic, so ticks after a
@@ -21,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -43,10 +43,6 @@ from tickscale.constants import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def transactional_id(group: str, topic: str, partition: int) -> str:
-    return f"tickscale.{group}.{topic}.{partition}"
 
 
 class Outputs:
@@ -88,31 +84,39 @@ def _headers(rec: ConsumerRecord[Any, Any]) -> dict[str, bytes]:
     return dict(rec.headers) if rec.headers else {}
 
 
+@dataclass(slots=True)
+class Batch:
+    """One partition's share of a poll, transformed and not yet committed."""
+
+    worker: PartitionWorker
+    records: list[ConsumerRecord[Any, Any]]
+    ticks: list[dict[str, Any]]
+    dead: list[tuple[ConsumerRecord[Any, Any], DecodeError]]
+    recv_ts: int
+
+    @property
+    def next_offset(self) -> int:
+        return int(self.records[-1].offset) + 1
+
+
 class PartitionWorker:
-    """Owns one input partition: its state, its producer, its commits.
+    """Owns one input partition's state; the handler commits its output.
 
     :param tp: the input partition
-    :param group: consumer group (offsets are committed to it)
-    :param producer: transactional producer for this partition (EOS), or a shared
-        plain producer in at-least-once mode
-    :param eos: whether ``producer`` is transactional
+    :param group: consumer group (names the partition's Redis snapshot)
     """
 
     def __init__(
         self,
         tp: TopicPartition,
         group: str,
-        producer: AIOKafkaProducer,
         outputs: Outputs,
-        eos: bool,
         sink: RedisSink | None,
         snapshot_interval_s: float,
     ) -> None:
         self.tp = tp
         self.group = group
-        self.producer = producer
         self.outputs = outputs
-        self.eos = eos
         self.sink = sink
         self.norm = Normalizer()
         self.committed = 0  # next offset to process, as committed
@@ -218,36 +222,33 @@ class PartitionWorker:
             return e
         return None
 
-    async def process(self, records: list[ConsumerRecord[Any, Any]]) -> int:
-        """Transform and commit one batch; returns the number of raw messages it consumed
-        (a rewound fetch's records below the committed offset are skipped, not counted).
+    def transform(self, records: list[ConsumerRecord[Any, Any]]) -> Batch | None:
+        """Apply a poll's records to the state; None when none of them is new.
 
-        Raises on any Kafka failure; the caller then discards this worker's
-        state (it ran ahead of what was committed) and restores it.
+        The state then runs ahead of the committed offset: the caller commits the
+        batch (``committed_batch``) or discards this worker and restores it.
         """
         # A rewound fetch, or a batch holding the same records twice, must never
         # feed the same input to the state twice.
         records = unseen(records, self.committed)
         if not records:
-            return 0
-        recv_ts = time.time_ns()
-        ticks: list[dict[str, Any]] = []
-        dead: list[tuple[ConsumerRecord[Any, Any], DecodeError]] = []
+            return None
+        b = Batch(self, records, [], [], time.time_ns())
         errs_before = sum(self.norm.book_errors.values())
         for rec in records:
-            err = self._apply(rec, recv_ts, ticks)
+            err = self._apply(rec, b.recv_ts, b.ticks)
             if err is not None:
-                dead.append((rec, err))
+                b.dead.append((rec, err))
         if sum(self.norm.book_errors.values()) != errs_before:
             self._count_book_errors()
+        return b
 
-        p = self.producer
-        if self.eos:
-            await p.begin_transaction()
-        futures = await self._send_ticks(ticks)
-        for rec, err in dead:
+    async def send(self, producer: AIOKafkaProducer, b: Batch) -> list[asyncio.Future[Any]]:
+        """Hand the batch's ticks and dead letters to the producer."""
+        futures = await self._send_ticks(producer, b.ticks)
+        for rec, err in b.dead:
             futures.append(
-                await p.send(
+                await producer.send(
                     self.outputs.deadletter_topic,
                     rec.value or b"",
                     key=rec.key,
@@ -260,36 +261,32 @@ class PartitionWorker:
                     ],
                 )
             )
-        next_offset = records[-1].offset + 1
-        if self.eos:
-            await p.send_offsets_to_transaction({self.tp: next_offset}, self.group)
-            await p.commit_transaction()
-        else:
-            await asyncio.gather(*futures)
-        self.committed = next_offset
+        return futures
 
-        done = time.time()
+    def committed_batch(self, b: Batch, done: float) -> None:
+        """The batch's output and offset are committed (at ``done``, epoch seconds)."""
+        self.committed = b.next_offset
+        records = b.records
         for i in range(0, len(records), 8):
             metrics.E2E_LATENCY.observe(max(0.0, done - records[i].timestamp / 1000))
         metrics.MESSAGES_IN.labels(self._partition_label).inc(len(records))
         metrics.BATCH_SIZE.observe(len(records))
-        if dead:
-            for _, err in dead:
-                metrics.DEADLETTERS.labels(err.reason).inc()
-        n_trades = sum(1 for t in ticks if t["kind"] == "trade")
+        for _, err in b.dead:
+            metrics.DEADLETTERS.labels(err.reason).inc()
+        n_trades = sum(1 for t in b.ticks if t["kind"] == "trade")
         if n_trades:
             metrics.TICKS_OUT.labels("trade").inc(n_trades)
-        if len(ticks) - n_trades:
-            metrics.TICKS_OUT.labels("quote").inc(len(ticks) - n_trades)
+        if len(b.ticks) - n_trades:
+            metrics.TICKS_OUT.labels("quote").inc(len(b.ticks) - n_trades)
         if self.sink is not None:
-            self.sink.last_ticks(ticks)
+            self.sink.last_ticks(b.ticks)
             if done - self._last_snapshot >= self.snapshot_interval_s:
                 self.save_snapshot()
-        return len(records)
 
-    async def _send_ticks(self, ticks: list[dict[str, Any]]) -> list[asyncio.Future[Any]]:
+    async def _send_ticks(
+        self, p: AIOKafkaProducer, ticks: list[dict[str, Any]]
+    ) -> list[asyncio.Future[Any]]:
         """Send ticks in per-partition batches: far cheaper than a send() per tick."""
-        p = self.producer
         out = self.outputs
         by_part: dict[int, Any] = {}
         futures: list[asyncio.Future[Any]] = []

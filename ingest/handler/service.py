@@ -5,33 +5,49 @@ Lifecycle: ``start()`` opens the HTTP probe endpoint, Redis and the consumer;
 flight commit, saves snapshots, leaves the group (so the partitions move at
 once rather than after the session timeout) and closes every client.
 
-Rebalances are eager in aiokafka: on revocation the current batch is allowed
-to finish and commit (the processing lock), then the partition's producer is
-closed; on assignment each new partition gets its own transactional producer,
-whose initialisation fences the previous owner, and its state is restored
-before the first new tick.
+Each poll is one transaction: every partition's ticks, dead letters and offsets
+(fencing.py says why a stale owner cannot commit one). Rebalances are eager in
+aiokafka: on revocation the batch in flight is allowed to commit first (the
+processing lock); on assignment each new partition's start offset is read once
+no open transaction holds one for it, and its state is restored before the
+first new tick.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
+from aiokafka.structs import OffsetAndMetadata
 
 from ingest import metrics
-from ingest.handler.partition import Outputs, PartitionWorker, transactional_id
+from ingest.handler.fencing import (
+    FencedProducer,
+    GroupMetadata,
+    Unstable,
+    fetch_committed,
+)
+from ingest.handler.partition import Batch, Outputs, PartitionWorker
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.settings import HandlerSettings
 from tickscale.http import HealthServer
 from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
+
+
+def transactional_id(group: str, handler_id: str) -> str:
+    """The handler's producer. Its offset commits name it, so the next owner of a
+    partition knows whose open transaction to fence (``_committed``)."""
+    return f"tickscale.{group}.{handler_id}"
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -55,7 +71,8 @@ class FeedHandler:
         self.sink: RedisSink | None = None
         self.http: HealthServer | None = None
         self.outputs: Outputs | None = None
-        self._plain_producer: AIOKafkaProducer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.txn_id = transactional_id(settings.group, settings.handler_id)
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._started = False
@@ -95,11 +112,7 @@ class FeedHandler:
         finally:
             await probe.stop()
         self.outputs = Outputs(s.out_topic, len(out_parts), s.deadletter_topic)
-        if not s.eos:
-            self._plain_producer = AIOKafkaProducer(
-                bootstrap_servers=s.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
-            )
-            await self._plain_producer.start()
+        await self._open_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.bootstrap,
             group_id=s.group,
@@ -139,10 +152,11 @@ class FeedHandler:
                 await self.consumer.stop()
             self.consumer = None
         for tp in list(self.workers):
-            await self._close_worker(tp)
-        if self._plain_producer is not None:
-            await self._plain_producer.stop()
-            self._plain_producer = None
+            self._close_worker(tp)
+        if self.producer is not None:
+            with contextlib.suppress(KafkaError, AssertionError):
+                await self.producer.stop()
+            self.producer = None
         if self.sink is not None:
             await self.sink.stop()
             self.sink = None
@@ -169,7 +183,7 @@ class FeedHandler:
                 w = self.workers.get(tp)
                 if w is not None:
                     w.save_snapshot()
-                await self._close_worker(tp)
+                self._close_worker(tp)
             if self.sink is not None:
                 # Written before this member rejoins, so the partitions' next owners
                 # restore from the committed offset itself instead of replaying from
@@ -187,35 +201,34 @@ class FeedHandler:
         metrics.ASSIGNED.set(len(self.workers))
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
-    async def _open_worker(self, tp: TopicPartition) -> None:
+    async def _open_producer(self) -> None:
         s = self.s
-        assert self.consumer is not None and self.outputs is not None
-        if s.eos:
-            producer = AIOKafkaProducer(
+        if not s.eos:
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=s.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+            )
+        else:
+            self.producer = FencedProducer(
                 bootstrap_servers=s.bootstrap,
-                transactional_id=transactional_id(s.group, tp.topic, tp.partition),
+                transactional_id=self.txn_id,
                 enable_idempotence=True,
                 acks="all",
                 linger_ms=2,
                 max_batch_size=512 * 1024,
-                transaction_timeout_ms=60_000,
+                transaction_timeout_ms=s.transaction_timeout_ms,
                 # Back-to-back transactions race the previous commit's markers; the
                 # broker answers a produce in that window with a retriable
                 # NOT_ENOUGH_REPLICAS (transaction verification, KIP-890). aiokafka's
                 # default 100 ms backoff then dominated end-to-end latency.
                 retry_backoff_ms=5,
             )
-            # start() runs InitProducerId: this is the fence against the old owner,
-            # and it waits for the old owner's open transaction to finish first, so
-            # the committed offset read below is final.
-            await producer.start()
-        else:
-            assert self._plain_producer is not None
-            producer = self._plain_producer
-        w = PartitionWorker(
-            tp, s.group, producer, self.outputs, s.eos, self.sink, s.snapshot_interval_s
-        )
-        committed = await self.consumer.committed(tp)
+        await self.producer.start()
+
+    async def _open_worker(self, tp: TopicPartition) -> None:
+        s = self.s
+        assert self.consumer is not None and self.outputs is not None
+        w = PartitionWorker(tp, s.group, self.outputs, self.sink, s.snapshot_interval_s)
+        committed = await self._committed(tp)
         await w.restore(s.bootstrap, committed)
         self.workers[tp] = w
         # An immediate seek, never seek_to_beginning(): that one is applied lazily
@@ -223,13 +236,54 @@ class FeedHandler:
         # on a trimmed log falls back to the earliest offset via auto_offset_reset.
         self.consumer.seek(tp, committed or 0)
 
-    async def _close_worker(self, tp: TopicPartition) -> None:
-        w = self.workers.pop(tp, None)
+    async def _committed(self, tp: TopicPartition) -> int | None:
+        """The partition's committed offset, once no open transaction holds a newer one.
+
+        The previous owner commits its batch in flight before it gives a partition
+        up, so the wait is normally one commit. An owner that was killed or frozen
+        mid-transaction would hold it until the transaction timeout: after
+        ``fence_after_s`` the transactional id that last committed the partition
+        (its offset metadata) is fenced, which aborts that transaction at once.
+        """
+        s = self.s
+        assert self.consumer is not None
+        if not s.eos:
+            return await self.consumer.committed(tp)
+        t0 = time.monotonic()
+        fenced = False
+        while True:
+            try:
+                got = await fetch_committed(self.consumer, s.group, tp, require_stable=True)
+                return got.offset
+            except Unstable:
+                pass
+            waited = time.monotonic() - t0
+            if not fenced and waited >= s.fence_after_s:
+                fenced = True
+                last = await fetch_committed(self.consumer, s.group, tp, require_stable=False)
+                owner = last.metadata
+                if owner.startswith(f"tickscale.{s.group}.") and owner != self.txn_id:
+                    log.warning(
+                        "%s: a transaction of %s is still open after %.1fs; fencing it",
+                        tp,
+                        owner,
+                        waited,
+                    )
+                    metrics.STALE_TXN_FENCED.inc()
+                    await self._fence(owner)
+            await asyncio.sleep(0.02)
+
+    async def _fence(self, txn_id: str) -> None:
+        """Initialising a producer with ``txn_id`` aborts its open transaction and
+        makes its current holder's next transactional request fail."""
+        p = AIOKafkaProducer(bootstrap_servers=self.s.bootstrap, transactional_id=txn_id)
+        await p.start()
+        await p.stop()
+
+    def _close_worker(self, tp: TopicPartition) -> None:
+        self.workers.pop(tp, None)
         with contextlib.suppress(KeyError):
             metrics.PARTITION_LAG.remove(str(tp.partition))
-        if w is not None and w.eos:
-            with contextlib.suppress(KafkaError, AssertionError):
-                await w.producer.stop()
 
     # Main loop ----------------------------------------------------------------------------
 
@@ -252,23 +306,15 @@ class FeedHandler:
                 async with self._lock:
                     t0 = time.monotonic()
                     c0 = time.process_time()
-                    # Partitions commit independent transactions: run them
-                    # concurrently so their broker round trips overlap.
                     work = [
-                        (w, records)
+                        b
                         for tp, records in batches.items()
-                        if records and (w := self.workers.get(tp)) is not None
+                        if records
+                        and (w := self.workers.get(tp)) is not None
+                        and (b := w.transform(records)) is not None
                     ]  # a missing worker was revoked while the fetch was in flight
-                    ok = await asyncio.gather(*(self._process(w, r) for w, r in work))
-                    done = {
-                        w.tp: w.committed for (w, _), good in zip(work, ok, strict=True) if good
-                    }
-                    if done and not self.s.eos:
-                        # At-least-once: offsets after the output is acknowledged.
-                        try:
-                            await consumer.commit(done)
-                        except KafkaError as e:
-                            log.warning("offset commit failed (%s); batch may repeat", e)
+                    if work:
+                        await self._commit(work)
                     dt = time.monotonic() - t0
                     self.busy_s += dt
                     self.cpu_s += time.process_time() - c0
@@ -319,38 +365,75 @@ class FeedHandler:
                 batches.setdefault(tp, []).extend(recs)
         return batches
 
-    async def _process(self, w: PartitionWorker, records: list[Any]) -> bool:
-        assert self.consumer is not None
+    async def _commit(self, work: list[Batch]) -> None:
+        """Commit a poll's batches: one transaction with EOS, else output then offsets."""
+        assert self.consumer is not None and self.producer is not None
+        p = self.producer
         t0 = time.monotonic()
         try:
-            consumed = await w.process(records)
+            if isinstance(p, FencedProducer):
+                meta = GroupMetadata.of(self.consumer, self.s.group)
+                await p.begin_transaction()
+                for b in work:
+                    await b.worker.send(p, b)
+                await p.send_offsets_fenced(
+                    {b.worker.tp: OffsetAndMetadata(b.next_offset, self.txn_id) for b in work},
+                    meta,
+                )
+                await p.commit_transaction()
+            else:
+                futures = [f for b in work for f in await b.worker.send(p, b)]
+                await asyncio.gather(*futures)
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
-            log.warning("%s: batch failed (%r); aborting and restoring", w.tp, e)
-            await self._recover(w)
-            return False
-        self.messages += consumed
-        metrics.PROCESSING.observe(time.monotonic() - t0)
-        return True
-
-    async def _recover(self, w: PartitionWorker) -> None:
-        """Abort, then rebuild the partition from its committed offset."""
-        assert self.consumer is not None
-        tp = w.tp
-        if w.eos:
-            with contextlib.suppress(Exception):
-                await w.producer.abort_transaction()
-        await self._close_worker(tp)
-        if tp not in self.consumer.assignment():
+            log.warning(
+                "batch of partitions %s failed (%r); aborting and restoring",
+                sorted(b.worker.tp.partition for b in work),
+                e,
+            )
+            await self._recover([b.worker.tp for b in work])
             return
+        done = time.time()
+        for b in work:
+            b.worker.committed_batch(b, done)
+            self.messages += len(b.records)
+        metrics.PROCESSING.observe(time.monotonic() - t0)
+        if not isinstance(p, FencedProducer):
+            # At-least-once: offsets after the output is acknowledged.
+            try:
+                await self.consumer.commit({b.worker.tp: b.next_offset for b in work})
+            except KafkaError as e:
+                log.warning("offset commit failed (%s); batch may repeat", e)
+
+    async def _recover(self, tps: list[TopicPartition]) -> None:
+        """Abort, then rebuild the partitions from their committed offsets."""
+        assert self.consumer is not None and self.producer is not None
+        p = self.producer
+        if isinstance(p, FencedProducer):
+            # Not abort_transaction(): on an abortable error aiokafka forgets which
+            # partitions the transaction wrote to, then "aborts" it without telling
+            # the broker, and the next commit would commit the failed batch's output
+            # too. A new producer's InitProducerId makes the broker abort whatever
+            # it holds open for this transactional id; it also recovers a fenced one.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(p.stop(), 30)
+            await self._retry("reopen the producer", self._open_producer)
+            if self._fatal is not None:
+                return
+        for tp in tps:
+            self._close_worker(tp)
+            if tp in self.consumer.assignment():
+                await self._retry(f"restore {tp}", functools.partial(self._open_worker, tp))
+
+    async def _retry(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         for attempt in range(30):
             try:
-                await self._open_worker(tp)
+                await step()
                 return
             except Exception as e:
-                log.warning("%s: reopen failed (%r), retry %d", tp, e, attempt + 1)
+                log.warning("cannot %s (%r), retry %d", what, e, attempt + 1)
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
-        self._fatal = RuntimeError(f"cannot recover {tp}")
+        self._fatal = RuntimeError(f"cannot {what}")
         self._stop.set()
 
     def _check_parent(self) -> None:

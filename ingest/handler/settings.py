@@ -45,6 +45,19 @@ class HandlerSettings(BaseSettings):
         "process backend: a handler must not outlive the scaler that owns it)",
     )
     session_timeout_ms: int = Field(10_000, ge=1000)
+    transaction_timeout_ms: int = Field(
+        60_000,
+        ge=1000,
+        le=900_000,
+        description="the broker aborts a transaction left open this long (a handler killed "
+        "mid-commit); at most the broker's transaction.max.timeout.ms",
+    )
+    fence_after_s: float = Field(
+        2.0,
+        gt=0,
+        description="a partition's new owner waits this long for its previous owner's open "
+        "transaction, then fences that owner's transactional id",
+    )
     heartbeat_interval_ms: int = Field(1_000, ge=100)
 
     @field_validator("bootstrap")

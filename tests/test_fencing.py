@@ -1,0 +1,180 @@
+"""Group fencing of the handler's transactions (KIP-447 requests), on the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import replace
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import ProducerFenced
+from aiokafka.structs import OffsetAndMetadata
+
+from ingest import metrics
+from ingest.handler.fencing import (
+    Committed,
+    FencedProducer,
+    GroupFenced,
+    GroupMetadata,
+    Unstable,
+    fetch_committed,
+)
+from ingest.handler.service import FeedHandler, transactional_id
+from ingest.handler.settings import HandlerSettings
+from tickscale.localstack.topics import MakeTopics, TopicSet
+
+
+async def _member(ts: TopicSet) -> AIOKafkaConsumer:
+    """A member of the test's group holding every raw partition."""
+    c = AIOKafkaConsumer(
+        bootstrap_servers=ts.bootstrap,
+        group_id=ts.group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+    )
+    c.subscribe([ts.raw])
+    await c.start()
+    while not c.assignment():
+        await c.getmany(timeout_ms=200)
+    return c
+
+
+async def _producer(ts: TopicSet, txn_id: str) -> FencedProducer:
+    p = FencedProducer(bootstrap_servers=ts.bootstrap, transactional_id=txn_id)
+    await p.start()
+    return p
+
+
+async def _committed_ticks(ts: TopicSet) -> list[bytes]:
+    """Every tick a ``read_committed`` reader sees, once no transaction is open."""
+    c = AIOKafkaConsumer(
+        bootstrap_servers=ts.bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await c.start()
+    try:
+        tps = [TopicPartition(ts.ticks, p) for p in range(ts.ticks_partitions)]
+        c.assign(tps)
+        await c.seek_to_beginning(*tps)
+        end = await c.end_offsets(tps)
+        out: list[bytes] = []
+        left = {tp for tp in tps if end[tp] > 0}
+        while left:
+            for recs in (await c.getmany(timeout_ms=500)).values():
+                out += [r.value for r in recs]
+            left = {tp for tp in left if await c.position(tp) < end[tp]}
+        return out
+    finally:
+        await c.stop()
+
+
+async def test_only_the_current_generation_commits(make_topics: MakeTopics) -> None:
+    ts = await make_topics(raw_partitions=2)
+    tp = TopicPartition(ts.raw, 0)
+    c = await _member(ts)
+    txn_id = transactional_id(ts.group, "a")
+    p = await _producer(ts, txn_id)
+    try:
+        meta = GroupMetadata.of(c, ts.group)
+        await p.begin_transaction()
+        await p.send(ts.ticks, b"kept", partition=0)
+        await p.send_offsets_fenced({tp: OffsetAndMetadata(5, txn_id)}, meta)
+        await p.commit_transaction()
+        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(5, txn_id)
+
+        # What a zombie holds: the generation before the group's current one, or a
+        # member id the group has dropped.
+        for stale in (
+            replace(meta, generation_id=meta.generation_id - 1),
+            replace(meta, member_id=meta.member_id + "-gone"),
+        ):
+            await p.begin_transaction()
+            await p.send(ts.ticks, b"refused", partition=0)
+            with pytest.raises(GroupFenced):
+                await p.send_offsets_fenced({tp: OffsetAndMetadata(9, txn_id)}, stale)
+            # The handler's recovery: a new producer for the id, whose initialisation
+            # makes the broker abort the refused transaction.
+            with contextlib.suppress(Exception):
+                await p.stop()
+            p = await _producer(ts, txn_id)
+
+        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(5, txn_id)
+        assert await _committed_ticks(ts) == [b"kept"]
+    finally:
+        await p.stop()
+        await c.stop()
+
+
+async def test_a_commit_in_flight_holds_the_offset_unstable(make_topics: MakeTopics) -> None:
+    ts = await make_topics(raw_partitions=1)
+    tp = TopicPartition(ts.raw, 0)
+    c = await _member(ts)
+    txn_id = transactional_id(ts.group, "a")
+    p = await _producer(ts, txn_id)
+    try:
+        await p.begin_transaction()
+        await p.send(ts.ticks, b"t", partition=0)
+        await p.send_offsets_fenced(
+            {tp: OffsetAndMetadata(7, txn_id)}, GroupMetadata.of(c, ts.group)
+        )
+        with pytest.raises(Unstable):
+            await fetch_committed(c, ts.group, tp, require_stable=True)
+        # Without require_stable the broker answers with what was committed before.
+        assert await fetch_committed(c, ts.group, tp, require_stable=False) == Committed(None, "")
+        await p.commit_transaction()
+        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(7, txn_id)
+    finally:
+        await p.stop()
+        await c.stop()
+
+
+async def test_a_new_owner_fences_a_transaction_left_open(make_topics: MakeTopics) -> None:
+    """An owner killed between its offset commit and its end of transaction leaves the
+    offset pending until the transaction times out; the next owner fences it sooner."""
+    ts = await make_topics(raw_partitions=1)
+    tp = TopicPartition(ts.raw, 0)
+    c = await _member(ts)
+    raw = AIOKafkaProducer(bootstrap_servers=ts.bootstrap)
+    await raw.start()
+    for i in range(10):  # what the restore replays up to the committed offset
+        await raw.send_and_wait(ts.raw, b"raw %d" % i, partition=0)
+    await raw.stop()
+    dead_id = transactional_id(ts.group, "dead")
+    dead = await _producer(ts, dead_id)
+    await dead.begin_transaction()
+    await dead.send(ts.ticks, b"committed", partition=0)
+    # A committed offset names its committer: the one to fence.
+    meta = GroupMetadata.of(c, ts.group)
+    await dead.send_offsets_fenced({tp: OffsetAndMetadata(3, dead_id)}, meta)
+    await dead.commit_transaction()
+    await dead.begin_transaction()
+    await dead.send(ts.ticks, b"left open", partition=0)
+    await dead.send_offsets_fenced({tp: OffsetAndMetadata(8, dead_id)}, meta)
+    await c.stop()  # the owner is gone from the group; its transaction stays open
+
+    fenced_before = metrics.STALE_TXN_FENCED._value.get()
+    s = HandlerSettings(
+        bootstrap=ts.bootstrap,
+        in_topic=ts.raw,
+        out_topic=ts.ticks,
+        deadletter_topic=ts.deadletter,
+        group=ts.group,
+        handler_id="next",
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        fence_after_s=0.5,
+    )
+    # Not run(): the group assigns the partition on start, and the worker's offset
+    # is read before any batch could move it.
+    async with FeedHandler(s) as h:
+        async with asyncio.timeout(60):
+            while tp not in h.workers:
+                await asyncio.sleep(0.1)
+        # It starts from the last committed offset, not the one left pending.
+        assert h.workers[tp].committed == 3
+    assert metrics.STALE_TXN_FENCED._value.get() == fenced_before + 1
+    with pytest.raises(ProducerFenced):
+        await dead.commit_transaction()
+    with contextlib.suppress(Exception):
+        await dead.stop()
+    assert await _committed_ticks(ts) == [b"committed"]
