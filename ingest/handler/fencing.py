@@ -88,26 +88,21 @@ class GroupMetadata:
 # Protocol ------------------------------------------------------------------------------------
 
 
+def _by_topic(*partition_fields: tuple[str, Any]) -> CompactArray:
+    """The flexible versions' ``[topic name, [partition fields..., tags], tags]`` field."""
+    return CompactArray(
+        ("name", CompactString("utf-8")),
+        ("partitions", CompactArray(*partition_fields, ("tags", TaggedFields))),
+        ("tags", TaggedFields),
+    )
+
+
 class TxnOffsetCommitResponse_v3(Response):
     API_KEY = 28
     API_VERSION = 3
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("error_code", Int16),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
-            ),
-        ),
+        ("topics", _by_topic(("partition_index", Int32), ("error_code", Int16))),
         ("tags", TaggedFields),
     )
 
@@ -127,19 +122,11 @@ class TxnOffsetCommitRequest_v3(RequestStruct):
         ("group_instance_id", CompactString("utf-8")),
         (
             "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("committed_metadata", CompactString("utf-8")),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
+            _by_topic(
+                ("partition_index", Int32),
+                ("committed_offset", Int64),
+                ("committed_leader_epoch", Int32),
+                ("committed_metadata", CompactString("utf-8")),
             ),
         ),
         ("tags", TaggedFields),
@@ -165,20 +152,12 @@ class OffsetFetchResponse_v7(Response):
         ("throttle_time_ms", Int32),
         (
             "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("metadata", CompactString("utf-8")),
-                        ("error_code", Int16),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("tags", TaggedFields),
+            _by_topic(
+                ("partition_index", Int32),
+                ("committed_offset", Int64),
+                ("committed_leader_epoch", Int32),
+                ("metadata", CompactString("utf-8")),
+                ("error_code", Int16),
             ),
         ),
         ("error_code", Int16),
