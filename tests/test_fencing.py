@@ -41,7 +41,10 @@ async def _member(ts: TopicSet) -> AIOKafkaConsumer:
 
 
 async def _producer(ts: TopicSet, txn_id: str) -> FencedProducer:
-    p = FencedProducer(bootstrap_servers=ts.bootstrap, transactional_id=txn_id)
+    # A transaction left open outlives every test, so only a fence ends it in one.
+    p = FencedProducer(
+        bootstrap_servers=ts.bootstrap, transactional_id=txn_id, transaction_timeout_ms=600_000
+    )
     await p.start()
     return p
 
@@ -128,22 +131,55 @@ async def test_a_commit_in_flight_holds_the_offset_unstable(make_topics: MakeTop
         await c.stop()
 
 
+async def _fill_raw(ts: TopicSet, n: int) -> None:
+    """Raw records for a restore to replay up to the committed offset."""
+    raw = AIOKafkaProducer(bootstrap_servers=ts.bootstrap)
+    await raw.start()
+    try:
+        for i in range(n):
+            await raw.send_and_wait(ts.raw, b"raw %d" % i, partition=0)
+    finally:
+        await raw.stop()
+
+
+def _next_owner_settings(ts: TopicSet) -> HandlerSettings:
+    # Its member id sorts before "zz-live"'s, so the range assignor gives it partition 0.
+    return HandlerSettings(
+        bootstrap=ts.bootstrap,
+        in_topic=ts.raw,
+        out_topic=ts.ticks,
+        deadletter_topic=ts.deadletter,
+        group=ts.group,
+        handler_id="next",
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        fence_after_s=0.2,
+    )
+
+
+async def _start_offset_of_next_owner(ts: TopicSet, tp: TopicPartition) -> int | None:
+    """The offset a new handler starts ``tp`` from (it holds the group's only partition)."""
+    s = _next_owner_settings(ts)
+    # Not run(): the group assigns the partition on start, and the worker's offset
+    # is read before any batch could move it.
+    async with FeedHandler(s) as h:
+        async with asyncio.timeout(60):
+            while tp not in h.workers:
+                await asyncio.sleep(0.1)
+        return h.workers[tp].committed
+
+
 async def test_a_new_owner_fences_a_transaction_left_open(make_topics: MakeTopics) -> None:
     """An owner killed between its offset commit and its end of transaction leaves the
     offset pending until the transaction times out; the next owner fences it sooner."""
     ts = await make_topics(raw_partitions=1)
     tp = TopicPartition(ts.raw, 0)
     c = await _member(ts)
-    raw = AIOKafkaProducer(bootstrap_servers=ts.bootstrap)
-    await raw.start()
-    for i in range(10):  # what the restore replays up to the committed offset
-        await raw.send_and_wait(ts.raw, b"raw %d" % i, partition=0)
-    await raw.stop()
+    await _fill_raw(ts, 10)
     dead_id = transactional_id(ts.group, "dead")
     dead = await _producer(ts, dead_id)
     await dead.begin_transaction()
     await dead.send(ts.ticks, b"committed", partition=0)
-    # A committed offset names its committer: the one to fence.
     meta = GroupMetadata.of(c, ts.group)
     await dead.send_offsets_fenced({tp: OffsetAndMetadata(3, dead_id)}, meta)
     await dead.commit_transaction()
@@ -153,28 +189,104 @@ async def test_a_new_owner_fences_a_transaction_left_open(make_topics: MakeTopic
     await c.stop()  # the owner is gone from the group; its transaction stays open
 
     fenced_before = metrics.STALE_TXN_FENCED._value.get()
-    s = HandlerSettings(
-        bootstrap=ts.bootstrap,
-        in_topic=ts.raw,
-        out_topic=ts.ticks,
-        deadletter_topic=ts.deadletter,
-        group=ts.group,
-        handler_id="next",
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        fence_after_s=0.5,
-    )
-    # Not run(): the group assigns the partition on start, and the worker's offset
-    # is read before any batch could move it.
-    async with FeedHandler(s) as h:
-        async with asyncio.timeout(60):
-            while tp not in h.workers:
-                await asyncio.sleep(0.1)
-        # It starts from the last committed offset, not the one left pending.
-        assert h.workers[tp].committed == 3
+    # It starts from the last committed offset, not the one left pending.
+    assert await _start_offset_of_next_owner(ts, tp) == 3
     assert metrics.STALE_TXN_FENCED._value.get() == fenced_before + 1
     with pytest.raises(ProducerFenced):
         await dead.commit_transaction()
     with contextlib.suppress(Exception):
         await dead.stop()
     assert await _committed_ticks(ts) == [b"committed"]
+
+
+async def test_the_holder_is_found_whoever_committed_last(make_topics: MakeTopics) -> None:
+    """The open transaction is its holder's first commit of the partition, so the
+    committed offset names another handler; and a member's open transaction is not
+    the holder's and stays untouched."""
+    ts = await make_topics(raw_partitions=1)
+    tp = TopicPartition(ts.raw, 0)
+    c = await _member(ts)
+    await _fill_raw(ts, 10)
+    meta = GroupMetadata.of(c, ts.group)
+    old_id = transactional_id(ts.group, "old")
+    old = await _producer(ts, old_id)
+    await old.begin_transaction()
+    await old.send(ts.ticks, b"committed", partition=0)
+    await old.send_offsets_fenced({tp: OffsetAndMetadata(3, old_id)}, meta)
+    await old.commit_transaction()
+    await old.stop()
+    dead_id = transactional_id(ts.group, "dead")
+    dead = await _producer(ts, dead_id)
+    await dead.begin_transaction()
+    await dead.send(ts.ticks, b"left open", partition=0)
+    await dead.send_offsets_fenced({tp: OffsetAndMetadata(8, dead_id)}, meta)
+    await c.stop()
+
+    # A member that stays in the group with a transaction open.
+    live = AIOKafkaConsumer(
+        bootstrap_servers=ts.bootstrap,
+        group_id=ts.group,
+        client_id="zz-live",
+        enable_auto_commit=False,
+    )
+    live.subscribe([ts.raw])
+    await live.start()
+    live_txn = await _producer(ts, transactional_id(ts.group, "zz-live"))
+    try:
+        await live_txn.begin_transaction()
+        await live_txn.send(ts.ticks, b"live", partition=0)
+        fenced_before = metrics.STALE_TXN_FENCED._value.get()
+        assert await _start_offset_of_next_owner(ts, tp) == 3
+        assert metrics.STALE_TXN_FENCED._value.get() == fenced_before + 1
+        await live_txn.commit_transaction()
+    finally:
+        await live_txn.stop()
+        await live.stop()
+    with pytest.raises(ProducerFenced):
+        await dead.commit_transaction()
+    with contextlib.suppress(Exception):
+        await dead.stop()
+    assert sorted(await _committed_ticks(ts)) == [b"committed", b"live"]
+
+
+async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: MakeTopics) -> None:
+    """A member's open transaction holding the partition's offset is waited for, not
+    fenced, and SIGTERM's stop() ends that wait instead of waiting behind it."""
+    ts = await make_topics(raw_partitions=1)
+    tp = TopicPartition(ts.raw, 0)
+    live = AIOKafkaConsumer(
+        bootstrap_servers=ts.bootstrap,
+        group_id=ts.group,
+        client_id="zz-live",
+        enable_auto_commit=False,
+    )
+    live.subscribe([ts.raw])
+    await live.start()
+    live_id = transactional_id(ts.group, "zz-live")
+    live_txn = await _producer(ts, live_id)
+    try:
+        while not live.assignment():
+            await live.getmany(timeout_ms=200)
+        await live_txn.begin_transaction()
+        await live_txn.send(ts.ticks, b"live", partition=0)
+        await live_txn.send_offsets_fenced(
+            {tp: OffsetAndMetadata(5, live_id)}, GroupMetadata.of(live, ts.group)
+        )
+        fenced_before = metrics.STALE_TXN_FENCED._value.get()
+        h = FeedHandler(_next_owner_settings(ts))
+        await h.start()
+        assert h.consumer is not None
+        async with asyncio.timeout(60):
+            while tp not in h.consumer.assignment():
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # five fence checks
+        assert tp not in h.workers
+        async with asyncio.timeout(30):
+            await h.stop()
+        assert tp not in h.workers
+        assert metrics.STALE_TXN_FENCED._value.get() == fenced_before
+        await live_txn.commit_transaction()
+    finally:
+        await live_txn.stop()
+        await live.stop()
+    assert await _committed_ticks(ts) == [b"live"]

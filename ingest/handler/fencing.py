@@ -11,12 +11,17 @@ a partition to its owner, so the consumer group does the fencing, as in KIP-447:
   broker answers UNSTABLE_OFFSET_COMMIT while a transaction holding an offset for
   the partition is open, so the new owner waits for the old one to commit or
   abort instead of starting from an offset about to be superseded.
+- An owner killed or frozen mid-transaction would hold that offset until its
+  transaction times out. ListTransactions and DescribeGroups find the group's
+  handlers that hold a transaction open without being members any more
+  (``stale_transactions``), and the new owner fences them.
 
-aiokafka 0.14 sends TxnOffsetCommit v0 and OffsetFetch up to v3, so both requests
-are defined here on its protocol layer, and the producer's sender is given the
-v3 commit. This reaches into aiokafka internals (``_sender``, ``_txn_manager``,
-``_coordinator``, ``_client``), hence its pin to 0.14.x in pyproject.toml; the
-zombie and stale-generation tests exercise every piece against the real broker.
+aiokafka 0.14 sends TxnOffsetCommit v0 and OffsetFetch up to v3 and has no
+ListTransactions, so these requests are defined here on its protocol layer, and
+the producer's sender is given the v3 commit. This reaches into aiokafka
+internals (``_sender``, ``_txn_manager``, ``_coordinator``, ``_client``), hence
+its pin to 0.14.x in pyproject.toml; the zombie and stale-generation tests
+exercise every piece against the real broker.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import aiokafka.errors as Errors
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import ConnectionGroup, CoordinationType
 from aiokafka.producer.sender import TxnOffsetCommitHandler
+from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import (
     Boolean,
@@ -345,3 +351,91 @@ async def fetch_committed(
             raise error(f"offset fetch for {tp}")
         await asyncio.sleep(0.1)
     raise Errors.KafkaError(f"offset fetch for {tp} kept failing")
+
+
+# Stale transactions --------------------------------------------------------------------------
+
+
+class ListTransactionsResponse_v0(Response):
+    API_KEY = 66
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("unknown_state_filters", CompactArray(CompactString("utf-8"))),
+        (
+            "transaction_states",
+            CompactArray(
+                ("transactional_id", CompactString("utf-8")),
+                ("producer_id", Int64),
+                ("transaction_state", CompactString("utf-8")),
+                ("tags", TaggedFields),
+            ),
+        ),
+        ("tags", TaggedFields),
+    )
+
+
+class ListTransactionsRequest_v0(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = 66
+    API_VERSION = 0
+    RESPONSE_TYPE = ListTransactionsResponse_v0
+    SCHEMA = Schema(
+        ("state_filters", CompactArray(CompactString("utf-8"))),
+        ("producer_id_filters", CompactArray(Int64)),
+        ("tags", TaggedFields),
+    )
+
+
+class ListTransactions(Request[ListTransactionsRequest_v0]):
+    API_KEY = 66
+
+    def __init__(self, states: list[str]) -> None:
+        self._states = states
+
+    def build(
+        self, request_struct_class: type[ListTransactionsRequest_v0]
+    ) -> ListTransactionsRequest_v0:
+        return request_struct_class(self._states, [], {})
+
+
+async def open_transactions(consumer: AIOKafkaConsumer, prefix: str) -> set[str]:
+    """The transactional ids starting with ``prefix`` whose transaction is open."""
+    client = consumer._client
+    found: set[str] = set()
+    # Each broker lists only the transactions it coordinates.
+    for broker in client.cluster.brokers():
+        resp = await client.send(broker.nodeId, ListTransactions(["Ongoing"]))
+        if resp.error_code:
+            raise Errors.for_code(resp.error_code)(f"list transactions on {broker.nodeId}")
+        found |= {tid for tid, _, _, _ in resp.transaction_states if tid.startswith(prefix)}
+    return found
+
+
+async def member_client_ids(consumer: AIOKafkaConsumer, group_id: str) -> set[str]:
+    """The client ids of the group's current members."""
+    client = consumer._client
+    node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
+    resp = await client.send(node_id, DescribeGroupsRequest([group_id]))
+    ((code, _, _, _, _, members, *_),) = resp.groups
+    if code:
+        raise Errors.for_code(code)(f"describe group {group_id!r}")
+    return {client_id for _, client_id, *_ in members}
+
+
+async def stale_transactions(consumer: AIOKafkaConsumer, group_id: str, prefix: str) -> set[str]:
+    """Open transactions of the group's handlers (ids ``prefix + client id``) that are not
+    members of the group any more.
+
+    Only such a handler can hold a moved partition's offset in an open transaction: a
+    member finishes its batch in flight before it gives a partition up, and a handler
+    that fails a commit replaces its producer, which aborts the transaction. What is
+    left is a handler killed, frozen or evicted mid-transaction, which the group has
+    fenced already: fencing its producer too costs nobody any work.
+    """
+    held = await open_transactions(consumer, prefix)
+    if not held:
+        return set()
+    members = await member_client_ids(consumer, group_id)
+    return {tid for tid in held if tid[len(prefix) :] not in members}

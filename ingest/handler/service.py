@@ -34,6 +34,7 @@ from ingest.handler.fencing import (
     GroupMetadata,
     Unstable,
     fetch_committed,
+    stale_transactions,
 )
 from ingest.handler.partition import Batch, Outputs, PartitionWorker
 from ingest.handler.redis_sink import RedisSink
@@ -45,9 +46,14 @@ log = logging.getLogger(__name__)
 
 
 def transactional_id(group: str, handler_id: str) -> str:
-    """The handler's producer. Its offset commits name it, so the next owner of a
-    partition knows whose open transaction to fence (``_committed``)."""
+    """The handler's producer. Its consumer's client id is the handler id, so the
+    group's membership tells which open transactions have lost their owner
+    (``_committed``); its offset commits name it too, for whoever reads the offsets."""
     return f"tickscale.{group}.{handler_id}"
+
+
+class _Stopping(Exception):
+    """The handler is stopping: a partition's restore is given up."""
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -74,6 +80,7 @@ class FeedHandler:
         self.producer: AIOKafkaProducer | None = None
         self.txn_id = transactional_id(settings.group, settings.handler_id)
         self._lock = asyncio.Lock()
+        self._fence_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._started = False
         self._joined = False
@@ -194,8 +201,14 @@ class FeedHandler:
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         metrics.REBALANCES.inc()
         async with self._lock:
+            # A partition left without a worker would stall unseen until the next
+            # rebalance: a restore that keeps failing fails the handler instead.
             await asyncio.gather(
-                *(self._open_worker(tp) for tp in assigned if tp not in self.workers)
+                *(
+                    self._retry(f"restore {tp}", functools.partial(self._open_worker, tp))
+                    for tp in assigned
+                    if tp not in self.workers
+                )
             )
         self._joined = True
         metrics.ASSIGNED.set(len(self.workers))
@@ -241,37 +254,50 @@ class FeedHandler:
 
         The previous owner commits its batch in flight before it gives a partition
         up, so the wait is normally one commit. An owner that was killed or frozen
-        mid-transaction would hold it until the transaction timeout: after
-        ``fence_after_s`` the transactional id that last committed the partition
-        (its offset metadata) is fenced, which aborts that transaction at once.
+        mid-transaction would hold it until the transaction timeout: every
+        ``fence_after_s`` of waiting, the group's handlers that hold a transaction
+        open outside the group are fenced, which aborts those transactions at once.
         """
         s = self.s
         assert self.consumer is not None
         if not s.eos:
             return await self.consumer.committed(tp)
         t0 = time.monotonic()
-        fenced = False
+        check_at = t0 + s.fence_after_s
         while True:
+            if self._stop.is_set():
+                # stop() waits for this callback; the partition's next owner reads the
+                # offset instead.
+                raise _Stopping(f"{tp}: stopped while its offset was unstable")
             try:
                 got = await fetch_committed(self.consumer, s.group, tp, require_stable=True)
                 return got.offset
             except Unstable:
                 pass
-            waited = time.monotonic() - t0
-            if not fenced and waited >= s.fence_after_s:
-                fenced = True
-                last = await fetch_committed(self.consumer, s.group, tp, require_stable=False)
-                owner = last.metadata
-                if owner.startswith(f"tickscale.{s.group}.") and owner != self.txn_id:
+            if time.monotonic() >= check_at:
+                await self._fence_stale(tp, time.monotonic() - t0)
+                check_at = time.monotonic() + s.fence_after_s
+            await asyncio.sleep(0.02)
+
+    async def _fence_stale(self, tp: TopicPartition, waited: float) -> None:
+        assert self.consumer is not None
+        # Partitions assigned together wait together: one lists and fences, and the
+        # others' lists then show those transactions aborted.
+        async with self._fence_lock:
+            group = self.s.group
+            try:
+                stale = await stale_transactions(self.consumer, group, transactional_id(group, ""))
+                for txn_id in sorted(stale - {self.txn_id}):
                     log.warning(
-                        "%s: a transaction of %s is still open after %.1fs; fencing it",
+                        "%s: %s holds a transaction open outside the group after %.1fs; fencing it",
                         tp,
-                        owner,
+                        txn_id,
                         waited,
                     )
                     metrics.STALE_TXN_FENCED.inc()
-                    await self._fence(owner)
-            await asyncio.sleep(0.02)
+                    await self._fence(txn_id)
+            except KafkaError as e:  # e.g. a coordinator still loading: the next check
+                log.warning("%s: cannot fence the open transactions (%r)", tp, e)
 
     async def _fence(self, txn_id: str) -> None:
         """Initialising a producer with ``txn_id`` aborts its open transaction and
@@ -431,6 +457,9 @@ class FeedHandler:
                 await step()
                 return
             except Exception as e:
+                if self._stop.is_set():
+                    log.info("stopping: gave up trying to %s (%r)", what, e)
+                    return
                 log.warning("cannot %s (%r), retry %d", what, e, attempt + 1)
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
         self._fatal = RuntimeError(f"cannot {what}")

@@ -55,8 +55,9 @@ class HandlerSettings(BaseSettings):
     fence_after_s: float = Field(
         2.0,
         gt=0,
-        description="a partition's new owner waits this long for its previous owner's open "
-        "transaction, then fences that owner's transactional id",
+        description="a partition's new owner waits this long for an open transaction holding "
+        "its offset, then fences the group's handlers holding one outside the group (and "
+        "checks again as often)",
     )
     heartbeat_interval_ms: int = Field(1_000, ge=100)
 
