@@ -25,11 +25,14 @@ from ingest.handler.settings import HandlerSettings
 from tickscale.localstack.topics import MakeTopics, TopicSet
 
 
-async def _member(ts: TopicSet) -> AIOKafkaConsumer:
-    """A member of the test's group holding every raw partition."""
+async def _member(ts: TopicSet, client_id: str = "member") -> AIOKafkaConsumer:
+    """A member of the test's group, once it holds every raw partition it is given.
+
+    A handler's client id is its handler id, which names its transactional id."""
     c = AIOKafkaConsumer(
         bootstrap_servers=ts.bootstrap,
         group_id=ts.group,
+        client_id=client_id,
         enable_auto_commit=False,
         isolation_level="read_committed",
     )
@@ -223,14 +226,7 @@ async def test_the_holder_is_found_whoever_committed_last(make_topics: MakeTopic
     await c.stop()
 
     # A member that stays in the group with a transaction open.
-    live = AIOKafkaConsumer(
-        bootstrap_servers=ts.bootstrap,
-        group_id=ts.group,
-        client_id="zz-live",
-        enable_auto_commit=False,
-    )
-    live.subscribe([ts.raw])
-    await live.start()
+    live = await _member(ts, "zz-live")
     live_txn = await _producer(ts, transactional_id(ts.group, "zz-live"))
     try:
         await live_txn.begin_transaction()
@@ -254,19 +250,10 @@ async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: Make
     fenced, and SIGTERM's stop() ends that wait instead of waiting behind it."""
     ts = await make_topics(raw_partitions=1)
     tp = TopicPartition(ts.raw, 0)
-    live = AIOKafkaConsumer(
-        bootstrap_servers=ts.bootstrap,
-        group_id=ts.group,
-        client_id="zz-live",
-        enable_auto_commit=False,
-    )
-    live.subscribe([ts.raw])
-    await live.start()
+    live = await _member(ts, "zz-live")
     live_id = transactional_id(ts.group, "zz-live")
     live_txn = await _producer(ts, live_id)
     try:
-        while not live.assignment():
-            await live.getmany(timeout_ms=200)
         await live_txn.begin_transaction()
         await live_txn.send(ts.ticks, b"live", partition=0)
         await live_txn.send_offsets_fenced(
