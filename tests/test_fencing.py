@@ -253,6 +253,7 @@ async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: Make
     live = await _member(ts, "zz-live")
     live_id = transactional_id(ts.group, "zz-live")
     live_txn = await _producer(ts, live_id)
+    h = FeedHandler(_next_owner_settings(ts))
     try:
         await live_txn.begin_transaction()
         await live_txn.send(ts.ticks, b"live", partition=0)
@@ -260,7 +261,6 @@ async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: Make
             {tp: OffsetAndMetadata(5, live_id)}, GroupMetadata.of(live, ts.group)
         )
         fenced_before = metrics.STALE_TXN_FENCED._value.get()
-        h = FeedHandler(_next_owner_settings(ts))
         await h.start()
         assert h.consumer is not None
         async with asyncio.timeout(60):
@@ -274,6 +274,7 @@ async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: Make
         assert metrics.STALE_TXN_FENCED._value.get() == fenced_before
         await live_txn.commit_transaction()
     finally:
+        await h.stop()  # a second stop() after the one above does nothing
         await live_txn.stop()
         await live.stop()
     assert await _committed_ticks(ts) == [b"live"]
