@@ -52,6 +52,17 @@ async def _producer(ts: TopicSet, txn_id: str) -> FencedProducer:
     return p
 
 
+async def _begin(
+    p: FencedProducer, ts: TopicSet, txn_id: str, tick: bytes, offset: int, meta: GroupMetadata
+) -> None:
+    """Open a transaction of ``p`` holding one tick and raw partition 0's offset."""
+    await p.begin_transaction()
+    await p.send(ts.ticks, tick, partition=0)
+    await p.send_offsets_fenced(
+        {TopicPartition(ts.raw, 0): OffsetAndMetadata(offset, txn_id)}, meta
+    )
+
+
 async def _committed_ticks(ts: TopicSet) -> list[bytes]:
     """Every tick a ``read_committed`` reader sees, once no transaction is open."""
     c = AIOKafkaConsumer(
@@ -181,14 +192,10 @@ async def test_a_new_owner_fences_a_transaction_left_open(make_topics: MakeTopic
     await _fill_raw(ts, 10)
     dead_id = transactional_id(ts.group, "dead")
     dead = await _producer(ts, dead_id)
-    await dead.begin_transaction()
-    await dead.send(ts.ticks, b"committed", partition=0)
     meta = GroupMetadata.of(c, ts.group)
-    await dead.send_offsets_fenced({tp: OffsetAndMetadata(3, dead_id)}, meta)
+    await _begin(dead, ts, dead_id, b"committed", 3, meta)
     await dead.commit_transaction()
-    await dead.begin_transaction()
-    await dead.send(ts.ticks, b"left open", partition=0)
-    await dead.send_offsets_fenced({tp: OffsetAndMetadata(8, dead_id)}, meta)
+    await _begin(dead, ts, dead_id, b"left open", 8, meta)
     await c.stop()  # the owner is gone from the group; its transaction stays open
 
     fenced_before = metrics.STALE_TXN_FENCED._value.get()
@@ -213,16 +220,12 @@ async def test_the_holder_is_found_whoever_committed_last(make_topics: MakeTopic
     meta = GroupMetadata.of(c, ts.group)
     old_id = transactional_id(ts.group, "old")
     old = await _producer(ts, old_id)
-    await old.begin_transaction()
-    await old.send(ts.ticks, b"committed", partition=0)
-    await old.send_offsets_fenced({tp: OffsetAndMetadata(3, old_id)}, meta)
+    await _begin(old, ts, old_id, b"committed", 3, meta)
     await old.commit_transaction()
     await old.stop()
     dead_id = transactional_id(ts.group, "dead")
     dead = await _producer(ts, dead_id)
-    await dead.begin_transaction()
-    await dead.send(ts.ticks, b"left open", partition=0)
-    await dead.send_offsets_fenced({tp: OffsetAndMetadata(8, dead_id)}, meta)
+    await _begin(dead, ts, dead_id, b"left open", 8, meta)
     await c.stop()
 
     # A member that stays in the group with a transaction open.
@@ -255,11 +258,7 @@ async def test_a_member_is_never_fenced_and_stop_ends_the_wait(make_topics: Make
     live_txn = await _producer(ts, live_id)
     h = FeedHandler(_next_owner_settings(ts))
     try:
-        await live_txn.begin_transaction()
-        await live_txn.send(ts.ticks, b"live", partition=0)
-        await live_txn.send_offsets_fenced(
-            {tp: OffsetAndMetadata(5, live_id)}, GroupMetadata.of(live, ts.group)
-        )
+        await _begin(live_txn, ts, live_id, b"live", 5, GroupMetadata.of(live, ts.group))
         fenced_before = metrics.STALE_TXN_FENCED._value.get()
         await h.start()
         assert h.consumer is not None
