@@ -20,7 +20,10 @@ One command: ``.venv/bin/python -m bench.bench_handler`` (starts its own broker)
    until the broker's JIT compiled less than a second in a pass, read from the
    JVM's own counters. The feed runs in its own thread at niceness
    ``--feed-nice`` (10): a load generator, it must not compete with the
-   broker and the handler for the two cores (``run_feed``).
+   broker and the handler for the two cores (``run_feed``). Each pass also
+   prints what else its measured seconds held: the feed's lateness, the
+   machine's CPU use and the share its host took (steal), and the broker's
+   garbage-collection pauses.
    ``--latency-rate R`` runs only this step, at R records/s.
 
 Prints the rates and the ratios to the baseline. Goals (from the project's
@@ -48,7 +51,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.jvm import compile_seconds
+from bench.cpu import CpuShares, CpuTimes, shares
+from bench.jvm import compile_seconds, gc_pauses
 from ingest.manifest import Manifest
 from ingest.replay.publisher import Replayer
 from ingest.replay.source import ItchWindow, RawMessage, parse_hhmm
@@ -258,6 +262,19 @@ class Latency:
     rate: float  # records/s the feed achieved
     measured_s: float  # feed seconds the quantiles cover
     feed_late_p99: float  # how far behind its schedule the feed sent (p99, seconds)
+    cpu: CpuShares | None  # the whole machine's, over the measured seconds
+    broker_gc: tuple[int, float] | None  # the broker's collections and their pauses (s), same
+
+    def context(self) -> str:
+        """What else the measured seconds held: the feed's lateness, the machine's
+        CPU and the broker's collections, which a slow pass can be read against."""
+        parts = [f"feed late p99 {self.feed_late_p99 * 1000:.1f} ms"]
+        if self.cpu is not None:
+            parts.append(str(self.cpu))
+        if self.broker_gc is not None:
+            n, s = self.broker_gc
+            parts.append(f"broker GC {n} pause(s) {s * 1000:.0f} ms")
+        return ", ".join(parts)
 
 
 def run_feed(r: Replayer, nice: int) -> Manifest:
@@ -280,7 +297,7 @@ def run_feed(r: Replayer, nice: int) -> Manifest:
 
 
 async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: LatencyFeed,
-                     workdir: Path, feed_nice: int) -> Latency:  # fmt: skip
+                     workdir: Path, feed_nice: int, broker_pid: int | None) -> Latency:  # fmt: skip
     """p50/p99 e2e latency of a fresh EOS handler with ``raw`` fed by ``feed``.
 
     Only the steady state counts: the histogram is read after a warm-up and at
@@ -297,7 +314,9 @@ async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: Lat
             run = asyncio.get_running_loop().run_in_executor(pool, run_feed, r, feed_nice)
             await asyncio.sleep(WARMUP_S)
             before = histogram_buckets(await asyncio.to_thread(scrape, url), LATENCY)
+            cpu0, gc0 = CpuTimes.now(), broker_gc(broker_pid)
             m = await run
+            cpu1, gc1 = CpuTimes.now(), broker_gc(broker_pid)
         await asyncio.sleep(3)  # the last batches commit
         text = await asyncio.to_thread(scrape, url)
         steady = since(histogram_buckets(text, LATENCY), before)
@@ -308,10 +327,16 @@ async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: Lat
             m.records_sent / max(elapsed, 1e-9),
             elapsed - WARMUP_S,
             m.pacing["drift_p99_s"],
+            shares(cpu0, cpu1),
+            (gc1[0] - gc0[0], gc1[1] - gc0[1]) if gc0 and gc1 else None,
         )
     finally:
         p.terminate()
         p.wait(60)
+
+
+def broker_gc(pid: int | None) -> tuple[int, float] | None:
+    return gc_pauses(pid) if pid else None
 
 
 # The latency step's feed yields the CPU to the pipeline it measures (run_feed).
@@ -349,7 +374,7 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
         measured = i >= n and (settled or i >= most)
         raw = f"{topics['raw_lat']}.{i}"
         await ensure_topics(bootstrap, {raw: args.partitions}, configs=RAW_CONFIG)
-        res = await latency_at(bootstrap, topics, raw, feed, workdir, args.feed_nice)
+        res = await latency_at(bootstrap, topics, raw, feed, workdir, args.feed_nice, broker_pid)
         compiled = ""
         now = compiled_s()
         if jit is not None and now is not None:
@@ -359,8 +384,7 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
         role = "measured" if measured else "warm-up"
         print(f"  latency pass {i} ({role}): {res.rate:,.0f} msg/s, "
               f"p50 {res.p50 * 1000:.1f} ms, p99 {res.p99 * 1000:.1f} ms "
-              f"over {res.measured_s:.0f} s (feed late p99 {res.feed_late_p99 * 1000:.1f} ms)"
-              f"{compiled}", flush=True)  # fmt: skip
+              f"over {res.measured_s:.0f} s ({res.context()}){compiled}", flush=True)  # fmt: skip
         if measured:
             return res
 

@@ -57,3 +57,24 @@ def compile_seconds(pid: int) -> float | None:
     if ticks is None:
         return None
     return ticks / c["sun.os.hrt.frequency"]
+
+
+def gc_pauses(pid: int) -> tuple[int, float] | None:
+    """Collections and seconds the JVM ``pid`` has spent in them (jstat's GC and GCT).
+
+    Every collector the JVM publishes is counted: with G1 these are the young
+    and full collections and the pauses of the concurrent cycle, all of which
+    stop the broker's threads.
+    """
+    c = perf_counters(pid)
+    if not c or "sun.os.hrt.frequency" not in c:
+        return None
+    count = ticks = 0
+    n = 0
+    while f"sun.gc.collector.{n}.invocations" in c:
+        count += c[f"sun.gc.collector.{n}.invocations"]
+        ticks += c.get(f"sun.gc.collector.{n}.time", 0)
+        n += 1
+    if n == 0:
+        return None
+    return count, ticks / c["sun.os.hrt.frequency"]
