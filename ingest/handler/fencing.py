@@ -280,6 +280,17 @@ class FencedProducer(AIOKafkaProducer):
         # commit for this producer only.
         self._sender._do_txn_offset_commit = self._txn_offset_commit
 
+    async def stop(self) -> None:
+        # The handler replaces a producer whose transaction failed instead of
+        # aborting it (FeedHandler._recover says why), so nothing awaits the
+        # transaction's end, which holds the failure: read it here, or asyncio logs
+        # each refused commit again as an error never retrieved. (There is no waiter
+        # before the producer's first transaction.)
+        waiter = self._txn_manager._transaction_waiter
+        if waiter is not None and waiter.done() and not waiter.cancelled():
+            waiter.exception()
+        await super().stop()
+
     async def send_offsets_fenced(
         self, offsets: dict[TopicPartition, OffsetAndMetadata], meta: GroupMetadata
     ) -> None:
