@@ -68,6 +68,11 @@ RESTORE_REPLAYED = Counter(
 TXN_ABORTS = Counter(
     "tickscale_handler_transaction_aborts_total", "Transactions aborted and retried", ["reason"]
 )
+PRODUCE_RETRIES = Counter(
+    "tickscale_handler_produce_retries_total",
+    "Produce requests the producer retried, by the broker's error",
+    ["error"],
+)
 STALE_TXN_FENCED = Counter(
     "tickscale_handler_stale_transactions_fenced_total",
     "Previous owners' transactions fenced after outlasting fence_after_s on a new assignment",

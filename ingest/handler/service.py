@@ -38,6 +38,7 @@ from ingest.handler.fencing import (
 )
 from ingest.handler.partition import Batch, Outputs, PartitionWorker
 from ingest.handler.redis_sink import RedisSink
+from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
 from tickscale.http import HealthServer
 from tickscale.runtime import stop_on_signals
@@ -104,6 +105,7 @@ class FeedHandler:
 
     async def start(self) -> None:
         s = self.s
+        PRODUCE_RETRIES.install()  # once per process; adding the same filter again is a no-op
         self.http = HealthServer(s.metrics_host, s.metrics_port, self._healthy, self._ready)
         await self.http.start()
         log.info("handler %s: metrics on port %d", s.handler_id, self.http.port)

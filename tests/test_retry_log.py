@@ -1,0 +1,44 @@
+"""The producer's routine produce retries are counted, not logged one by one."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import NotEnoughReplicasError, NotLeaderForPartitionError
+
+from ingest import metrics
+from ingest.handler.retry_log import _RETRY_MSG, SENDER_LOGGER, ProduceRetries
+
+
+def _retries(error: str) -> float:
+    return metrics.PRODUCE_RETRIES.labels(error)._value.get()
+
+
+def test_one_report_a_minute_with_every_retry_counted(caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    f = ProduceRetries(every_s=60, clock=lambda: now[0])
+    log = logging.getLogger(SENDER_LOGGER)
+    tp = TopicPartition("md.ticks", 3)
+    before = _retries("NotEnoughReplicasError"), _retries("NotLeaderForPartitionError")
+    log.addFilter(f)
+    try:
+        with caplog.at_level(logging.WARNING, logger=SENDER_LOGGER):
+            for _ in range(5):  # the first is reported at once
+                log.warning(_RETRY_MSG, tp, NotEnoughReplicasError)
+                now[0] += 1
+            log.warning(_RETRY_MSG, tp, NotLeaderForPartitionError())  # an instance, too
+            log.warning("Got error produce response: %s", "connection lost")  # not a retry
+            now[0] += 60
+            log.warning(_RETRY_MSG, tp, NotEnoughReplicasError)
+    finally:
+        log.removeFilter(f)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"produce retried (NotEnoughReplicasError x1) since the last report; the latest on {tp}",
+        "Got error produce response: connection lost",
+        "produce retried (NotEnoughReplicasError x5, NotLeaderForPartitionError x1) since the "
+        f"last report; the latest on {tp}",
+    ]
+    assert _retries("NotEnoughReplicasError") - before[0] == 6
+    assert _retries("NotLeaderForPartitionError") - before[1] == 1
