@@ -73,6 +73,9 @@ PRODUCE_RETRIES = Counter(
     "Produce requests the producer retried, by the broker's error",
     ["error"],
 )
+# The routine one with transactions (retry_log.py): exported from the start, at zero
+# until it happens, so a dashboard shows a quiet handler as quiet, not as missing.
+PRODUCE_RETRIES.labels("NotEnoughReplicasError")
 STALE_TXN_FENCED = Counter(
     "tickscale_handler_stale_transactions_fenced_total",
     "Previous owners' transactions fenced after outlasting fence_after_s on a new assignment",
