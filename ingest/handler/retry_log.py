@@ -41,9 +41,6 @@ class ProduceRetries(logging.Filter):
     def install(self) -> None:
         logging.getLogger(SENDER_LOGGER).addFilter(self)
 
-    def remove(self) -> None:
-        logging.getLogger(SENDER_LOGGER).removeFilter(self)
-
     def filter(self, record: logging.LogRecord) -> bool:
         if record.msg != _RETRY_MSG or not isinstance(record.args, tuple):
             return True
