@@ -241,7 +241,9 @@ class FeedHandler:
             if open_txn:
                 # Aborts it now rather than when it times out, which would hold the
                 # partitions' next owners back until then.
-                await self._bounded("abort the open transaction", self._fence(self.txn_id))
+                await self._bounded(
+                    "abort the open transaction", self._fence(self.txn_id), KafkaError
+                )
         if self.sink is not None:
             await self._bounded("close Redis", self.sink.stop())
             self.sink = None
@@ -301,8 +303,10 @@ class FeedHandler:
                     if tp not in self.workers
                 )
             )
-        self._joined = True
         metrics.ASSIGNED.set(len(self.workers))
+        if self._stop.is_set():
+            return  # the restores gave up (logged): nothing was taken on
+        self._joined = True
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
     async def _open_producer(self) -> None:
