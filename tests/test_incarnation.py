@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ingest.handler.fencing import Committed, fetch_committed
@@ -239,3 +239,56 @@ async def test_a_snapshot_of_a_deleted_topic_is_ignored(
     snap = r.hgetall(key)
     assert int(snap[b"offset"]) == end and snap[b"topic_id"].decode() == new_id
     _assert_exact(*run_verify(ts, new, timeout_s=5))  # the restore published nothing
+
+
+async def _records(ts: TopicSet, n: int) -> None:
+    """``n`` records without headers into raw partition 0 (each one is dead-lettered)."""
+    p = AIOKafkaProducer(bootstrap_servers=ts.bootstrap)
+    await p.start()
+    try:
+        await asyncio.gather(*[await p.send(ts.raw, b"%d" % i, partition=0) for i in range(n)])
+    finally:
+        await p.stop()
+
+
+@pytest.mark.slow
+async def test_offsets_committed_without_a_topic_id(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    """Offsets committed before commits carried a topic id: one beyond the log end is
+    ignored (it cannot be this log's), one within the log is trusted."""
+    ts = await make_topics(raw_partitions=1)
+    await _records(ts, 100)
+    legacy = "tickscale.old.handler"  # the bare transactional id commits carried
+    await _late_commit(ts, {0: Committed(500, legacy)})
+    a = HandlerProc(ts, tmp_path, "a")
+    try:
+        a.wait_ready(120)
+        deadline = time.monotonic() + 60
+        while a.metric("tickscale_handler_messages_in_total") < 100:
+            assert time.monotonic() < deadline, a.log()
+            await asyncio.sleep(0.2)
+        assert a.metric("tickscale_handler_messages_in_total") == 100
+        log = a.log_path.read_text()
+        assert (
+            f"{TopicPartition(ts.raw, 0)}: ignoring the committed offset 500: committed offset "
+            "500 is beyond the log end 100" in log
+        ), log[-3000:]
+        assert a.terminate() == 0
+    finally:
+        a.close()
+    await _late_commit(ts, {0: Committed(40, legacy)})
+    b = HandlerProc(ts, tmp_path, "b")
+    try:
+        b.wait_ready(120)
+        deadline = time.monotonic() + 60
+        while b.metric("tickscale_handler_messages_in_total") < 60:
+            assert time.monotonic() < deadline, b.log()
+            await asyncio.sleep(0.2)
+        log = b.log_path.read_text()
+        assert "ignoring the committed offset" not in log, log[-3000:]
+        assert f"{TopicPartition(ts.raw, 0)} restored at offset 40" in log, log[-3000:]
+        assert b.metric("tickscale_handler_messages_in_total") == 60
+        assert b.terminate() == 0
+    finally:
+        b.close()

@@ -211,11 +211,10 @@ class FeedHandler:
     async def stop(self) -> None:
         """Commit or abort what is held, save snapshots, leave the group, close: each
         step within what is left of ``stop_grace_s``, skipped once it has run out."""
-        self.request_stop()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        self.request_stop()  # (the watchdog stays armed while run() is still busy)
         try:
-            async with asyncio.timeout(self._left()):
+            # Half the grace at most: the rest is for leaving the group and closing.
+            async with asyncio.timeout(max(0.1, self._left() - 0.5 * self.s.stop_grace_s)):
                 async with self._lock:  # the batch in flight commits first
                     if not self._abandoned:
                         # (An abandoned batch left the state ahead of the commit.)
