@@ -147,6 +147,7 @@ def handler(
     """Run one feed handler: md.raw -> ticks on md.ticks, exactly once."""
     from ingest.handler.service import FeedHandler
     from ingest.handler.settings import HandlerSettings
+    from tickscale.http import PortInUse
     from tickscale.runtime import freeze_startup_heap
 
     overrides: dict[str, Any] = {
@@ -186,7 +187,15 @@ def handler(
             freeze_startup_heap()
             await h.run()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except PortInUse as e:
+        typer.echo(
+            f"error: metrics port {e.port} is already in use (another handler on this "
+            "machine?); choose a free one with --metrics-port N, or --metrics-port 0 for any",
+            err=True,
+        )
+        raise typer.Exit(2) from None
 
 
 # --- verify -------------------------------------------------------------------------------

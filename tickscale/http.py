@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+
+class PortInUse(OSError):
+    """The port asked for is taken (another process listens on it)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(errno.EADDRINUSE, f"{host}:{port} is already in use")
+        self.host = host
+        self.port = port
 
 
 class HealthServer:
@@ -33,7 +43,13 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        """Listen; raises :class:`PortInUse` when the port is taken."""
+        try:
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise PortInUse(self.host, self.port) from None
+            raise
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -45,6 +45,14 @@ from tickscale.constants import (
 log = logging.getLogger(__name__)
 
 
+class RestoreStopped(Exception):
+    """The handler stopped while a partition's state was being replayed."""
+
+
+class RestoreError(Exception):
+    """A partition's state cannot be rebuilt at the offset asked for."""
+
+
 class Outputs:
     """Where a partition's results go, shared by all partitions of a handler."""
 
@@ -127,25 +135,54 @@ class PartitionWorker:
 
     # Restore -----------------------------------------------------------------------
 
-    async def restore(self, bootstrap: str, committed: int | None) -> None:
-        """Rebuild state at the committed offset: snapshot, then silent replay."""
+    async def restore(
+        self,
+        bootstrap: str,
+        committed: int | None,
+        topic_id: str | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        """Rebuild state at the committed offset: snapshot, then silent replay.
+
+        :param committed: the offset to restore at, already checked to belong to
+            this incarnation of the topic (None: the log start)
+        :param topic_id: the input topic's id; a snapshot stamped with another is
+            from a deleted topic of the same name and is ignored
+        :param stopping: set when the handler stops; the replay then gives up
+            (:class:`RestoreStopped`) instead of holding the stop back
+        """
         t0 = time.monotonic()
         target = committed or 0
         start = 0
+        if self.sink is not None:
+            self.sink.bind(self._snap_key, topic_id)
         if self.sink is not None and target > 0:
             snap = await self.sink.load_snapshot(self._snap_key)
+            if snap is not None and topic_id is not None and snap.topic_id != topic_id:
+                # Written before commits carried ids ("") or for a deleted topic of the
+                # same name: its offsets are another log's. A full replay is always right.
+                log.warning(
+                    "%s: ignoring the Redis snapshot at offset %d: it is of topic id %s, "
+                    "expected %s (another incarnation of the topic); full replay",
+                    self.tp,
+                    snap.offset,
+                    snap.topic_id or "(none)",
+                    topic_id,
+                )
+                snap = None
             # A snapshot beyond the committed offset belongs to output that never
             # committed; it cannot be rolled back, so it is ignored.
-            if snap is not None and snap[0] <= target:
+            if snap is not None and snap.offset <= target:
                 try:
-                    self.norm = Normalizer.restore(snap[1])
-                    start = snap[0]
+                    self.norm = Normalizer.restore(snap.blob)
+                    start = snap.offset
                 except (ValueError, KeyError, TypeError) as e:
                     log.warning("%s: unusable snapshot (%s); full replay", self.tp, e)
                     self.norm = Normalizer()
         replayed = 0
         if start < target:
-            replayed = await self._replay(bootstrap, start, target)
+            log.info("%s: replaying offsets %d to %d to restore", self.tp, start, target)
+            replayed = await self._replay(bootstrap, start, target, stopping)
         self.committed = target
         metrics.RESTORE.observe(time.monotonic() - t0)
         metrics.RESTORE_REPLAYED.inc(replayed)
@@ -158,7 +195,9 @@ class PartitionWorker:
             time.monotonic() - t0,
         )
 
-    async def _replay(self, bootstrap: str, start: int, end: int) -> int:
+    async def _replay(
+        self, bootstrap: str, start: int, end: int, stopping: asyncio.Event | None = None
+    ) -> int:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
@@ -173,8 +212,12 @@ class PartitionWorker:
             consumer.seek(self.tp, start)
             sink: list[dict[str, Any]] = []
             while True:
-                batch = await consumer.getmany(self.tp, timeout_ms=1000, max_records=10_000)
-                for rec in batch.get(self.tp, []):
+                if stopping is not None and stopping.is_set():
+                    raise RestoreStopped(f"{self.tp}: stopped after replaying {n} records")
+                # Short polls: a stop is seen within one of them.
+                batch = await consumer.getmany(self.tp, timeout_ms=200, max_records=5_000)
+                records = batch.get(self.tp, [])
+                for rec in records:
                     if rec.offset >= end:
                         return n
                     self._apply(rec, 0, sink, silent=True)
@@ -182,6 +225,17 @@ class PartitionWorker:
                     n += 1
                     if rec.offset == end - 1:
                         return n
+                if not records:
+                    # The handler checks the committed offset against the log end
+                    # first; this guards the loop against waiting forever all the same.
+                    log_end = (await consumer.end_offsets([self.tp]))[self.tp]
+                    if await consumer.position(self.tp) >= log_end:
+                        if log_end >= end:  # the rest is transaction markers
+                            return n
+                        raise RestoreError(
+                            f"{self.tp}: the log ends at offset {log_end}, before the "
+                            f"offset {end} to restore at"
+                        )
         finally:
             await consumer.stop()
 

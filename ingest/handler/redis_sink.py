@@ -1,7 +1,8 @@
 """Everything the handler keeps in Redis, off the hot path.
 
 Three things live here: order-book snapshots (tagged with the input offset
-they reflect, for fast restore after a partition move), the latest quote and
+they reflect and the input topic's id, for fast restore after a partition
+move), the latest quote and
 trade per symbol (for downstream services that need a value now), and the
 handler's own throughput (for the scaler's capacity estimate).
 
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,6 +39,13 @@ def snapshot_key(group: str, topic: str, partition: int) -> str:
     return f"{REDIS_BOOK_SNAPSHOT}{group}:{topic}:{partition}"
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    offset: int
+    blob: bytes
+    topic_id: str  # the input topic's id when it was written; "" if unknown
+
+
 class RedisSink:
     """Batched, failure-tolerant writer of snapshots, last ticks and stats."""
 
@@ -49,6 +58,8 @@ class RedisSink:
         self._interval = flush_interval_s
         self._latest: dict[str, dict[str, Any]] = {}  # redis key -> mapping
         self._snapshots: dict[str, tuple[int, bytes]] = {}
+        # Which incarnation of its topic each snapshot key is written for (``bind``).
+        self._topic_ids: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._stats: dict[str, float] = {"messages": 0, "busy_s": 0.0}
         self._last_stats = 0.0
@@ -80,6 +91,14 @@ class RedisSink:
             else:
                 latest[REDIS_LAST_QUOTE + t["symbol"]] = t
 
+    def bind(self, key: str, topic_id: str | None) -> None:
+        """Stamp the snapshots written under ``key`` from now on with ``topic_id``: the
+        partition's restore binds its key to the incarnation it restored from."""
+        if self._topic_ids.get(key) != (topic_id or ""):
+            # A snapshot still queued was taken of another incarnation's log.
+            self._snapshots.pop(key, None)
+        self._topic_ids[key] = topic_id or ""
+
     def snapshot(self, key: str, offset: int, blob: bytes) -> None:
         self._snapshots[key] = (offset, blob)
 
@@ -96,7 +115,7 @@ class RedisSink:
 
     # Reads ------------------------------------------------------------------------
 
-    async def load_snapshot(self, key: str) -> tuple[int, bytes] | None:
+    async def load_snapshot(self, key: str) -> Snapshot | None:
         try:
             d: dict[Any, Any] = await self._r.hgetall(key)
         except (RedisError, OSError) as e:
@@ -105,7 +124,7 @@ class RedisSink:
             return None
         if not d or b"offset" not in d or b"blob" not in d:
             return None
-        return int(d[b"offset"]), d[b"blob"]
+        return Snapshot(int(d[b"offset"]), d[b"blob"], d.get(b"topic_id", b"").decode())
 
     # Background flush ---------------------------------------------------------------
 
@@ -126,7 +145,11 @@ class RedisSink:
                 for key, t in latest.items():
                     p.hset(key, mapping={k: "" if v is None else str(v) for k, v in t.items()})
                 for key, (offset, blob) in snaps.items():
-                    p.hset(key, mapping={"offset": offset, "blob": blob, "ts": now})
+                    topic_id = self._topic_ids.get(key, "")
+                    p.hset(
+                        key,
+                        mapping={"offset": offset, "blob": blob, "topic_id": topic_id, "ts": now},
+                    )
                 if send_stats:
                     sk = REDIS_HANDLER_STATS + self.handler_id
                     stats: dict[Any, Any] = {**self._stats, "ts": now}

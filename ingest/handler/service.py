@@ -3,7 +3,14 @@
 Lifecycle: ``start()`` opens the HTTP probe endpoint, Redis and the consumer;
 ``run()`` polls until ``stop()`` or SIGTERM; ``stop()`` lets the batch in
 flight commit, saves snapshots, leaves the group (so the partitions move at
-once rather than after the session timeout) and closes every client.
+once rather than after the session timeout) and closes every client. A stop
+ends within ``stop_grace_s`` whatever the handler is doing: a restore gives up,
+and a batch that cannot commit in time is abandoned and its transaction aborted.
+
+State proves its incarnation: offset commits and snapshots carry the input
+topic's id (incarnation.py), and a partition's restore ignores state of
+another incarnation, or an offset beyond the log end, and starts from the log
+start instead.
 
 Each poll is one transaction: every partition's ticks, dead letters and offsets
 (fencing.py says why a stale owner cannot commit one). Rebalances are eager in
@@ -30,17 +37,19 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ingest import metrics
 from ingest.handler.fencing import (
+    Committed,
     FencedProducer,
     GroupMetadata,
     Unstable,
     fetch_committed,
     stale_transactions,
 )
+from ingest.handler.incarnation import judge_committed, offset_metadata, topic_id
 from ingest.handler.partition import Batch, Outputs, PartitionWorker
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
-from tickscale.http import HealthServer
+from tickscale.http import HealthServer, PortInUse
 from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -80,9 +89,17 @@ class FeedHandler:
         self.outputs: Outputs | None = None
         self.producer: AIOKafkaProducer | None = None
         self.txn_id = transactional_id(settings.group, settings.handler_id)
+        # What each offset commit carries: the transactional id and the input topic's
+        # id, learnt on assignment (before any commit).
+        self.offset_metadata = offset_metadata(self.txn_id, None)
+        self.topic_id: str | None = None
         self._lock = asyncio.Lock()
         self._fence_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._stop_deadline: float | None = None  # monotonic; set by the first stop request
+        self._run_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._abandoned = False  # the batch in flight was given up at a stop
         self._started = False
         self._joined = False
         self._fatal: BaseException | None = None
@@ -107,7 +124,21 @@ class FeedHandler:
         s = self.s
         PRODUCE_RETRIES.install()  # once per process; adding the same filter again is a no-op
         self.http = HealthServer(s.metrics_host, s.metrics_port, self._healthy, self._ready)
-        await self.http.start()
+        try:
+            await self.http.start()
+        except PortInUse:
+            # A port given explicitly is someone's scrape target: never serve elsewhere.
+            if "metrics_port" in s.model_fields_set:
+                raise
+            self.http = HealthServer(s.metrics_host, 0, self._healthy, self._ready)
+            await self.http.start()
+            log.warning(
+                "handler %s: the default metrics port %d is in use; serving metrics on port "
+                "%d instead (--metrics-port N chooses one)",
+                s.handler_id,
+                s.metrics_port,
+                self.http.port,
+            )
         log.info("handler %s: metrics on port %d", s.handler_id, self.http.port)
         if s.redis_url:
             self.sink = RedisSink(s.redis_url, s.handler_id)
@@ -143,37 +174,96 @@ class FeedHandler:
         self._started = True
 
     def request_stop(self) -> None:
+        """Start stopping: the handler is closed ``stop_grace_s`` from now at the latest."""
+        if self._stop_deadline is None:
+            grace = self.s.stop_grace_s
+            self._stop_deadline = time.monotonic() + grace
+            task = self._run_task
+            if task is not None and not task.done():
+                # The batch in flight gets part of the grace to commit; the rest is
+                # for leaving the group and closing the clients.
+                self._watchdog = asyncio.get_running_loop().call_later(
+                    0.4 * grace, self._abandon_batch
+                )
         self._stop.set()
+
+    def _abandon_batch(self) -> None:
+        task = self._run_task
+        if task is not None and not task.done():
+            log.warning(
+                "handler %s: the batch in flight did not finish within %.1fs of the stop; "
+                "abandoning it (its transaction is aborted)",
+                self.s.handler_id,
+                0.4 * self.s.stop_grace_s,
+            )
+            self._abandoned = True
+            task.cancel()
+
+    def _left(self) -> float:
+        """Seconds left of the stop grace."""
+        if self._stop_deadline is None:
+            return self.s.stop_grace_s
+        return max(0.0, self._stop_deadline - time.monotonic())
 
     def install_signal_handlers(self) -> None:
         stop_on_signals(asyncio.get_running_loop(), self.request_stop)
 
     async def stop(self) -> None:
-        self._stop.set()
-        async with self._lock:  # the batch in flight commits first
-            for w in self.workers.values():
-                w.save_snapshot()
+        """Commit or abort what is held, save snapshots, leave the group, close: each
+        step within what is left of ``stop_grace_s``, skipped once it has run out."""
+        self.request_stop()  # (the watchdog stays armed while run() is still busy)
+        try:
+            # Half the grace at most: the rest is for leaving the group and closing.
+            async with asyncio.timeout(max(0.1, self._left() - 0.5 * self.s.stop_grace_s)):
+                async with self._lock:  # the batch in flight commits first
+                    if not self._abandoned:
+                        # (An abandoned batch left the state ahead of the commit.)
+                        for w in self.workers.values():
+                            w.save_snapshot()
+        except TimeoutError:
+            # A restore or a commit still holds the lock: the state is not at a
+            # committed offset, so no snapshot.
+            log.warning("stop: the partitions are still busy; no snapshots saved")
         if self.sink is not None:
-            await self.sink.flush()  # before leaving: the next owners restore from these
+            # Before leaving: the next owners restore from these.
+            await self._bounded("flush Redis", self.sink.flush())
         if self.consumer is not None:
             # Leaves the group; the revoke callback closes the partition producers.
-            with contextlib.suppress(KafkaError):
-                await self.consumer.stop()
+            await self._bounded("leave the group", self.consumer.stop(), KafkaError)
             self.consumer = None
         for tp in list(self.workers):
             self._close_worker(tp)
         if self.producer is not None:
-            with contextlib.suppress(KafkaError, AssertionError):
-                await self.producer.stop()
-            self.producer = None
+            p, self.producer = self.producer, None
+            open_txn = isinstance(p, FencedProducer) and p._txn_manager.is_in_transaction()
+            await self._bounded("close the producer", p.stop(), KafkaError, AssertionError)
+            if open_txn:
+                # Aborts it now rather than when it times out, which would hold the
+                # partitions' next owners back until then.
+                await self._bounded(
+                    "abort the open transaction", self._fence(self.txn_id), KafkaError
+                )
         if self.sink is not None:
-            await self.sink.stop()
+            await self._bounded("close Redis", self.sink.stop())
             self.sink = None
         if self.http is not None:
             await self.http.stop()
             self.http = None
         self._started = False
         log.info("handler %s stopped after %d messages", self.s.handler_id, self.messages)
+
+    async def _bounded(
+        self, what: str, step: Awaitable[object], *tolerated: type[BaseException]
+    ) -> None:
+        """One step of ``stop()``, given what is left of the grace (one second at least:
+        a skipped close leaves more behind than a slightly late one)."""
+        try:
+            async with asyncio.timeout(max(1.0, self._left())):
+                await step
+        except TimeoutError:
+            log.warning("stop: could not %s within the stop grace; skipped", what)
+        except tolerated as e:
+            log.warning("stop: could not %s (%r)", what, e)
 
     # Probes -------------------------------------------------------------------------------
 
@@ -212,8 +302,10 @@ class FeedHandler:
                     if tp not in self.workers
                 )
             )
-        self._joined = True
         metrics.ASSIGNED.set(len(self.workers))
+        if self._stop.is_set():
+            return  # the restores gave up (logged): nothing was taken on
+        self._joined = True
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
     async def _open_producer(self) -> None:
@@ -241,17 +333,34 @@ class FeedHandler:
 
     async def _open_worker(self, tp: TopicPartition) -> None:
         s = self.s
-        assert self.consumer is not None and self.outputs is not None
+        consumer = self.consumer
+        assert consumer is not None and self.outputs is not None
         w = PartitionWorker(tp, s.group, self.outputs, self.sink, s.snapshot_interval_s)
-        committed = await self._committed(tp)
-        await w.restore(s.bootstrap, committed)
+        # Asked at every assignment: a topic deleted and created again while this
+        # handler ran is a new incarnation.
+        tid = await topic_id(consumer, tp.topic)
+        if tid != self.topic_id:
+            self.topic_id = tid
+            self.offset_metadata = offset_metadata(self.txn_id, tid)
+        got = await self._committed(tp)
+        log_end = (await consumer.end_offsets([tp]))[tp]
+        verdict = judge_committed(got.offset, got.metadata, tid, log_end)
+        if verdict.foreign:
+            log.warning(
+                "%s: ignoring the committed offset %s: %s (state of another incarnation of "
+                "the topic); starting from the log start",
+                tp,
+                got.offset,
+                verdict.foreign,
+            )
+        await w.restore(s.bootstrap, verdict.offset, tid, self._stop)
         self.workers[tp] = w
         # An immediate seek, never seek_to_beginning(): that one is applied lazily
         # and can rewind the position after a batch was already consumed. Offset 0
         # on a trimmed log falls back to the earliest offset via auto_offset_reset.
-        self.consumer.seek(tp, committed or 0)
+        consumer.seek(tp, verdict.offset or 0)
 
-    async def _committed(self, tp: TopicPartition) -> int | None:
+    async def _committed(self, tp: TopicPartition) -> Committed:
         """The partition's committed offset, once no open transaction holds a newer one.
 
         The previous owner commits its batch in flight before it gives a partition
@@ -263,7 +372,7 @@ class FeedHandler:
         s = self.s
         assert self.consumer is not None
         if not s.eos:
-            return await self.consumer.committed(tp)
+            return await fetch_committed(self.consumer, s.group, tp, require_stable=False)
         t0 = time.monotonic()
         check_at = t0 + s.fence_after_s
         while True:
@@ -272,8 +381,7 @@ class FeedHandler:
                 # offset instead.
                 raise _Stopping(f"{tp}: stopped while its offset was unstable")
             try:
-                got = await fetch_committed(self.consumer, s.group, tp, require_stable=True)
-                return got.offset
+                return await fetch_committed(self.consumer, s.group, tp, require_stable=True)
             except Unstable:
                 pass
             if time.monotonic() >= check_at:
@@ -317,7 +425,24 @@ class FeedHandler:
 
     async def run(self) -> None:
         """Serve until ``stop()``. Raises the error that made the handler give up, if
-        one did, so the process exits non-zero and its supervisor replaces it."""
+        one did, so the process exits non-zero and its supervisor replaces it.
+
+        A batch still in flight a while after a stop request (a broker that does not
+        answer) is abandoned: its transaction is aborted by ``stop()``, and its
+        records are the next owner's to process."""
+        self._run_task = asyncio.current_task()
+        try:
+            await self._poll()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._abandoned or task is None or task.uncancel() > 0:
+                raise  # a cancellation that is not the stop's own
+        finally:
+            self._run_task = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+
+    async def _poll(self) -> None:
         assert self.consumer is not None
         consumer = self.consumer
         last_stats = 0.0
@@ -405,7 +530,10 @@ class FeedHandler:
                 for b in work:
                     await b.worker.send(p, b)
                 await p.send_offsets_fenced(
-                    {b.worker.tp: OffsetAndMetadata(b.next_offset, self.txn_id) for b in work},
+                    {
+                        b.worker.tp: OffsetAndMetadata(b.next_offset, self.offset_metadata)
+                        for b in work
+                    },
                     meta,
                 )
                 await p.commit_transaction()
@@ -429,7 +557,9 @@ class FeedHandler:
         if not isinstance(p, FencedProducer):
             # At-least-once: offsets after the output is acknowledged.
             try:
-                await self.consumer.commit({b.worker.tp: b.next_offset for b in work})
+                await self.consumer.commit(
+                    {b.worker.tp: (b.next_offset, self.offset_metadata) for b in work}
+                )
             except KafkaError as e:
                 log.warning("offset commit failed (%s); batch may repeat", e)
 

@@ -26,7 +26,13 @@ class HandlerSettings(BaseSettings):
     group: str = HANDLER_GROUP
     redis_url: str | None = Field(None, description="redis://host:port/db; unset = no Redis")
     metrics_host: str = "0.0.0.0"
-    metrics_port: int = Field(9100, ge=0, le=65535)
+    metrics_port: int = Field(
+        9100,
+        ge=0,
+        le=65535,
+        description="0 = any free port; when left at the default and 9100 is taken, the "
+        "handler serves on a free port and logs which",
+    )
     handler_id: str = Field(default_factory=_default_id)
     eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
     max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
@@ -60,6 +66,14 @@ class HandlerSettings(BaseSettings):
         "checks again as often)",
     )
     heartbeat_interval_ms: int = Field(1_000, ge=100)
+    stop_grace_s: float = Field(
+        20.0,
+        gt=0,
+        le=600,
+        description="a stop (SIGTERM) ends the handler within this long, whatever it is doing: "
+        "the batch in flight commits or is aborted; keep it below the supervisor's SIGTERM "
+        "to SIGKILL time (the scaler's stop grace, 30 s by default)",
+    )
 
     @field_validator("bootstrap")
     @classmethod
