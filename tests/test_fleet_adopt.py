@@ -20,7 +20,7 @@ import pytest
 from scaler.backends.base import HandlerSpec
 from scaler.backends.fleetfile import Entry, FleetFile, Record, alive, start_ticks
 from scaler.backends.process import ProcessBackend
-from tests.pipeline_utils import run_replay, run_verify, summary
+from tests.pipeline_utils import holding, run_replay, run_verify, summary
 from tickscale.localstack.net import free_port
 from tickscale.localstack.topics import TopicSet
 
@@ -158,3 +158,69 @@ async def test_a_recorded_pid_now_used_by_another_process_is_not_adopted(tmp_pat
     assert await backend.list() == []
     assert await backend.remove(1) == []  # and this process received no SIGTERM
     assert record.read() == Record(2, [])  # names are not reused either
+
+
+def _ppid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _children(parent: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            if d.name.isdigit() and _ppid(int(d.name)) == parent:
+                out.append(int(d.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+@pytest.mark.slow
+async def test_under_up_a_killed_scaler_is_started_again_and_adopts_the_handler(
+    tmp_path: Path,
+) -> None:
+    """`up`'s handlers follow its stack owner (the keeper), not the scaler: a SIGKILLed
+    scaler is started again and adopts the handler that kept running."""
+    state = tmp_path / "up"
+    out = tmp_path / "up.out"
+    with out.open("wb") as f:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
+             "--to", "10:30", "--speed", "1", "--handlers", "1", "--max-handlers", "1",
+             "--partitions", "2",
+             "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
+             "--metrics-port", str(free_port()), "--scaler-port", str(free_port()),
+             "--state-dir", str(state)],
+            stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    scaler_log = state / "logs" / "scaler.log"
+    try:
+        await _until(lambda: len(_fleet(state / "scaler", "default")) == 1, 180, out.read_text)
+        (handler,) = _fleet(state / "scaler", "default")
+        hlog = state / "scaler" / "logs" / f"{handler.name}.log"
+        await _until(lambda: "assigned" in hlog.read_text(), 120, hlog.read_text)
+        keeper = _ppid(handler.pid)
+        assert "tickscale.keeper" in _cmdline(keeper), _cmdline(keeper)
+        (scaler,) = [p for p in _children(keeper) if p != handler.pid]
+        assert "tickscale scaler" in _cmdline(scaler)
+        os.kill(scaler, signal.SIGKILL)
+
+        await _until(lambda: scaler_log.read_text().count("adopted 1 running handler") == 1,
+                     120, lambda: scaler_log.read_text()[-4000:])  # fmt: skip
+        assert alive(handler) and _fleet(state / "scaler", "default") == [handler]
+        assert "parent process" not in hlog.read_text()
+        assert up.poll() is None, out.read_text()
+
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.wait, 180) == 130, out.read_text()[-3000:]
+        assert not alive(handler)
+        assert "stopped after" in hlog.read_text(), hlog.read_text()[-2000:]
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in holding(state):  # never leave a broker or handler behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
