@@ -77,6 +77,12 @@ class ProcessBackend:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self.parent_pid is not None and self.parent_pid not in _ancestors():
+            # Handlers could never be its children: each would leave at once.
+            raise BackendError(
+                f"handler_parent_pid: process {self.parent_pid} is not an ancestor of this "
+                "scaler (it must be the stack owner that started it)"
+            )
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         live = await self.list()
         if live:
@@ -241,3 +247,15 @@ class ProcessBackend:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(groups, indent=1))
         os.replace(name, self.targets_path)  # atomic: Prometheus never reads half a file
+
+
+def _ancestors() -> builtins.list[int]:
+    pids, pid = [], os.getppid()
+    while pid > 1:
+        pids.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return pids
