@@ -143,6 +143,47 @@ async def test_handlers_outlive_a_killed_scaler_and_the_next_one_adopts_them(
                     os.kill(h.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("topics", [2], indirect=True)
+async def test_a_standby_takes_over_the_fleet_of_a_killed_leader(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """The standby shares its leader's state directory: when the leader is SIGKILLed and
+    the lease passes to it, the fleet it counts is the leader's, and it starts nothing."""
+    name = f"standby{os.getpid()}{int(time.time()) % 100000}"
+    state = tmp_path / "scaler"
+    args = ("--name", name, "--handler-base-port", str(free_port()),
+            "--min-handlers", "2", "--max-handlers", "2")  # fmt: skip
+    leader = Scaler(topics, redis_url, state, tmp_path / "a.log", *args, "--id", "a")
+    standby: Scaler | None = None
+    try:
+        await leader.until("tickscale_scaler_running_handlers", 2)
+        await leader.until("tickscale_scaler_leader", 1)
+        handlers = _fleet(state, name)
+        standby = Scaler(topics, redis_url, state, tmp_path / "b.log", *args, "--id", "b")
+        await standby.until("tickscale_scaler_leader", 0)
+        await standby.until("tickscale_scaler_running_handlers", 2)
+        leader.proc.kill()
+        leader.proc.wait(10)
+        await standby.until("tickscale_scaler_leader", 1, within_s=60)
+        await asyncio.sleep(3)  # a few polls as the leader
+        assert standby.metric("tickscale_scaler_running_handlers") == 2
+        assert _fleet(state, name) == handlers and all(alive(h) for h in handlers)
+        assert not re.search(r"started handler-\S+ \(pid", standby.log()), standby.log()[-4000:]
+        standby.proc.send_signal(signal.SIGTERM)  # the new leader stops the fleet it took over
+        assert standby.proc.wait(120) == 0, standby.log()[-4000:]
+        assert not any(alive(h) for h in handlers) and _fleet(state, name) == []
+    finally:
+        for s in (leader, standby):
+            if s is not None and s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait(10)
+        for h in _fleet(state, name):
+            if alive(h):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(h.pid, signal.SIGKILL)
+
+
 async def test_a_recorded_pid_now_used_by_another_process_is_not_adopted(tmp_path: Path) -> None:
     """The kernel reuses pids: a record whose pid now names a different process (another
     start time) must be dropped, never counted, signalled or stopped."""
