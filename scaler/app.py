@@ -79,6 +79,15 @@ def handler_spec(s: ScalerSettings) -> HandlerSpec:
     )
 
 
+def stop_handlers_on_exit(s: ScalerSettings) -> bool:
+    """Containers outlive a scaler stopped in order unless told otherwise, local
+    processes stop with it; a scaler that crashes leaves either running, for the
+    next one to adopt."""
+    if "stop_handlers_on_exit" in s.model_fields_set:
+        return s.stop_handlers_on_exit
+    return s.backend == "process"
+
+
 def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
     if s.backend == "process":
         from scaler.backends.process import ProcessBackend
@@ -89,6 +98,7 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
             state_dir=Path(s.state_dir),
             stop_grace_s=s.stop_grace_s,
             name=s.name,
+            parent_pid=s.handler_parent_pid,
         )
     if s.backend == "docker":
         from scaler.backends.docker import DockerBackend
@@ -137,7 +147,7 @@ async def build(s: ScalerSettings) -> Scaler:
         clock=clock,
         poll_s=s.poll_s,
         dry_run=s.dry_run,
-        stop_handlers_on_exit=s.stop_handlers_on_exit,
+        stop_handlers_on_exit=stop_handlers_on_exit(s),
     )
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
     return scaler

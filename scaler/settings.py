@@ -94,6 +94,13 @@ class ScalerSettings(BaseSettings):
     swarm_service: str = "tickscale-handlers"
     handler_base_port: int = Field(9300, ge=1024, le=65000, description="process backend")
     state_dir: str = Field(".local/scaler", description="process backend: logs, targets file")
+    handler_parent_pid: int | None = Field(
+        None,
+        gt=0,
+        description="process backend: the stack owner the handlers follow (drain and leave "
+        "once it is gone); it must be a child subreaper, as `tickscale up`'s is. Unset, "
+        "handlers outlive the scaler until a scaler stops them",
+    )
 
     @field_validator("bootstrap")
     @classmethod

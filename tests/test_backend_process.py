@@ -17,7 +17,7 @@ def test_two_backends_sharing_a_state_dir_write_targets_safely(tmp_path: Path) -
     backends = [ProcessBackend(spec, state_dir=tmp_path, name=n) for n in ("a", "b")]
 
     def write(i: int) -> None:
-        backends[i % 2]._write_targets(force=True)
+        backends[i % 2]._write_targets()
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(write, range(4000)))  # raises here if one write lost its file

@@ -236,62 +236,6 @@ async def test_standby_leaves_the_leaders_targets_alone(
     assert json.loads(targets.read_text()) == []  # the leader stopped its handler
 
 
-def _handler_pids(names: list[str]) -> list[int]:
-    """Live processes whose environment names them as one of these handlers."""
-    wanted = {f"TICKSCALE_HANDLER_HANDLER_ID={n}".encode() for n in names}
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = set((d / "environ").read_bytes().split(b"\0"))
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if env & wanted and state != "Z":
-            pids.append(int(d.name))
-    return pids
-
-
-@pytest.mark.parametrize("topics", [2], indirect=True)
-async def test_handlers_of_a_killed_scaler_drain_and_exit(
-    topics: TopicSet, redis_url: str, tmp_path: Path
-) -> None:
-    """A SIGKILLed scaler cannot stop its handler processes; they must not consume on
-    as orphans that its successor would neither count nor be able to stop."""
-    name = f"k{os.getpid()}{int(time.time()) % 100000}"
-    sc = ScalerProc(
-        topics, redis_url, tmp_path,
-        "--name", name, "--min-handlers", "2", "--max-handlers", "2", "--calendar", "none",
-    )  # fmt: skip
-    names: list[str] = []
-    try:
-        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers", lambda v: v >= 2,
-                                60)  # fmt: skip
-        groups = json.loads((tmp_path / "scaler" / "targets.json").read_text())
-        names = [g["labels"]["container"] for g in groups]
-        assert len(names) == 2 and len(_handler_pids(names)) == 2, (names, sc.log()[-3000:])
-        logs = [tmp_path / "scaler" / "logs" / f"{n}.log" for n in names]
-        deadline = time.monotonic() + 60
-        while not all("assigned" in p.read_text(errors="replace") for p in logs):
-            assert time.monotonic() < deadline, sc.log()[-3000:]
-            await asyncio.sleep(0.5)
-        sc.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _handler_pids(names):
-            assert time.monotonic() < deadline, [p.read_text()[-2000:] for p in logs]
-            await asyncio.sleep(0.5)
-        for p in logs:
-            text = p.read_text(errors="replace")
-            # Drained and left the group, rather than died.
-            assert "parent process" in text and "stopped after" in text, text[-2000:]
-    finally:
-        if sc.proc.poll() is None:
-            sc.stop()
-        for pid in _handler_pids(names):  # never leave an orphan consuming
-            os.kill(pid, signal.SIGKILL)
-
-
 def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

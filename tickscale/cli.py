@@ -284,6 +284,13 @@ def up(
     state_dir: Annotated[Path, typer.Option(help="broker and Redis data")] = Path(".local/up"),
     metrics_port: Annotated[int, typer.Option(help="first handler's metrics port")] = 9100,
     scaler_port: Annotated[int, typer.Option(help="the scaler's metrics port")] = 9200,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            help="reset a broker or Redis already listening on the port (delete its md.* "
+            "topics, the handlers' consumer group, the book snapshots) instead of refusing"
+        ),
+    ] = False,
 ) -> None:
     """Run the whole pipeline on this machine: Kafka, Redis, handlers, a replayed day."""
     from tickscale.up import run_up
@@ -304,5 +311,6 @@ def up(
         max_handlers=max_handlers,
         metrics_base_port=metrics_port,
         scaler_port=scaler_port,
+        reset=reset,
     )
     raise typer.Exit(rc)

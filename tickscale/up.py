@@ -1,10 +1,17 @@
 """``tickscale up``: the whole pipeline on one machine, no Docker.
 
-Starts (or reuses, when something already listens on the port) a Kafka broker
-and Redis on loopback, recreates the topics so the day's ledger starts clean,
-starts the feed handlers as child processes, replays a synthetic day, then
-verifies every tick against the manifest. Ctrl-C stops the replay and then
-everything this command started, in order, handlers first so they commit.
+Starts a Kafka broker and Redis on loopback, recreates the topics and drops
+the handlers' consumer group and book snapshots so the day's ledger starts
+clean, starts the scaler (which runs the feed handlers), replays a synthetic
+day, then verifies every tick against the manifest. A broker or Redis already
+listening on the port is someone else's: its data is reset only with
+``--reset``. Ctrl-C stops the replay and then everything this command started,
+in order, handlers first so they commit.
+
+The scaler runs under ``tickscale.keeper``, the stack owner its handlers
+follow: a scaler that dies is started again and adopts the running handlers,
+and if ``up`` dies the keeper is sent SIGTERM by the kernel and the stack
+drains and stops.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import time
 from pathlib import Path
 
 import redis
+from aiokafka.errors import NonEmptyGroup
 from rich.console import Console
 
 from ingest.manifest import Manifest
 from ingest.replay.cli import SourceSpec, run_replay
 from ingest.verify import run_verify
 from tickscale import constants as c
-from tickscale.localstack import KafkaBroker, RedisServer, delete_topics
+from tickscale.localstack import KafkaBroker, RedisServer, delete_groups, delete_topics
 from tickscale.localstack.net import port_open
 from tickscale.localstack.proc import spawn, stop
 from tickscale.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
@@ -72,8 +80,36 @@ class HandlerFleet:
                 p.wait()
 
 
+class ForeignService(Exception):
+    """Something ``up`` did not start listens where it would reset data."""
+
+
+def _refuse_foreign(kafka_port: int, redis_port: int) -> None:
+    """Raise ForeignService naming the first service already listening (nothing is deleted)."""
+    if port_open("127.0.0.1", kafka_port):
+        raise ForeignService(
+            f"a broker already listens on 127.0.0.1:{kafka_port} and up did not start it; "
+            "pass --reset to delete its md.* topics and the handlers' consumer group, "
+            "or stop it"
+        )
+    if port_open("127.0.0.1", redis_port):
+        raise ForeignService(
+            f"Redis already listens on 127.0.0.1:{redis_port} and up did not start it; "
+            "pass --reset to delete its book snapshots, or stop it"
+        )
+
+
 def _reset_day(bootstrap: str, redis_url: str, partitions: int) -> None:
-    """Fresh topics and no stale snapshots: a new day's ledger must start empty."""
+    """Fresh topics, no committed offsets and no stale snapshots: a new day's ledger must
+    start empty. The group goes first: it fails while handlers still use it, and then
+    nothing has been deleted yet."""
+    try:
+        asyncio.run(delete_groups(bootstrap, [c.HANDLER_GROUP]))
+    except NonEmptyGroup:
+        raise ForeignService(
+            f"consumer group {c.HANDLER_GROUP} on {bootstrap} still has members: stop the "
+            "handlers that use this broker, then run up again"
+        ) from None
     asyncio.run(delete_topics(bootstrap, [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]))
     r = redis.Redis.from_url(redis_url)
     try:
@@ -102,7 +138,12 @@ def run_up(
     scaler: bool = True,
     max_handlers: int = 4,
     scaler_port: int = 9200,
+    reset: bool = False,
 ) -> int:
+    """
+    :param reset: reset (topics, consumer group, snapshots) a broker or Redis that
+        already listens on its port instead of refusing to touch it
+    """
     state_dir.mkdir(parents=True, exist_ok=True)
     log_dir = state_dir / "logs"
     log_dir.mkdir(exist_ok=True)
@@ -112,15 +153,20 @@ def run_up(
     scaler_child: subprocess.Popen[bytes] | None = None
     sigterm_and_sighup_as_ctrl_c()
     try:
+        if not reset:
+            _refuse_foreign(kafka_port, redis_port)
         bootstrap = f"127.0.0.1:{kafka_port}"
         if port_open("127.0.0.1", kafka_port):
-            console.print(f"reusing the Kafka broker already on {bootstrap}")
+            console.print(
+                f"reusing the Kafka broker already on {bootstrap} (--reset: its md.* topics "
+                f"and consumer group {c.HANDLER_GROUP} are deleted)"
+            )
         else:
             console.print(f"starting Kafka on {bootstrap} (data in {state_dir / 'kafka'})")
             broker = KafkaBroker(state_dir / "kafka", port=kafka_port).start()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         if port_open("127.0.0.1", redis_port):
-            console.print(f"reusing Redis on {redis_url}")
+            console.print(f"reusing Redis on {redis_url} (--reset: its book snapshots are deleted)")
         else:
             redis_srv = RedisServer(port=redis_port, work_dir=state_dir / "redis").start()
             console.print(f"started Redis on {redis_url}")
@@ -129,6 +175,7 @@ def run_up(
         if scaler:
             hi = max(max_handlers, handlers)
             cmd = [
+                sys.executable, "-m", "tickscale.keeper",
                 sys.executable, "-m", "tickscale", "scaler", "--backend", "process",
                 "--bootstrap", bootstrap, "--redis-url", redis_url,
                 "--min-handlers", str(handlers), "--max-handlers", str(hi),
@@ -139,8 +186,8 @@ def run_up(
                 "--metrics-port", str(scaler_port), "--handler-base-port", str(metrics_base_port),
                 "--state-dir", str(state_dir / "scaler"),
             ]  # fmt: skip
-            # Its SIGTERM (also sent if `up` is killed) makes it drain and stop its
-            # handlers before it exits.
+            # The keeper's SIGTERM (also sent if `up` is killed) makes the scaler
+            # drain and stop its handlers before both exit.
             scaler_child = spawn(cmd, log_dir / "scaler.log")
             console.print(
                 f"scaler started ({handlers}-{hi} handlers, metrics on :{scaler_port}, "
@@ -176,6 +223,9 @@ def run_up(
     except KeyboardInterrupt:
         console.print("interrupted; stopping")
         return 130
+    except ForeignService as e:
+        console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        return 2
     except (RuntimeError, TimeoutError, OSError) as e:
         # Start-up failures (port taken, broker not ready) are user-facing, not bugs.
         console.print(f"[red]error:[/] {e}")

@@ -47,8 +47,10 @@ class HandlerSettings(BaseSettings):
     parent_pid: int | None = Field(
         None,
         gt=0,
-        description="drain and exit once this process is no longer the parent (set by the "
-        "process backend: a handler must not outlive the scaler that owns it)",
+        description="drain and exit once this process is no longer the parent: the stack "
+        "owner (a child subreaper such as `tickscale up`'s), passed on by the process "
+        "backend when it has one. Never the scaler's pid: handlers outlive a dead scaler "
+        "and its successor adopts them",
     )
     session_timeout_ms: int = Field(10_000, ge=1000)
     transaction_timeout_ms: int = Field(

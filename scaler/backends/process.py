@@ -1,17 +1,24 @@
-"""Handlers as local child processes: one machine, no Docker (``tickscale up``, tests).
+"""Handlers as local processes: one machine, no Docker (``tickscale up``, tests).
 
 Each handler gets its own metrics port (the lowest free slot from
 ``base_port``) and log file. A Prometheus file-discovery JSON listing the live
 handlers is rewritten on every change, so a local Prometheus finds the
-handlers this backend starts the way the compose one finds containers. Of two
-scalers sharing a state directory, only the one that has started handlers
-writes it.
+handlers this backend starts the way the compose one finds containers.
 
-Children belong to the scaler: ``close()`` stops them (SIGTERM, grace, then
-SIGKILL). A scaler that dies without ``close()`` (SIGKILL, out of memory)
-cannot stop them, so each child watches its parent and drains and leaves on
-its own within a second of the scaler's death. A restarted scaler starts fresh
-ones; adoption is a container backend's job.
+Handlers do not depend on the scaler: they run in their own sessions and
+nothing ties them to the scaler's life, so a scaler that dies (SIGKILL, out of
+memory) costs no ticks. Every handler is recorded in ``fleet-<name>.json`` in
+the state directory (``fleetfile``); a scaler starting on that directory
+adopts the live ones as its fleet, which it counts, scales from and stops by
+pid and signal, whether or not it is their parent. A leader and its standby
+share the record, so both see the one fleet.
+
+What stops handlers from outliving everything: a scaler stopped in order
+removes them (``stop_handlers_on_exit``, on by default for this backend), and
+with ``parent_pid`` (the stack owner, e.g. ``tickscale up``'s, which must be a
+child subreaper) each handler is started as that owner's child and drains and
+leaves on its own once the owner is gone. Without ``parent_pid`` they run until
+a scaler or someone else stops them.
 """
 
 from __future__ import annotations
@@ -26,21 +33,15 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from scaler.backends.base import BackendHealth, HandlerInstance, HandlerSpec
+from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
+from scaler.backends.fleetfile import Entry, FleetFile, Record, alive, start_ticks
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Child:
-    slot: int
-    name: str
-    port: int
-    proc: asyncio.subprocess.Process
-    started_at: float
+_POLL_S = 0.2  # how often a stopping handler's pid is checked
 
 
 class ProcessBackend:
@@ -55,115 +56,190 @@ class ProcessBackend:
         stop_grace_s: float = 30.0,
         name: str = "default",
         host: str = "127.0.0.1",
+        parent_pid: int | None = None,
     ) -> None:
+        """
+        :param parent_pid: the stack owner the handlers follow (their ``parent_pid``);
+            it must be a child subreaper among this process's ancestors
+        """
         self.spec = spec
         self.base_port = base_port
         self.state_dir = state_dir
         self.stop_grace_s = stop_grace_s
         self.fleet = name
         self.host = host
+        self.parent_pid = parent_pid
         self.targets_path = state_dir / "targets.json"
-        self._children: dict[int, _Child] = {}  # slot -> child
-        self._serial = 0  # handlers started so far, for their names
+        self.record = FleetFile(state_dir, name)
+        # Children this process started itself (no owner): kept so the event
+        # loop's child watcher reaps them when they exit.
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self.parent_pid is not None and self.parent_pid not in _ancestors():
+            # Handlers could never be its children: each would leave at once.
+            raise BackendError(
+                f"handler_parent_pid: process {self.parent_pid} is not an ancestor of this "
+                "scaler (it must be the stack owner that started it)"
+            )
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        live = await self.list()
+        if live:
+            log.info(
+                "process backend %r: adopted %d running handler(s): %s", self.fleet, len(live),
+                ", ".join(f"{h.name} (pid {h.id})" for h in live),
+            )  # fmt: skip
         if not self.targets_path.exists():
-            self._write_targets(force=True)  # Prometheus reads an empty fleet, not an error
+            self._write_targets()  # Prometheus reads an empty fleet, not an error
 
     async def close(self) -> None:
-        await self._stop_children(list(self._children.values()))
-        self._write_targets()
+        """Handlers keep running: the next scaler on this state directory adopts them."""
 
     async def retire(self) -> None:
         """Nothing to drop: ``remove`` already waited for the processes."""
 
     async def list(self) -> builtins.list[HandlerInstance]:
-        self._reap()
+        async with self._lock:
+            rec = await asyncio.to_thread(self._update, None)
         return [
-            HandlerInstance(str(c.proc.pid), c.name, "running", c.started_at)
-            for c in sorted(self._children.values(), key=lambda c: c.started_at)
+            HandlerInstance(str(h.pid), h.name, "running", h.started_at)
+            for h in sorted(rec.handlers, key=lambda h: h.started_at)
         ]
 
     async def add(self, n: int) -> builtins.list[str]:
-        started = []
-        for _ in range(n):
-            slot = next(i for i in range(len(self._children) + 1) if i not in self._children)
-            self._serial += 1
-            name = f"handler-{self.fleet}-{self._serial}"
-            port = self.base_port + slot
-            env = os.environ | self.spec.env() | {
-                "TICKSCALE_HANDLER_HANDLER_ID": name,
-                "TICKSCALE_HANDLER_METRICS_HOST": self.host,
-                "TICKSCALE_HANDLER_METRICS_PORT": str(port),
-                "TICKSCALE_HANDLER_PARENT_PID": str(os.getpid()),
-            }  # fmt: skip
-            logf = (self.state_dir / "logs" / f"{name}.log").open("ab")
+        if n <= 0:
+            return []
+        async with self._lock:
+            # Reserve slots and names first, under the file lock, then start.
+            rec = await asyncio.to_thread(self._update, None)
+            taken = {h.slot for h in rec.handlers}
+            slots = [s for s in range(len(taken) + n) if s not in taken][:n]
+            serials = range(rec.next_serial, rec.next_serial + n)
+            started: builtins.list[Entry] = []
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tickscale", "handler",
-                    env=env, stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    # Own process group: a Ctrl-C meant for the scaler must not
-                    # reach the handlers before the scaler drains them in order.
-                    start_new_session=True,
-                )  # fmt: skip
+                for slot, serial in zip(slots, serials, strict=True):
+                    started.append(await self._launch(slot, f"handler-{self.fleet}-{serial}"))
             finally:
-                logf.close()
-            self._children[slot] = _Child(slot, name, port, proc, time.time())
-            started.append(str(proc.pid))
-            log.info("started %s (pid %d, metrics :%d)", name, proc.pid, port)
-        self._write_targets()
-        return started
+
+                def record(r: Record) -> None:
+                    r.next_serial = max(r.next_serial, serials.stop)
+                    r.handlers.extend(started)
+
+                await asyncio.to_thread(self._update, record)
+        return [str(e.pid) for e in started]
 
     async def remove(self, n: int) -> builtins.list[str]:
-        self._reap()
-        youngest = sorted(self._children.values(), key=lambda c: -c.started_at)[:n]
-        await self._stop_children(youngest)
-        self._write_targets()
-        return [str(c.proc.pid) for c in youngest]
+        if n <= 0:
+            return []
+        async with self._lock:
+            victims: builtins.list[Entry] = []
+
+            def take(r: Record) -> None:
+                youngest = sorted(r.handlers, key=lambda h: -h.started_at)[:n]
+                for h in youngest:
+                    # Signalled before the record forgets it: a scaler that dies
+                    # right after leaves a handler that drains and exits anyway.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(h.pid, signal.SIGTERM)
+                victims.extend(youngest)
+                r.handlers = [h for h in r.handlers if h not in youngest]
+
+            await asyncio.to_thread(self._update, take)
+        await asyncio.gather(*(self._wait_stopped(h) for h in victims))
+        return [str(h.pid) for h in victims]
 
     async def health(self) -> BackendHealth:
-        self._reap()
-        return BackendHealth(True, f"{len(self._children)} handler processes")
+        live = await self.list()
+        return BackendHealth(True, f"{len(live)} handler processes")
 
-    async def _stop_children(self, children: builtins.list[_Child]) -> None:
-        async def stop(c: _Child) -> None:
-            if c.proc.returncode is None:
+    # ----------------------------------------------------------------------------------
+
+    async def _launch(self, slot: int, name: str) -> Entry:
+        port = self.base_port + slot
+        env = {k: v for k, v in os.environ.items() if k != "TICKSCALE_HANDLER_PARENT_PID"}
+        env |= self.spec.env() | {
+            "TICKSCALE_HANDLER_HANDLER_ID": name,
+            "TICKSCALE_HANDLER_METRICS_HOST": self.host,
+            "TICKSCALE_HANDLER_METRICS_PORT": str(port),
+        }
+        log_path = self.state_dir / "logs" / f"{name}.log"
+        cmd = [sys.executable, "-m", "tickscale", "handler"]
+        if self.parent_pid is not None:
+            env["TICKSCALE_HANDLER_PARENT_PID"] = str(self.parent_pid)
+            launcher = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "scaler.backends.detach", str(log_path), *cmd,
+                env=env, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await launcher.communicate()
+            if launcher.returncode != 0 or not out.strip().isdigit():
+                raise BackendError(f"state_dir: could not start {name} (launcher exit "
+                                   f"{launcher.returncode}; see {log_path})")  # fmt: skip
+            pid = int(out)
+        else:
+            with log_path.open("ab") as logf:
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, env=env, stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    # Own session: a Ctrl-C meant for the scaler must not reach the
+                    # handlers before the scaler drains them in order, and a
+                    # signal to the scaler's group must not take them with it.
+                    start_new_session=True,
+                )  # fmt: skip
+            pid = proc.pid
+            self._children[pid] = proc
+        ticks = start_ticks(pid)
+        # A handler that died at once is recorded dead and reported by the next list().
+        entry = Entry(pid, slot, name, port, time.time(), ticks if ticks is not None else -1)
+        log.info("started %s (pid %d, metrics :%d)", name, pid, port)
+        return entry
+
+    async def _wait_stopped(self, h: Entry) -> None:
+        deadline = time.monotonic() + self.stop_grace_s
+        while alive(h):
+            if time.monotonic() > deadline:
+                log.warning("%s did not stop within %.0fs; killing", h.name, self.stop_grace_s)
                 with contextlib.suppress(ProcessLookupError):
-                    c.proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(c.proc.wait(), self.stop_grace_s)
-                except TimeoutError:
-                    log.warning("%s did not stop within %.0fs; killing", c.name, self.stop_grace_s)
-                    with contextlib.suppress(ProcessLookupError):
-                        c.proc.kill()
-                    await c.proc.wait()
-            log.info("stopped %s (exit %s)", c.name, c.proc.returncode)
-            self._children.pop(c.slot, None)
+                    os.kill(h.pid, signal.SIGKILL)
+                deadline = float("inf")
+            await asyncio.sleep(_POLL_S)
+        proc = self._children.pop(h.pid, None)
+        code = f" (exit {proc.returncode})" if proc is not None else ""
+        log.info("stopped %s%s", h.name, code)
 
-        await asyncio.gather(*(stop(c) for c in children))
+    def _update(self, change: Callable[[Record], None] | None) -> Record:
+        """Read the record under its lock, drop the dead, apply ``change``, write it back.
 
-    def _reap(self) -> None:
-        for slot, c in builtins.list(self._children.items()):
-            if c.proc.returncode is not None:
-                log.warning("%s exited on its own (code %s)", c.name, c.proc.returncode)
-                del self._children[slot]
+        Runs in a worker thread: the lock may be held by another scaler.
+        """
+        with self.record.locked():
+            rec = self.record.read()
+            dead = [h for h in rec.handlers if not alive(h)]
+            for h in dead:
+                log.warning("%s (pid %d) exited on its own", h.name, h.pid)
+                self._children.pop(h.pid, None)
+            rec.handlers = [h for h in rec.handlers if h not in dead]
+            if change is not None:
+                change(rec)
+            if dead or change is not None:
+                self.record.write(rec)
                 self._write_targets()
+            return rec
 
-    def _write_targets(self, force: bool = False) -> None:
-        # A leader and its standby share one state directory and so one targets
-        # file: only a backend that has started handlers may rewrite it, or a
-        # standby starting or stopping would hide the leader's fleet from Prometheus.
-        if not (self._serial or force):
-            return
-        groups = [
-            {
-                "targets": [f"{self.host}:{c.port}"],
-                "labels": {"job": "handler", "container": c.name},
-            }
-            for c in sorted(self._children.values(), key=lambda c: c.slot)
-        ]
+    def _write_targets(self) -> None:
+        # Every fleet recorded in this directory, so two fleets sharing it (or a
+        # leader and its standby) write the same file rather than hide each other.
+        groups = []
+        for path in sorted(self.state_dir.glob("fleet-*.json")):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                fleet = FleetFile(self.state_dir, path.stem.removeprefix("fleet-")).read()
+                groups += [
+                    {
+                        "targets": [f"{self.host}:{h.port}"],
+                        "labels": {"job": "handler", "container": h.name},
+                    }
+                    for h in sorted(fleet.handlers, key=lambda h: h.slot)
+                ]
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # A temporary file of its own: two scalers sharing a state directory (a
         # leader and its standby) once renamed each other's and one crashed.
@@ -171,3 +247,15 @@ class ProcessBackend:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(groups, indent=1))
         os.replace(name, self.targets_path)  # atomic: Prometheus never reads half a file
+
+
+def _ancestors() -> builtins.list[int]:
+    pids, pid = [], os.getppid()
+    while pid > 1:
+        pids.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat[stat.rfind(")") + 2 :].split()[1])
+    return pids

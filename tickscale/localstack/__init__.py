@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from tickscale.localstack.net import free_port, wait_for_port
     from tickscale.localstack.prometheus import PrometheusServer
     from tickscale.localstack.redis import RedisServer
-    from tickscale.localstack.topics import TopicSet, delete_topics, ensure_topics
+    from tickscale.localstack.topics import TopicSet, delete_groups, delete_topics, ensure_topics
 
 # Imported lazily so `python -m tickscale.localstack.kafka` does not find its own
 # module already half-imported by the package (runpy warns about that), and so
@@ -36,6 +36,7 @@ _EXPORTS = {
     "PrometheusServer": "prometheus",
     "RedisServer": "redis",
     "TopicSet": "topics",
+    "delete_groups": "topics",
     "delete_topics": "topics",
     "ensure_topics": "topics",
 }
@@ -56,6 +57,7 @@ __all__ = [
     "RedisServer",
     "TopicSet",
     "consumer_groups_describe",
+    "delete_groups",
     "delete_topics",
     "ensure_kafka",
     "ensure_topics",

@@ -11,10 +11,14 @@ from dataclasses import dataclass, field
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
+    GroupIdNotFound,
+    KafkaError,
+    NonEmptyGroup,
     TopicAlreadyExistsError,
     UnknownTopicOrPartitionError,
     for_code,
 )
+from aiokafka.protocol.admin import DeleteGroupsRequest
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,45 @@ async def delete_topics(bootstrap: str, names: Iterable[str], timeout_s: float =
         await admin.close()
 
 
+async def delete_groups(
+    bootstrap: str, groups: Iterable[str], timeout_s: float = 30.0, busy_s: float = 20.0
+) -> None:
+    """Delete the named consumer groups and their committed offsets; unknown ones are ignored.
+
+    A topic deleted and recreated keeps its group's offsets, so whoever resets
+    topics must drop the group too. A group with members cannot be deleted;
+    members of a process killed moments ago stay until their session times
+    out, so that is waited for up to ``busy_s`` before NonEmptyGroup is raised.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        for group in groups:
+            t0 = time.monotonic()
+            while True:
+                try:
+                    # A fresh broker has no coordinator until its offsets topic exists.
+                    node = await admin.find_coordinator(group)
+                    resp = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
+                    code = dict((g[0], g[1]) for g in resp.results)[group]
+                    err = for_code(code) if code else None
+                except KafkaError as e:
+                    err = type(e)
+                if err is None or err is GroupIdNotFound:
+                    break
+                waited = time.monotonic() - t0
+                if not (
+                    (err.retriable and waited < timeout_s)
+                    or (err is NonEmptyGroup and waited < busy_s)
+                ):
+                    raise err(f"deleting consumer group {group!r}")
+                await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+
+
 async def list_topics(bootstrap: str) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -175,6 +218,7 @@ MakeTopics = Callable[..., Awaitable[TopicSet]]
 __all__ = [
     "MakeTopics",
     "TopicSet",
+    "delete_groups",
     "delete_topics",
     "differing_configs",
     "ensure_topics",
