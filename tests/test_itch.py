@@ -367,7 +367,7 @@ def test_iter_frames_truncated_tail(tmp_path: Path, gz: bool, chunk: int, cut: i
     path = tmp_path / "cut.itch"
     _write(path, data[:-cut], gz)
     got: list[bytes] = []
-    with itch.open_itch_file(path) as f, pytest.raises(itch.SourceError, match="@ byte 38:"):
+    with itch.open_itch_file(path) as f, pytest.raises(itch.SourceError, match=r"@ byte 38\b"):
         for p in itch.iter_frames(f, chunk_size=chunk):
             got.append(p)
     assert got == payloads[:1]

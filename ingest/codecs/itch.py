@@ -536,6 +536,7 @@ def _scan(
     stream: IO[bytes], chunk_size: int, name: str | None, offsets: bool
 ) -> Iterator[bytes | tuple[int, bytes]]:
     where = name if name is not None else str(getattr(stream, "name", "<stream>"))
+    unit = " (decompressed)" if isinstance(stream, gzip.GzipFile) else ""
     lens = _FRAME_LEN
     buf = b""
     base = 0  # stream offset of buf[0]
@@ -596,16 +597,15 @@ def _scan(
                     desync = pos  # a byte or two that cannot begin a frame: garbage
                     scan = pos + 1
                     continue
-                _truncated(where, base + pos, buf, pos, n)
+                _truncated(f"{where} @ byte {base + pos}{unit}", buf, pos, n)
             return
         keep = desync if desync >= 0 else pos
         try:
             chunk = stream.read(chunk_size)
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise SourceError(
-                f"{where} @ byte {base + n} (decompressed)",
-                f"the gzip data is cut short or corrupt ({e}); the frames before it were read,"
-                " fetch or compress the file again",
+                f"{where} @ byte {base + n}{unit}",
+                f"the gzip data is cut short or corrupt ({e}); fetch or compress the file again",
             ) from None
         if not chunk:
             eof = True
@@ -618,11 +618,11 @@ def _scan(
             desync = 0
 
 
-def _truncated(where: str, offset: int, buf: bytes, pos: int, n: int) -> None:
+def _truncated(where: str, buf: bytes, pos: int, n: int) -> None:
     have = n - pos
     if have >= 3:
         need = 2 + ((buf[pos] << 8) | buf[pos + 1])
         what = f"the file ends inside the last frame ({have} of its {need} bytes)"
     else:
         what = f"the file ends inside the last frame's length prefix ({have} of 2 bytes)"
-    raise SourceError(f"{where} @ byte {offset}", what + "; is it a partial download?")
+    raise SourceError(where, what + "; is it a partial download?")
