@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from ingest.codecs import itch
@@ -16,7 +17,7 @@ from ingest.manifest import Manifest
 from ingest.replay.source import NS, ItchWindow, itch_file_source, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from ingest.verify import expect_from_source
-from tests.pipeline_utils import HandlerProc, run_replay, summary
+from tests.pipeline_utils import HandlerProc, json_trades, run_replay, summary
 from tickscale.localstack.topics import TopicSet
 
 DAY = "2024-11-25"
@@ -112,6 +113,25 @@ def test_verify_source_names_the_span_nobody_dead_lettered(
     span = f"dead letter {dirty.name} @ byte {offset}: 37 bytes, unknown_type"
     assert f"{span}, delivered 0 of 1" in out, out[-3000:]
     assert "deadletters=0 expected=1" in out, out[-3000:]
+
+
+@pytest.mark.slow
+async def test_json_lines_source_and_a_bad_line(topics: TopicSet, tmp_path: Path) -> None:
+    f = tmp_path / "feed.jsonl"
+    lines = [orjson.dumps(x) for x in json_trades("BTC-USD", 40)]
+    lines.insert(17, b'{"type": "trade", "symbol": "BTC-USD", "price": "-1"}')
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    run_replay(topics, tmp_path / "m.json", "--source", "jsonl", "--file", str(f), "--speed", "max")
+    h = HandlerProc(topics, tmp_path, "a")
+    try:
+        rc, out = verify_source(topics, f)
+        assert summary(out) == ZERO, out[-3000:]
+        assert "ticks read=40 expected=40" in out, out[-3000:]
+        assert f"dead letter feed.jsonl line 18: {len(lines[17])} bytes, " in out, out[-3000:]
+        assert "delivered 1 of 1" in out and "deadletters=1 expected=1" in out, out[-3000:]
+        assert rc == 0, out[-3000:]
+    finally:
+        h.close()
 
 
 def _verify_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -547,10 +547,11 @@ def _scan(
     while True:
         n = len(buf)
         if desync < 0:
-            # The common path: one table lookup per frame.
+            # The common path: one table lookup per frame. Every message is shorter
+            # than 256 bytes, so a good prefix is 0 and then the type's length.
             while pos + 3 <= n:
-                length = (buf[pos] << 8) | buf[pos + 1]
-                if lens[buf[pos + 2]] != length:
+                length = lens[buf[pos + 2]]
+                if buf[pos + 1] != length or buf[pos]:
                     desync = pos
                     scan = pos + 1
                     break
