@@ -25,9 +25,12 @@ ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}
 JUNK = bytes(range(200, 237))  # 37 bytes; none of them can start a frame
 
 
-def itch_day(tmp_path: Path, name: str, gz: bool = True) -> tuple[Path, Path, int]:
+def itch_day(
+    tmp_path: Path, name: str, gz: bool = True, tail: bytes = b""
+) -> tuple[Path, Path, int]:
     """A small synthetic day as an ITCH file, and a copy with 37 bytes of junk between
-    two frames in the middle; returns both paths and the junk's offset."""
+    two frames in the middle (and ``tail`` at the end); returns both paths and the
+    junk's offset."""
     end_ns = parse_hhmm("09:32") * NS
     frames = []
     for m in SyntheticDay(3, 7):
@@ -42,7 +45,7 @@ def itch_day(tmp_path: Path, name: str, gz: bool = True) -> tuple[Path, Path, in
     dirty = tmp_path / f"{name}{ext}"
     pack = gzip.compress if gz else bytes
     clean.write_bytes(pack(b"".join(frames)))
-    dirty.write_bytes(pack(b"".join(frames[:half]) + JUNK + b"".join(frames[half:])))
+    dirty.write_bytes(pack(b"".join(frames[:half]) + JUNK + b"".join(frames[half:]) + tail))
     return clean, dirty, offset
 
 
@@ -100,8 +103,12 @@ def test_verify_source_names_the_span_nobody_dead_lettered(
     topics: TopicSet, tmp_path: Path
 ) -> None:
     """No handler ran: every tick is missing and the span is reported undelivered,
-    exactly where it is in the file; verify fails."""
-    _, dirty, offset = itch_day(tmp_path, "day", gz=False)
+    exactly where it is in the file; verify fails. A market-wide message that cannot be
+    decoded is expected once per raw partition."""
+    bad = itch.encode(itch.SystemEvent(0, 0, 0, "C"))
+    bad = bad[:5] + (86_400 * NS).to_bytes(6, "big") + bad[11:]  # past midnight
+    _, dirty, offset = itch_day(tmp_path, "day", gz=False, tail=itch.frame(bad))
+    last = dirty.stat().st_size - len(itch.frame(bad))
     run_replay(
         topics, tmp_path / "m.json", "--source", "itch", "--file", str(dirty), "--date", DAY,
         "--speed", "max",
@@ -112,7 +119,9 @@ def test_verify_source_names_the_span_nobody_dead_lettered(
     assert ticks > 0 and summary(out)["missing"] == ticks, out[-3000:]
     span = f"dead letter {dirty.name} @ byte {offset}: 37 bytes, unknown_type"
     assert f"{span}, delivered 0 of 1" in out, out[-3000:]
-    assert "deadletters=0 expected=1" in out, out[-3000:]
+    bad_line = f"dead letter {dirty.name} @ byte {last}: 12 bytes, bad_timestamp, delivered 0 of 4"
+    assert bad_line in out, out[-3000:]
+    assert "deadletters=0 expected=5" in out, out[-3000:]
 
 
 @pytest.mark.slow

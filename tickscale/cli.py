@@ -239,7 +239,11 @@ def verify(
         if any(d.broadcast for d in exp.deadletters):
             from tickscale.topology import partitions_of
 
-            exp.set_partitions(len(asyncio.run(partitions_of(bootstrap, raw_topic))))
+            try:
+                exp.set_partitions(len(asyncio.run(partitions_of(bootstrap, raw_topic))))
+            except RuntimeError as e:
+                typer.echo(f"error: --raw-topic: {e}", err=True)
+                raise typer.Exit(2) from None
         else:
             exp.set_partitions(1)
         m = exp.manifest

@@ -621,9 +621,9 @@ def _scan(
 
 def _truncated(where: str, buf: bytes, pos: int, n: int) -> None:
     have = n - pos
-    if have >= 3:
+    if have >= 2:
         need = 2 + ((buf[pos] << 8) | buf[pos + 1])
         what = f"the file ends inside the last frame ({have} of its {need} bytes)"
     else:
-        what = f"the file ends inside the last frame's length prefix ({have} of 2 bytes)"
+        what = "the file ends inside the last frame (1 byte of its length prefix)"
     raise SourceError(where, what + "; is it a partial download?")
