@@ -6,19 +6,31 @@ duplicated (a sequence number seen again), reordered (a sequence number below
 one already seen) and compares a checksum over the first occurrence of each
 tick in arrival order with the manifest's, so content and order are both
 covered. Dead letters are counted against the manifest too.
+
+The expectations can also come from the source file itself
+(``expect_from_source``): the replay's own message stream through the same
+normaliser, so a stream the replay corrupted cannot vouch for itself, and each
+expected dead letter is named by its place in the file and looked for, by its
+bytes, on the dead-letter topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ingest.manifest import Manifest
+from ingest.codecs import itch
+from ingest.manifest import Manifest, ManifestBuilder
+from ingest.replay.source import RawMessage
 from ingest.ticks import SymbolLedger
 from tickscale.topology import partitions_of
 
@@ -47,6 +59,93 @@ class SymbolCheck:
 
 
 @dataclass
+class ExpectedDeadLetter:
+    """A source record the handlers must dead-letter (``copies`` times: market-wide
+    records go to every partition)."""
+
+    payload: bytes
+    reason: str
+    broadcast: bool
+    where: str = "?"  # its place in the source file, once located
+    copies: int = 1
+    delivered: int = 0
+
+    def line(self) -> str:
+        return (
+            f"dead letter {self.where}: {len(self.payload)} bytes, {self.reason}, "
+            f"delivered {self.delivered} of {self.copies}"
+        )
+
+
+@dataclass
+class SourceExpectation:
+    """What a source file must produce: the manifest it implies and its dead letters."""
+
+    manifest: Manifest
+    deadletters: list[ExpectedDeadLetter]
+
+    def set_partitions(self, raw_partitions: int) -> None:
+        """Count market-wide dead letters once per raw partition."""
+        for d in self.deadletters:
+            d.copies = raw_partitions if d.broadcast else 1
+        self.manifest.deadletters_expected = sum(d.copies for d in self.deadletters)
+
+
+def expect_from_source(
+    messages: Iterable[RawMessage], codec: str, day: str, source: str
+) -> SourceExpectation:
+    """Run the handlers' normaliser over what the replay of a source sends.
+
+    :param messages: the replay's message stream of the file (same subset and window)
+    :param codec: "itch" or "json"
+    :param day: trading date the replay stamps on ITCH records
+    :raises SourceError: the file is cut short (from the framing)
+    """
+    builder = ManifestBuilder()
+    dls: list[ExpectedDeadLetter] = []
+    seen: Counter[str] = Counter()
+    for m in messages:
+        builder.observe(m.payload, codec, day, 1)
+        if builder.deadletters.total() != len(dls):
+            reason = next(r for r, n in builder.deadletters.items() if n != seen[r])
+            seen[reason] += 1
+            dls.append(ExpectedDeadLetter(m.payload, reason, m.key is None))
+    manifest = builder.build(source=source, topic="", partitions=0)
+    return SourceExpectation(manifest, dls)
+
+
+def locate_deadletters(path: str | Path, codec: str, dls: list[ExpectedDeadLetter]) -> None:
+    """Name each expected dead letter by its place in the file (ITCH: byte offset in
+    the decompressed stream; JSON lines: line number).
+
+    Dead letters are a subsequence of the file's records, so one pass matching
+    them in order finds them; one the replay made up (a window's snapshot) stays
+    unnamed.
+    """
+    if not dls:
+        return
+    i = 0
+    name = Path(path).name
+    if codec == "itch":
+        with itch.open_itch_file(path) as f:
+            unit = " (decompressed)" if isinstance(f, gzip.GzipFile) else ""
+            for off, payload in itch.iter_records(f, name=str(path)):
+                if payload == dls[i].payload:
+                    dls[i].where = f"{name} @ byte {off}{unit}"
+                    i += 1
+                    if i == len(dls):
+                        return
+    else:
+        with Path(path).open("rb") as f:
+            for no, line in enumerate(f, 1):
+                if line.strip() == dls[i].payload:
+                    dls[i].where = f"{name} line {no}"
+                    i += 1
+                    if i == len(dls):
+                        return
+
+
+@dataclass
 class VerifyResult:
     missing: int = 0
     duplicated: int = 0
@@ -58,10 +157,15 @@ class VerifyResult:
     deadletters: int | None = None
     deadletters_expected: int = 0
     per_symbol: dict[str, dict[str, int | bool]] = field(default_factory=dict)
+    # With expectations from the source: each expected dead letter, and whether it came.
+    deadletter_spans: list[ExpectedDeadLetter] | None = None
 
     @property
     def ok(self) -> bool:
-        dl_ok = self.deadletters is None or self.deadletters == self.deadletters_expected
+        dl_ok = self.deadletters is None or (
+            self.deadletters == self.deadletters_expected
+            and all(d.delivered == d.copies for d in self.deadletter_spans or ())
+        )
         return (
             self.missing == 0
             and self.duplicated == 0
@@ -89,6 +193,18 @@ class VerifyResult:
             "ticks_expected": self.ticks_expected,
             "deadletters": self.deadletters,
             "deadletters_expected": self.deadletters_expected,
+            "deadletter_spans": None
+            if self.deadletter_spans is None
+            else [
+                {
+                    "where": d.where,
+                    "bytes": len(d.payload),
+                    "reason": d.reason,
+                    "expected": d.copies,
+                    "delivered": d.delivered,
+                }
+                for d in self.deadletter_spans
+            ],
         }
 
 
@@ -159,7 +275,13 @@ async def verify(
     deadletter_topic: str | None = None,
     timeout_s: float = 0.0,
     idle_s: float = 2.0,
+    expected_deadletters: list[ExpectedDeadLetter] | None = None,
 ) -> VerifyResult:
+    """Compare the tick topic (and the dead-letter topic) with ``manifest``.
+
+    :param expected_deadletters: match the dead-letter topic's records to these by
+        their bytes (expectations from a source file), not only count them
+    """
     checks: dict[str, SymbolCheck] = {}
     unexpected: set[str] = set()
     expected_total = sum(s.ticks for s in manifest.symbols.values())
@@ -199,10 +321,13 @@ async def verify(
     res.unexpected_symbols = len(unexpected)
     if deadletter_topic is not None:
         count = 0
+        values: Counter[bytes] = Counter()
 
-        def on_dl(_: Any) -> None:
+        def on_dl(r: Any) -> None:
             nonlocal count
             count += 1
+            if expected_deadletters is not None:
+                values[r.value] += 1
 
         await _read_topic(
             bootstrap,
@@ -214,6 +339,11 @@ async def verify(
         )
         res.deadletters = count
         res.deadletters_expected = manifest.deadletters_expected
+        if expected_deadletters is not None:
+            for d in expected_deadletters:
+                d.delivered = min(d.copies, values[d.payload])
+                values[d.payload] -= d.delivered
+            res.deadletter_spans = expected_deadletters
     return res
 
 

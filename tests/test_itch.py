@@ -332,10 +332,9 @@ def test_frame_prefix() -> None:
 
 
 def _payloads() -> list[bytes]:
-    ps = [example(t) for t in TYPES]
-    ps.append(b"")  # an empty frame is a frame
-    ps.append(bytes(range(256)) * 3)  # length > 255 exercises the high length byte
-    return ps * 3
+    # Frames whose length is not their type's are desynchronised input:
+    # tests/test_itch_framing.py covers those.
+    return [example(t) for t in TYPES] * 3
 
 
 def _write(path: Path, data: bytes, gz: bool) -> None:
@@ -368,7 +367,7 @@ def test_iter_frames_truncated_tail(tmp_path: Path, gz: bool, chunk: int, cut: i
     path = tmp_path / "cut.itch"
     _write(path, data[:-cut], gz)
     got: list[bytes] = []
-    with itch.open_itch_file(path) as f, pytest.raises(DecodeError):
+    with itch.open_itch_file(path) as f, pytest.raises(itch.SourceError, match=r"@ byte 38\b"):
         for p in itch.iter_frames(f, chunk_size=chunk):
             got.append(p)
     assert got == payloads[:1]

@@ -229,6 +229,8 @@ def test_itch_file_source(tmp_path: Path) -> None:
     with gzip.open(path, "wb") as f:
         f.write(b"".join(itch.frame(p) for p in payloads))
     got = list(itch_file_source(path))
+    # The short frame loses the framing: its raw bytes (prefix included) are one record.
+    payloads[2] = itch.frame(payloads[2])
     assert [m.payload for m in got] == payloads
     # A stock is keyed by its symbol once its directory message is seen (as its
     # ticks are), by its locate before that.

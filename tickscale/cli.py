@@ -10,12 +10,15 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
 
 from tickscale import constants as c
+
+if TYPE_CHECKING:
+    from ingest.verify import SourceExpectation
 
 app = typer.Typer(
     name="tickscale",
@@ -203,9 +206,24 @@ def handler(
 
 @app.command()
 def verify(
-    manifest: Annotated[Path, typer.Option(help="manifest written by replay")],
+    manifest: Annotated[Path | None, typer.Option(help="manifest written by replay")] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(help="or: the replayed file (ITCH or JSON lines); expectations come from it"),
+    ] = None,
+    day: Annotated[
+        str | None, typer.Option("--date", help="--source ITCH: trading date, as given to replay")
+    ] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="--source: as given to replay")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="--source: as given to replay")] = None,
+    only: Annotated[str | None, typer.Option(help="--source: as given to replay")] = None,
     bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
     topic: Annotated[str, typer.Option(help="tick topic")] = c.TICKS_TOPIC,
+    raw_topic: Annotated[
+        str, typer.Option(help="--source: raw topic (market-wide dead letters, one per partition)")
+    ] = c.RAW_TOPIC,
     deadletter_topic: Annotated[
         str | None, typer.Option(help="dead-letter topic to account for ('' = skip)")
     ] = c.DEADLETTER_TOPIC,
@@ -214,16 +232,44 @@ def verify(
     ] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
 ) -> None:
-    """Check md.ticks against a manifest: missing, duplicated, reordered, checksums."""
+    """Check md.ticks against a manifest, or against the source file itself: missing,
+    duplicated, reordered, checksums, dead letters."""
     import orjson
 
     from ingest.manifest import Manifest
     from ingest.verify import run_verify
 
-    if not manifest.exists():
-        raise typer.BadParameter(f"{manifest} does not exist", param_hint="--manifest")
-    m = Manifest.read(manifest)
-    res = run_verify(bootstrap, topic, m, deadletter_topic or None, timeout_s=timeout)
+    if (manifest is None) == (source is None):
+        typer.echo("error: give either --manifest or --source", err=True)
+        raise typer.Exit(2)
+    expected_dls = None
+    if source is not None:
+        exp = _expect_from_source(source, day, from_, to, only)
+        if any(d.broadcast for d in exp.deadletters):
+            from tickscale.topology import partitions_of
+
+            try:
+                exp.set_partitions(len(asyncio.run(partitions_of(bootstrap, raw_topic))))
+            except RuntimeError as e:
+                typer.echo(f"error: --raw-topic: {e}", err=True)
+                raise typer.Exit(2) from None
+        else:
+            exp.set_partitions(1)
+        m = exp.manifest
+        expected_dls = exp.deadletters
+    else:
+        assert manifest is not None
+        if not manifest.exists():
+            raise typer.BadParameter(f"{manifest} does not exist", param_hint="--manifest")
+        m = Manifest.read(manifest)
+    res = run_verify(
+        bootstrap,
+        topic,
+        m,
+        deadletter_topic or None,
+        timeout_s=timeout,
+        expected_deadletters=expected_dls,
+    )
     for sym, d in list(res.per_symbol.items())[:20]:
         typer.echo(f"{sym}: {d}")
     if len(res.per_symbol) > 20:
@@ -232,6 +278,8 @@ def verify(
         f"ticks read={res.ticks_read} expected={res.ticks_expected} "
         f"symbols={len(m.symbols)} unexpected_symbols={res.unexpected_symbols}"
     )
+    for dl in (res.deadletter_spans or [])[:50]:
+        typer.echo(dl.line())
     if res.deadletters is not None:
         typer.echo(f"deadletters={res.deadletters} expected={res.deadletters_expected}")
     if json_out is not None:
@@ -239,6 +287,38 @@ def verify(
     typer.echo(res.summary_line())
     if not res.ok:
         raise typer.Exit(1)
+
+
+def _expect_from_source(
+    path: Path, day: str | None, start: str | None, end: str | None, only: str | None
+) -> SourceExpectation:
+    """The expectations of a replay of ``path`` (ITCH or JSON lines, told by its first
+    byte); exits 2 naming the input when the file cannot be used."""
+    from ingest.codecs.errors import SourceError
+    from ingest.replay.cli import SourceSpec
+    from ingest.verify import expect_from_source, locate_deadletters
+
+    try:
+        with path.open("rb") as f:
+            head = f.read(64).lstrip()
+    except OSError as e:
+        typer.echo(f"error: --source {path}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
+    kind = "jsonl" if head[:1] == b"{" else "itch"
+    spec = SourceSpec(
+        source=kind, file=path, symbols=1, seed=0, day=day, start=start, end=end, only=only
+    )
+    src, codec, day_s, _ = spec.build()
+    try:
+        exp = expect_from_source(src, codec, day_s, kind)
+        locate_deadletters(path, codec, exp.deadletters)
+    except SourceError as e:
+        typer.echo(f"error: {e.where}: {e.what}", err=True)
+        raise typer.Exit(2) from None
+    except OSError as e:
+        typer.echo(f"error: --source {path}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None
+    return exp
 
 
 # --- topics -------------------------------------------------------------------------------

@@ -75,15 +75,15 @@ class ItchKeys:
 def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
     """Messages of a NASDAQ TotalView-ITCH 5.0 file (plain or gzip, 2-byte framing).
 
-    Only the header fields needed for routing and pacing are read here; a frame
-    too short to carry them is still sent (the handler dead-letters it) so the
-    replay never silently drops input.
+    Only the header fields needed for routing and pacing are read here; a span
+    where the framing is lost is still sent, unkeyed (the handler dead-letters
+    it), so the replay never silently drops input.
     """
     last_ts = 0
     keys = ItchKeys()
     with itch.open_itch_file(path) as f:
         for payload in itch.iter_frames(f):
-            if len(payload) >= itch.HEADER_LEN:
+            if itch.is_frame(payload):
                 last_ts = int.from_bytes(payload[5:11], "big")
                 key = keys.key(payload)
             else:
@@ -150,7 +150,7 @@ def only_symbols(source: Iterable[RawMessage], symbols: frozenset[str]) -> Itera
                 yield m
             continue
         p = m.payload
-        if m.key is None or len(p) < itch.HEADER_LEN:
+        if m.key is None or not itch.is_frame(p):
             yield m
             continue
         locate = int.from_bytes(p[1:3], "big")
