@@ -14,11 +14,15 @@ import orjson
 from rich.console import Console
 
 from ingest.codecs.jsonfeed import decode_json
+from ingest.replay.cli import SourceSpec
 from tickscale.loadtest.chaos import KINDS, SERVICE
+from tickscale.loadtest.feed import build_manifest
 from tickscale.loadtest.runner import LoadTest, parse_policy
 from tickscale.loadtest.stack import Services
 from tickscale.loadtest.suite import (
     CASES,
+    DAY,
+    WINDOW,
     Case,
     DrillRun,
     Env,
@@ -134,13 +138,14 @@ def test_only_names_cases_and_an_unknown_one_is_a_usage_error() -> None:
 
 
 def test_bad_input_files_hold_bad_records_among_good_ones(tmp_path: Path) -> None:
-    dirty, clean, source = jsonl_with_bad_lines(tmp_path)
-    assert source == "jsonl"
+    f = jsonl_with_bad_lines(tmp_path)
+    dirty, clean = f.dirty, f.clean
+    assert f.source == "jsonl" and f.exact
     good = clean.read_bytes().splitlines()
     lines = dirty.read_bytes().splitlines()
     bad = [ln for ln in lines if ln not in set(good)]
-    assert len(lines) == len(good) + len(bad) and len(bad) >= 10
-    for ln in good[:200]:
+    assert len(lines) == len(good) + len(bad) and len(bad) == f.bad >= 10
+    for ln in good:
         decode_json(ln)  # every clean line is valid
     for ln in bad:
         try:
@@ -149,12 +154,17 @@ def test_bad_input_files_hold_bad_records_among_good_ones(tmp_path: Path) -> Non
             continue
         raise AssertionError(f"{ln!r} decodes")
     assert expected_ticks(clean, "jsonl") > 1000
+    # Every bad line lies inside the replayed window: each becomes one expected dead letter.
+    src, _, day, _ = SourceSpec(
+        source="jsonl", symbols=1, seed=1, file=dirty, day=DAY, start=WINDOW[0], end=WINDOW[1]
+    ).build()
+    assert build_manifest(list(src), day, "t", 4).deadletters_expected == f.bad
 
-    dirty, clean, source = itch_with_garbage(tmp_path)
-    assert source == "itch"
-    cb, db = clean.read_bytes(), dirty.read_bytes()
+    f = itch_with_garbage(tmp_path)
+    assert f.source == "itch" and f.bad == 3
+    cb, db = f.clean.read_bytes(), f.dirty.read_bytes()
     assert len(db) > len(cb) and db[:1000] == cb[:1000]
-    assert expected_ticks(clean, "itch") > 1000
+    assert expected_ticks(f.clean, "itch") > 1000
 
 
 def _result(**kw: object) -> dict[str, object]:
@@ -184,3 +194,8 @@ def test_judges() -> None:
     swallowed = judge_bad_input(Outcome(result=_result(), facts={"clean_ticks": 12}))
     assert swallowed and "good records lost" in swallowed[0]
     assert judge_bad_input(Outcome(result=_result(deadletters=1))) == ["deadletters 1/3"]
+    # A file's every bad line is one dead letter, and no good line is one.
+    assert judge_bad_input(Outcome(result=_result(), facts={"bad_records": 3, "exact": True})) == []
+    more = judge_bad_input(Outcome(result=_result(), facts={"bad_records": 2, "exact": True}))
+    assert more == ["3 dead letters expected for 2 bad records in the file"]
+    assert judge_bad_input(Outcome(result=_result(), facts={"bad_records": 2})) == []

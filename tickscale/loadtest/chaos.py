@@ -220,10 +220,9 @@ def _outage(service: str, how: str) -> Drill:
         await asyncio.sleep(spec.duration_s)
         await asyncio.to_thread(svc.start)
         ev.extra |= {"pid": pid, "new_pid": svc.pid}
-        verb = "SIGKILL to" if how == "kill" else "stopped"
+        what = f"SIGKILL to the {service}" if how == "kill" else f"the {service} stopped"
         ev.detail = (
-            f"{service} {verb} (pid {pid}), started again as pid {svc.pid}; "
-            f"{time.time() - down:.1f} s down"
+            f"{what} (pid {pid}), started again as pid {svc.pid}; {time.time() - down:.1f} s down"
         )
 
     return drill

@@ -166,6 +166,11 @@ def judge_bad_input(o: Outcome) -> list[str]:
         problems.append("no bad record reached the replay (nothing to dead-letter)")
     elif got != want:
         problems.append(f"deadletters {got}/{want}")
+    bad = o.facts.get("bad_records")
+    if bad is not None and want is not None:
+        # Every bad record put in is a dead letter, and nothing else is.
+        if (want != bad) if o.facts.get("exact") else (want < bad):
+            problems.append(f"{want} dead letters expected for {bad} bad records in the file")
     clean = o.facts.get("clean_ticks")
     if clean is not None and r.get("ticks_expected") != clean:
         problems.append(
@@ -203,16 +208,27 @@ def drill(*specs: str, **overrides: Any) -> DrillRun:
     return DrillRun(tuple(parse_chaos(s) for s in specs), overrides)
 
 
-def bad_input(make: Callable[[Path], tuple[Path, Path, str]]) -> Runner:
-    """A replay of a file with bad records; ``make(dir)`` writes (dirty, clean, source)."""
+@dataclass(frozen=True)
+class BadFile:
+    """An input file with bad records and the same file without them."""
+
+    dirty: Path
+    clean: Path
+    source: str  # jsonl | itch
+    bad: int  # bad records (lines, runs of garbage) put in
+    exact: bool  # each is exactly one dead letter (else: at least one)
+
+
+def bad_input(make: Callable[[Path], BadFile]) -> Runner:
+    """A replay of the file ``make(dir)`` writes."""
 
     def run(env: Env, name: str) -> Outcome:
         d = env.out / name / "input"
         d.mkdir(parents=True, exist_ok=True)
-        dirty, clean, source = make(d)
-        o = env.run(env.config(name, source=source, file=dirty))
-        o.facts["clean_ticks"] = expected_ticks(clean, source)
-        o.facts["file"] = str(dirty)
+        f = make(d)
+        o = env.run(env.config(name, source=f.source, file=f.dirty))
+        o.facts |= {"file": str(f.dirty), "bad_records": f.bad, "exact": f.exact,
+                    "clean_ticks": expected_ticks(f.clean, f.source)}  # fmt: skip
         return o
 
     return run
@@ -231,7 +247,7 @@ def expected_ticks(path: Path, source: str) -> int:
     return sum(s.ticks for s in m.symbols.values())
 
 
-def jsonl_with_bad_lines(d: Path) -> tuple[Path, Path, str]:
+def jsonl_with_bad_lines(d: Path) -> BadFile:
     """A JSON-lines feed of the window, and a copy with an invalid line every 400."""
     from ingest.normalize import midnight_ns
     from ingest.replay.source import parse_hhmm
@@ -257,24 +273,27 @@ def jsonl_with_bad_lines(d: Path) -> tuple[Path, Path, str]:
                    "bid_px": f"{px[s] - 0.01:.2f}", "bid_sz": "1", "ask_px": f"{px[s] + 0.01:.2f}",
                    "ask_sz": "2"}  # fmt: skip
         good.append(orjson.dumps(obj))
-    bad = [
-        b"not json at all",
-        b'{"type": "trade", "symbol": "SYM0-USD", "price": "-1"}',
-        b'{"type": "quote", "symbol": "SYM1-USD", "ts": ',
-        b'{"type": "bogus", "symbol": "SYM2-USD", "venue": "XTST", "ts": 1}',
-    ]
     dirty: list[bytes] = []
     for i, line in enumerate(good):
         dirty.append(line)
         if i % 400 == 399:
+            # Inside the window (a bad line's time is its neighbour's): the replay must send
+            # it, not drop it as out of range.
+            at = orjson.loads(line)["ts"]
+            bad = [
+                b"not json at all",
+                b'{"type": "trade", "symbol": "SYM0-USD", "price": "-1"}',
+                b'{"type": "quote", "symbol": "SYM1-USD", "ts": ',
+                b'{"type": "bogus", "symbol": "SYM2-USD", "venue": "XTST", "ts": %d}' % at,
+            ]
             dirty.append(bad[(i // 400) % len(bad)])
     clean_p, dirty_p = d / "clean.jsonl", d / "bad-lines.jsonl"
     clean_p.write_bytes(b"\n".join(good) + b"\n")
     dirty_p.write_bytes(b"\n".join(dirty) + b"\n")
-    return dirty_p, clean_p, "jsonl"
+    return BadFile(dirty_p, clean_p, "jsonl", len(dirty) - len(good), exact=True)
 
 
-def itch_with_garbage(d: Path) -> tuple[Path, Path, str]:
+def itch_with_garbage(d: Path) -> BadFile:
     """A framed ITCH file of the synthetic day to the window's end, and a copy with runs of
     random bytes between frames inside the window."""
     from ingest.codecs import itch
@@ -296,7 +315,7 @@ def itch_with_garbage(d: Path) -> tuple[Path, Path, str]:
             if msg.ts_ns >= first_garbage and inserted < 3 and n % 997 == 0:
                 dirty.write(rng.randbytes(rng.choice((7, 41, 300))))
                 inserted += 1
-    return dirty_p, clean_p, "itch"
+    return BadFile(dirty_p, clean_p, "itch", inserted, exact=False)
 
 
 # fmt: off
