@@ -116,6 +116,8 @@ def run(
     if ctx.invoked_subcommand is not None:
         return
     if suite is not None:
+        if chaos:
+            raise _bad("--chaos", "not with --suite: each of the suite's cases sets its own")
         _run_suite(suite, only, out, json_out)
         return
     from tickscale.loadtest.chaos import check_options, parse_chaos
