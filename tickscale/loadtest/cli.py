@@ -181,6 +181,7 @@ def run(
 
 def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | None) -> None:
     """``--suite NAME [--only CASE,...]``: the suite's own short runs on its own local stack."""
+    import sys
     import time
 
     from tickscale.loadtest.suite import cases_of, run_suite, select
@@ -190,7 +191,8 @@ def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | N
         cases = select(cases_of(name), only)
     except ValueError as e:
         raise _bad("--suite" if "suite" in str(e) else "--only", str(e)) from None
-    console = Console(stderr=True)
+    # A CI log is no terminal and rich would fold the table into 80 columns.
+    console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
     sigterm_and_sighup_as_ctrl_c()
     out_dir = out or Path(".local/loadtest") / f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -399,7 +399,8 @@ def ledger_cell(row: dict[str, Any]) -> str:
     led = row["ledger"]
     if led.get("missing") is None:
         return "-"
-    return "\n".join(f"{k}={led[k]}" for k in LEDGER_KEYS)
+    ticks = f"ticks={led['ticks_read']:,}/{led['ticks_expected']:,}"
+    return "\n".join([ticks, *(f"{k}={led[k]}" for k in LEDGER_KEYS)])
 
 
 def recovery_cell(row: dict[str, Any]) -> str:
