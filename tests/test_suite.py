@@ -3,11 +3,14 @@ whose group has no members, on the session's real broker and Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import orjson
@@ -18,6 +21,7 @@ from ingest.replay.cli import SourceSpec
 from tickscale.loadtest.chaos import KINDS, SERVICE
 from tickscale.loadtest.feed import build_manifest
 from tickscale.loadtest.runner import LoadTest, parse_policy
+from tickscale.loadtest.sampler import ReplayClock, Sample, Sampler
 from tickscale.loadtest.stack import Services
 from tickscale.loadtest.suite import (
     CASES,
@@ -36,6 +40,9 @@ from tickscale.loadtest.suite import (
     run_suite,
     select,
 )
+from tickscale.loadtest.watch import NoMembers
+from tickscale.localstack.net import free_port
+from tickscale.localstack.topics import MakeTopics
 
 NO_MEMBERS = re.compile(
     r"^the handlers' group has had no members for (\d+)s with ([\d,]+) records waiting$"
@@ -199,3 +206,66 @@ def test_judges() -> None:
     more = judge_bad_input(Outcome(result=_result(), facts={"bad_records": 2, "exact": True}))
     assert more == ["3 dead letters expected for 2 bad records in the file"]
     assert judge_bad_input(Outcome(result=_result(), facts={"bad_records": 2})) == []
+
+
+def test_no_members_watch_counts_only_known_empty_stretches_with_lag() -> None:
+    w = NoMembers(limit_s=10.0)
+
+    def see(t: float, members: int | None, lag: int | None) -> str | None:
+        return w.observe(Sample(wall=t, members=members, lag_msgs=lag))
+
+    assert see(100, 0, 50) is None  # the clock starts
+    assert see(105, None, None) is None  # broker unreadable: no evidence either way
+    assert see(109, 0, 60) is None
+    reason = see(110, 0, 70)
+    assert reason == "the handlers' group has had no members for 10s with 70 records waiting"
+    assert see(110, 0, 70) is None  # a sample is looked at once
+    # A member, or nothing waiting, ends the stretch.
+    for members, lag in ((1, 70), (0, 0)):
+        w = NoMembers(limit_s=10.0)
+        assert see(100, 0, 5) is None and see(105, members, lag) is None
+        assert see(112, 0, 5) is None and see(121, 0, 5) is None and see(122, 0, 5) is not None
+    assert NoMembers(limit_s=0).observe(Sample(wall=1e9, members=0, lag_msgs=9)) is None
+
+
+async def test_sampler_counts_live_handler_processes_not_the_scalers_list(
+    make_topics: MakeTopics, redis_url: str, tmp_path: Path
+) -> None:
+    """A scaler killed without a shutdown leaves a targets file naming handlers that have
+    exited: the count follows the processes, and the group's members come from the broker."""
+    ts = await make_topics(raw_partitions=2)
+    fleet = f"lt-test-{uuid.uuid4().hex[:6]}"
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([
+        {"targets": [f"127.0.0.1:{free_port()}"], "labels": {"container": f"handler-{fleet}-{i}"}}
+        for i in (1, 2)
+    ]))  # fmt: skip
+    handler = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "tickscale", "handler"],
+        env=os.environ | {"TICKSCALE_HANDLER_HANDLER_ID": f"handler-{fleet}-2"},
+    )  # fmt: skip
+    sampler = Sampler(ts.bootstrap, ts.raw, ts.group, redis_url, "x", targets, ReplayClock(),
+                      fleet=fleet)  # fmt: skip
+    await sampler.start()
+
+    async def sample() -> Sample:
+        # A topic just created may not be in the broker's metadata for a moment.
+        for _ in range(60):
+            s = await sampler.sample_once()
+            if s.members is not None:
+                return s
+            await asyncio.sleep(0.5)
+        raise AssertionError("the broker never answered the lag probe")
+
+    try:
+        s = await sample()
+        assert s.handlers == 1 and s.members == 0, s
+        handler.kill()
+        handler.wait()
+        s = await sample()
+        assert s.handlers == 0 and s.members == 0, s
+    finally:
+        await sampler.close()
+        if handler.poll() is None:
+            handler.kill()
+            handler.wait()
