@@ -1,7 +1,9 @@
-"""``tickscale loadtest`` (run one load test) and ``tickscale loadtest compare A.json B.json``.
+"""``tickscale loadtest`` (run one load test), ``tickscale loadtest --suite reliability`` (every
+drill and bad input, one table) and ``tickscale loadtest compare A.json B.json``.
 
 Exit status of a run: 0 when the ledger and every SLO check pass, 1 otherwise (also when the
-run could not be carried out), 2 for invalid options.
+run could not be carried out or was stopped early, with the reason), 2 for invalid options.
+Of a suite: 0 when every case passes, 1 otherwise, 2 for invalid options.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def run(
     ] = None,
     only: Annotated[
         str | None,
-        typer.Option(help="only these symbols, comma-separated (any source; market-wide kept)"),
+        typer.Option(
+            help="only these symbols, comma-separated (any source; market-wide kept); "
+            "with --suite: only these cases"
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
     day: Annotated[str | None, typer.Option("--date", help="trading date YYYY-MM-DD")] = None,
@@ -80,8 +85,9 @@ def run(
     chaos: Annotated[
         list[str] | None,
         typer.Option(
-            help="KIND@SECONDS[:DURATION], repeatable; kill-handler, scale-in, broker-restart, "
-            "redis-stop (duration default 60)"
+            help="KIND@SECONDS[:DURATION], repeatable; kill-handler, scale-in, kill-scaler, "
+            "broker-restart, broker-kill, broker-pause, redis-stop, redis-kill (duration "
+            "default 60 for broker-restart and redis-stop, 10 for the others)"
         ),
     ] = None,
     slo_p50: Annotated[float, typer.Option(help="latency p50 limit, s (0 = off)")] = 1.0,
@@ -97,9 +103,22 @@ def run(
     drain_timeout: Annotated[float, typer.Option(help="wait for the group to drain, s")] = 300.0,
     progress: Annotated[bool, typer.Option(help="live progress")] = True,
     keep_topics: Annotated[bool, typer.Option(help="keep the run's topics")] = False,
+    no_members_timeout: Annotated[
+        float,
+        typer.Option(help="stop the run when the group has no members this long, s (0 = off)"),
+    ] = 30.0,
+    suite: Annotated[
+        str | None,
+        typer.Option(help="run a suite instead (reliability: every drill and bad input)"),
+    ] = None,
 ) -> None:
     """Run one load test (see ``tickscale.loadtest.scenarios`` for the scenarios)."""
     if ctx.invoked_subcommand is not None:
+        return
+    if suite is not None:
+        if chaos:
+            raise _bad("--chaos", "not with --suite: each of the suite's cases sets its own")
+        _run_suite(suite, only, out, json_out)
         return
     from tickscale.loadtest.chaos import check_options, parse_chaos
     from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
@@ -143,7 +162,7 @@ def run(
         lag_target_s=lag_target, scale_down_window_s=scale_down_window, chaos=specs,
         thresholds=Thresholds(slo_p50, slo_p99, slo_max, slo_lag_p99, slo_lag_max, slo_recovery),
         out_dir=out, json_path=json_out, drain_timeout_s=drain_timeout, progress=progress,
-        keep_topics=keep_topics,
+        keep_topics=keep_topics, no_members_s=no_members_timeout,
     )  # fmt: skip
     console = Console(stderr=True)
     # A CI job's timeout or a closed terminal must not leave the run's stack behind.
@@ -152,6 +171,33 @@ def run(
         rc, _ = run_loadtest(cfg, console)
     except (RunError, RuntimeError, TimeoutError, OSError) as e:
         # Set-up failures (broker not starting, compose stack absent) are findings, not bugs.
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+    raise typer.Exit(rc)
+
+
+def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | None) -> None:
+    """``--suite NAME [--only CASE,...]``: the suite's own short runs on its own local stack."""
+    import sys
+    import time
+
+    from tickscale.loadtest.suite import cases_of, run_suite, select
+    from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
+
+    try:
+        cases = select(cases_of(name), only)
+    except ValueError as e:
+        raise _bad("--suite" if "suite" in str(e) else "--only", str(e)) from None
+    # A CI log is no terminal and rich would fold the table into 80 columns.
+    console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+    sigterm_and_sighup_as_ctrl_c()
+    out_dir = out or Path(".local/loadtest") / f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        rc, _ = run_suite(name, cases, out_dir, console, json_out)
+    except (RuntimeError, TimeoutError, OSError) as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:

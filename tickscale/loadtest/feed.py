@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import typer
 
+from ingest.codecs.errors import DecodeError, SourceError
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.normalize import EXCHANGE_TZ, midnight_ns
 from ingest.replay.cli import SourceSpec
@@ -130,7 +131,15 @@ async def run(a: argparse.Namespace) -> int:
     # more than publishing, so both happen here, before the publisher's pacing clock starts;
     # during the run it only sends. It also keeps the snapshot work from counting as lateness,
     # which would send a late window's first minutes at full speed.
-    msgs = list(src)
+    try:
+        msgs = list(src)
+    except SourceError as e:
+        # A user's file that cannot be replayed as it is: one line, exit 2, as the replay.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DecodeError as e:
+        print(f"error: {a.file}: {e}", file=sys.stderr)
+        return 2
     partitions = len(await partitions_of(a.bootstrap, a.topic))
     manifest = build_manifest(msgs, day, a.topic, partitions)
     _emit({"event": "prepared", "wall": time.time(), "msgs": len(msgs)})

@@ -6,6 +6,10 @@ their offsets from its first message -> the group drained -> the ledger -> the s
 (handlers drain) -> metrics, SLO checks, JSON, report. The measured window runs from the first
 replayed message to the moment the group has no lag left after the last one.
 
+A run fails fast (``RunError``, the reason in one line) when the replay feed exits with an
+error, and when the group has had no members for ``no_members_s`` while records wait (see
+``watch``): no drain is waited for that cannot happen.
+
 Ctrl-C stops the feed, then the scaler (handlers first commit and leave), then the services
 this run started; the run then counts as failed.
 """
@@ -47,6 +51,7 @@ from tickscale.loadtest.stack import (
     scaler_command,
     scaler_env,
 )
+from tickscale.loadtest.watch import NoMembers
 from tickscale.localstack.net import free_port
 
 log = logging.getLogger("tickscale.loadtest")
@@ -108,6 +113,10 @@ class LoadTestConfig:
     join_timeout_s: float = 120.0
     progress: bool = True
     keep_topics: bool = False
+    no_members_s: float = 30.0  # abort when the group is empty this long with lag (0: never)
+    # Kafka and Redis provided by the caller (the reliability suite shares one pair across its
+    # cases); the run may still drill them, but neither closes them nor deletes their data.
+    services: Services | None = None
 
 
 class RunError(RuntimeError):
@@ -127,6 +136,8 @@ class LoadTest:
         self.feed: asyncio.subprocess.Process | None = None
         self.chaos_events: list[chaos_mod.ChaosEvent] = []
         self._printed_events = 0
+        self.no_members = NoMembers(cfg.no_members_s)
+        self._chaos_task: asyncio.Task[list[chaos_mod.ChaosEvent]] | None = None
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     # --- the run -------------------------------------------------------------------------
@@ -134,26 +145,31 @@ class LoadTest:
     def run(self) -> tuple[int, dict[str, Any]]:
         cfg = self.cfg
         self.console.print(f"load test [bold]{self.names.run_id}[/]: output in {self.out}")
-        self.services = Services.open(
+        borrowed = cfg.services is not None
+        self.services = cfg.services or Services.open(
             cfg.target, cfg.bootstrap, cfg.redis_url, self.out / "services", cfg.compose_env
         )
         try:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
-            for note in self.services.notes:
+            for note in self.services.notes if not borrowed else []:
                 self.console.print(note)
             ctx = chaos_mod.ChaosContext(
-                scaler_pid=lambda: self.scaler.pid if self.scaler and self.scaler.alive() else None,
+                scaler=None,  # set once the scaler runs
                 broker=self.services.broker if self.services.owns_broker else None,
                 redis=self.services.redis,
                 policy=cfg.policy.name,
+                fleet=self.names.run_id,
             )
             try:
-                chaos_mod.check_allowed(cfg.chaos, ctx)
+                chaos_mod.check_allowed(
+                    cfg.chaos, ctx.broker is not None, ctx.redis is not None, cfg.policy.name
+                )
             except ValueError as e:
                 raise RunError(f"--chaos: {e}") from None
             result = asyncio.run(self._run(ctx))
         finally:
-            self.services.close()
+            if not borrowed:
+                self.services.close()
         rc = 0 if result["ok"] else 1
         return rc, result
 
@@ -177,28 +193,23 @@ class LoadTest:
         try:
             return await self._with_topics(ctx)
         finally:
-            if not cfg.keep_topics and not svc.owns_broker:
+            # A broker this run started goes with its data; any other keeps no run's topics.
+            if not cfg.keep_topics and (cfg.services is not None or not svc.owns_broker):
                 from tickscale.localstack import delete_topics
 
                 with contextlib.suppress(Exception):
                     await delete_topics(svc.bootstrap, [n.raw, n.ticks, n.deadletter])
 
     async def _with_topics(self, ctx: chaos_mod.ChaosContext) -> dict[str, Any]:
-        cfg, n, svc = self.cfg, self.names, self.services
+        n, svc = self.names, self.services
         assert svc is not None
-        p = cfg.policy
-        cmd = scaler_command(
-            names=n, bootstrap=svc.bootstrap, redis_url=svc.redis_url, policy=p.scaler_policy,
-            min_handlers=p.min_handlers, max_handlers=p.max_handlers, calendar=p.calendar,
-            session_min=cfg.session_min, lead_s=cfg.lead_s, lag_target_s=cfg.lag_target_s,
-            scale_down_window_s=cfg.scale_down_window_s, metrics_port=free_port(),
-            handler_base_port=free_port_block(p.max_handlers + 2),
-            state_dir=self.out / "scaler",
-        )  # fmt: skip
-        self.scaler = ScalerChild(cmd, scaler_env(n), self.out / "logs" / "scaler.log")
+        self.scaler = ScalerChild(
+            self._scaler_command(), scaler_env(n), self.out / "logs" / "scaler.log"
+        )
+        ctx.scaler = self.scaler
         self.sampler = Sampler(
             svc.bootstrap, n.raw, n.group, svc.redis_url, n.audit_stream,
-            self.out / "scaler" / "targets.json", self.clock,
+            self.out / "scaler" / "targets.json", self.clock, fleet=n.run_id,
         )  # fmt: skip
         sampling: asyncio.Task[None] | None = None
         try:
@@ -220,6 +231,19 @@ class LoadTest:
             if self.scaler.alive():
                 self.console.print("stopping the scaler (its handlers drain and commit)")
             self.scaler.stop()
+
+    def _scaler_command(self) -> list[str]:
+        cfg, n, svc = self.cfg, self.names, self.services
+        assert svc is not None
+        p = cfg.policy
+        return scaler_command(
+            names=n, bootstrap=svc.bootstrap, redis_url=svc.redis_url, policy=p.scaler_policy,
+            min_handlers=p.min_handlers, max_handlers=p.max_handlers, calendar=p.calendar,
+            session_min=cfg.session_min, lead_s=cfg.lead_s, lag_target_s=cfg.lag_target_s,
+            scale_down_window_s=cfg.scale_down_window_s, metrics_port=free_port(),
+            handler_base_port=free_port_block(p.max_handlers + 2),
+            state_dir=self.out / "scaler",
+        )  # fmt: skip
 
     async def _wait_fleet(self) -> None:
         """Until the scaler's first handlers have joined: start-up is not part of the test."""
@@ -284,6 +308,28 @@ class LoadTest:
         reader = asyncio.create_task(self._read_feed(self.feed, first))
         live = Live(self._status(), console=self.console, refresh_per_second=2,
                     transient=False) if cfg.progress else None  # fmt: skip
+        self._chaos_task = None
+        try:
+            return await self._replay(ctx, reader, first, live, base_hist)
+        finally:
+            # An aborted run stops its drills too (a paused broker is resumed by its drill).
+            for task in (self._chaos_task, reader):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+
+    async def _replay(
+        self,
+        ctx: chaos_mod.ChaosContext,
+        reader: asyncio.Task[None],
+        first: asyncio.Event,
+        live: Live | None,
+        base_hist: Histogram,
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        assert self.sampler is not None and self.feed is not None
+        sampler = self.sampler
         chaos_task: asyncio.Task[list[chaos_mod.ChaosEvent]] | None = None
         t0 = time.time()
         with live or contextlib.nullcontext():
@@ -294,8 +340,8 @@ class LoadTest:
             if first.is_set():
                 t0 = self.clock.walls[0]
                 if cfg.chaos:
-                    chaos_task = asyncio.create_task(
-                        chaos_mod.run_all(cfg.chaos, ctx, t0, self._on_chaos)
+                    chaos_task = self._chaos_task = asyncio.create_task(
+                        chaos_mod.run_all(cfg.chaos, ctx, t0, self._on_chaos, self.chaos_events)
                     )
             while self.feed.returncode is None:
                 with contextlib.suppress(TimeoutError):
@@ -305,8 +351,7 @@ class LoadTest:
             rc = self.feed.returncode
             done = self.clock.done or {}
             if rc != 0 or not done:
-                log_path = self.out / "logs" / "replay.log"
-                raise RunError(f"the replay feed failed (exit {rc}); see {log_path}")
+                raise RunError(self._feed_failure(rc))
             if not done.get("msgs"):
                 raise RunError(f"no messages between {cfg.plan.start} and {cfg.plan.end}")
             self.console.print(
@@ -316,7 +361,11 @@ class LoadTest:
             drained, t_end = await self._drain(live)
             if chaos_task is not None:
                 self.chaos_events = await chaos_task
-                t_end = max(t_end, max((e.end_wall for e in self.chaos_events), default=t_end))
+                last_fault = max((e.end_wall for e in self.chaos_events), default=t_end)
+                if last_fault > t_end:
+                    # A drill outlasted the drain: the run ends once the group has drained
+                    # after the fault, so its recovery is measured too.
+                    drained, t_end = await self._drain(live, after=last_fault)
         sampler.stop()
         await sampler.poll_audit()
         self.console.print("checking the ledger")
@@ -327,11 +376,24 @@ class LoadTest:
         hist = sampler.latency.total() - base_hist
         return self._result(t0, t_end, drained, led, hist)
 
-    async def _drain(self, live: Live | None) -> tuple[bool, float]:
+    def _feed_failure(self, rc: int | None) -> str:
+        """Why the feed failed: its own ``error:`` line (bad input) or where its log is."""
+        log_path = self.out / "logs" / "replay.log"
+        try:
+            lines = log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        said = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
+        if said:
+            return f"the replay refused its input (exit {rc}): {said[-1]}"
+        return f"the replay feed failed (exit {rc}); see {log_path}"
+
+    async def _drain(self, live: Live | None, after: float = 0.0) -> tuple[bool, float]:
+        """Until two samples after ``after`` in a row show no lag; (drained, when)."""
         assert self.sampler is not None
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         seen = 0
-        last_wall = 0.0
+        last_wall = after
         while time.monotonic() < deadline:
             s = self.sampler.last
             if s is not None and s.wall > last_wall:
@@ -353,6 +415,11 @@ class LoadTest:
 
     def _tick(self, live: Live | None) -> None:
         assert self.sampler is not None
+        last = self.sampler.last
+        if last is not None:
+            reason = self.no_members.observe(last)
+            if reason is not None:
+                raise RunError(reason)
         evs = self.sampler.events
         for e in evs[self._printed_events :]:
             self.console.print(f"[cyan]scale {e.get('from')} -> {e.get('to')} ({e.get('signal')})")
@@ -396,8 +463,10 @@ class LoadTest:
         for ev in self.chaos_events:
             if not ev.ok:
                 continue
-            t = ev.wall
-            label = ev.kind
+            # Recovery counts from the fault's end (the service back, the scaler restarted);
+            # a kill's end is its start.
+            t = ev.end_wall or ev.wall
+            label = f"{ev.kind} end" if ev.duration_s else ev.kind
             if ev.kind == "scale-in":
                 downs = [e for e in events if e["to"] < e["from"] and float(e["time"]) >= ev.wall]
                 if downs:
@@ -457,6 +526,8 @@ class LoadTest:
             "recoveries": [x.as_dict() for x in recs],
             "duration_s": round(c.duration_s, 3),
             "handler_seconds": round(c.handler_seconds, 1),
+            "handler_seconds_source": "live handler processes of the run (/proc)",
+            "member_seconds": round(c.member_seconds, 1),
             "peak_handlers": c.peak_handlers,
             "fixed_peak_handler_seconds": round(c.fixed_peak_handler_seconds, 1),
             "handler_seconds_ratio": None if c.ratio is None else round(c.ratio, 4),
@@ -547,7 +618,8 @@ def print_summary(r: dict[str, Any], console: Console) -> None:
         ("recovery (s)", "recovery_s", "recovery"),
         ("peak rate (msg/s)", "peak_rate", None),
         ("duration (s)", "duration_s", None),
-        ("handler-seconds", "handler_seconds", None),
+        ("handler-seconds (live processes)", "handler_seconds", None),
+        ("member-seconds (group members)", "member_seconds", None),
         ("peak handlers", "peak_handlers", None),
         ("fixed peak-sized fleet (handler-s)", "fixed_peak_handler_seconds", None),
         ("handler-seconds / fixed fleet", "handler_seconds_ratio", None),

@@ -4,10 +4,13 @@
   (``scaler.lag.LagProbe``), the same measurement the scaler acts on;
 - rates are the per-second deltas of the summed end offsets (into ``md.raw``) and committed
   offsets (processed by the group), unsmoothed so bursts show as they were;
-- handlers: the processes the scaler's backend runs (its ``targets.json``, which lists every
-  live handler's metrics endpoint); that count is what the fleet costs, starting handlers
-  included, and is what handler-seconds integrate;
-- latency: every listed handler's e2e histogram (``latency``), merged over the run;
+- handlers: the run's handler processes alive right now, found in ``/proc`` by their handler
+  id (``procs.handler_pids``); that count is what the fleet costs, starting handlers included,
+  and is what handler-seconds integrate. Not the scaler's ``targets.json``: a scaler killed
+  without a shutdown leaves its last list behind, naming handlers that have exited;
+- members: the group's members as the broker reports them (member-seconds integrate these);
+- latency: every handler in the scaler's ``targets.json`` (their metrics endpoints) scraped for
+  its e2e histogram (``latency``), merged over the run;
 - scale events: the scaler's audit stream in Redis, read every few seconds and kept here, so
   a Redis restart (which empties it) loses none.
 
@@ -34,6 +37,7 @@ from redis.exceptions import RedisError
 from scaler.audit import read_events
 from scaler.lag import LagProbe
 from tickscale.loadtest.latency import FleetLatency, Histogram, http_get, parse_buckets
+from tickscale.loadtest.procs import handler_pids
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ class Sample:
     process_rate: float | None = None
     members: int | None = None
     group_state: str = ""
-    handlers: int = 0
+    handlers: int = 0  # live handler processes of the run
     lat_p50: float | None = None
     lat_p99: float | None = None
     replay_msgs: int = 0
@@ -125,8 +129,10 @@ class Sampler:
         audit_stream: str,
         targets_file: Path,
         clock: ReplayClock,
+        fleet: str,
         period_s: float = 1.0,
     ) -> None:
+        self.fleet = fleet
         self.probe = LagProbe(bootstrap, topic, group)
         self.redis_url = redis_url
         self.audit_stream = audit_stream
@@ -175,7 +181,7 @@ class Sampler:
     async def sample_once(self) -> Sample:
         s = Sample(wall=time.time(), replay_msgs=self.clock.msgs)
         targets = read_targets(self.targets_file)
-        s.handlers = len(targets)
+        s.handlers = len(handler_pids(self.fleet))
         measure = asyncio.ensure_future(asyncio.wait_for(self.probe.measure(), 5.0))
         await asyncio.gather(*(self._scrape(name, addr) for name, addr in targets))
         try:

@@ -10,8 +10,10 @@ Definitions (all over the measured window: first replayed message to the group d
   it until lag is back under the lag target and stays there for ``hold`` seconds; the run's
   recovery is the worst of them. A disturbance after which lag never settles before the end
   of the run has no recovery time and fails the check;
-- handler-seconds: the integral of the number of handler processes the scaler runs; the fixed
-  fleet sized for the peak costs ``peak handlers x duration``.
+- handler-seconds: the integral of the number of the run's live handler processes (counted in
+  ``/proc``, see ``sampler``); the fixed fleet sized for the peak costs ``peak handlers x
+  duration``. member-seconds: the integral of the group's members as the broker reports them
+  (seconds the broker could not be read are left out).
 
 A threshold of 0 turns its check off.
 """
@@ -70,6 +72,7 @@ class Cost:
     handler_seconds: float
     peak_handlers: int
     duration_s: float
+    member_seconds: float = 0.0
 
     @property
     def fixed_peak_handler_seconds(self) -> float:
@@ -84,16 +87,17 @@ class Cost:
 def cost(samples: Sequence[Sample], t0: float, t1: float) -> Cost:
     """Handler-seconds over ``[t0, t1]``, each sample's count held until the next sample."""
     pts = sorted(samples, key=lambda s: s.wall)
-    hs = 0.0
+    hs = ms = 0.0
     peak = 0
     for i, s in enumerate(pts):
         a = max(s.wall, t0)
         b = min(pts[i + 1].wall if i + 1 < len(pts) else t1, t1)
         if b > a:
             hs += s.handlers * (b - a)
+            ms += (s.members or 0) * (b - a)
         if t0 <= s.wall <= t1:
             peak = max(peak, s.handlers)
-    return Cost(hs, peak, max(0.0, t1 - t0))
+    return Cost(hs, peak, max(0.0, t1 - t0), ms)
 
 
 @dataclass(frozen=True)

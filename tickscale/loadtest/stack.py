@@ -31,18 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from tickscale.localstack.net import HOST, free_port, port_open
+from tickscale.localstack import proc as _proc
+from tickscale.localstack.net import HOST, free_port, port_open, wait_for_port_closed
+from tickscale.localstack.redis import RedisServer
 
 if TYPE_CHECKING:
     from tickscale.localstack.kafka import KafkaBroker
 
 
 class Restartable(Protocol):
-    """A service a chaos drill may stop and start again."""
+    """A service a chaos drill may stop, kill and start again."""
 
-    def stop(self) -> None: ...
+    def stop(self) -> object: ...
 
     def start(self) -> object: ...
+
+    def kill(self) -> None: ...
+
+    @property
+    def pid(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ def _compose_redis_ip(project: str) -> str:
 
 
 class ComposeService:
-    """A compose service's container, stopped and started through Docker (redis-stop drill)."""
+    """A compose service's container, stopped, killed and started through Docker (Redis drills)."""
 
     def __init__(self, project: str, service: str) -> None:
         self.container = _compose_container(project, service)
@@ -145,9 +152,34 @@ class ComposeService:
     def stop(self) -> None:
         self.container.stop(timeout=10)  # type: ignore[attr-defined]
 
+    def kill(self) -> None:
+        self.container.kill()  # type: ignore[attr-defined]
+
     def start(self) -> object:
         self.container.start()  # type: ignore[attr-defined]
         return self
+
+    @property
+    def pid(self) -> int | None:
+        self.container.reload()  # type: ignore[attr-defined]
+        pid = self.container.attrs["State"].get("Pid")  # type: ignore[attr-defined]
+        return int(pid) if pid else None
+
+
+class LocalRedis(RedisServer):
+    """The run's own redis-server, which the redis-kill drill may also crash."""
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def kill(self) -> None:
+        """SIGKILL, no shutdown: what a crashed or OOM-killed Redis looks like."""
+        if self._proc is None:
+            return
+        _proc.stop(self._proc, kill=True)
+        self._proc = None
+        wait_for_port_closed(self.host, self.port)
 
 
 def free_port_block(n: int, lo: int = 20000, hi: int = 60000) -> int:
@@ -189,7 +221,7 @@ class Services:
         work_dir: Path,
         compose_env: Path,
     ) -> Services:
-        from tickscale.localstack import KafkaBroker, RedisServer
+        from tickscale.localstack import KafkaBroker
 
         if target == "compose":
             svc = cls(
@@ -217,7 +249,8 @@ class Services:
                 svc.broker, svc.owns_broker, svc.bootstrap = broker, True, broker.bootstrap
                 svc.notes.append(f"started Kafka on {broker.bootstrap}")
             if redis_url is None:
-                rs = RedisServer(port=free_port(), work_dir=work_dir / "redis").start()
+                rs = LocalRedis(port=free_port(), work_dir=work_dir / "redis")
+                rs.start()
                 svc.redis, svc.owns_redis, svc.redis_url = rs, True, rs.url
                 svc.notes.append(f"started Redis on {rs.url}")
         except BaseException:
@@ -237,22 +270,33 @@ class Services:
 
 
 class ScalerChild:
-    """The run's scaler (process backend) as a child process; SIGTERM drains its handlers."""
+    """The run's scaler (process backend) as a child process; SIGTERM drains its handlers.
+
+    ``kill()`` then ``start()`` is the kill-scaler drill: the same command, state directory
+    and ports again, as a supervisor would restart it.
+    """
 
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.cmd = cmd
+        self.env = env
         self.log = log
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as f:
-            self.proc = subprocess.Popen(
-                cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        self.restarts = 0
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as f:
+            return subprocess.Popen(
+                self.cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.env,
                 # Its own session: a Ctrl-C on the terminal reaches the load test, which then
                 # stops the scaler in order (handlers drain first).
                 start_new_session=True,
             )  # fmt: skip
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc.poll() is None else None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -260,6 +304,18 @@ class ScalerChild:
     def signal(self, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL to the scaler alone: its handlers are in their own sessions, untouched."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def start(self) -> ScalerChild:
+        if self.proc.poll() is not None:
+            self.proc = self._spawn()
+            self.restarts += 1
+        return self
 
     def stop(self, timeout: float = 90.0) -> int:
         if self.proc.poll() is None:
