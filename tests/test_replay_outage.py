@@ -201,3 +201,44 @@ async def test_a_replay_rides_out_a_broker_outage(
     assert "acknowledged nothing" in text  # the outage happened while it sent
     assert "Traceback" not in text
     await _assert_exactly_once(topics, manifest)
+
+
+@pytest.mark.slow
+async def test_past_the_outage_deadline_the_replay_stops_and_resumes_later(
+    topics: TopicSet, kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "20", "--outage-deadline", "10", *SOURCE_ARGS),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            await asyncio.to_thread(kafka_broker.stop)
+            rc = await asyncio.to_thread(proc.wait, 120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            await asyncio.to_thread(kafka_broker.start)
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, text[-3000:]
+    assert f"--bootstrap {topics.bootstrap}" in errors[0]
+    assert "--outage-deadline" in errors[0]
+    assert not Manifest.read(manifest).complete
+
+    r = await asyncio.to_thread(
+        subprocess.run,
+        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    await _assert_exactly_once(topics, manifest)

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
@@ -71,6 +71,39 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def _throttle_metadata_updates(producer: AIOKafkaProducer, every_s: float) -> None:
+    """At most one metadata request every ``every_s`` from this producer's client.
+
+    While a partition has no leader (a broker shutting down or starting) aiokafka
+    0.14's sender asks for metadata again as soon as the last request failed, with
+    no backoff: a core spent on refused connections for the whole outage (and
+    thousands of log lines a second). Later asks wait out the interval instead.
+    """
+    client = producer.client
+    force = client.force_metadata_update
+    last = -every_s
+    delayed: asyncio.Task[bool] | None = None
+
+    async def later(delay: float) -> bool:
+        nonlocal last
+        await asyncio.sleep(delay)
+        last = time.monotonic()
+        return bool(await force())
+
+    def throttled() -> Awaitable[bool]:
+        nonlocal last, delayed
+        if delayed is not None and not delayed.done():
+            return delayed  # one update waits out the interval for every ask
+        now = time.monotonic()
+        if now - last >= every_s:
+            last = now
+            return cast(Awaitable[bool], force())
+        delayed = asyncio.ensure_future(later(last + every_s - now))
+        return delayed
+
+    client.force_metadata_update = throttled
 
 
 class BrokerOutage(RuntimeError):
@@ -280,6 +313,7 @@ class Replayer:
             max_batch_size=self.batch_bytes,
             max_request_size=4 * 1024 * 1024,
         )
+        _throttle_metadata_updates(producer, 0.5)
         await producer.start()
         out = _Batches(producer, self.topic, self.partitions, self._guard, self._acked_one)
         aborted = False
@@ -385,6 +419,7 @@ class Replayer:
             return fut.result()
         began = time.monotonic()
         noticed = False
+        quiet_client = contextlib.ExitStack()
         try:
             while True:
                 done, _ = await asyncio.wait({fut}, timeout=1.0)
@@ -400,6 +435,8 @@ class Replayer:
                     )
                 if quiet > _OUTAGE_NOTICE_S and not noticed:
                     noticed = True
+                    # The client logs each failed connection; this line says it once.
+                    quiet_client.enter_context(_quiet(logging.getLogger("aiokafka")))
                     log.warning(
                         "the broker at %s has acknowledged nothing for %.0f s; retrying for up "
                         "to %g s",
@@ -411,6 +448,8 @@ class Replayer:
             if not fut.done() and not isinstance(aw, asyncio.Future):
                 fut.cancel()  # a send not yet queued: nothing of it reaches the broker
             raise
+        finally:
+            quiet_client.close()
         if noticed:
             log.warning("the broker at %s acknowledges again", self.bootstrap)
         try:

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 import typer
 
+from ingest.codecs.errors import SourceError
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.normalize import EXCHANGE_TZ, midnight_ns
 from ingest.replay.cli import SourceSpec
@@ -99,6 +100,8 @@ def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str,
         ).build()  # fmt: skip
     except typer.BadParameter as e:
         raise SystemExit(f"error: {e.format_message()}") from None
+    except SourceError as e:
+        raise SystemExit(f"error: {e.where}: {e.what}") from None
 
 
 def _emit(obj: dict[str, object]) -> None:
