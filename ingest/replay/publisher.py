@@ -267,6 +267,9 @@ class Replayer:
         self.connect_timeout_s = connect_timeout_s
         self._stop = asyncio.Event()
         self._seqs: list[int] = []
+        # Per partition: records numbered up to this are on the broker already.
+        self._on_broker: list[int] = []
+        self._skip_messages = resume.source_messages if resume is not None else 0
         self._last_ack = 0.0
         self.complete = False
 
@@ -289,6 +292,7 @@ class Replayer:
         """
         self.partitions = len(await self._preflight())
         self._seqs = [0] * self.partitions
+        self._on_broker = [0] * self.partitions
         landed = [0] * self.partitions
         prev = self._resume
         if prev is not None:
@@ -321,9 +325,17 @@ class Replayer:
             try:
                 await self._send_all(out, landed)
             except SourceError:
-                # What was sent before the fault is verifiable and resumable.
-                await self._checkpoint(out, complete=False)
+                # What was sent before the fault is verifiable and resumable (the
+                # resumed manifest stands if the fault came before its end).
+                if self.stats.source_messages >= self._skip_messages:
+                    await self._checkpoint(out, complete=False)
                 raise
+            if self.stats.source_messages < self._skip_messages:
+                raise SourceError(
+                    "--resume",
+                    f"the source ends after {self.stats.source_messages:,} messages, the "
+                    f"manifest counts {self._skip_messages:,}: it was written from another",
+                )
             self.complete = not self._stop.is_set()
             return await self._checkpoint(out, complete=self.complete)
         except BaseException:
@@ -477,6 +489,13 @@ class Replayer:
         await self._acked(pending)
         st = self.stats
         st.elapsed = time.monotonic() - st.started if st.started else 0.0
+        acked_at_ms = int(time.time() * 1000)  # every record counted was sent before now
+        prev = self._resume
+        behind = any(s < b for s, b in zip(self._seqs, self._on_broker, strict=True))
+        if prev is not None and behind:
+            # Records of the resumed run are on the broker past this count: the
+            # next resume must look for them from where this one did.
+            acked_at_ms = prev.acked_at_ms
         m = self.builder.build(
             source="",
             topic=self.topic,
@@ -484,8 +503,7 @@ class Replayer:
             records_sent=st.records,
             complete=complete,
             partition_seqs=list(self._seqs),
-            # Every record counted was appended (and timestamped) before now.
-            acked_at_ms=int(time.time() * 1000),
+            acked_at_ms=acked_at_ms,
             pacing={
                 "speed": self.speed or 0.0,
                 "elapsed_s": round(st.elapsed, 3),
@@ -503,12 +521,11 @@ class Replayer:
         day_hdr = self.day.encode()
         pending = out.pending
         prev = self._resume
-        skip_messages = prev.source_messages if prev is not None else 0
-        # A record numbered up to this is on the broker already.
-        on_broker = [
-            (prev.partition_seqs[p] if prev is not None and prev.partition_seqs else 0) + landed[p]
-            for p in range(n_parts)
-        ]
+        skip_messages = self._skip_messages
+        on_broker = self._on_broker
+        for p in range(n_parts):
+            counted = prev.partition_seqs[p] if prev is not None and prev.partition_seqs else 0
+            on_broker[p] = counted + landed[p]
         first_ts: int | None = None
         st.started = time.monotonic()
         self._last_ack = st.started
@@ -518,9 +535,9 @@ class Replayer:
         speed = self.speed
         checkpoints = self._checkpoint_cb is not None
         for m in self.source:
-            if self._stop.is_set():
-                break
             targets = range(n_parts) if m.key is None else (partition_for(m.key, n_parts),)
+            # Not stopped while skipping: a manifest counting less than the resumed
+            # one would have what it counted sent again.
             if st.source_messages < skip_messages:
                 # Sent by the run being resumed: only its numbering and its share of
                 # the manifest are rebuilt.
@@ -533,6 +550,8 @@ class Replayer:
                 st.records += len(targets)
                 st.resumed_records += len(targets)
                 continue
+            if self._stop.is_set():
+                break
             if first_ts is None:
                 first_ts = m.ts_ns
             if speed is not None:
