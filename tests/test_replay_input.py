@@ -177,7 +177,7 @@ async def test_a_truncated_itch_file_ends_with_the_manifest_of_what_was_sent(
     f = tmp_path / "day.itch"
     f.write_bytes(data[:-5])  # the last frame loses its tail
     r = _replay(topics, tmp_path / "m.json", "--source", "itch", "--file", str(f), "--date", DAY)
-    _one_error(r, str(f))
+    _one_error(r, f.name)  # the ITCH framing names the file and the byte offset
     m = _partial(tmp_path / "m.json", _frames(data) - 1)
     assert await _raw_records(topics) == m.records_sent > 0
 
@@ -187,7 +187,7 @@ async def test_a_gzip_file_cut_short_is_named(topics: TopicSet, tmp_path: Path) 
     f = tmp_path / "day.itch.gz"
     f.write_bytes(gz[: len(gz) * 2 // 3])
     r = _replay(topics, tmp_path / "m.json", "--source", "itch", "--file", str(f), "--date", DAY)
-    _one_error(r, str(f))
+    _one_error(r, f.name)  # the ITCH framing names the file and the byte offset
     m = Manifest.read(tmp_path / "m.json")
     assert not m.complete
     assert await _raw_records(topics) == m.records_sent
@@ -233,3 +233,21 @@ async def test_lines_the_replay_cannot_route_are_sent_and_expected_as_dead_lette
     assert m.deadletters_expected == 3
     assert m.symbols["AAA"].ticks == 10
     assert await _raw_records(topics) == len(lines)
+
+
+async def test_resume_with_a_shorter_source_is_refused(topics: TopicSet, tmp_path: Path) -> None:
+    lines = [orjson.dumps(t) for t in json_trades("AAA", 40)]
+    f = tmp_path / "feed.jsonl"
+    f.write_bytes(b"\n".join([*lines[:30], b"x" * 2048, *lines[30:]]) + b"\n")
+    manifest = tmp_path / "m.json"
+    r = _replay(topics, manifest, "--source", "jsonl", "--file", str(f), "--max-line-bytes", "1024")
+    _one_error(r, f"{f} line 31")
+    before = _partial(manifest, 30)
+    f.write_bytes(b"\n".join(lines[:10]) + b"\n")  # not the file the manifest counts
+    r = _replay(
+        topics, manifest, "--resume", "--source", "jsonl", "--file", str(f),
+        "--max-line-bytes", "1024",
+    )  # fmt: skip
+    _one_error(r, "--resume", "ends after 10 messages")
+    assert Manifest.read(manifest) == before
+    assert await _raw_records(topics) == 30
