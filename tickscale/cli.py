@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -63,22 +62,24 @@ def _fail_settings(e: ValidationError, flags: dict[str, str]) -> None:
 # --- replay -------------------------------------------------------------------------------
 
 
-def _fail(where: str, what: str, code: int = 2) -> NoReturn:
-    """One line naming the input and what is wrong with it, and the exit code (2: the
-    user's to fix)."""
+def _fail(where: str, what: str, code: int = 2) -> typer.Exit:
+    """One line naming the input and what is wrong with it; raise the exit it returns
+    (2: the user's to fix)."""
     typer.echo(f"error: {where}: {what}", err=True)
-    raise typer.Exit(code)
+    return typer.Exit(code)
 
 
 def _speed(value: str) -> float | None:
+    import math
+
     if value.lower() == "max":
         return None
     try:
         v = float(value)
     except ValueError:
-        _fail("--speed", f"expected a number or 'max', got {value!r}")
+        raise _fail("--speed", f"expected a number or 'max', got {value!r}") from None
     if not math.isfinite(v) or v <= 0:
-        _fail("--speed", f"expected a finite number > 0 or 'max', got {value!r}")
+        raise _fail("--speed", f"expected a finite number > 0 or 'max', got {value!r}")
     return v
 
 
@@ -176,13 +177,14 @@ def replay(
             checkpoint_every_s=checkpoint_every,
         )
     except SourceError as e:
-        _fail(e.where, e.what)
+        raise _fail(e.where, e.what) from None
     except typer.BadParameter as e:
-        _fail(e.param_hint if isinstance(e.param_hint, str) else "replay", e.message)
+        hint = e.param_hint if isinstance(e.param_hint, str) else "replay"
+        raise _fail(hint, e.message) from None
     except BrokerOutage as e:
-        _fail(e.where, e.what, code=1)
+        raise _fail(e.where, e.what, code=1) from None
     except KafkaError as e:
-        _fail(f"--bootstrap {bootstrap}", f"the broker refused the replay ({e})", code=1)
+        raise _fail(f"--bootstrap {bootstrap}", f"the broker refused the replay ({e})", 1) from None
     if not ok:
         raise typer.Exit(1)
 

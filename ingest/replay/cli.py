@@ -24,6 +24,7 @@ from ingest.replay.source import (
     JsonWindow,
     RawMessage,
     check_readable,
+    file_faults,
     itch_file_source,
     jsonl_source,
     parse_hhmm,
@@ -166,7 +167,8 @@ class SourceSpec:
         elif self.source == "itch":
             file = self._input("an ITCH")
             day_s, close = resolve_day(self.day)
-            src = ItchWindow(subset_of(itch_file_source(file), subset), start_s, end_s)
+            frames = file_faults(itch_file_source(file), file)
+            src = ItchWindow(subset_of(frames, subset), start_s, end_s)
             # The load test's report shades the sessions from it (early closes included).
             params |= {"file": str(file), "close": close}
         elif self.source == "jsonl":

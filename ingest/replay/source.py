@@ -96,25 +96,32 @@ def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
 
     Only the header fields needed for routing and pacing are read here; a frame
     too short to carry them is still sent (the handler dead-letters it) so the
-    replay never silently drops input. A file that cannot be read to its end
-    (truncated, a gzip stream cut short, a read error) raises SourceError
-    naming it once the messages before the fault have been yielded.
+    replay never silently drops input.
     """
     last_ts = 0
     keys = ItchKeys()
+    with itch.open_itch_file(path) as f:
+        for payload in itch.iter_frames(f):
+            if len(payload) >= itch.HEADER_LEN:
+                last_ts = int.from_bytes(payload[5:11], "big")
+                key = keys.key(payload)
+            else:
+                key = b""
+            yield RawMessage(last_ts, key, payload, "itch")
+
+
+def file_faults(messages: Iterable[RawMessage], path: str | Path) -> Iterator[RawMessage]:
+    """``messages`` of the file ``path``; a fault reading it raises SourceError naming it,
+    once the messages before the fault have been yielded.
+
+    The framing names a file cut short itself; a read error, a gzip stream cut
+    short or corrupt, whichever layer finds it, is the user's file too.
+    """
     where = str(path)
     try:
-        with itch.open_itch_file(path) as f:
-            for payload in itch.iter_frames(f):
-                if len(payload) >= itch.HEADER_LEN:
-                    last_ts = int.from_bytes(payload[5:11], "big")
-                    key = keys.key(payload)
-                else:
-                    key = b""
-                yield RawMessage(last_ts, key, payload, "itch")
+        yield from messages
     except SourceError:
         raise
-    # The framing's own errors are the user's file, whichever form they take.
     except DecodeError as e:
         raise SourceError(where, f"{e.reason}: {e.detail}" if e.detail else e.reason) from None
     except EOFError:
