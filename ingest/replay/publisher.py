@@ -445,6 +445,13 @@ class Replayer:
                         f"(--outage-deadline {self.outage_deadline_s:g}); the manifest counts "
                         "what it acknowledged",
                     )
+                if self._stop.is_set() and quiet > _OUTAGE_NOTICE_S:
+                    # Asked to stop: not kept waiting for a broker that is away.
+                    raise BrokerOutage(
+                        f"--bootstrap {self.bootstrap}",
+                        f"stopped while the broker acknowledged nothing ({quiet:.0f} s); the "
+                        "manifest counts what it acknowledged",
+                    )
                 if quiet > _OUTAGE_NOTICE_S and not noticed:
                     noticed = True
                     # The client logs each failed connection; this line says it once.
