@@ -23,7 +23,7 @@ from ingest.replay.publisher import Replayer, partition_for
 from tests.pipeline_utils import replay_cmd
 from tickscale.constants import HDR_SEQ
 from tickscale.localstack import KafkaBroker
-from tickscale.localstack.topics import TopicSet
+from tickscale.localstack.topics import MakeTopics, TopicSet
 
 DAY = "2024-11-25"
 # About 22,000 messages over 16 minutes of the open.
@@ -141,11 +141,14 @@ async def test_a_stopped_replay_resumes_without_duplicates(
     await _assert_exactly_once(topics, manifest)
 
 
+@pytest.mark.parametrize("timestamps", ["CreateTime", "LogAppendTime"])
 async def test_a_resume_from_an_older_checkpoint_sends_nothing_twice(
-    topics: TopicSet, tmp_path: Path
+    make_topics: MakeTopics, tmp_path: Path, timestamps: str
 ) -> None:
     """What reached the broker after the manifest a resume starts from (a replay killed
-    between checkpoints) is found on the broker and not sent again."""
+    between checkpoints) is found on the broker and not sent again, whichever clock
+    stamps the records (md.raw's is the broker's)."""
+    topics = await make_topics(raw_partitions=4, configs={"message.timestamp.type": timestamps})
     checkpoints: list[Manifest] = []
     src, _, day, _ = SPEC.build()
     msgs = list(src)
