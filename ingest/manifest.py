@@ -4,17 +4,23 @@ The replay feed runs the handler's own ``Normalizer`` over exactly the stream it
 publishes, so the manifest states per symbol how many ticks a correct pipeline
 emits and a checksum of their content in order. ``tickscale verify`` compares
 ``md.ticks`` against it.
+
+A replay writes its manifest as it goes, each time after the broker has
+acknowledged every record it counts: a replay that stops or fails part-way
+leaves a manifest (``complete: false``) that is exact for what was sent, and
+from which ``tickscale replay --resume`` carries on.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from ingest.codecs.errors import DecodeError
+from ingest.codecs.errors import DecodeError, SourceError
 from ingest.normalize import Normalizer
 from ingest.ticks import SymbolLedger
 
@@ -42,17 +48,52 @@ class Manifest(BaseModel):
     book_errors: dict[str, int] = Field(default_factory=dict)
     pacing: dict[str, float] = Field(default_factory=dict)
     symbols: dict[str, SymbolExpectation] = Field(default_factory=dict)
+    # False while the replay runs and when it stopped before the source's end.
+    complete: bool = True
+    # Records sent to each partition: the last feed sequence number (HDR_SEQ)
+    # there, from which a resumed replay numbers on.
+    partition_seqs: list[int] = Field(default_factory=list)
+    # Wall time (ms since the epoch) of the acknowledgement the manifest counts up
+    # to: a record sent later carries a later timestamp (its create or append
+    # time), which is how a resumed replay finds what reached the broker after it.
+    acked_at_ms: int = 0
 
     def write(self, path: str | Path) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.model_dump_json(indent=1))
+        tmp = _tmp_path(p)
+        with tmp.open("w") as f:
+            f.write(self.model_dump_json(indent=1))
+            f.flush()
+            # On disk before the rename: after a crash the manifest is the old
+            # one or the new one, never an empty file.
+            os.fsync(f.fileno())
         tmp.replace(p)  # atomic: a reader never sees half a manifest
+
+    @staticmethod
+    def check_writable(path: str | Path) -> None:
+        """SourceError unless a manifest can be written at ``path`` (as ``write`` does),
+        so a replay finds out before it publishes anything."""
+        p = Path(path)
+        where = str(p)
+        if p.is_dir():
+            raise SourceError(where, "is a directory, not a manifest file")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _tmp_path(p)
+            with tmp.open("w"):
+                pass
+            tmp.unlink()
+        except OSError as e:
+            raise SourceError(where, f"cannot write the manifest ({e.strerror or e})") from None
 
     @classmethod
     def read(cls, path: str | Path) -> Manifest:
         return cls.model_validate_json(Path(path).read_text())
+
+
+def _tmp_path(p: Path) -> Path:
+    return p.with_suffix(p.suffix + ".tmp")
 
 
 class ManifestBuilder:

@@ -65,21 +65,32 @@ def _fail_settings(e: ValidationError, flags: dict[str, str]) -> None:
 # --- replay -------------------------------------------------------------------------------
 
 
+def _fail(where: str, what: str, code: int = 2) -> typer.Exit:
+    """One line naming the input and what is wrong with it; raise the exit it returns
+    (2: the user's to fix)."""
+    typer.echo(f"error: {where}: {what}", err=True)
+    return typer.Exit(code)
+
+
 def _speed(value: str) -> float | None:
+    import math
+
     if value.lower() == "max":
         return None
     try:
         v = float(value)
     except ValueError:
-        raise typer.BadParameter(f"expected a number or 'max', got {value!r}") from None
-    if v <= 0:
-        raise typer.BadParameter("must be > 0")
+        raise _fail("--speed", f"expected a number or 'max', got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise _fail("--speed", f"expected a finite number > 0 or 'max', got {value!r}")
     return v
 
 
 @app.command()
 def replay(
-    manifest: Annotated[Path, typer.Option(help="where to write the manifest (JSON)")],
+    manifest: Annotated[
+        Path, typer.Option(help="where to write the manifest (JSON), as the replay goes")
+    ],
     bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
     topic: Annotated[str, typer.Option(help="raw topic")] = c.RAW_TOPIC,
     source: Annotated[str, typer.Option(help="synthetic | itch | jsonl")] = "synthetic",
@@ -110,23 +121,73 @@ def replay(
             envvar="TICKSCALE_REPLAY_REDIS_URL",
         ),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="carry on the replay whose incomplete --manifest is there (same options): "
+            "what it sent is not sent again",
+        ),
+    ] = False,
+    outage_deadline: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="seconds the broker may acknowledge nothing (down, restarting) before "
+            "the replay gives up",
+        ),
+    ] = 300.0,
+    connect_timeout: Annotated[
+        float, typer.Option(min=0, help="seconds to wait for a broker before the first record")
+    ] = 10.0,
+    checkpoint_every: Annotated[
+        float, typer.Option(min=0.1, help="seconds between manifest checkpoints")
+    ] = 5.0,
+    max_line_bytes: Annotated[
+        int, typer.Option(min=64, help="jsonl: the longest line accepted, in bytes")
+    ] = 1 << 20,
 ) -> None:
-    """Replay a market day into the raw topic and write its manifest."""
+    """Replay a market day into the raw topic and write its manifest.
+
+    Exits 2 with one line naming the input for an input that cannot be used, 1 when
+    the replay stopped before the end (a signal, the broker gone past the outage
+    deadline); the manifest then counts what the broker acknowledged.
+    """
+    from aiokafka.errors import KafkaError
+
+    from ingest.codecs.errors import SourceError
     from ingest.replay.cli import SourceSpec, run_replay
+    from ingest.replay.publisher import BrokerOutage
 
     spec = SourceSpec(
         source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
         start=from_, end=to, malformed_every=malformed_every, only=only,
+        max_line_bytes=max_line_bytes,
     )  # fmt: skip
-    ok = run_replay(
-        spec,
-        manifest=manifest,
-        bootstrap=bootstrap,
-        topic=topic,
-        speed=_speed(speed),
-        progress=progress,
-        redis_url=redis,
-    )
+    pace = _speed(speed)
+    try:
+        ok = run_replay(
+            spec,
+            manifest=manifest,
+            bootstrap=bootstrap,
+            topic=topic,
+            speed=pace,
+            progress=progress,
+            redis_url=redis,
+            resume=resume,
+            outage_deadline_s=outage_deadline,
+            connect_timeout_s=connect_timeout,
+            checkpoint_every_s=checkpoint_every,
+        )
+    except SourceError as e:
+        raise _fail(e.where, e.what) from None
+    except typer.BadParameter as e:
+        hint = e.param_hint if isinstance(e.param_hint, str) else "replay"
+        raise _fail(hint, e.message) from None
+    except BrokerOutage as e:
+        raise _fail(e.where, e.what, code=1) from None
+    except KafkaError as e:
+        raise _fail(f"--bootstrap {bootstrap}", f"the broker refused the replay ({e})", 1) from None
     if not ok:
         raise typer.Exit(1)
 

@@ -27,6 +27,8 @@ from ingest.codecs.errors import DecodeError
 _FRACTION = re.compile(r"[.,](\d+)")
 
 PositiveDecimal = Annotated[Decimal, Field(gt=0, allow_inf_nan=False)]
+# A tick's times are signed 64-bit nanoseconds (Kafka's, and orjson's integers).
+MAX_TS_NS = 1 << 63
 
 
 class _JsonBase(BaseModel):
@@ -34,7 +36,7 @@ class _JsonBase(BaseModel):
 
     symbol: str = Field(min_length=1, max_length=64)
     venue: str = Field(min_length=1, max_length=16)
-    ts: int = Field(ge=0, description="event time, ns since epoch UTC")
+    ts: int = Field(ge=0, lt=MAX_TS_NS, description="event time, ns since epoch UTC")
 
     @field_validator("ts", mode="before")
     @classmethod

@@ -14,12 +14,17 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from ingest import sessions
 from ingest.codecs import itch
+from ingest.codecs.errors import SourceError
+from ingest.manifest import Manifest
 from ingest.replay.publisher import Replayer, ReplayStats
 from ingest.replay.source import (
+    MAX_LINE_BYTES,
     NS,
     ItchWindow,
     JsonWindow,
     RawMessage,
+    check_readable,
+    file_faults,
     itch_file_source,
     jsonl_source,
     parse_hhmm,
@@ -109,11 +114,20 @@ class SourceSpec:
     end: str | None = None
     malformed_every: int = 0
     only: str | None = None
+    max_line_bytes: int = MAX_LINE_BYTES
+
+    def _input(self, what: str) -> Path:
+        """The input file, readable (SourceError naming it if not)."""
+        if self.file is None:
+            raise typer.BadParameter(f"{what} file is required", param_hint="--file")
+        check_readable(self.file)
+        return self.file
 
     def build(self) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
         """(messages, codec, trading date, manifest params) of the replay.
 
         :raises typer.BadParameter: naming the option that is wrong
+        :raises SourceError: naming an input file that cannot be read
         """
         try:
             start_s = None if self.start is None else parse_hhmm(self.start)
@@ -151,21 +165,19 @@ class SourceSpec:
                 "close": close,
             }
         elif self.source == "itch":
-            if self.file is None or not self.file.exists():
-                raise typer.BadParameter("an existing ITCH file is required", param_hint="--file")
+            file = self._input("an ITCH")
             day_s, close = resolve_day(self.day)
-            src = ItchWindow(subset_of(itch_file_source(self.file), subset), start_s, end_s)
+            frames = file_faults(itch_file_source(file), file)
+            src = ItchWindow(subset_of(frames, subset), start_s, end_s)
             # The load test's report shades the sessions from it (early closes included).
-            params |= {"file": str(self.file), "close": close}
+            params |= {"file": str(file), "close": close}
         elif self.source == "jsonl":
-            if self.file is None or not self.file.exists():
-                raise typer.BadParameter(
-                    "an existing JSON-lines file is required", param_hint="--file"
-                )
+            file = self._input("a JSON-lines")
             day_s = self.day or ""
             codec = "json"
-            src = JsonWindow(subset_of(jsonl_source(self.file), subset), start_s, end_s, self.day)
-            params |= {"file": str(self.file)}
+            lines = jsonl_source(file, self.max_line_bytes)
+            src = JsonWindow(subset_of(lines, subset), start_s, end_s, self.day)
+            params |= {"file": str(file)}
         else:
             raise typer.BadParameter("expected synthetic, itch or jsonl", param_hint="--source")
         if self.malformed_every:
@@ -174,6 +186,47 @@ class SourceSpec:
         if subset is not None:
             params["only"] = sorted(subset)
         return src, codec, day_s, params
+
+
+def resume_from(path: Path, source: str, params: dict[str, object], topic: str) -> Manifest:
+    """The manifest of the run ``--resume`` continues: it must be this replay's.
+
+    :raises SourceError: no manifest there, not a manifest, or another replay's
+    """
+    where = str(path)
+    if not path.is_file():
+        raise SourceError(where, "no manifest to resume from (run without --resume)")
+    try:
+        prev = Manifest.read(path)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(where, f"not a replay manifest ({first})") from None
+    if prev.topic != topic:
+        raise SourceError(where, f"was written for topic {prev.topic!r}, not {topic!r}")
+
+    def same(key: str) -> bool:
+        a, b = prev.params.get(key), params.get(key)
+        if key == "file" and a is not None and b is not None:
+            return Path(str(a)).resolve() == Path(str(b)).resolve()
+        return a == b
+
+    differ = sorted(k for k in set(prev.params) | set(params) if not same(k))
+    if prev.source != source:
+        differ.insert(0, "source")
+    if differ:
+        raise SourceError(
+            where,
+            f"was written by another replay ({', '.join(differ)} differ): resume it with the "
+            "options it was started with",
+        )
+    return prev
+
+
+def _incomplete(path: Path) -> bool:
+    try:
+        return not Manifest.read(path).complete
+    except (OSError, ValueError):
+        return False
 
 
 def run_replay(
@@ -185,11 +238,35 @@ def run_replay(
     speed: float | None,
     progress: bool,
     redis_url: str | None = None,
+    resume: bool = False,
+    outage_deadline_s: float = 300.0,
+    connect_timeout_s: float = 10.0,
+    checkpoint_every_s: float = 5.0,
 ) -> bool:
+    """Replay ``spec``, writing the manifest as it goes; False if a signal stopped it.
+
+    :raises SourceError: an input that cannot be used, named; raised before the
+        first record where it can be known in advance, else after the manifest of
+        what was sent
+    :raises BrokerOutage: the broker was gone past the outage deadline
+    """
+    Manifest.check_writable(manifest)
     src, codec, day_s, params = spec.build()
     source = spec.source
-
     console = Console(stderr=True)
+    prev = resume_from(manifest, source, params, topic) if resume else None
+    if not resume and _incomplete(manifest):
+        # Starting over would send again what that run sent.
+        raise SourceError(
+            str(manifest),
+            "is the manifest of a replay that did not finish: --resume carries it on "
+            "(or remove it to start over)",
+        )
+    if prev is not None and prev.complete:
+        n = prev.source_messages
+        console.print(f"{manifest} is complete ({n:,} messages): nothing to resume")
+        return True
+
     bar = Progress(
         SpinnerColumn(),
         TextColumn("[bold]replay[/] {task.description}"),
@@ -214,7 +291,24 @@ def run_replay(
             rate=st.records / el,
         )
 
-    replayer = Replayer(bootstrap, topic, src, speed, day_s, on_progress)
+    def write(m: Manifest) -> None:
+        m.source = source
+        m.params = params
+        m.write(manifest)
+
+    replayer = Replayer(
+        bootstrap,
+        topic,
+        src,
+        speed,
+        day_s,
+        on_progress,
+        checkpoint=write,
+        checkpoint_every_s=checkpoint_every_s,
+        resume=prev,
+        outage_deadline_s=outage_deadline_s,
+        connect_timeout_s=connect_timeout_s,
+    )
 
     async def main() -> None:
         # Each ends the replay with its manifest written.
@@ -235,18 +329,19 @@ def run_replay(
             clock_stop.set()
             if clock is not None:
                 await clock
-        m.source = source
-        m.params = params
-        m.write(manifest)
         st = replayer.stats
         ticks = sum(s.ticks for s in m.symbols.values())
+        sent = st.records - st.resumed_records
+        resumed = f" after the {st.resumed_messages:,} resumed" if prev is not None else ""
         console.print(
-            f"replayed {st.source_messages:,} messages ({st.records:,} records incl. broadcast) "
-            f"in {st.elapsed:.1f}s = {st.records / max(st.elapsed, 1e-9):,.0f} records/s; "
+            f"replayed {st.source_messages - st.resumed_messages:,} messages{resumed} "
+            f"({sent:,} records incl. broadcast) "
+            f"in {st.elapsed:.1f}s = {sent / max(st.elapsed, 1e-9):,.0f} records/s; "
             f"symbols={len(m.symbols)} expected ticks={ticks:,} "
             f"dead letters expected={m.deadletters_expected}; "
             f"pacing drift p99={m.pacing.get('drift_p99_s', 0):.3f}s "
             f"max={m.pacing.get('drift_max_s', 0):.3f}s; manifest {manifest}"
+            + ("" if m.complete else " (incomplete: --resume carries on)")
         )
 
     asyncio.run(main())

@@ -15,6 +15,7 @@ transaction, fewer commit markers for the broker to write).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,8 @@ from pathlib import Path
 import orjson
 
 from ingest.codecs import itch
-from ingest.codecs.jsonfeed import decode_json
+from ingest.codecs.errors import DecodeError, SourceError
+from ingest.codecs.jsonfeed import MAX_TS_NS, decode_json
 from ingest.normalize import EXCHANGE_TZ, Normalizer, midnight_ns
 
 NS = 1_000_000_000
@@ -72,6 +74,23 @@ class ItchKeys:
         return self._by_locate.get(locate) or payload[1:3]
 
 
+def check_readable(path: Path) -> None:
+    """SourceError unless ``path`` is a regular file this process can read.
+
+    Checked before anything is published, so a wrong ``--file`` costs nothing.
+    """
+    where = str(path)
+    if not path.exists():
+        raise SourceError(where, "no such file")
+    if not path.is_file():
+        raise SourceError(where, "not a regular file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise SourceError(where, f"cannot read it ({e.strerror or e})") from None
+
+
 def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
     """Messages of a NASDAQ TotalView-ITCH 5.0 file (plain or gzip, 2-byte framing).
 
@@ -91,16 +110,59 @@ def itch_file_source(path: str | Path) -> Iterator[RawMessage]:
             yield RawMessage(last_ts, key, payload, "itch")
 
 
-def jsonl_source(path: str | Path) -> Iterator[RawMessage]:
+def file_faults(messages: Iterable[RawMessage], path: str | Path) -> Iterator[RawMessage]:
+    """``messages`` of the file ``path``; a fault reading it raises SourceError naming it,
+    once the messages before the fault have been yielded.
+
+    The framing names a file cut short itself; a read error, a gzip stream cut
+    short or corrupt, whichever layer finds it, is the user's file too.
+    """
+    where = str(path)
+    try:
+        yield from messages
+    except SourceError:
+        raise
+    except DecodeError as e:
+        raise SourceError(where, f"{e.reason}: {e.detail}" if e.detail else e.reason) from None
+    except EOFError:
+        raise SourceError(where, "the compressed stream ends early (file truncated)") from None
+    except (OSError, zlib.error) as e:
+        raise SourceError(where, f"cannot read it ({e})") from None
+
+
+# A JSON-lines message is small; a line past this is not one (a binary file, a
+# missing newline) and reading it whole could take the replay's memory.
+MAX_LINE_BYTES = 1 << 20
+
+
+def jsonl_source(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawMessage]:
     """Messages of a JSON-lines feed file (format in ``ingest.codecs.jsonfeed``).
 
     Lines are forwarded as they are; only ``symbol`` and ``ts`` are peeked at
     for routing and pacing. Validation is the handler's job, so an invalid line
-    travels to the dead-letter topic instead of vanishing here.
+    travels to the dead-letter topic instead of vanishing here. A line longer
+    than ``max_line_bytes`` is not a message: SourceError names its number
+    (the lines before it have been yielded).
     """
     last_ts = 0
+    where = str(path)
     with Path(path).open("rb") as f:
-        for line in f:
+        n = 0
+        while True:
+            try:
+                line = f.readline(max_line_bytes + 1)
+            except OSError as e:
+                raise SourceError(f"{where} line {n + 1}", f"cannot read it ({e})") from None
+            if not line:
+                return
+            n += 1
+            if len(line) > max_line_bytes and not (
+                len(line) == max_line_bytes + 1 and line.endswith(b"\n")
+            ):
+                raise SourceError(
+                    f"{where} line {n}",
+                    f"longer than {max_line_bytes:,} bytes (the limit: --max-line-bytes)",
+                )
             line = line.strip()
             if not line:
                 continue
@@ -113,7 +175,10 @@ def jsonl_source(path: str | Path) -> Iterator[RawMessage]:
                         key = sym.encode()
                     ts = obj.get("ts")
                     if isinstance(ts, int) and not isinstance(ts, bool):
-                        last_ts = ts
+                        # Out of range it is the handler's to dead-letter, and
+                        # no time to pace by.
+                        if 0 <= ts < MAX_TS_NS:
+                            last_ts = ts
                     elif isinstance(ts, str):
                         try:
                             last_ts = decode_json(line).ts

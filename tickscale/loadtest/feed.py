@@ -100,6 +100,8 @@ def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str,
         ).build()  # fmt: skip
     except typer.BadParameter as e:
         raise SystemExit(f"error: {e.format_message()}") from None
+    except SourceError as e:
+        raise SystemExit(f"error: {e.where}: {e.what}") from None
 
 
 def _emit(obj: dict[str, object]) -> None:

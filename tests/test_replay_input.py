@@ -1,0 +1,253 @@
+"""``tickscale replay`` with input a user must fix: one ``error:`` line naming it, exit 2.
+
+Each case runs the real command against the real broker. What can be known in
+advance stops the replay before its first record (the raw topic stays empty);
+what is found part-way through a file stops it with the manifest of what was
+sent, which must match the records on the broker.
+"""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ingest.codecs import itch
+from ingest.manifest import Manifest
+from ingest.replay.source import ItchWindow, parse_hhmm
+from ingest.replay.synthetic import SyntheticDay
+from tests.pipeline_utils import json_trades, replay_cmd
+from tickscale.localstack.net import free_port
+from tickscale.localstack.topics import TopicSet
+from tickscale.topology import partitions_of
+
+DAY = "2024-11-25"
+
+
+def _replay(ts: TopicSet, manifest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        replay_cmd(ts, manifest, "--speed", "max", *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _one_error(r: subprocess.CompletedProcess[str], *names: str) -> str:
+    """The run failed with exit 2 and one ``error:`` line naming each of ``names``."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+async def _raw_records(ts: TopicSet) -> int:
+    """Records in the raw topic (its partitions' end offsets)."""
+    tps = [TopicPartition(ts.raw, p) for p in await partitions_of(ts.bootstrap, ts.raw)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=ts.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
+
+
+def _itch_day() -> bytes:
+    msgs = ItchWindow(SyntheticDay(4, 3), None, parse_hhmm("09:31"))
+    return b"".join(itch.frame(m.payload) for m in msgs)
+
+
+def _frames(data: bytes) -> int:
+    n = pos = 0
+    while pos + 2 <= len(data):
+        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
+        if end > len(data):
+            break
+        n += 1
+        pos = end
+    return n
+
+
+# --- known in advance: nothing is published ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case", ["manifest-under-a-file", "manifest-is-a-dir", "file-is-a-dir", "no-file", "nan", "inf"]
+)
+async def test_bad_input_stops_before_the_first_record(
+    topics: TopicSet, tmp_path: Path, case: str
+) -> None:
+    manifest = tmp_path / "m.json"
+    args = ["--source", "synthetic", "--date", DAY, "--symbols", "3", "--to", "09:31"]
+    names: tuple[str, ...]
+    if case == "manifest-under-a-file":
+        (tmp_path / "plain").write_text("")
+        manifest = tmp_path / "plain" / "m.json"
+        names = (str(manifest),)
+    elif case == "manifest-is-a-dir":
+        manifest = tmp_path
+        names = (str(tmp_path),)
+    elif case == "file-is-a-dir":
+        args = ["--source", "itch", "--date", DAY, "--file", str(tmp_path)]
+        names = (str(tmp_path), "not a regular file")
+    elif case == "no-file":
+        missing = tmp_path / "nope.jsonl"
+        args = ["--source", "jsonl", "--file", str(missing)]
+        names = (str(missing), "no such file")
+    else:
+        args += ["--speed", case]
+        names = ("--speed", case)
+    r = _replay(topics, manifest, *args)
+    _one_error(r, *names)
+    assert await _raw_records(topics) == 0
+    assert not (tmp_path / "m.json").exists()
+
+
+async def test_a_missing_topic_is_named(topics: TopicSet, tmp_path: Path) -> None:
+    ts = TopicSet(
+        bootstrap=topics.bootstrap,
+        prefix=topics.prefix + "-absent",
+        raw_partitions=1,
+        ticks_partitions=1,
+        deadletter_partitions=1,
+    )
+    r = _replay(ts, tmp_path / "m.json", "--date", DAY, "--symbols", "3", "--to", "09:31")
+    _one_error(r, f"--topic {ts.raw}", "no such topic")
+    assert not (tmp_path / "m.json").exists()
+
+
+async def test_an_unreachable_broker_is_named_after_a_bounded_wait(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    ts = TopicSet(
+        bootstrap=f"127.0.0.1:{free_port()}",
+        prefix=topics.prefix,
+        raw_partitions=1,
+        ticks_partitions=1,
+        deadletter_partitions=1,
+    )
+    r = _replay(ts, tmp_path / "m.json", "--date", DAY, "--to", "09:31", "--connect-timeout", "2")
+    _one_error(r, f"--bootstrap {ts.bootstrap}", "no broker answered")
+    assert not (tmp_path / "m.json").exists()
+
+
+async def test_an_unfinished_manifest_is_not_overwritten(topics: TopicSet, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    Manifest(source="synthetic", topic=topics.raw, partitions=4, complete=False).write(manifest)
+    r = _replay(topics, manifest, "--date", DAY, "--symbols", "3", "--to", "09:31")
+    _one_error(r, str(manifest), "--resume")
+    assert await _raw_records(topics) == 0
+
+
+async def test_resume_of_another_replay_is_refused(topics: TopicSet, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    Manifest(
+        source="synthetic",
+        topic=topics.raw,
+        partitions=4,
+        complete=False,
+        params={"seed": 9, "symbols": 3},
+    ).write(manifest)
+    r = _replay(topics, manifest, "--resume", "--date", DAY, "--symbols", "3", "--to", "09:31")
+    _one_error(r, str(manifest), "seed")
+    assert await _raw_records(topics) == 0
+
+
+# --- found part-way: the manifest counts what was sent -----------------------------------
+
+
+def _partial(manifest: Path, sent: int) -> Manifest:
+    m = Manifest.read(manifest)
+    assert not m.complete
+    assert m.source_messages == sent
+    return m
+
+
+async def test_a_truncated_itch_file_ends_with_the_manifest_of_what_was_sent(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    data = _itch_day()
+    f = tmp_path / "day.itch"
+    f.write_bytes(data[:-5])  # the last frame loses its tail
+    r = _replay(topics, tmp_path / "m.json", "--source", "itch", "--file", str(f), "--date", DAY)
+    _one_error(r, f.name)  # the ITCH framing names the file and the byte offset
+    m = _partial(tmp_path / "m.json", _frames(data) - 1)
+    assert await _raw_records(topics) == m.records_sent > 0
+
+
+async def test_a_gzip_file_cut_short_is_named(topics: TopicSet, tmp_path: Path) -> None:
+    gz = gzip.compress(_itch_day())
+    f = tmp_path / "day.itch.gz"
+    f.write_bytes(gz[: len(gz) * 2 // 3])
+    r = _replay(topics, tmp_path / "m.json", "--source", "itch", "--file", str(f), "--date", DAY)
+    _one_error(r, f.name)  # the ITCH framing names the file and the byte offset
+    m = Manifest.read(tmp_path / "m.json")
+    assert not m.complete
+    assert await _raw_records(topics) == m.records_sent
+
+
+async def test_an_oversize_jsonl_line_is_named_by_its_number(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    lines = [orjson.dumps(t) for t in json_trades("AAA", 40)]
+    lines.insert(25, b'{"pad": "' + b"x" * (10 << 20) + b'"}')  # 10 MB: line 26
+    f = tmp_path / "feed.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    r = _replay(topics, tmp_path / "m.json", "--source", "jsonl", "--file", str(f))
+    _one_error(r, f"{f} line 26", "--max-line-bytes")
+    m = _partial(tmp_path / "m.json", 25)
+    assert await _raw_records(topics) == m.records_sent == 25
+
+
+# --- forwarded for the handler to dead-letter --------------------------------------------
+
+
+async def test_lines_the_replay_cannot_route_are_sent_and_expected_as_dead_letters(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    good = [orjson.dumps(t) for t in json_trades("AAA", 10)]
+    too_big = {**json_trades("AAA", 1)[0], "trade_id": "big"}
+    lines = [
+        *good[:5],
+        # Past 64 bits (orjson writes no such integer: spliced in as text), and past
+        # a signed 64-bit time.
+        orjson.dumps(too_big).replace(b"1732545000000000000", str(2**64 + 5).encode()),
+        orjson.dumps({**too_big, "ts": 2**63}),
+        b"{not json",
+        *good[5:],
+    ]
+    f = tmp_path / "feed.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    r = _replay(topics, tmp_path / "m.json", "--source", "jsonl", "--file", str(f))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Manifest.read(tmp_path / "m.json")
+    assert m.complete
+    assert m.source_messages == m.records_sent == len(lines)
+    assert m.deadletters_expected == 3
+    assert m.symbols["AAA"].ticks == 10
+    assert await _raw_records(topics) == len(lines)
+
+
+async def test_resume_with_a_shorter_source_is_refused(topics: TopicSet, tmp_path: Path) -> None:
+    lines = [orjson.dumps(t) for t in json_trades("AAA", 40)]
+    f = tmp_path / "feed.jsonl"
+    f.write_bytes(b"\n".join([*lines[:30], b"x" * 2048, *lines[30:]]) + b"\n")
+    manifest = tmp_path / "m.json"
+    r = _replay(topics, manifest, "--source", "jsonl", "--file", str(f), "--max-line-bytes", "1024")
+    _one_error(r, f"{f} line 31")
+    before = _partial(manifest, 30)
+    f.write_bytes(b"\n".join(lines[:10]) + b"\n")  # not the file the manifest counts
+    r = _replay(
+        topics, manifest, "--resume", "--source", "jsonl", "--file", str(f),
+        "--max-line-bytes", "1024",
+    )  # fmt: skip
+    _one_error(r, "--resume", "ends after 10 messages")
+    assert Manifest.read(manifest) == before
+    assert await _raw_records(topics) == 30

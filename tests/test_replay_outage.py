@@ -1,0 +1,254 @@
+"""A replay that is stopped, killed or loses its broker still sends every message once.
+
+The real ``tickscale replay`` command against the real broker; what reached the
+raw topic is read back and compared, partition by partition, with the records
+the source makes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ingest.manifest import Manifest, ManifestBuilder
+from ingest.replay.cli import SourceSpec
+from ingest.replay.publisher import Replayer, partition_for
+from tests.pipeline_utils import replay_cmd
+from tickscale.constants import HDR_SEQ
+from tickscale.localstack import KafkaBroker
+from tickscale.localstack.topics import MakeTopics, TopicSet
+
+DAY = "2024-11-25"
+# About 22,000 messages over 16 minutes of the open.
+SPEC = SourceSpec(source="synthetic", symbols=5, seed=3, day=DAY, start="09:29", end="09:45")
+SOURCE_ARGS = [
+    "--source", "synthetic", "--symbols", "5", "--seed", "3", "--date", DAY,
+    "--from", "09:29", "--to", "09:45", "--checkpoint-every", "1",
+]  # fmt: skip
+
+
+def _expected(partitions: int) -> tuple[dict[int, list[bytes]], Manifest]:
+    """Each partition's payloads in order, and the manifest of the whole replay."""
+    src, _, day, _ = SPEC.build()
+    by_part: dict[int, list[bytes]] = defaultdict(list)
+    b = ManifestBuilder()
+    for m in src:
+        targets = range(partitions) if m.key is None else (partition_for(m.key, partitions),)
+        for p in targets:
+            by_part[p].append(m.payload)
+        b.observe(m.payload, m.codec, day, len(targets))
+    return by_part, b.build(source="synthetic", topic="", partitions=partitions)
+
+
+async def _read_raw(ts: TopicSet) -> dict[int, list[tuple[int, bytes]]]:
+    """(feed sequence number, payload) of every record in each raw partition."""
+    tps = [TopicPartition(ts.raw, p) for p in range(ts.raw_partitions)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=ts.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    got: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        async with asyncio.timeout(120):
+            while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+                for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                    for r in records:
+                        got[tp.partition].append((int(dict(r.headers)[HDR_SEQ]), r.value or b""))
+    finally:
+        await consumer.stop()
+    return got
+
+
+async def _assert_exactly_once(ts: TopicSet, manifest: Path) -> None:
+    expected, whole = _expected(ts.raw_partitions)
+    got = await _read_raw(ts)
+    for p in range(ts.raw_partitions):
+        seqs = [s for s, _ in got[p]]
+        assert seqs == list(range(1, len(expected[p]) + 1)), f"partition {p}"
+        assert [v for _, v in got[p]] == expected[p], f"partition {p}"
+    m = Manifest.read(manifest)
+    assert m.complete
+    assert m.source_messages == whole.source_messages
+    assert m.records_sent == sum(len(v) for v in expected.values())
+    assert m.partition_seqs == [len(expected[p]) for p in range(ts.raw_partitions)]
+    # The resumed manifest is the one a replay in one go writes: what verify checks.
+    assert m.symbols == whole.symbols
+    assert m.deadletters_expected == whole.deadletters_expected
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen[bytes], manifest: Path, timeout: float) -> int:
+    """Messages counted by the first manifest that counts any."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the replay ended before its first checkpoint"
+        if manifest.exists():
+            m = Manifest.read(manifest)
+            if m.source_messages > 1000:
+                return m.source_messages
+        time.sleep(0.2)
+    raise TimeoutError("no checkpoint")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+async def test_a_stopped_replay_resumes_without_duplicates(
+    topics: TopicSet, tmp_path: Path, sig: signal.Signals
+) -> None:
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "30", *SOURCE_ARGS),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            await asyncio.sleep(1.5)  # past a checkpoint, with records in flight
+            proc.send_signal(sig)
+            rc = await asyncio.to_thread(proc.wait, 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == (1 if sig == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-3000:]
+    stopped = Manifest.read(manifest)
+    assert not stopped.complete
+    on_broker = sum(len(v) for v in (await _read_raw(topics)).values())
+    if sig == signal.SIGTERM:
+        # An orderly stop counts everything it sent.
+        assert on_broker == stopped.records_sent
+    else:
+        # Killed: what went out after the last checkpoint is on the broker, uncounted.
+        assert on_broker >= stopped.records_sent
+
+    r = await asyncio.to_thread(
+        subprocess.run,
+        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    await _assert_exactly_once(topics, manifest)
+
+
+@pytest.mark.parametrize("timestamps", ["CreateTime", "LogAppendTime"])
+async def test_a_resume_from_an_older_checkpoint_sends_nothing_twice(
+    make_topics: MakeTopics, tmp_path: Path, timestamps: str
+) -> None:
+    """What reached the broker after the manifest a resume starts from (a replay killed
+    between checkpoints) is found on the broker and not sent again, whichever clock
+    stamps the records (md.raw's is the broker's)."""
+    topics = await make_topics(raw_partitions=4, configs={"message.timestamp.type": timestamps})
+    checkpoints: list[Manifest] = []
+    src, _, day, _ = SPEC.build()
+    msgs = list(src)
+    first = Replayer(
+        topics.bootstrap,
+        topics.raw,
+        msgs[: len(msgs) // 2],
+        40.0,
+        day,
+        checkpoint=lambda m: checkpoints.append(m.model_copy(deep=True)),
+        checkpoint_every_s=0.5,
+    )
+    await first.run()
+    older = [m for m in checkpoints if 0 < m.source_messages < len(msgs) // 2]
+    assert older, [m.source_messages for m in checkpoints]
+    stale = older[len(older) // 2]
+    stale.source = "synthetic"
+    rest = Replayer(topics.bootstrap, topics.raw, msgs, None, day, resume=stale)
+    m = await rest.run()
+    assert rest.stats.resumed_messages == stale.source_messages
+    m.write(tmp_path / "m.json")
+    await _assert_exactly_once(topics, tmp_path / "m.json")
+
+
+@pytest.mark.slow
+async def test_a_replay_rides_out_a_broker_outage(
+    topics: TopicSet, kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    with log.open("wb") as out:
+        # About 80 s of sending: the broker goes away in the middle of it.
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "12", "--outage-deadline", "240", *SOURCE_ARGS),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            await asyncio.to_thread(kafka_broker.stop)
+            await asyncio.sleep(45)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            await asyncio.to_thread(kafka_broker.start)
+            rc = await asyncio.to_thread(proc.wait, 400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if not kafka_broker.running:
+                kafka_broker.start()
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "acknowledged nothing" in text  # the outage happened while it sent
+    assert "Traceback" not in text
+    await _assert_exactly_once(topics, manifest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_it", [False, True], ids=["deadline", "sigterm"])
+async def test_past_the_outage_deadline_the_replay_stops_and_resumes_later(
+    topics: TopicSet, kafka_broker: KafkaBroker, tmp_path: Path, stop_it: bool
+) -> None:
+    """Past the deadline, or asked to stop while the broker is away (not kept waiting
+    for the deadline, here far off)."""
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    args = ["--speed", "20", "--outage-deadline", "300" if stop_it else "10", *SOURCE_ARGS]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, *args),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            await asyncio.to_thread(kafka_broker.stop)
+            if stop_it:
+                await asyncio.sleep(2)
+                proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            await asyncio.to_thread(kafka_broker.start)
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    assert "Traceback" not in text
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, text[-3000:]
+    assert f"--bootstrap {topics.bootstrap}" in errors[0]
+    assert ("stopped while" if stop_it else "--outage-deadline") in errors[0]
+    assert not Manifest.read(manifest).complete
+
+    r = await asyncio.to_thread(
+        subprocess.run,
+        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    await _assert_exactly_once(topics, manifest)
