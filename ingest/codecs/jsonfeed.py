@@ -34,7 +34,8 @@ class _JsonBase(BaseModel):
 
     symbol: str = Field(min_length=1, max_length=64)
     venue: str = Field(min_length=1, max_length=16)
-    ts: int = Field(ge=0, description="event time, ns since epoch UTC")
+    # Bounded by the tick schema's signed 64-bit integers, which every reader can hold.
+    ts: int = Field(ge=0, le=2**63 - 1, description="event time, ns since epoch UTC")
 
     @field_validator("ts", mode="before")
     @classmethod
