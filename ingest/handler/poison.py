@@ -1,0 +1,79 @@
+"""Finding the record that keeps a partition's commits failing.
+
+A record's own faults (payload, headers, decoding, serialisation) are caught
+as it is applied (partition.py) and dead-lettered with the batch. What is left
+fails at commit time, where one transaction holds a whole poll and the fault
+cannot be told apart from the broker's: a failed batch is retried with backoff.
+When a partition's batch fails ``after`` times in a row at the same committed
+offset, the partition is committed one record at a time, alone in its
+transaction, up to the end of the largest batch that failed; a single record
+that then fails ``after`` times in a row, each time while the broker accepts a
+transaction without it, is dead-lettered with reason ``repeated_failure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiokafka import TopicPartition
+
+
+@dataclass
+class _Partition:
+    at: int = -1  # the committed offset the failures happened at
+    failures: int = 0  # in a row at ``at``
+    until: int = 0  # one past the last record of the largest batch that failed at ``at``
+    single_until: int | None = None  # committed one record at a time below this offset
+    condemned: dict[int, str] = field(default_factory=dict)  # offset -> what kept failing
+
+
+class PoisonTracker:
+    """Per input partition: consecutive failed commits, and what to do about them.
+
+    :param after: failures in a row at one offset before the handler narrows down
+    """
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self._parts: dict[TopicPartition, _Partition] = {}
+
+    def one_at_a_time(self, tp: TopicPartition, committed: int) -> bool:
+        st = self._parts.get(tp)
+        return st is not None and st.single_until is not None and committed < st.single_until
+
+    def condemned(self, tp: TopicPartition) -> dict[int, str]:
+        st = self._parts.get(tp)
+        return dict(st.condemned) if st is not None else {}
+
+    def failed(
+        self, tp: TopicPartition, committed: int, next_offset: int, error: BaseException
+    ) -> None:
+        """A commit holding ``tp``'s records ``committed`` .. ``next_offset - 1`` failed.
+
+        Call only for failures that may be the records' own: with a batch of one
+        record, only when the broker took a transaction without it just after.
+        """
+        st = self._parts.setdefault(tp, _Partition())
+        if st.at != committed:
+            st.at, st.failures, st.until = committed, 0, next_offset
+        st.until = max(st.until, next_offset)
+        st.failures += 1
+        if st.failures < self.after:
+            return
+        st.failures = 0
+        if self.one_at_a_time(tp, committed) and next_offset == committed + 1:
+            st.condemned[committed] = f"{type(error).__name__}: {error}"
+        else:
+            st.single_until = max(st.until, st.single_until or 0)
+
+    def committed(self, tp: TopicPartition, next_offset: int) -> None:
+        """``tp`` committed everything below ``next_offset``."""
+        st = self._parts.get(tp)
+        if st is None:
+            return
+        st.at, st.failures = -1, 0
+        st.condemned = {o: why for o, why in st.condemned.items() if o >= next_offset}
+        if st.single_until is not None and next_offset >= st.single_until:
+            st.single_until = None
+        if st.single_until is None and not st.condemned:
+            del self._parts[tp]
