@@ -37,6 +37,7 @@ from tickscale.constants import (
     HDR_DL_REASON,
     HDR_SEQ,
 )
+from tickscale.localstack import delete_topics, ensure_topics
 from tickscale.localstack.topics import MakeTopics, TopicSet
 from tickscale.topology import partitions_of
 
@@ -315,6 +316,64 @@ async def test_a_record_that_keeps_failing_its_commit_is_dead_lettered(
     assert [t["trade_id"] for t in ticks] == [str(i) for i in range(12)]
     # The withheld record consumed its sequence number, as the restore's replay will.
     assert [t["seq"] for t in ticks] == [*range(1, 6), *range(7, 14)]
+
+
+async def test_a_dead_letter_too_large_for_its_topic_is_written_bare(
+    make_topics: MakeTopics,
+) -> None:
+    """A real record-specific commit failure: the broker refuses a dead letter larger
+    than the dead-letter topic allows. The record is found one at a time, and its
+    dead letter finally goes without the record's bytes; the rest flows through."""
+    ts = await make_topics(raw_partitions=1, ticks_partitions=1)
+    small_dl = f"{ts.prefix}.small-dl"
+    await ensure_topics(ts.bootstrap, {small_dl: 1}, configs={"max.message.bytes": "1500"})
+    trades = json_trades("BTC-USD", 8)
+    garbage = b"{" + b"x" * 3000
+    await _produce(
+        ts.bootstrap,
+        ts.raw,
+        [*(_json(0, t) for t in trades[:4]), _json(0, garbage), *(_json(0, t) for t in trades[4:])],
+    )
+    s = HandlerSettings(
+        bootstrap=ts.bootstrap,
+        in_topic=ts.raw,
+        out_topic=ts.ticks,
+        deadletter_topic=small_dl,
+        group=ts.group,
+        handler_id="big",
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        poison_after=2,
+    )
+    aborts = sum(
+        m.value for m in metrics.TXN_ABORTS.collect()[0].samples if m.name.endswith("_total")
+    )
+    try:
+        async with FeedHandler(s) as h:
+            run = asyncio.create_task(h.run())
+            try:
+                async with asyncio.timeout(120):
+                    while h.messages < 9:
+                        assert not run.done(), run
+                        await asyncio.sleep(0.2)
+            finally:
+                h.request_stop()
+                await run
+        dls = await _read_all(ts.bootstrap, small_dl)
+    finally:
+        await delete_topics(ts.bootstrap, [small_dl], timeout_s=10)
+    after = sum(
+        m.value for m in metrics.TXN_ABORTS.collect()[0].samples if m.name.endswith("_total")
+    )
+    # The batch twice, the record alone twice, its full dead letter twice.
+    assert after - aborts == 6
+    assert len(dls) == 1 and dls[0].value == b""
+    hdr = dict(dls[0].headers)
+    assert hdr[HDR_DL_REASON].startswith(b"repeated_failure: MessageSizeTooLargeError"), hdr
+    assert b"without the record's 3001 bytes" in hdr[HDR_DL_REASON]
+    assert hdr[HDR_DL_OFFSET] == b"4" and HDR_CODEC not in hdr
+    ticks = [orjson.loads(t.value) for t in await _read_all(ts.bootstrap, ts.ticks)]
+    assert [t["trade_id"] for t in ticks] == [str(i) for i in range(8)]
 
 
 # The tracker's rules, without a broker ------------------------------------------------------

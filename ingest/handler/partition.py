@@ -108,6 +108,9 @@ class DeadLetter:
     record: ConsumerRecord[Any, Any]
     reason: str
     detail: str
+    # Without the record's bytes and headers: the last resort when even its dead
+    # letter cannot be committed (too large for the dead-letter topic).
+    bare: bool = False
 
     @classmethod
     def of(cls, rec: ConsumerRecord[Any, Any], e: Exception) -> DeadLetter:
@@ -167,6 +170,7 @@ class PartitionWorker:
         # (offset -> what kept failing).
         self.one_at_a_time = False
         self.condemned: dict[int, str] = {}
+        self.bare: set[int] = set()
 
     # Restore -----------------------------------------------------------------------
 
@@ -320,7 +324,9 @@ class PartitionWorker:
                 # Applied like any record, as a restore's replay will apply it, but
                 # its output is withheld: it is what kept the commit failing.
                 self._apply(rec, b.recv_ts, [], silent=True)
-                b.dead.append(DeadLetter(rec, "repeated_failure", why))
+                b.dead.append(
+                    DeadLetter(rec, "repeated_failure", why, bare=rec.offset in self.bare)
+                )
                 continue
             dl = self._apply(rec, b.recv_ts, b.ticks, values=b.values)
             if dl is not None:
@@ -334,17 +340,20 @@ class PartitionWorker:
         futures = await self._send_ticks(producer, b.ticks, b.values)
         for dl in b.dead:
             rec = dl.record
+            detail = dl.detail
+            if dl.bare:
+                detail += f" (dead letter without the record's {len(rec.value or b'')} bytes)"
             futures.append(
                 await producer.send(
                     self.outputs.deadletter_topic,
-                    rec.value or b"",
-                    key=rec.key,
+                    b"" if dl.bare else rec.value or b"",
+                    key=None if dl.bare else rec.key,
                     headers=[
-                        (HDR_DL_REASON, f"{dl.reason}: {dl.detail}".encode(errors="replace")),
+                        (HDR_DL_REASON, f"{dl.reason}: {detail}".encode(errors="replace")),
                         (HDR_DL_TOPIC, rec.topic.encode()),
                         (HDR_DL_PARTITION, str(rec.partition).encode()),
                         (HDR_DL_OFFSET, str(rec.offset).encode()),
-                        *(rec.headers or ()),
+                        *(() if dl.bare else rec.headers or ()),
                     ],
                 )
             )

@@ -8,7 +8,9 @@ When a partition's batch fails ``after`` times in a row at the same committed
 offset, the partition is committed one record at a time, alone in its
 transaction, up to the end of the largest batch that failed; a single record
 that then fails ``after`` times in a row, each time while the broker accepts a
-transaction without it, is dead-lettered with reason ``repeated_failure``.
+transaction without it, is dead-lettered with reason ``repeated_failure``. If
+that dead letter fails as often (a record too large for the dead-letter
+topic), it is written without the record's bytes and headers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class _Partition:
     until: int = 0  # one past the last record of the largest batch that failed at ``at``
     single_until: int | None = None  # committed one record at a time below this offset
     condemned: dict[int, str] = field(default_factory=dict)  # offset -> what kept failing
+    bare: set[int] = field(default_factory=set)  # condemned, and their dead letter failed too
 
 
 class PoisonTracker:
@@ -45,6 +48,11 @@ class PoisonTracker:
         st = self._parts.get(tp)
         return dict(st.condemned) if st is not None else {}
 
+    def bare(self, tp: TopicPartition) -> set[int]:
+        """Condemned offsets whose dead letter must go without the record's content."""
+        st = self._parts.get(tp)
+        return set(st.bare) if st is not None else set()
+
     def failed(
         self, tp: TopicPartition, committed: int, next_offset: int, error: BaseException
     ) -> None:
@@ -62,7 +70,10 @@ class PoisonTracker:
             return
         st.failures = 0
         if self.one_at_a_time(tp, committed) and next_offset == committed + 1:
-            st.condemned[committed] = f"{type(error).__name__}: {error}"
+            if committed in st.condemned:
+                st.bare.add(committed)
+            else:
+                st.condemned[committed] = f"{type(error).__name__}: {error}"
         else:
             st.single_until = max(st.until, st.single_until or 0)
 
@@ -73,6 +84,7 @@ class PoisonTracker:
             return
         st.at, st.failures = -1, 0
         st.condemned = {o: why for o, why in st.condemned.items() if o >= next_offset}
+        st.bare = {o for o in st.bare if o >= next_offset}
         if st.single_until is not None and next_offset >= st.single_until:
             st.single_until = None
         if st.single_until is None and not st.condemned:

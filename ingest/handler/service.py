@@ -421,12 +421,15 @@ class FeedHandler:
             if isinstance(p, FencedProducer):
                 meta = GroupMetadata.of(self.consumer, self.s.group)
                 await p.begin_transaction()
-                for b in work:
-                    await b.worker.send(p, b)
+                futures = [f for b in work for f in await b.worker.send(p, b)]
                 await p.send_offsets_fenced(
                     {b.worker.tp: OffsetAndMetadata(b.next_offset, self.txn_id) for b in work},
                     meta,
                 )
+                # The commit waits for these anyway, but does not fail for every
+                # refused produce: a record too large for its topic would commit
+                # the offsets without it.
+                await asyncio.gather(*futures)
                 await p.commit_transaction()
             else:
                 futures = [f for b in work for f in await b.worker.send(p, b)]
@@ -450,6 +453,7 @@ class FeedHandler:
                 self.consumer.seek(b.worker.tp, b.next_offset)
                 b.worker.one_at_a_time = self._poison.one_at_a_time(b.worker.tp, b.next_offset)
                 b.worker.condemned = self._poison.condemned(b.worker.tp)
+                b.worker.bare = self._poison.bare(b.worker.tp)
         metrics.PROCESSING.observe(time.monotonic() - t0)
         if not isinstance(p, FencedProducer):
             # At-least-once: offsets after the output is acknowledged.
@@ -502,6 +506,7 @@ class FeedHandler:
                     continue
                 w.one_at_a_time = self._poison.one_at_a_time(tp, w.committed)
                 w.condemned = self._poison.condemned(tp)
+                w.bare = self._poison.bare(tp)
                 if w.one_at_a_time:
                     log.warning(
                         "%s keeps failing at offset %d: committing one record at a time%s",
