@@ -20,11 +20,19 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NotEnoughReplicasError,
+    ProducerFenced,
+    RequestTimedOutError,
+)
 
 from ingest import metrics
 from ingest.codecs import itch
 from ingest.handler.partition import Batch, PartitionWorker
-from ingest.handler.poison import PoisonTracker
+from ingest.handler.poison import PoisonTracker, may_be_the_records
 from ingest.handler.service import FeedHandler
 from ingest.handler.settings import HandlerSettings
 from ingest.manifest import Manifest
@@ -37,7 +45,7 @@ from tickscale.constants import (
     HDR_DL_REASON,
     HDR_SEQ,
 )
-from tickscale.localstack import delete_topics, ensure_topics
+from tickscale.localstack import KafkaBroker, delete_topics, ensure_topics
 from tickscale.localstack.topics import MakeTopics, TopicSet
 from tickscale.topology import partitions_of
 
@@ -292,16 +300,7 @@ async def test_a_record_that_keeps_failing_its_commit_is_dead_lettered(
         poison_after=2,
     )
     dl_before = metrics.DEADLETTERS.labels("repeated_failure")._value.get()
-    async with FeedHandler(s) as h:
-        run = asyncio.create_task(h.run())
-        try:
-            async with asyncio.timeout(120):
-                while h.messages < len(lines):
-                    assert not run.done(), run
-                    await asyncio.sleep(0.2)
-        finally:
-            h.request_stop()
-            await run
+    await _run_until(s, len(lines))
     assert metrics.DEADLETTERS.labels("repeated_failure")._value.get() == dl_before + 1
     # Batches failed twice at the same offset, then the record alone twice: no more.
     assert len(attempts) == 4 and attempts[-2:] == [1, 1], attempts
@@ -316,6 +315,59 @@ async def test_a_record_that_keeps_failing_its_commit_is_dead_lettered(
     assert [t["trade_id"] for t in ticks] == [str(i) for i in range(12)]
     # The withheld record consumed its sequence number, as the restore's replay will.
     assert [t["seq"] for t in ticks] == [*range(1, 6), *range(7, 14)]
+
+
+async def _run_until(s: HandlerSettings, messages: int, within_s: float = 120) -> None:
+    """Run an in-process handler until it has committed ``messages`` records."""
+    async with FeedHandler(s) as h:
+        run = asyncio.create_task(h.run())
+        try:
+            async with asyncio.timeout(within_s):
+                while h.messages < messages:
+                    assert not run.done(), run
+                    await asyncio.sleep(0.2)
+        finally:
+            h.request_stop()
+            await run
+
+
+async def test_a_time_out_at_commit_is_retried_and_never_blamed_on_a_record(
+    make_topics: MakeTopics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits of the same record time out more often than poison_after, alone too:
+    a time-out is the broker's, so the record is retried with backoff and its
+    ticks arrive once it commits. (The client rides out a real outage inside the
+    transaction, so the time-outs are injected.)"""
+    ts = await make_topics(raw_partitions=1, ticks_partitions=1)
+    trades = json_trades("BTC-USD", 8)
+    await _produce(ts.bootstrap, ts.raw, [_json(0, t) for t in trades])
+    real_send = PartitionWorker.send
+    attempts = []
+
+    async def send(self: PartitionWorker, producer: AIOKafkaProducer, b: Batch) -> list[Any]:
+        if any(r.offset == 3 for r in b.records) and len(attempts) < 6:
+            attempts.append(len(b.records))
+            raise KafkaTimeoutError()
+        return await real_send(self, producer, b)
+
+    monkeypatch.setattr(PartitionWorker, "send", send)
+    s = HandlerSettings(
+        bootstrap=ts.bootstrap,
+        in_topic=ts.raw,
+        out_topic=ts.ticks,
+        deadletter_topic=ts.deadletter,
+        group=ts.group,
+        handler_id="timeouts",
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        poison_after=2,
+    )
+    await _run_until(s, len(trades))
+    # Into the one-at-a-time search after two, then record 3 alone four times.
+    assert len(attempts) == 6 and attempts[2:] == [1, 1, 1, 1], attempts
+    assert await _read_all(ts.bootstrap, ts.deadletter) == []
+    ticks = [orjson.loads(t.value) for t in await _read_all(ts.bootstrap, ts.ticks)]
+    assert [(t["trade_id"], t["seq"]) for t in ticks] == [(str(i), i + 1) for i in range(8)]
 
 
 async def test_a_dead_letter_too_large_for_its_topic_is_written_bare(
@@ -349,16 +401,7 @@ async def test_a_dead_letter_too_large_for_its_topic_is_written_bare(
         m.value for m in metrics.TXN_ABORTS.collect()[0].samples if m.name.endswith("_total")
     )
     try:
-        async with FeedHandler(s) as h:
-            run = asyncio.create_task(h.run())
-            try:
-                async with asyncio.timeout(120):
-                    while h.messages < 9:
-                        assert not run.done(), run
-                        await asyncio.sleep(0.2)
-            finally:
-                h.request_stop()
-                await run
+        await _run_until(s, 9)
         dls = await _read_all(ts.bootstrap, small_dl)
     finally:
         await delete_topics(ts.bootstrap, [small_dl], timeout_s=10)
@@ -374,6 +417,59 @@ async def test_a_dead_letter_too_large_for_its_topic_is_written_bare(
     assert hdr[HDR_DL_OFFSET] == b"4" and HDR_CODEC not in hdr
     ticks = [orjson.loads(t.value) for t in await _read_all(ts.bootstrap, ts.ticks)]
     assert [t["trade_id"] for t in ticks] == [str(i) for i in range(8)]
+
+
+@pytest.mark.slow
+async def test_a_broker_outage_while_searching_dead_letters_no_good_record(
+    make_topics: MakeTopics, kafka_broker: KafkaBroker
+) -> None:
+    """The broker dies while a partition commits one record at a time: the search
+    goes on once it is back, nothing good is dead-lettered, even with
+    poison_after=1, and nothing is lost or repeated."""
+    ts = await make_topics(raw_partitions=1, ticks_partitions=1)
+    small_dl = f"{ts.prefix}.small-dl"
+    await ensure_topics(ts.bootstrap, {small_dl: 1}, configs={"max.message.bytes": "1500"})
+    trades = json_trades("BTC-USD", 30)
+    # The oversized malformed record puts the partition into the one-at-a-time search.
+    await _produce(
+        ts.bootstrap, ts.raw, [_json(0, b"{" + b"x" * 3000), *(_json(0, t) for t in trades)]
+    )
+    real_send = PartitionWorker.send
+    restarted: list[asyncio.Task[Any]] = []
+
+    async def send(self: PartitionWorker, producer: AIOKafkaProducer, b: Batch) -> list[Any]:
+        if not restarted and self.one_at_a_time and b.records[0].offset == 10:
+            kafka_broker.kill()  # right as record 10 commits alone
+            restarted.append(asyncio.create_task(_start_later(kafka_broker, 8)))
+        return await real_send(self, producer, b)
+
+    s = HandlerSettings(
+        bootstrap=ts.bootstrap,
+        in_topic=ts.raw,
+        out_topic=ts.ticks,
+        deadletter_topic=small_dl,
+        group=ts.group,
+        handler_id="outage",
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        poison_after=1,
+        session_timeout_ms=30_000,
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PartitionWorker, "send", send)
+        await _run_until(s, 31, within_s=300)
+    assert restarted, "the outage never happened"
+    await restarted[0]
+    dls = await _read_all(ts.bootstrap, small_dl)
+    await delete_topics(ts.bootstrap, [small_dl], timeout_s=10)
+    assert [dict(d.headers)[HDR_DL_OFFSET] for d in dls] == [b"0"]
+    ticks = [orjson.loads(t.value) for t in await _read_all(ts.bootstrap, ts.ticks)]
+    assert [t["trade_id"] for t in ticks] == [str(i) for i in range(30)]
+
+
+async def _start_later(broker: KafkaBroker, delay: float) -> None:
+    await asyncio.sleep(delay)
+    await asyncio.to_thread(broker.start)
 
 
 # The tracker's rules, without a broker ------------------------------------------------------
@@ -412,3 +508,18 @@ def test_tracker_condemns_a_lone_record_failing_n_times_in_a_row() -> None:
     assert t.condemned(TP0) == {} and t.one_at_a_time(TP0, 2)
     t.committed(TP0, 9)
     assert not t.one_at_a_time(TP0, 9)
+
+
+def test_only_errors_a_record_can_cause_are_blamed_on_it() -> None:
+    for e in (MessageSizeTooLargeError(), TypeError("x"), ValueError("x")):
+        assert may_be_the_records(e), e
+    for e in (
+        KafkaTimeoutError(),
+        KafkaConnectionError(),
+        RequestTimedOutError(),
+        NotEnoughReplicasError(),
+        ProducerFenced(),
+        ConnectionResetError(),
+        TimeoutError(),
+    ):
+        assert not may_be_the_records(e), e

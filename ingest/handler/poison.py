@@ -8,7 +8,8 @@ When a partition's batch fails ``after`` times in a row at the same committed
 offset, the partition is committed one record at a time, alone in its
 transaction, up to the end of the largest batch that failed; a single record
 that then fails ``after`` times in a row, each time while the broker accepts a
-transaction without it, is dead-lettered with reason ``repeated_failure``. If
+transaction without it and the error is one a record can cause, is
+dead-lettered with reason ``repeated_failure``. If
 that dead letter fails as often (a record too large for the dead-letter
 topic), it is written without the record's bytes and headers.
 """
@@ -18,6 +19,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
+from aiokafka import errors as kafka_errors
+
+# What a broker or client says about the records themselves. Every other Kafka
+# error (the network, time-outs, leadership, fencing, authorisation) and every
+# OSError says nothing about them: such failures are retried, never blamed on a
+# record.
+_RECORD_ERRORS = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.CorruptRecordException,
+    kafka_errors.InvalidMessageError,
+    kafka_errors.InvalidTimestampError,
+    kafka_errors.UnsupportedForMessageFormatError,
+)
+
+
+def may_be_the_records(error: BaseException) -> bool:
+    """Whether a failed commit's error can be the fault of a record in it."""
+    if isinstance(error, kafka_errors.KafkaError):
+        return isinstance(error, _RECORD_ERRORS)
+    return not isinstance(error, OSError | TimeoutError)
 
 
 @dataclass

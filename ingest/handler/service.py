@@ -37,7 +37,7 @@ from ingest.handler.fencing import (
     stale_transactions,
 )
 from ingest.handler.partition import Batch, Outputs, PartitionWorker
-from ingest.handler.poison import PoisonTracker
+from ingest.handler.poison import PoisonTracker, may_be_the_records
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
@@ -492,10 +492,13 @@ class FeedHandler:
             if self._fatal is not None:
                 return
         for b in failed or ():
-            # A lone record's failure is only its own if the broker takes a commit
-            # without it: an outage must never dead-letter good records.
+            # A lone record's failure is only its own if the error can be a record's
+            # and the broker takes a commit without it: an outage must never
+            # dead-letter good records.
             lone = b.worker.one_at_a_time and len(b.records) == 1
-            if error is not None and (not lone or await self._probe([b.worker])):
+            if error is not None and (
+                not lone or (may_be_the_records(error) and await self._probe([b.worker]))
+            ):
                 self._poison.failed(b.worker.tp, b.worker.committed, b.next_offset, error)
         for tp in tps:
             self._close_worker(tp)
