@@ -272,7 +272,7 @@ _seq = st.one_of(
 @st.composite
 def _record_strategy(draw: st.DrawFn, offset: int) -> Any:
     codec = draw(st.one_of(st.sampled_from([b"itch", b"json", None]), st.binary(max_size=6)))
-    headers: list[tuple[str, bytes]] = []
+    headers: list[tuple[str, Any]] = []
     if codec is not None:
         headers.append((HDR_CODEC, codec))
     date = draw(_date)
@@ -281,6 +281,12 @@ def _record_strategy(draw: st.DrawFn, offset: int) -> Any:
     seq = draw(_seq)
     if seq is not None:
         headers.append((HDR_SEQ, seq))
+    # Kafka allows a header without a value, and the same header twice.
+    for _ in range(draw(st.integers(0, 2))):
+        name = draw(st.sampled_from([HDR_CODEC, HDR_DATE, HDR_SEQ, "other"]))
+        headers.insert(
+            draw(st.integers(0, len(headers))), (name, draw(st.none() | st.binary(max_size=4)))
+        )
     is_json = codec == b"json"
     value = draw(_json_payload if is_json else _itch_payload)
     if draw(st.integers(0, 20)) == 0:

@@ -90,11 +90,11 @@ _CODECS = frozenset((b"itch", b"json"))
 _MAX_SEQ = 2**63 - 1
 
 
-def _feed_seq(raw: bytes) -> int | None:
+def _feed_seq(raw: bytes | None) -> int | None:
     """A record's feed sequence header as a number; None for anything else."""
     try:
-        seq = int(raw)
-    except ValueError:
+        seq = int(raw)  # type: ignore[arg-type]  # a header's value may be null
+    except (TypeError, ValueError):
         return None
     return seq if 0 < seq <= _MAX_SEQ else None
 
@@ -249,9 +249,8 @@ class PartitionWorker:
         fails the same way in both and leaves the same state behind.
         """
         h = _headers(rec)
-        seq_hdr = h.get(HDR_SEQ)
-        if seq_hdr is not None:
-            seq = _feed_seq(seq_hdr)
+        if HDR_SEQ in h:
+            seq = _feed_seq(h[HDR_SEQ])
             missed = 0 if seq is None else self.norm.check_feed_seq(seq)
             if missed and not silent:
                 metrics.SEQUENCE_GAPS.inc(missed)
