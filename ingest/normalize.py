@@ -43,6 +43,7 @@ def midnight_ns(day: str) -> int:
     return int(datetime.combine(d, time(0), tzinfo=EXCHANGE_TZ).timestamp()) * 1_000_000_000
 
 
+@lru_cache(maxsize=64)  # per record on the hot path; failures are not cached
 def day_start_ns(day: bytes | str) -> int:
     """``midnight_ns`` of a record's date header; DecodeError for anything but an
     ISO date whose times fit the tick schema."""

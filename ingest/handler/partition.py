@@ -270,7 +270,13 @@ class PartitionWorker:
                 raise DecodeError("unknown_codec", f"{codec!r:.40}")
             # Serialised here rather than at send time, so a value the wire format
             # cannot carry fails this record instead of the whole batch's commit.
-            encoded = [orjson.dumps(t) for t in out[mark:]]
+            n = len(out) - mark
+            if n == 1:
+                encoded: tuple[bytes, ...] | list[bytes] = (orjson.dumps(out[mark]),)
+            elif n:
+                encoded = [orjson.dumps(t) for t in out[mark:]]
+            else:
+                encoded = ()
         except Exception as e:  # whatever the record did, it alone is dead-lettered
             self._discard(out, mark)
             dl = DeadLetter.of(rec, e)
@@ -280,7 +286,7 @@ class PartitionWorker:
                 if not isinstance(e, DecodeError):
                     log.warning("%s: record at offset %d failed: %r", self.tp, rec.offset, e)
             return dl
-        if values is not None:
+        if values is not None and encoded:
             values.extend(encoded)
         return None
 
@@ -317,9 +323,10 @@ class PartitionWorker:
             records = records[:1]
         b = Batch(self, records, [], [], [], time.time_ns())
         errs_before = sum(self.norm.book_errors.values())
+        condemned = self.condemned
         for rec in records:
-            why = self.condemned.get(rec.offset)
-            if why is not None:
+            if condemned and rec.offset in condemned:
+                why = condemned[rec.offset]
                 # Applied like any record, as a restore's replay will apply it, but
                 # its output is withheld: it is what kept the commit failing.
                 self._apply(rec, b.recv_ts, [], silent=True)
