@@ -428,8 +428,11 @@ class FeedHandler:
                 )
                 # The commit waits for these anyway, but does not fail for every
                 # refused produce: a record too large for its topic would commit
-                # the offsets without it.
-                await asyncio.gather(*futures)
+                # the offsets without it. Every outcome is read, so no refusal is
+                # left for asyncio to report as never retrieved.
+                for r in await asyncio.gather(*futures, return_exceptions=True):
+                    if isinstance(r, BaseException):
+                        raise r
                 await p.commit_transaction()
             else:
                 futures = [f for b in work for f in await b.worker.send(p, b)]
