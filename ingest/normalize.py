@@ -22,6 +22,7 @@ import orjson
 
 from ingest.book import BookError, Books, SymbolBook, Top
 from ingest.codecs import itch
+from ingest.codecs.errors import DecodeError
 from ingest.codecs.jsonfeed import JsonQuote, JsonTrade, decode_json
 from ingest.ticks import price_e4
 
@@ -29,11 +30,30 @@ EXCHANGE_TZ = ZoneInfo("America/New_York")
 ITCH_VENUE = "XNAS"
 
 
+# Event times are published as signed 64-bit nanoseconds (the tick schema's
+# integers must fit every reader), which reach to 2262-04-11.
+_FIRST_DAY = date(1970, 1, 2)
+_LAST_DAY = date(2262, 4, 10)
+
+
 @lru_cache(maxsize=64)
 def midnight_ns(day: str) -> int:
     """UTC epoch ns of local midnight in the exchange's time zone on ``day``."""
     d = date.fromisoformat(day)
     return int(datetime.combine(d, time(0), tzinfo=EXCHANGE_TZ).timestamp()) * 1_000_000_000
+
+
+@lru_cache(maxsize=64)  # per record on the hot path; failures are not cached
+def day_start_ns(day: bytes | str) -> int:
+    """``midnight_ns`` of a record's date header; DecodeError for anything but an
+    ISO date whose times fit the tick schema."""
+    try:
+        text = day.decode("ascii") if isinstance(day, bytes) else day
+        if not _FIRST_DAY <= date.fromisoformat(text) <= _LAST_DAY:
+            raise ValueError("outside 1970-01-02..2262-04-10")
+        return midnight_ns(text)
+    except ValueError as e:  # UnicodeDecodeError is one
+        raise DecodeError("bad_date", f"date header {day!r:.40}: {e}") from None
 
 
 class Normalizer:
@@ -133,15 +153,16 @@ class Normalizer:
     # ITCH ----------------------------------------------------------------
 
     def on_itch(
-        self, payload: bytes, day: str, recv_ts: int, out: list[dict[str, Any]]
+        self, payload: bytes, day: bytes | str, recv_ts: int, out: list[dict[str, Any]]
     ) -> itch.ItchMessage:
         """Decode and apply one ITCH message, appending any ticks to ``out``.
 
-        Raises itch.DecodeError for input that cannot be decoded (the caller
-        dead-letters it). Book inconsistencies are counted, never raised.
+        Raises itch.DecodeError for input that cannot be decoded or a ``day``
+        that is not a date (the caller dead-letters it), before any state
+        changes. Book inconsistencies are counted, never raised.
         """
         msg = itch.decode(payload)
-        ts = midnight_ns(day) + msg.timestamp
+        ts = day_start_ns(day) + msg.timestamp
         try:
             self._apply(msg, ts, recv_ts, out)
         except BookError as e:

@@ -92,14 +92,55 @@ def _headers(rec: ConsumerRecord[Any, Any]) -> dict[str, bytes]:
     return dict(rec.headers) if rec.headers else {}
 
 
+_CODECS = frozenset((b"itch", b"json"))
+# Feed sequence numbers are kept in the state, which snapshots as JSON: an
+# integer outside 64 bits would make every later snapshot fail.
+_MAX_SEQ = 2**63 - 1
+
+
+def _feed_seq(raw: bytes | None) -> int | None:
+    """A record's feed sequence header as a number; None for anything else."""
+    try:
+        seq = int(raw)  # type: ignore[arg-type]  # a header's value may be null
+    except (TypeError, ValueError):
+        return None
+    return seq if 0 < seq <= _MAX_SEQ else None
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A record the handler gives up on: ``reason`` is a short stable code (the
+    metric's label, the head of the dead letter's reason header), ``detail`` is
+    for humans."""
+
+    record: ConsumerRecord[Any, Any]
+    reason: str
+    detail: str
+    # Without the record's bytes and headers: the last resort when even its dead
+    # letter cannot be committed (too large for the dead-letter topic).
+    bare: bool = False
+
+    @classmethod
+    def of(cls, rec: ConsumerRecord[Any, Any], e: Exception) -> DeadLetter:
+        if isinstance(e, DecodeError):
+            return cls(rec, e.reason, e.detail)
+        if isinstance(e, orjson.JSONEncodeError):
+            return cls(rec, "unserialisable", str(e))
+        return cls(rec, "unexpected_error", f"{type(e).__name__}: {e}")
+
+
 @dataclass(slots=True)
 class Batch:
-    """One partition's share of a poll, transformed and not yet committed."""
+    """One partition's share of a poll, transformed and not yet committed.
+
+    ``values`` holds each tick of ``ticks`` serialised, in the same order.
+    """
 
     worker: PartitionWorker
     records: list[ConsumerRecord[Any, Any]]
     ticks: list[dict[str, Any]]
-    dead: list[tuple[ConsumerRecord[Any, Any], DecodeError]]
+    values: list[bytes]
+    dead: list[DeadLetter]
     recv_ts: int
 
     @property
@@ -132,6 +173,12 @@ class PartitionWorker:
         self._last_snapshot = 0.0
         self._partition_label = str(tp.partition)
         self._snap_key = snapshot_key(group, tp.topic, tp.partition)
+        # Set by the handler while it looks for the record that keeps a batch from
+        # committing: batches of one record, and records to dead-letter unsent
+        # (offset -> what kept failing).
+        self.one_at_a_time = False
+        self.condemned: dict[int, str] = {}
+        self.bare: set[int] = set()
 
     # Restore -----------------------------------------------------------------------
 
@@ -247,38 +294,77 @@ class PartitionWorker:
         recv_ts: int,
         out: list[dict[str, Any]],
         silent: bool = False,
-    ) -> DecodeError | None:
+        values: list[bytes] | None = None,
+    ) -> DeadLetter | None:
+        """Apply one record to the state, appending its ticks to ``out`` (and their
+        serialised form to ``values``); the DeadLetter when the record cannot be used.
+
+        Live processing and a restore's silent replay run exactly this, so a record
+        fails the same way in both and leaves the same state behind.
+        """
         h = _headers(rec)
-        seq = h.get(HDR_SEQ)
-        if seq is not None:
-            try:
-                missed = self.norm.check_feed_seq(int(seq))
-            except ValueError:
-                missed = 0
+        if HDR_SEQ in h:
+            seq = _feed_seq(h[HDR_SEQ])
+            missed = 0 if seq is None else self.norm.check_feed_seq(seq)
             if missed and not silent:
                 metrics.SEQUENCE_GAPS.inc(missed)
-                log.warning("%s: feed sequence gap of %d before %s", self.tp, missed, seq)
+                log.warning("%s: feed sequence gap of %d before %d", self.tp, missed, seq)
         codec = h.get(HDR_CODEC, b"itch")
-        value = rec.value or b""
+        mark = len(out)
         try:
+            value = rec.value or b""
             if codec == b"itch":
                 day = h.get(HDR_DATE)
                 if day is None:
                     raise DecodeError("missing_date", "ITCH record without a date header")
-                self.norm.on_itch(value, day.decode(), recv_ts, out)
+                self.norm.on_itch(value, day, recv_ts, out)
             elif codec == b"json":
                 self.norm.on_json(value, recv_ts, out)
             else:
-                raise DecodeError("unknown_codec", codec.decode("latin-1"))
-        except DecodeError as e:
+                raise DecodeError("unknown_codec", f"{codec!r:.40}")
+            # Serialised here rather than at send time, so a value the wire format
+            # cannot carry fails this record instead of the whole batch's commit.
+            n = len(out) - mark
+            if n == 1:
+                encoded: tuple[bytes, ...] | list[bytes] = (orjson.dumps(out[mark]),)
+            elif n:
+                encoded = [orjson.dumps(t) for t in out[mark:]]
+            else:
+                encoded = ()
+        except Exception as e:  # whatever the record did, it alone is dead-lettered
+            self._discard(out, mark)
+            dl = DeadLetter.of(rec, e)
             if not silent:
-                metrics.DECODE_ERRORS.labels(codec.decode("latin-1"), e.reason).inc()
-            return e
+                label = codec.decode() if codec in _CODECS else "other"
+                metrics.DECODE_ERRORS.labels(label, dl.reason).inc()
+                if not isinstance(e, DecodeError):
+                    log.warning("%s: record at offset %d failed: %r", self.tp, rec.offset, e)
+            return dl
+        if values is not None and encoded:
+            values.extend(encoded)
         return None
+
+    def _discard(self, out: list[dict[str, Any]], mark: int) -> None:
+        """Drop the ticks a failed record made, and give back their sequence numbers
+        so each symbol's ticks stay gap-free. Decoding and validation come before any
+        other change to the state, so a record failing there leaves none; one failing
+        later (a tick that cannot be serialised) may have moved a book, the same way
+        in a restore's replay."""
+        seqs = self.norm.seqs
+        for t in reversed(out[mark:]):
+            sym = t.get("symbol")
+            n = t.get("seq")
+            if isinstance(n, int) and seqs.get(sym) == n:
+                if n > 1:
+                    seqs[sym] = n - 1
+                else:
+                    del seqs[sym]
+        del out[mark:]
 
     def transform(self, records: list[ConsumerRecord[Any, Any]]) -> Batch | None:
         """Apply a poll's records to the state; None when none of them is new.
 
+        Every record is either applied or dead-lettered; nothing it holds raises.
         The state then runs ahead of the committed offset: the caller commits the
         batch (``committed_batch``) or discards this worker and restores it.
         """
@@ -287,31 +373,47 @@ class PartitionWorker:
         records = unseen(records, self.committed)
         if not records:
             return None
-        b = Batch(self, records, [], [], time.time_ns())
+        if self.one_at_a_time:
+            records = records[:1]
+        b = Batch(self, records, [], [], [], time.time_ns())
         errs_before = sum(self.norm.book_errors.values())
+        condemned = self.condemned
         for rec in records:
-            err = self._apply(rec, b.recv_ts, b.ticks)
-            if err is not None:
-                b.dead.append((rec, err))
+            if condemned and rec.offset in condemned:
+                why = condemned[rec.offset]
+                # Applied like any record, as a restore's replay will apply it, but
+                # its output is withheld: it is what kept the commit failing.
+                self._apply(rec, b.recv_ts, [], silent=True)
+                b.dead.append(
+                    DeadLetter(rec, "repeated_failure", why, bare=rec.offset in self.bare)
+                )
+                continue
+            dl = self._apply(rec, b.recv_ts, b.ticks, values=b.values)
+            if dl is not None:
+                b.dead.append(dl)
         if sum(self.norm.book_errors.values()) != errs_before:
             self._count_book_errors()
         return b
 
     async def send(self, producer: AIOKafkaProducer, b: Batch) -> list[asyncio.Future[Any]]:
         """Hand the batch's ticks and dead letters to the producer."""
-        futures = await self._send_ticks(producer, b.ticks)
-        for rec, err in b.dead:
+        futures = await self._send_ticks(producer, b.ticks, b.values)
+        for dl in b.dead:
+            rec = dl.record
+            detail = dl.detail
+            if dl.bare:
+                detail += f" (dead letter without the record's {len(rec.value or b'')} bytes)"
             futures.append(
                 await producer.send(
                     self.outputs.deadletter_topic,
-                    rec.value or b"",
-                    key=rec.key,
+                    b"" if dl.bare else rec.value or b"",
+                    key=None if dl.bare else rec.key,
                     headers=[
-                        (HDR_DL_REASON, f"{err.reason}: {err.detail}".encode()),
+                        (HDR_DL_REASON, f"{dl.reason}: {detail}".encode(errors="replace")),
                         (HDR_DL_TOPIC, rec.topic.encode()),
                         (HDR_DL_PARTITION, str(rec.partition).encode()),
                         (HDR_DL_OFFSET, str(rec.offset).encode()),
-                        *(rec.headers or ()),
+                        *(() if dl.bare else rec.headers or ()),
                     ],
                 )
             )
@@ -325,8 +427,8 @@ class PartitionWorker:
             metrics.E2E_LATENCY.observe(max(0.0, done - records[i].timestamp / 1000))
         metrics.MESSAGES_IN.labels(self._partition_label).inc(len(records))
         metrics.BATCH_SIZE.observe(len(records))
-        for _, err in b.dead:
-            metrics.DEADLETTERS.labels(err.reason).inc()
+        for dl in b.dead:
+            metrics.DEADLETTERS.labels(dl.reason).inc()
         n_trades = sum(1 for t in b.ticks if t["kind"] == "trade")
         if n_trades:
             metrics.TICKS_OUT.labels("trade").inc(n_trades)
@@ -338,19 +440,17 @@ class PartitionWorker:
                 self.save_snapshot()
 
     async def _send_ticks(
-        self, p: AIOKafkaProducer, ticks: list[dict[str, Any]]
+        self, p: AIOKafkaProducer, ticks: list[dict[str, Any]], values: list[bytes]
     ) -> list[asyncio.Future[Any]]:
         """Send ticks in per-partition batches: far cheaper than a send() per tick."""
         out = self.outputs
         by_part: dict[int, Any] = {}
         futures: list[asyncio.Future[Any]] = []
-        dumps = orjson.dumps
-        for t in ticks:
+        for t, value in zip(ticks, values, strict=True):
             part, key = out.route(t["symbol"])
             b = by_part.get(part)
             if b is None:
                 b = by_part[part] = p.create_batch()
-            value = dumps(t)
             if b.append(key=key, value=value, timestamp=None) is None:
                 futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
                 b = by_part[part] = p.create_batch()

@@ -46,6 +46,7 @@ from ingest.handler.fencing import (
 )
 from ingest.handler.incarnation import judge_committed, offset_metadata, topic_id
 from ingest.handler.partition import Batch, Outputs, PartitionWorker
+from ingest.handler.poison import PoisonTracker, may_be_the_records
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
@@ -110,6 +111,8 @@ class FeedHandler:
         self.cpu_s = 0.0
         self.batches = 0
         self.rebalances = 0  # revocations seen; a poll across one holds stale records
+        self._poison = PoisonTracker(settings.poison_after)
+        self._failed_in_a_row = 0  # failed commits since the last one that succeeded
 
     async def __aenter__(self) -> FeedHandler:
         await self.start()
@@ -519,7 +522,23 @@ class FeedHandler:
         return batches
 
     async def _commit(self, work: list[Batch]) -> None:
-        """Commit a poll's batches: one transaction with EOS, else output then offsets."""
+        """Commit a poll's batches: one transaction with EOS, else output then offsets.
+
+        A partition searched one record at a time for the record that keeps its
+        commits failing (poison.py) commits alone, so that a failure is its own;
+        the poll's batches then commit one after another.
+        """
+        groups = [[b] for b in work] if any(b.worker.one_at_a_time for b in work) else [work]
+        for i, group in enumerate(groups):
+            error = await self._commit_group(group)
+            if error is not None:
+                rest = [b for g in groups[i:] for b in g]
+                await self._recover([b.worker.tp for b in rest], group, error)
+                return
+        self._failed_in_a_row = 0
+
+    async def _commit_group(self, work: list[Batch]) -> Exception | None:
+        """Commit batches together; the error if they could not be."""
         assert self.consumer is not None and self.producer is not None
         p = self.producer
         t0 = time.monotonic()
@@ -527,8 +546,7 @@ class FeedHandler:
             if isinstance(p, FencedProducer):
                 meta = GroupMetadata.of(self.consumer, self.s.group)
                 await p.begin_transaction()
-                for b in work:
-                    await b.worker.send(p, b)
+                futures = [f for b in work for f in await b.worker.send(p, b)]
                 await p.send_offsets_fenced(
                     {
                         b.worker.tp: OffsetAndMetadata(b.next_offset, self.offset_metadata)
@@ -536,6 +554,13 @@ class FeedHandler:
                     },
                     meta,
                 )
+                # The commit waits for these anyway, but does not fail for every
+                # refused produce: a record too large for its topic would commit
+                # the offsets without it. Every outcome is read, so no refusal is
+                # left for asyncio to report as never retrieved.
+                for r in await asyncio.gather(*futures, return_exceptions=True):
+                    if isinstance(r, BaseException):
+                        raise r
                 await p.commit_transaction()
             else:
                 futures = [f for b in work for f in await b.worker.send(p, b)]
@@ -543,16 +568,23 @@ class FeedHandler:
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning(
-                "batch of partitions %s failed (%r); aborting and restoring",
+                "batch of partitions %s at offsets %s failed (%r); aborting and restoring",
                 sorted(b.worker.tp.partition for b in work),
+                sorted(b.worker.committed for b in work),
                 e,
             )
-            await self._recover([b.worker.tp for b in work])
-            return
+            return e
         done = time.time()
         for b in work:
             b.worker.committed_batch(b, done)
             self.messages += len(b.records)
+            self._poison.committed(b.worker.tp, b.next_offset)
+            if b.worker.one_at_a_time:
+                # The poll's later records were dropped from the batch: fetch them again.
+                self.consumer.seek(b.worker.tp, b.next_offset)
+                b.worker.one_at_a_time = self._poison.one_at_a_time(b.worker.tp, b.next_offset)
+                b.worker.condemned = self._poison.condemned(b.worker.tp)
+                b.worker.bare = self._poison.bare(b.worker.tp)
         metrics.PROCESSING.observe(time.monotonic() - t0)
         if not isinstance(p, FencedProducer):
             # At-least-once: offsets after the output is acknowledged.
@@ -562,10 +594,24 @@ class FeedHandler:
                 )
             except KafkaError as e:
                 log.warning("offset commit failed (%s); batch may repeat", e)
+        return None
 
-    async def _recover(self, tps: list[TopicPartition]) -> None:
-        """Abort, then rebuild the partitions from their committed offsets."""
+    async def _recover(
+        self,
+        tps: list[TopicPartition],
+        failed: list[Batch] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Abort, then rebuild the partitions from their committed offsets.
+
+        ``failed`` are the batches whose commit raised ``error``: repeated failures
+        back off, and count towards finding a poison record (poison.py).
+        """
         assert self.consumer is not None and self.producer is not None
+        if failed:
+            self._failed_in_a_row += 1
+            n = self._failed_in_a_row
+            await self._pause(0 if n <= 1 else min(self.s.retry_backoff_max_s, 0.25 * 2 ** (n - 2)))
         p = self.producer
         if isinstance(p, FencedProducer):
             # Not abort_transaction(): on an abortable error aiokafka forgets which
@@ -578,10 +624,61 @@ class FeedHandler:
             await self._retry("reopen the producer", self._open_producer)
             if self._fatal is not None:
                 return
+        for b in failed or ():
+            # A lone record's failure is only its own if the error can be a record's
+            # and the broker takes a commit without it: an outage must never
+            # dead-letter good records.
+            lone = b.worker.one_at_a_time and len(b.records) == 1
+            if error is not None and (
+                not lone or (may_be_the_records(error) and await self._probe([b.worker]))
+            ):
+                self._poison.failed(b.worker.tp, b.worker.committed, b.next_offset, error)
         for tp in tps:
             self._close_worker(tp)
             if tp in self.consumer.assignment():
                 await self._retry(f"restore {tp}", functools.partial(self._open_worker, tp))
+                w = self.workers.get(tp)
+                if w is None:
+                    continue
+                w.one_at_a_time = self._poison.one_at_a_time(tp, w.committed)
+                w.condemned = self._poison.condemned(tp)
+                w.bare = self._poison.bare(tp)
+                if w.one_at_a_time:
+                    log.warning(
+                        "%s keeps failing at offset %d: committing one record at a time%s",
+                        tp,
+                        w.committed,
+                        f"; dead-lettering offsets {sorted(w.condemned)}" if w.condemned else "",
+                    )
+
+    async def _probe(self, workers: list[PartitionWorker]) -> bool:
+        """Whether the broker takes a commit of the partitions' offsets as they stand."""
+        assert self.consumer is not None and self.producer is not None
+        p = self.producer
+        try:
+            if isinstance(p, FencedProducer):
+                meta = GroupMetadata.of(self.consumer, self.s.group)
+                await p.begin_transaction()
+                await p.send_offsets_fenced(
+                    {w.tp: OffsetAndMetadata(w.committed, self.txn_id) for w in workers}, meta
+                )
+                await p.commit_transaction()
+            else:
+                await self.consumer.commit({w.tp: w.committed for w in workers})
+            return True
+        except Exception as e:
+            log.warning("the broker refuses an empty commit too (%r): not the record's fault", e)
+            if isinstance(p, FencedProducer):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(p.stop(), 30)
+                await self._retry("reopen the producer", self._open_producer)
+            return False
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, unless or until the handler is asked to stop."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _retry(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
         for attempt in range(30):
@@ -593,7 +690,7 @@ class FeedHandler:
                     log.info("stopping: gave up trying to %s (%r)", what, e)
                     return
                 log.warning("cannot %s (%r), retry %d", what, e, attempt + 1)
-                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+                await self._pause(min(5.0, 0.2 * 2**attempt))
         self._fatal = RuntimeError(f"cannot {what}")
         self._stop.set()
 

@@ -76,6 +76,17 @@ class HandlerSettings(BaseSettings):
         "the batch in flight commits or is aborted; keep it below the supervisor's SIGTERM "
         "to SIGKILL time (the scaler's stop grace, 30 s by default)",
     )
+    poison_after: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="a partition whose batch fails to commit this many times in a row at one "
+        "offset is committed one record at a time from there, and a record failing this many "
+        "times in a row alone is dead-lettered (repeated_failure)",
+    )
+    retry_backoff_max_s: float = Field(
+        5.0, gt=0, le=300, description="longest wait between repeated failed batches"
+    )
 
     @field_validator("bootstrap")
     @classmethod
