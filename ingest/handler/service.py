@@ -660,11 +660,14 @@ class FeedHandler:
                 meta = GroupMetadata.of(self.consumer, self.s.group)
                 await p.begin_transaction()
                 await p.send_offsets_fenced(
-                    {w.tp: OffsetAndMetadata(w.committed, self.txn_id) for w in workers}, meta
+                    {w.tp: OffsetAndMetadata(w.committed, self.offset_metadata) for w in workers},
+                    meta,
                 )
                 await p.commit_transaction()
             else:
-                await self.consumer.commit({w.tp: w.committed for w in workers})
+                await self.consumer.commit(
+                    {w.tp: (w.committed, self.offset_metadata) for w in workers}
+                )
             return True
         except Exception as e:
             log.warning("the broker refuses an empty commit too (%r): not the record's fault", e)
