@@ -50,6 +50,7 @@ from ingest.handler.poison import PoisonTracker, may_be_the_records
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
+from ingest.kafka_metadata import throttle_metadata_updates
 from tickscale.http import HealthServer, PortInUse
 from tickscale.runtime import stop_on_signals
 
@@ -332,6 +333,9 @@ class FeedHandler:
                 # default 100 ms backoff then dominated end-to-end latency.
                 retry_backoff_ms=5,
             )
+        # Its 5 ms retry backoff also paces metadata requests while a partition has no
+        # leader: without this, a broker restart costs a core and a log line per retry.
+        throttle_metadata_updates(self.producer, 0.5)
         await self.producer.start()
 
     async def _open_worker(self, tp: TopicPartition) -> None:

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
@@ -33,6 +33,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.codecs.errors import SourceError
+from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.source import NS, RawMessage
 from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
@@ -71,39 +72,6 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def _throttle_metadata_updates(producer: AIOKafkaProducer, every_s: float) -> None:
-    """At most one metadata request every ``every_s`` from this producer's client.
-
-    While a partition has no leader (a broker shutting down or starting) aiokafka
-    0.14's sender asks for metadata again as soon as the last request failed, with
-    no backoff: a core spent on refused connections for the whole outage (and
-    thousands of log lines a second). Later asks wait out the interval instead.
-    """
-    client = producer.client
-    force = client.force_metadata_update
-    last = -every_s
-    delayed: asyncio.Task[bool] | None = None
-
-    async def later(delay: float) -> bool:
-        nonlocal last
-        await asyncio.sleep(delay)
-        last = time.monotonic()
-        return bool(await force())
-
-    def throttled() -> Awaitable[bool]:
-        nonlocal last, delayed
-        if delayed is not None and not delayed.done():
-            return delayed  # one update waits out the interval for every ask
-        now = time.monotonic()
-        if now - last >= every_s:
-            last = now
-            return cast(Awaitable[bool], force())
-        delayed = asyncio.ensure_future(later(last + every_s - now))
-        return delayed
-
-    client.force_metadata_update = throttled
 
 
 class BrokerOutage(RuntimeError):
@@ -317,7 +285,7 @@ class Replayer:
             max_batch_size=self.batch_bytes,
             max_request_size=4 * 1024 * 1024,
         )
-        _throttle_metadata_updates(producer, 0.5)
+        throttle_metadata_updates(producer, 0.5)
         await producer.start()
         out = _Batches(producer, self.topic, self.partitions, self._guard, self._acked_one)
         aborted = False
