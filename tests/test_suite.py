@@ -269,3 +269,21 @@ async def test_sampler_counts_live_handler_processes_not_the_scalers_list(
         if handler.poll() is None:
             handler.kill()
             handler.wait()
+
+
+def test_replay_input_case_runs_every_bad_input_for_real(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The suite's replay-input case runs the real command against the session broker: each
+    input ends with one error line and exit 2; a judge that saw a traceback would fail it."""
+    from tickscale.loadtest.suite import judge_replay_input, replay_input_run
+
+    env = Env(Services(kafka_bootstrap, redis_url, "local"), tmp_path)
+    o = replay_input_run(env, "replay-input")
+    checks = o.facts["checks"]
+    assert len(checks) == 8
+    assert judge_replay_input(o) == [], checks
+    assert all(c["exit"] == 2 and c["error_lines"] == 1 for c in checks)
+    bad = Outcome(facts={"checks": [dict(checks[0], exit=1, traceback=True)]})
+    want = f"{checks[0]['input']}: exit 1, 1 error line(s), a traceback"
+    assert judge_replay_input(bad) == [want]

@@ -285,6 +285,9 @@ def jsonl_with_bad_lines(d: Path) -> BadFile:
                 b'{"type": "trade", "symbol": "SYM0-USD", "price": "-1"}',
                 b'{"type": "quote", "symbol": "SYM1-USD", "ts": ',
                 b'{"type": "bogus", "symbol": "SYM2-USD", "venue": "XTST", "ts": %d}' % at,
+                # A time beyond 64 bits once stopped its partition for good.
+                b'{"type": "trade", "symbol": "SYM3-USD", "venue": "XTST", "ts": %d, '
+                b'"price": "1.00", "size": "1", "side": "B", "trade_id": "x"}' % (2**64 + at),
             ]
             dirty.append(bad[(i // 400) % len(bad)])
     clean_p, dirty_p = d / "clean.jsonl", d / "bad-lines.jsonl"
@@ -318,6 +321,87 @@ def itch_with_garbage(d: Path) -> BadFile:
     return BadFile(dirty_p, clean_p, "itch", inserted, exact=False)
 
 
+def replay_bad_inputs(d: Path) -> list[tuple[str, str, list[str]]]:
+    """Each input a user must fix: (what, a fragment its error line names, arguments)."""
+    import gzip
+    import itertools
+
+    from ingest.codecs import itch
+    from ingest.replay.synthetic import SyntheticDay
+
+    frames = b"".join(itch.frame(m.payload) for m in itertools.islice(SyntheticDay(2, 3), 200))
+    truncated = d / "truncated.itch"
+    truncated.write_bytes(frames[:-5])
+    cut_gz = d / "cut.itch.gz"
+    cut_gz.write_bytes(gzip.compress(frames)[:-40])
+    long_line = d / "long-line.jsonl"
+    long_line.write_bytes(b'{"type": "trade", "note": "' + b"x" * (2 << 20) + b'"}\n')
+    itch_args = ["--source", "itch", "--date", DAY]
+    synthetic = ["--source", "synthetic", "--symbols", "2"]
+    return [
+        ("a truncated ITCH file", "@ byte", [*itch_args, "--file", str(truncated)]),
+        ("a gzip ITCH file cut short", "gzip", [*itch_args, "--file", str(cut_gz)]),
+        ("a 2 MiB JSON line", "line 1", ["--source", "jsonl", "--file", str(long_line)]),
+        ("a directory as --file", "not a regular file", [*itch_args, "--file", str(d)]),
+        ("--speed nan", "--speed", [*synthetic, "--speed", "nan"]),
+        ("an unwritable --manifest", "manifest",
+         [*synthetic, "--manifest", "/proc/tickscale/manifest.json"]),
+        ("a topic that does not exist", "suite.absent.raw",
+         [*synthetic, "--topic", "suite.absent.raw"]),
+        ("an unreachable broker", "127.0.0.1:9",
+         [*synthetic, "--bootstrap", "127.0.0.1:9", "--connect-timeout", "2"]),
+    ]  # fmt: skip
+
+
+def replay_input_run(env: Env, name: str) -> Outcome:
+    """``tickscale replay`` given each bad input: what it exited with and printed."""
+    import subprocess
+    import sys
+
+    d = env.out / name
+    d.mkdir(parents=True, exist_ok=True)
+    topic = f"suite-{int(time.time())}.raw"
+    _create_topic(env.services.bootstrap, topic)
+    checks = []
+    for i, (what, names, args) in enumerate(replay_bad_inputs(d)):
+        # (A later option, the bad input's own, wins over the same one here.)
+        base = ["--bootstrap", env.services.bootstrap, "--topic", topic, "--speed", "max",
+                "--manifest", str(d / f"manifest-{i}.json"), "--no-progress"]  # fmt: skip
+        argv = [sys.executable, "-m", "tickscale", "replay", *base, *args]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+            code, err = p.returncode, p.stderr
+        except subprocess.TimeoutExpired:
+            code, err = None, "still running after 120 s"
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")]
+        checks.append({"input": what, "exit": code, "stderr": lines[-3:],
+                       "traceback": "Traceback" in err, "error_lines": len(errors),
+                       "names_it": any(names in ln for ln in errors)})  # fmt: skip
+    return Outcome(facts={"checks": checks, "topic": topic}, out_dir=d)
+
+
+def _create_topic(bootstrap: str, topic: str) -> None:
+    import asyncio
+
+    from tickscale.localstack.topics import ensure_topics
+
+    asyncio.run(ensure_topics(bootstrap, {topic: 1}))
+
+
+def judge_replay_input(o: Outcome) -> list[str]:
+    checks = o.facts.get("checks")
+    if not checks:
+        return [o.error or "no input was tried"]
+    return [
+        f"{c['input']}: exit {c['exit']}, {c['error_lines']} error line(s)"
+        + (", a traceback" if c["traceback"] else "")
+        + ("" if c["names_it"] else ", the line does not name the input")
+        for c in checks
+        if c["exit"] != 2 or c["error_lines"] != 1 or c["traceback"] or not c["names_it"]
+    ]
+
+
 # fmt: off
 CASES: list[Case] = [
     Case("kill-handler", "SIGKILL one handler", drill("kill-handler@6")),
@@ -326,19 +410,24 @@ CASES: list[Case] = [
     # start: a shorter window and a longer replay let it happen under load.
     Case("scale-in", "the scaler removes a handler under load",
          drill("scale-in@6", scale_down_window_s=5.0, end="09:35"), judge_scale_in),
-    Case("broker-restart", "stop the broker, start it after 5 s", drill("broker-restart@6:5")),
+    # The outage users reported: about 40 s without a broker in the middle of the open.
+    Case("broker-restart", "stop the broker, start it after 40 s", drill("broker-restart@6:40")),
     Case("broker-kill", "SIGKILL the broker, restart it after 5 s", drill("broker-kill@6:5")),
     Case("broker-pause", "SIGSTOP the broker for 10 s", drill("broker-pause@6:10")),
     Case("redis-stop", "stop Redis for 10 s", drill("redis-stop@6:10")),
     Case("redis-kill", "SIGKILL Redis, restart it after 10 s", drill("redis-kill@6:10")),
     Case("broker-kill+kill-handler", "SIGKILL the broker and, while it is down, a handler",
          drill("broker-kill@6:5", "kill-handler@8")),
+    Case("kill-scaler+redis-kill", "SIGKILL the scaler and Redis together",
+         drill("kill-scaler@6:10", "redis-kill@7:10")),
     Case("poison-records", "a malformed record after every 300 (three kinds)",
          drill(malformed_every=300), judge_bad_input),
     Case("jsonl-bad-lines", "a JSON-lines file with an invalid line every 400",
          bad_input(jsonl_with_bad_lines), judge_bad_input),
     Case("itch-garbage", "an ITCH file with runs of random bytes between frames",
          bad_input(itch_with_garbage), judge_bad_input),
+    Case("replay-input", "tickscale replay given each input a user must fix",
+         replay_input_run, judge_replay_input),
 ]
 # fmt: on
 
