@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -219,12 +219,12 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-@pytest.mark.slow
-async def test_under_up_a_killed_scaler_is_started_again_and_adopts_the_handler(
+@contextlib.asynccontextmanager
+async def _up_with_one_handler(
     tmp_path: Path,
-) -> None:
-    """`up`'s handlers follow its stack owner (the keeper), not the scaler: a SIGKILLed
-    scaler is started again and adopts the handler that kept running."""
+) -> AsyncIterator[tuple[subprocess.Popen[bytes], Path, Entry, int]]:
+    """`tickscale up` with one handler assigned: (up, its state dir, the handler, the
+    pids of its scaler and keeper). Whatever the test leaves running is killed at the end."""
     state = tmp_path / "up"
     out = tmp_path / "up.out"
     with out.open("wb") as f:
@@ -237,7 +237,6 @@ async def test_under_up_a_killed_scaler_is_started_again_and_adopts_the_handler(
              "--state-dir", str(state)],
             stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )  # fmt: skip
-    scaler_log = state / "logs" / "scaler.log"
     try:
         await _until(lambda: len(_fleet(state / "scaler", "default")) == 1, 180, out.read_text)
         (handler,) = _fleet(state / "scaler", "default")
@@ -247,21 +246,50 @@ async def test_under_up_a_killed_scaler_is_started_again_and_adopts_the_handler(
         assert "tickscale.keeper" in _cmdline(keeper), _cmdline(keeper)
         (scaler,) = [p for p in _children(keeper) if p != handler.pid]
         assert "tickscale scaler" in _cmdline(scaler)
-        os.kill(scaler, signal.SIGKILL)
-
-        await _until(lambda: scaler_log.read_text().count("adopted 1 running handler") == 1,
-                     120, lambda: scaler_log.read_text()[-4000:])  # fmt: skip
-        assert alive(handler) and _fleet(state / "scaler", "default") == [handler]
-        assert "parent process" not in hlog.read_text()
-        assert up.poll() is None, out.read_text()
-
-        up.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(up.wait, 180) == 130, out.read_text()[-3000:]
-        assert not alive(handler)
-        assert "stopped after" in hlog.read_text(), hlog.read_text()[-2000:]
+        yield up, state, handler, scaler, keeper
     finally:
         if up.poll() is None:
             up.kill()
         for pid in holding(state):  # never leave a broker or handler behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+async def test_under_up_a_killed_scaler_is_started_again_and_adopts_the_handler(
+    tmp_path: Path,
+) -> None:
+    """`up`'s handlers follow its stack owner (the keeper), not the scaler: a SIGKILLed
+    scaler is started again and adopts the handler that kept running."""
+    async with _up_with_one_handler(tmp_path) as (up, state, handler, scaler, _):
+        scaler_log = state / "logs" / "scaler.log"
+        hlog = state / "scaler" / "logs" / f"{handler.name}.log"
+        os.kill(scaler, signal.SIGKILL)
+
+        await _until(lambda: scaler_log.read_text().count("adopted 1 running handler") == 1,
+                     120, lambda: scaler_log.read_text()[-4000:])  # fmt: skip
+        assert alive(handler) and _fleet(state / "scaler", "default") == [handler]
+        assert "parent process" not in hlog.read_text()
+        assert up.poll() is None
+
+        up.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(up.wait, 180) == 130
+        assert not alive(handler)
+        assert "stopped after" in hlog.read_text(), hlog.read_text()[-2000:]
+
+
+@pytest.mark.slow
+async def test_a_keeper_stopped_while_its_scaler_is_down_still_stops_the_handler(
+    tmp_path: Path,
+) -> None:
+    """A stop that finds no scaler to stop the fleet (killed, not yet started again): the
+    keeper drains the handlers itself, so `up` never returns with one still running."""
+    async with _up_with_one_handler(tmp_path) as (_, state, handler, scaler, keeper):
+        hlog = state / "scaler" / "logs" / f"{handler.name}.log"
+        os.kill(scaler, signal.SIGKILL)
+        os.kill(keeper, signal.SIGTERM)  # within its second before it starts another
+        await _until(lambda: not alive(handler), 60, lambda: hlog.read_text()[-2000:])
+        assert "stopped after" in hlog.read_text(), hlog.read_text()[-2000:]
+        keeper_log = (state / "logs" / "scaler.log").read_text()
+        assert "stopping 1 handler(s) the scaler left running" in keeper_log, keeper_log
+        assert "starting it again" not in keeper_log

@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 from collections import deque
+from pathlib import Path
 
 from tickscale.localstack.proc import dying_with_parent
 
@@ -34,6 +35,8 @@ log = logging.getLogger("keeper")
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 # A scaler that keeps crashing is not restarted forever: at most this many in a minute.
 _MAX_RESTARTS_PER_MIN = 5
+# Longer than a handler's stop grace (20 s): a handler told to stop drains in that.
+_DRAIN_GRACE_S = 30.0
 
 
 def become_subreaper() -> None:
@@ -87,9 +90,52 @@ class Keeper:
             if self.stopping:
                 break
             self._spawn()
-        # Handlers still running (none, after an orderly stop) follow this process
-        # and drain by themselves once it has exited.
+        if self.stopping:
+            # A scaler stopped while it was still starting (a restart, say) dies of the
+            # signal before it can stop its fleet: the keeper drains what is left, so
+            # `up` has stopped every handler by the time it returns.
+            self._drain_children()
+        # Otherwise handlers still running follow this process and drain by themselves
+        # once it has exited.
         return code if code >= 0 else 128 - code
+
+    def _drain_children(self) -> None:
+        """SIGTERM every child left (handlers inherited as a subreaper), reap them, and
+        SIGKILL those still running after ``_DRAIN_GRACE_S``."""
+        left = _children(os.getpid())
+        if not left:
+            return
+        log.warning("stopping %d handler(s) the scaler left running: %s", len(left), left)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _DRAIN_GRACE_S
+        while _children(os.getpid()):
+            if time.monotonic() > deadline:
+                for pid in _children(os.getpid()):
+                    log.warning("handler pid %d did not stop; killing it", pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = float("inf")
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-1, os.WNOHANG)
+            time.sleep(0.1)
+
+
+def _children(parent: int) -> list[int]:
+    """The live (not yet reaped) children of ``parent``, from /proc."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X"):
+            out.append(int(entry.name))
+    return out
 
 
 def main() -> None:
