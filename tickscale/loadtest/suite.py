@@ -471,6 +471,10 @@ def summarize(case: Case, o: Outcome, problems: list[str], elapsed_s: float) -> 
 
 
 def happened(o: Outcome) -> str:
+    checks = o.facts.get("checks")
+    if o.result is None and checks:
+        ok = sum(c["exit"] == 2 and c["error_lines"] == 1 and not c["traceback"] for c in checks)
+        return f"{ok} of {len(checks)} inputs: one error line naming it, exit 2, no traceback"
     if o.result is None:
         return f"stopped: {o.error}"
     r = o.result
