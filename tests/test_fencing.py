@@ -87,6 +87,18 @@ async def _committed_ticks(ts: TopicSet) -> list[bytes]:
         await c.stop()
 
 
+async def _stable_committed(c: AIOKafkaConsumer, ts: TopicSet, tp: TopicPartition) -> Committed:
+    """The committed offset once it is stable: the broker writes a committed
+    transaction's markers after answering its EndTxn, so a fetch right after the
+    commit may still find the offset pending."""
+    for _ in range(100):
+        try:
+            return await fetch_committed(c, ts.group, tp, require_stable=True)
+        except Unstable:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{tp}: committed offset still unstable after 10 s")
+
+
 async def test_only_the_current_generation_commits(make_topics: MakeTopics) -> None:
     loop = asyncio.get_running_loop()
     reported: list[dict[str, Any]] = []
@@ -103,7 +115,7 @@ async def test_only_the_current_generation_commits(make_topics: MakeTopics) -> N
         await p.send(ts.ticks, b"kept", partition=0)
         await p.send_offsets_fenced({tp: OffsetAndMetadata(5, txn_id)}, meta)
         await p.commit_transaction()
-        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(5, txn_id)
+        assert await _stable_committed(c, ts, tp) == Committed(5, txn_id)
 
         # What a zombie holds: the generation before the group's current one, or a
         # member id the group has dropped.
@@ -121,7 +133,7 @@ async def test_only_the_current_generation_commits(make_topics: MakeTopics) -> N
                 await p.stop()
             p = await _producer(ts, txn_id)
 
-        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(5, txn_id)
+        assert await _stable_committed(c, ts, tp) == Committed(5, txn_id)
         assert await _committed_ticks(ts) == [b"kept"]
         # A refused commit is an expected event for a zombie: the producers replaced
         # above leave no error behind that asyncio reports as never retrieved.
@@ -150,7 +162,7 @@ async def test_a_commit_in_flight_holds_the_offset_unstable(make_topics: MakeTop
         # Without require_stable the broker answers with what was committed before.
         assert await fetch_committed(c, ts.group, tp, require_stable=False) == Committed(None, "")
         await p.commit_transaction()
-        assert await fetch_committed(c, ts.group, tp, require_stable=True) == Committed(7, txn_id)
+        assert await _stable_committed(c, ts, tp) == Committed(7, txn_id)
     finally:
         await p.stop()
         await c.stop()
