@@ -39,6 +39,7 @@ RUN --mount=type=secret,id=cacert \
 
 # Then the source; only this and the next step rerun on a code change.
 COPY README* ./
+COPY core ./core
 COPY ingest ./ingest
 COPY scaler ./scaler
 COPY tickscale ./tickscale

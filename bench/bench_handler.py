@@ -53,14 +53,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.cpu import CpuShares, CpuTimes, shares
 from bench.jvm import compile_seconds, gc_pauses
+from core.runtime import freeze_startup_heap
+from core.topology import RAW_CONFIG
 from ingest.manifest import Manifest
 from ingest.replay.publisher import Replayer
 from ingest.replay.source import ItchWindow, RawMessage, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tickscale.localstack import KafkaBroker, ensure_topics
 from tickscale.localstack.net import free_port
-from tickscale.runtime import freeze_startup_heap
-from tickscale.topology import RAW_CONFIG
 
 DAY = "2024-11-25"
 

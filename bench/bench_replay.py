@@ -20,13 +20,14 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from ingest.replay.publisher import Replayer, partition_for
+from core.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
+from core.runtime import freeze_startup_heap
+from core.topology import RAW_CONFIG
+from ingest.keys import partition_for
+from ingest.replay.publisher import Replayer
 from ingest.replay.source import ItchWindow, RawMessage, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
-from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
 from tickscale.localstack import KafkaBroker, ensure_topics
-from tickscale.runtime import freeze_startup_heap
-from tickscale.topology import RAW_CONFIG
 
 DAY = "2024-11-25"
 

@@ -38,13 +38,13 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
+from core.topology import create_topics
 from scaler.calendar import SessionCalendar
 from scaler.lag import LagProbe
 from scaler.signals import Snapshot
 from scaler.simulate import HandlerModel, backtest, synthetic_day
 from tickscale.localstack import KafkaBroker, RedisServer
 from tickscale.localstack.net import free_port
-from tickscale.topology import create_topics
 
 DAY = dt.date(2024, 11, 25)
 

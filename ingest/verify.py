@@ -28,11 +28,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.topology import partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.source import RawMessage
 from ingest.ticks import SymbolLedger
-from tickscale.topology import partitions_of
 
 
 @dataclass

@@ -14,6 +14,8 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
+from core.http import HealthServer
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, HandlerSpec
 from scaler.baseline import BaselineConfig, ReactiveBaseline
@@ -25,8 +27,6 @@ from scaler.lease import LeaderLease
 from scaler.policy import Policy, PolicyConfig
 from scaler.service import Decider, Scaler
 from scaler.settings import ScalerSettings
-from tickscale.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
-from tickscale.http import HealthServer
 
 log = logging.getLogger("scaler")
 

@@ -3,7 +3,7 @@
 Market-data load is known in advance in a way lag is not: the open burst comes
 at 09:30 whether or not the lag has started to grow. The calendar (holidays
 and early closes from ``exchange_calendars``) says which session is in force;
-``ingest.sessions`` says where the session boundaries lie inside a day, so the
+``core.sessions`` says where the session boundaries lie inside a day, so the
 scaler and the synthetic feed share one notion of the day.
 """
 
@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import exchange_calendars as xcals
 
-from ingest.sessions import CLOSE, OPEN, Session, session_at
+from core.sessions import CLOSE, OPEN, Session, session_at
 
 # Defaults sized for the default synthetic day (see scaler.simulate); real
 # deployments set them from their own day (TICKSCALE_SCALER_SESSION_MIN).

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tickscale.constants import REDIS_HANDLER_STATS
+from core.constants import REDIS_HANDLER_STATS
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from tickscale.constants import REDIS_REPLAY_CLOCK
+from core.constants import REDIS_REPLAY_CLOCK
 
 log = logging.getLogger(__name__)
 

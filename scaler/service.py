@@ -20,7 +20,9 @@ from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ingest.sessions import Session
+from core.http import HealthServer
+from core.runtime import stop_on_signals
+from core.sessions import Session
 from scaler import metrics as m
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, BackendError
@@ -30,8 +32,6 @@ from scaler.lag import LagProbe
 from scaler.lease import LeaderLease
 from scaler.policy import Decision
 from scaler.signals import Snapshot
-from tickscale.http import HealthServer
-from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger("scaler")
 

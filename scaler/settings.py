@@ -13,8 +13,8 @@ from typing import Literal, Self
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from tickscale.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
-from tickscale.validation import check_bootstrap, check_redis_url
+from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
+from core.validation import check_bootstrap, check_redis_url
 
 
 def _default_id() -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ingest.sessions import AFTER_HOURS_END, CLOSE, PRE_MARKET_START, relative_rate
+from core.sessions import AFTER_HOURS_END, CLOSE, PRE_MARKET_START, relative_rate
 from scaler.calendar import SessionCalendar
 from scaler.capacity import CapacityEstimator, HandlerStats
 from scaler.policy import Decision, group_throughput
@@ -72,7 +72,7 @@ def synthetic_day(
     start_s: int = PRE_MARKET_START,
     end_s: int = AFTER_HOURS_END,
 ) -> RateSeries:
-    """The U-shaped day of ``ingest.sessions`` scaled to ``symbols``, with noise and news.
+    """The U-shaped day of ``core.sessions`` scaled to ``symbols``, with noise and news.
 
     Noise: multiplicative per-second jitter plus a few news bursts (2-4x, decaying
     over minutes) at random times, all from ``seed``, so the reactive signals get

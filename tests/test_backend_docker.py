@@ -29,12 +29,12 @@ from typing import Any
 import pytest
 from docker.errors import APIError
 
+from core.constants import LABEL_ROLE, LABEL_SCALER
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
 from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
 from scaler.backends.swarm import SwarmBackend
 from tests.docker_utils import docker, engine_problem, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.localstack.topics import TopicSet
 
 IMAGE = os.environ.get("TICKSCALE_IMAGE", "tickscale:dev")

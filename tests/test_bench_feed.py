@@ -11,11 +11,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from bench.bench_handler import DAY, run_feed
+from core.topology import RAW_CONFIG
 from ingest.replay.publisher import Replayer
 from ingest.replay.source import ItchWindow, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tickscale.localstack import delete_topics, ensure_topics
-from tickscale.topology import RAW_CONFIG
 
 
 def _own_niceness() -> int:

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from core.constants import LABEL_ROLE, LABEL_SCALER
 from tests.docker_utils import DOCKER, docker, engine_problem
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.dashboards import (
     Failure,
     check_queries,

@@ -20,6 +20,14 @@ import redis
 import redis.asyncio as aredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.constants import (
+    HDR_DL_OFFSET,
+    HDR_DL_PARTITION,
+    HDR_DL_REASON,
+    REDIS_BOOK_SNAPSHOT,
+    REDIS_LAST_QUOTE,
+)
+from core.topology import partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest
 from ingest.replay.source import NS, parse_hhmm
@@ -33,16 +41,8 @@ from tests.pipeline_utils import (
     start_replay,
     summary,
 )
-from tickscale.constants import (
-    HDR_DL_OFFSET,
-    HDR_DL_PARTITION,
-    HDR_DL_REASON,
-    REDIS_BOOK_SNAPSHOT,
-    REDIS_LAST_QUOTE,
-)
 from tickscale.localstack import RedisServer
 from tickscale.localstack.topics import TopicSet
-from tickscale.topology import partitions_of
 
 DAY = "2024-11-25"
 ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}

@@ -29,6 +29,15 @@ from aiokafka.errors import (
     RequestTimedOutError,
 )
 
+from core.constants import (
+    HDR_CODEC,
+    HDR_DATE,
+    HDR_DL_OFFSET,
+    HDR_DL_PARTITION,
+    HDR_DL_REASON,
+    HDR_SEQ,
+)
+from core.topology import partitions_of
 from ingest import metrics
 from ingest.codecs import itch
 from ingest.handler.partition import Batch, PartitionWorker
@@ -37,17 +46,8 @@ from ingest.handler.service import FeedHandler
 from ingest.handler.settings import HandlerSettings
 from ingest.manifest import Manifest
 from tests.pipeline_utils import HandlerProc, json_trades, run_replay, run_verify, summary
-from tickscale.constants import (
-    HDR_CODEC,
-    HDR_DATE,
-    HDR_DL_OFFSET,
-    HDR_DL_PARTITION,
-    HDR_DL_REASON,
-    HDR_SEQ,
-)
 from tickscale.localstack import KafkaBroker, delete_topics, ensure_topics
 from tickscale.localstack.topics import MakeTopics, TopicSet
-from tickscale.topology import partitions_of
 
 DAY = b"2024-11-25"
 Headers = list[tuple[str, bytes]]

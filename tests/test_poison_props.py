@@ -17,11 +17,11 @@ from aiokafka import ConsumerRecord, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.constants import HDR_CODEC, HDR_DATE, HDR_SEQ
 from ingest.codecs import itch
 from ingest.handler.partition import Batch, DeadLetter, Outputs, PartitionWorker
 from ingest.normalize import Normalizer
 from ingest.ticks import parse_tick
-from tickscale.constants import HDR_CODEC, HDR_DATE, HDR_SEQ
 
 TP = TopicPartition("md.raw", 0)
 DAY = b"2024-11-25"

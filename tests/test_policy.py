@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.sessions import Session
+from core.sessions import Session
 from scaler.baseline import BaselineConfig, ReactiveBaseline
 from scaler.calendar import CalendarError, SessionCalendar, parse_session_min
 from scaler.capacity import CapacityEstimator, HandlerStats

@@ -8,10 +8,11 @@ from collections import defaultdict
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-from ingest.replay.publisher import Replayer, partition_for
+from core.constants import HDR_BROADCAST, HDR_SEQ
+from ingest.keys import partition_for
+from ingest.replay.publisher import Replayer
 from ingest.replay.source import ItchWindow, RawMessage, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
-from tickscale.constants import HDR_BROADCAST, HDR_SEQ
 from tickscale.localstack.topics import MakeTopics
 
 DAY = "2024-11-25"

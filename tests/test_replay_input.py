@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.topology import partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest
 from ingest.replay.source import ItchWindow, parse_hhmm
@@ -23,7 +24,6 @@ from ingest.replay.synthetic import SyntheticDay
 from tests.pipeline_utils import json_trades, replay_cmd
 from tickscale.localstack.net import free_port
 from tickscale.localstack.topics import TopicSet
-from tickscale.topology import partitions_of
 
 DAY = "2024-11-25"
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.constants import HDR_SEQ
+from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
-from ingest.replay.cli import SourceSpec
-from ingest.replay.publisher import Replayer, partition_for
+from ingest.replay.publisher import Replayer
+from ingest.replay.spec import SourceSpec
 from tests.pipeline_utils import replay_cmd
-from tickscale.constants import HDR_SEQ
 from tickscale.localstack import KafkaBroker
 from tickscale.localstack.topics import MakeTopics, TopicSet
 

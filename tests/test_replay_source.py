@@ -12,8 +12,8 @@ import pytest
 
 from ingest.codecs import itch
 from ingest.handler.partition import Outputs
+from ingest.keys import partition_for
 from ingest.normalize import Normalizer
-from ingest.replay.publisher import partition_for
 from ingest.replay.source import (
     ItchWindow,
     RawMessage,

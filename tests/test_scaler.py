@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from redis.asyncio import Redis
 
+from core.constants import REDIS_SCALER_EVENTS
 from scaler.audit import read_events
 from scaler.lag import LagProbe
 from tests.pipeline_utils import run_verify, start_replay, summary
-from tickscale.constants import REDIS_SCALER_EVENTS
 from tickscale.localstack import consumer_groups_describe
 from tickscale.localstack.net import free_port
 from tickscale.localstack.topics import TopicSet

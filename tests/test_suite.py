@@ -17,7 +17,7 @@ import orjson
 from rich.console import Console
 
 from ingest.codecs.jsonfeed import decode_json
-from ingest.replay.cli import SourceSpec
+from ingest.replay.spec import SourceSpec
 from tickscale.loadtest.chaos import KINDS, SERVICE
 from tickscale.loadtest.feed import build_manifest
 from tickscale.loadtest.runner import LoadTest, parse_policy

@@ -11,10 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
-from ingest import sessions
+from core import sessions
 from ingest.codecs import itch
+from ingest.keys import symbol_key
 from ingest.normalize import Normalizer
-from ingest.replay.source import RawMessage, symbol_key
+from ingest.replay.source import RawMessage
 from ingest.replay.synthetic import SyntheticDay, symbol_names
 from ingest.ticks import parse_tick
 

@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord
 
-from tickscale import constants as c
+from core import constants as c
+from core.topology import RAW_CONFIG, co_partitioned, create_topics, partitions_of
 from tickscale.localstack.topics import delete_topics, differing_configs, ensure_topics
-from tickscale.topology import RAW_CONFIG, co_partitioned, create_topics, partitions_of
 
 # Far from any wall clock this test runs at: a publisher with a wrong clock.
 _OLD_MS = 1_000_000_000_000  # 2001-09-09
@@ -96,21 +96,21 @@ async def test_topics_that_are_not_co_partitioned_are_named(
     prefix = f"t-copart-{uuid.uuid4().hex[:8]}"
     names = {"raw": f"{prefix}.raw", "ticks": f"{prefix}.ticks", "deadletter": f"{prefix}.dl"}
     try:
-        with caplog.at_level(logging.WARNING, logger="tickscale.topology"):
+        with caplog.at_level(logging.WARNING, logger="core.topology"):
             await create_topics(kafka_bootstrap, 3, 2, **names)
-        warned = [r.getMessage() for r in caplog.records if r.name == "tickscale.topology"]
+        warned = [r.getMessage() for r in caplog.records if r.name == "core.topology"]
         assert len(warned) == 1, warned
         assert f"{prefix}.raw has 3 partitions and {prefix}.ticks 2" in warned[0]
         caplog.clear()
         # The existing topics keep their counts: the check reads them, not the request.
-        with caplog.at_level(logging.WARNING, logger="tickscale.topology"):
+        with caplog.at_level(logging.WARNING, logger="core.topology"):
             await create_topics(kafka_bootstrap, 4, 2, **names)
-        assert [r.name for r in caplog.records].count("tickscale.topology") == 1
+        assert [r.name for r in caplog.records].count("core.topology") == 1
         caplog.clear()
         ok = {k: f"{v}2" for k, v in names.items()}
-        with caplog.at_level(logging.WARNING, logger="tickscale.topology"):
+        with caplog.at_level(logging.WARNING, logger="core.topology"):
             await create_topics(kafka_bootstrap, 4, 2, **ok)
-        assert not [r for r in caplog.records if r.name == "tickscale.topology"]
+        assert not [r for r in caplog.records if r.name == "core.topology"]
     finally:
         await delete_topics(kafka_bootstrap, [*names.values(), *(f"{v}2" for v in names.values())])
 

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
+from core import constants as c
 from tests.pipeline_utils import holding
-from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, ensure_topics
 from tickscale.localstack.net import free_port
 

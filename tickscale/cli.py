@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from tickscale import constants as c
+from core import constants as c
 
 if TYPE_CHECKING:
     from ingest.verify import SourceExpectation
@@ -156,8 +156,9 @@ def replay(
     from aiokafka.errors import KafkaError
 
     from ingest.codecs.errors import SourceError
-    from ingest.replay.cli import SourceSpec, run_replay
     from ingest.replay.publisher import BrokerOutage
+    from ingest.replay.run import run_replay
+    from ingest.replay.spec import SourceSpec
 
     spec = SourceSpec(
         source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
@@ -181,9 +182,6 @@ def replay(
         )
     except SourceError as e:
         raise _fail(e.where, e.what) from None
-    except typer.BadParameter as e:
-        hint = e.param_hint if isinstance(e.param_hint, str) else "replay"
-        raise _fail(hint, e.message) from None
     except BrokerOutage as e:
         raise _fail(e.where, e.what, code=1) from None
     except KafkaError as e:
@@ -209,10 +207,10 @@ def handler(
     handler_id: Annotated[str | None, typer.Option("--id", help="handler identity")] = None,
 ) -> None:
     """Run one feed handler: md.raw -> ticks on md.ticks, exactly once."""
+    from core.http import PortInUse
+    from core.runtime import freeze_startup_heap
     from ingest.handler.service import FeedHandler
     from ingest.handler.settings import HandlerSettings
-    from tickscale.http import PortInUse
-    from tickscale.runtime import freeze_startup_heap
 
     overrides: dict[str, Any] = {
         "bootstrap": bootstrap,
@@ -307,7 +305,7 @@ def verify(
     if source is not None:
         exp = _expect_from_source(source, day, from_, to, only)
         if any(d.broadcast for d in exp.deadletters):
-            from tickscale.topology import partitions_of
+            from core.topology import partitions_of
 
             try:
                 exp.set_partitions(len(asyncio.run(partitions_of(bootstrap, raw_topic))))
@@ -356,7 +354,7 @@ def _expect_from_source(
     """The expectations of a replay of ``path`` (ITCH or JSON lines, told by its first
     byte); exits 2 naming the input when the file cannot be used."""
     from ingest.codecs.errors import SourceError
-    from ingest.replay.cli import SourceSpec
+    from ingest.replay.spec import SourceSpec
     from ingest.verify import expect_from_source, locate_deadletters
 
     try:
@@ -369,8 +367,8 @@ def _expect_from_source(
     spec = SourceSpec(
         source=kind, file=path, symbols=1, seed=0, day=day, start=start, end=end, only=only
     )
-    src, codec, day_s, _ = spec.build()
     try:
+        src, codec, day_s, _ = spec.build()
         exp = expect_from_source(src, codec, day_s, kind)
         locate_deadletters(path, codec, exp.deadletters)
     except SourceError as e:
@@ -396,7 +394,7 @@ def topics(
     replication: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Create md.raw, md.ticks and md.deadletter if they do not exist."""
-    from tickscale.topology import create_topics
+    from core.topology import create_topics
 
     ticks = ticks_partitions or raw_partitions
     asyncio.run(create_topics(bootstrap, raw_partitions, ticks, replication))

@@ -29,15 +29,17 @@ import redis
 from aiokafka.errors import NonEmptyGroup
 from rich.console import Console
 
+from core import constants as c
+from core.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
+from core.topology import create_topics
+from ingest.codecs.errors import SourceError
 from ingest.manifest import Manifest
-from ingest.replay.cli import SourceSpec, run_replay
+from ingest.replay.run import run_replay
+from ingest.replay.spec import SourceSpec
 from ingest.verify import run_verify
-from tickscale import constants as c
 from tickscale.localstack import KafkaBroker, RedisServer, delete_groups, delete_topics
 from tickscale.localstack.net import port_open
 from tickscale.localstack.proc import spawn, stop
-from tickscale.runtime import TERMINATION_SIGNALS, sigterm_and_sighup_as_ctrl_c
-from tickscale.topology import create_topics
 
 console = Console(stderr=True)
 
@@ -152,6 +154,12 @@ def run_up(
     fleet: HandlerFleet | None = None
     scaler_child: subprocess.Popen[bytes] | None = None
     sigterm_and_sighup_as_ctrl_c()
+    spec = SourceSpec("synthetic", symbols, seed, day=day, start=start, end=end)
+    try:
+        spec.build()  # a wrong --date or --from fails here, before anything starts
+    except SourceError as e:
+        console.print(f"[red]error:[/] {e.where}: {e.what}", soft_wrap=True)
+        return 2
     try:
         if not reset:
             _refuse_foreign(kafka_port, redis_port)
@@ -202,7 +210,6 @@ def run_up(
                 f"{metrics_base_port + handlers - 1}, logs in {log_dir})"
             )
         manifest = state_dir / f"manifest-{int(time.time())}.json"
-        spec = SourceSpec("synthetic", symbols, seed, day=day, start=start, end=end)
         completed = run_replay(
             spec, manifest=manifest, bootstrap=bootstrap, topic=c.RAW_TOPIC, speed=speed,
             progress=True, redis_url=redis_url,

@@ -26,13 +26,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from ingest import metrics
-from ingest.codecs.errors import DecodeError
-from ingest.handler.redis_sink import RedisSink, snapshot_key
-from ingest.normalize import Normalizer
-from ingest.replay.publisher import partition_for
-from ingest.replay.source import symbol_key
-from tickscale.constants import (
+from core.constants import (
     HDR_CODEC,
     HDR_DATE,
     HDR_DL_OFFSET,
@@ -41,6 +35,11 @@ from tickscale.constants import (
     HDR_DL_TOPIC,
     HDR_SEQ,
 )
+from ingest import metrics
+from ingest.codecs.errors import DecodeError
+from ingest.handler.redis_sink import RedisSink, snapshot_key
+from ingest.keys import partition_for, symbol_key
+from ingest.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 

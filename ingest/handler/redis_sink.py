@@ -23,14 +23,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from ingest import metrics
-from tickscale.constants import (
+from core.constants import (
     HANDLER_STATS_TTL_S,
     REDIS_BOOK_SNAPSHOT,
     REDIS_HANDLER_STATS,
     REDIS_LAST_QUOTE,
     REDIS_LAST_TRADE,
 )
+from ingest import metrics
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from core.http import HealthServer, PortInUse
+from core.runtime import stop_on_signals
 from ingest import metrics
 from ingest.handler.fencing import (
     Committed,
@@ -51,8 +53,6 @@ from ingest.handler.redis_sink import RedisSink
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
 from ingest.kafka_metadata import throttle_metadata_updates
-from tickscale.http import HealthServer, PortInUse
-from tickscale.runtime import stop_on_signals
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.constants import REDIS_REPLAY_CLOCK
 from ingest.replay.publisher import ReplayStats
-from tickscale.constants import REDIS_REPLAY_CLOCK
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from core.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
+from core.topology import partitions_of
 from ingest.codecs.errors import SourceError
 from ingest.kafka_metadata import throttle_metadata_updates
+from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.source import NS, RawMessage
-from tickscale.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
-from tickscale.topology import partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,6 @@ class _Batches:
         fut.add_done_callback(self._on_ack)
         self._last[partition] = fut
         self.pending.append(fut)
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """Kafka's default partitioner, so keyed records land where Java clients put them."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 @dataclass

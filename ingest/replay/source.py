@@ -26,6 +26,7 @@ import orjson
 from ingest.codecs import itch
 from ingest.codecs.errors import DecodeError, SourceError
 from ingest.codecs.jsonfeed import MAX_TS_NS, decode_json
+from ingest.keys import symbol_key
 from ingest.normalize import EXCHANGE_TZ, Normalizer, midnight_ns
 
 NS = 1_000_000_000
@@ -49,11 +50,6 @@ def parse_hhmm(s: str) -> int:
     if not (0 <= h <= 23 and 0 <= m < 60 and 0 <= sec < 60) and (h, m, sec) != (24, 0, 0):
         raise ValueError(f"expected HH:MM, got {s!r}")
     return h * 3600 + m * 60 + sec
-
-
-def symbol_key(symbol: str) -> bytes:
-    """The key of an instrument's records, raw and ticks alike."""
-    return symbol.encode()
 
 
 class ItchKeys:

@@ -6,7 +6,7 @@ Shape of the day (times America/New_York):
   directory, then a thin pre-market of adds, cancels and executions;
 - 09:20-09:30 net order imbalance indicators ahead of the opening cross;
 - 09:30 "start of market hours" and the opening cross (ITCH Q, type O) per symbol;
-- a U-shaped message rate (``ingest.sessions.relative_rate``): the first minutes
+- a U-shaped message rate (``core.sessions.relative_rate``): the first minutes
   and the run into the close several times the midday rate;
 - 15:50-16:00 imbalance indicators, 16:00 the closing cross (Q, type C) and "end
   of market hours"; a decaying after-hours tail to 20:00 "end of system hours".
@@ -25,9 +25,10 @@ import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ingest import sessions
+from core import sessions
 from ingest.codecs import itch
-from ingest.replay.source import RawMessage, symbol_key
+from ingest.keys import symbol_key
+from ingest.replay.source import RawMessage
 
 NS = 1_000_000_000
 TICK = 100  # $0.01 in 4-implied-decimal units

@@ -34,8 +34,8 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 from requests import RequestException
 
+from core.constants import LABEL_ROLE, LABEL_SCALER
 from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from docker.errors import APIError, NotFound
 from docker.types import Healthcheck, Resources, RestartPolicy, ServiceMode
 
+from core.constants import LABEL_SCALER
 from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
 from scaler.backends.docker import (
     CONTAINER_METRICS_PORT,
@@ -33,7 +34,6 @@ from scaler.backends.docker import (
     engine_address,
     parse_docker_time,
 )
-from tickscale.constants import LABEL_SCALER
 
 log = logging.getLogger(__name__)
 

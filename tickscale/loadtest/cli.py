@@ -120,11 +120,11 @@ def run(
             raise _bad("--chaos", "not with --suite: each of the suite's cases sets its own")
         _run_suite(suite, only, out, json_out)
         return
+    from core.runtime import sigterm_and_sighup_as_ctrl_c
     from tickscale.loadtest.chaos import check_options, parse_chaos
     from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
     from tickscale.loadtest.scenarios import resolve
     from tickscale.loadtest.slo import Thresholds
-    from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
 
     try:
         plan = resolve(
@@ -140,9 +140,13 @@ def run(
     if source not in ("synthetic", "itch", "jsonl"):
         raise _bad("--source", "expected synthetic, itch or jsonl")
     if source != "jsonl":
-        from ingest.replay.cli import resolve_day
+        from ingest.codecs.errors import SourceError
+        from ingest.replay.spec import resolve_day
 
-        resolve_day(day)  # a holiday or a malformed date fails here, not in the feed
+        try:
+            resolve_day(day)  # a holiday or a malformed date fails here, not in the feed
+        except SourceError as e:
+            raise _bad(e.where, e.what) from None
     if target not in ("local", "compose"):
         raise _bad("--target", "expected local or compose")
     try:
@@ -184,8 +188,8 @@ def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | N
     import sys
     import time
 
+    from core.runtime import sigterm_and_sighup_as_ctrl_c
     from tickscale.loadtest.suite import cases_of, run_suite, select
-    from tickscale.runtime import sigterm_and_sighup_as_ctrl_c
 
     try:
         cases = select(cases_of(name), only)

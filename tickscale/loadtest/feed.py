@@ -31,16 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import typer
 
+from core.runtime import freeze_startup_heap
+from core.topology import partitions_of
 from ingest.codecs.errors import DecodeError, SourceError
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.normalize import EXCHANGE_TZ, midnight_ns
-from ingest.replay.cli import SourceSpec
 from ingest.replay.publisher import Replayer, ReplayStats
 from ingest.replay.source import NS, RawMessage
-from tickscale.runtime import freeze_startup_heap
-from tickscale.topology import partitions_of
+from ingest.replay.spec import SourceSpec
 
 
 class TimeWarp:
@@ -98,8 +97,6 @@ def build_source(a: argparse.Namespace) -> tuple[Iterable[RawMessage], str, str,
             source=a.source, file=a.file, symbols=a.symbols, seed=a.seed, rate=a.rate,
             day=a.date, start=a.start, end=a.end, malformed_every=a.malformed_every, only=a.only,
         ).build()  # fmt: skip
-    except typer.BadParameter as e:
-        raise SystemExit(f"error: {e.format_message()}") from None
     except SourceError as e:
         raise SystemExit(f"error: {e.where}: {e.what}") from None
 

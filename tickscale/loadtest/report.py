@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ingest import sessions
+from core import sessions
 from ingest.normalize import EXCHANGE_TZ
 from tickscale.loadtest.sampler import ReplayClock, Sample
 

@@ -32,8 +32,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from core.sessions import CLOSE
 from ingest.replay.source import parse_only
-from ingest.sessions import CLOSE
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
 from tickscale.loadtest import results
@@ -180,7 +180,7 @@ class LoadTest:
         # aiokafka logs every reconnect attempt at ERROR; outages are what the drills cause and
         # the run reports them itself, so only its critical messages are shown.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-        from tickscale.topology import create_topics
+        from core.topology import create_topics
 
         n = self.names
         try:

@@ -74,7 +74,7 @@ class RunNames:
 
     @property
     def audit_stream(self) -> str:
-        from tickscale.constants import REDIS_SCALER_EVENTS
+        from core.constants import REDIS_SCALER_EVENTS
 
         return f"{REDIS_SCALER_EVENTS}:{self.run_id}"
 

@@ -236,7 +236,7 @@ def bad_input(make: Callable[[Path], BadFile]) -> Runner:
 
 def expected_ticks(path: Path, source: str) -> int:
     """Ticks the suite's window of ``path`` yields (the replay's own manifest arithmetic)."""
-    from ingest.replay.cli import SourceSpec
+    from ingest.replay.spec import SourceSpec
     from tickscale.loadtest.feed import build_manifest
 
     spec = SourceSpec(

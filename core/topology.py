@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from tickscale import constants as c
-from tickscale.localstack.topics import ensure_topics
+from core import constants as c
+from core.admin import ensure_topics
 
 # md.raw must keep a whole day: a partition restored without a snapshot is
 # rebuilt by replaying it from the start. Its record timestamps are the broker's

@@ -1,0 +1,3 @@
+"""The bottom layer: what the handler, the replay, the scaler and the command line share.
+
+Nothing here imports ``ingest``, ``scaler`` or ``tickscale``."""

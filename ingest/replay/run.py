@@ -1,0 +1,187 @@
+"""Running a replay to its manifest: resume, progress and the closing summary."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from core.runtime import freeze_startup_heap, stop_on_signals
+from ingest.codecs.errors import SourceError
+from ingest.manifest import Manifest
+from ingest.replay.publisher import Replayer, ReplayStats
+from ingest.replay.source import NS
+from ingest.replay.spec import SourceSpec
+
+
+def _clock(ns: int, codec: str) -> str:
+    if codec == "json":
+        return f"{ns / NS:.0f}"
+    s = ns // NS
+    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def resume_from(path: Path, source: str, params: dict[str, object], topic: str) -> Manifest:
+    """The manifest of the run ``--resume`` continues: it must be this replay's.
+
+    :raises SourceError: no manifest there, not a manifest, or another replay's
+    """
+    where = str(path)
+    if not path.is_file():
+        raise SourceError(where, "no manifest to resume from (run without --resume)")
+    try:
+        prev = Manifest.read(path)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SourceError(where, f"not a replay manifest ({first})") from None
+    if prev.topic != topic:
+        raise SourceError(where, f"was written for topic {prev.topic!r}, not {topic!r}")
+
+    def same(key: str) -> bool:
+        a, b = prev.params.get(key), params.get(key)
+        if key == "file" and a is not None and b is not None:
+            return Path(str(a)).resolve() == Path(str(b)).resolve()
+        return a == b
+
+    differ = sorted(k for k in set(prev.params) | set(params) if not same(k))
+    if prev.source != source:
+        differ.insert(0, "source")
+    if differ:
+        raise SourceError(
+            where,
+            f"was written by another replay ({', '.join(differ)} differ): resume it with the "
+            "options it was started with",
+        )
+    return prev
+
+
+def _incomplete(path: Path) -> bool:
+    try:
+        return not Manifest.read(path).complete
+    except (OSError, ValueError):
+        return False
+
+
+def run_replay(
+    spec: SourceSpec,
+    *,
+    manifest: Path,
+    bootstrap: str,
+    topic: str,
+    speed: float | None,
+    progress: bool,
+    redis_url: str | None = None,
+    resume: bool = False,
+    outage_deadline_s: float = 300.0,
+    connect_timeout_s: float = 10.0,
+    checkpoint_every_s: float = 5.0,
+) -> bool:
+    """Replay ``spec``, writing the manifest as it goes; False if a signal stopped it.
+
+    :raises SourceError: an input that cannot be used, named; raised before the
+        first record where it can be known in advance, else after the manifest of
+        what was sent
+    :raises BrokerOutage: the broker was gone past the outage deadline
+    """
+    Manifest.check_writable(manifest)
+    src, codec, day_s, params = spec.build()
+    source = spec.source
+    console = Console(stderr=True)
+    prev = resume_from(manifest, source, params, topic) if resume else None
+    if not resume and _incomplete(manifest):
+        # Starting over would send again what that run sent.
+        raise SourceError(
+            str(manifest),
+            "is the manifest of a replay that did not finish: --resume carries it on "
+            "(or remove it to start over)",
+        )
+    if prev is not None and prev.complete:
+        n = prev.source_messages
+        console.print(f"{manifest} is complete ({n:,} messages): nothing to resume")
+        return True
+
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]replay[/] {task.description}"),
+        TextColumn("clock {task.fields[clock]}"),
+        TextColumn("{task.completed:,} msgs"),
+        TextColumn("{task.fields[rate]:,.0f} msg/s"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    )
+    task = bar.add_task(source, total=None, clock="--:--:--", rate=0.0)
+
+    def on_progress(st: ReplayStats) -> None:
+        import time
+
+        el = max(1e-9, time.monotonic() - st.started)
+        bar.update(
+            task,
+            completed=st.source_messages,
+            clock=_clock(st.source_clock_ns, codec),
+            rate=st.records / el,
+        )
+
+    def write(m: Manifest) -> None:
+        m.source = source
+        m.params = params
+        m.write(manifest)
+
+    replayer = Replayer(
+        bootstrap,
+        topic,
+        src,
+        speed,
+        day_s,
+        on_progress,
+        checkpoint=write,
+        checkpoint_every_s=checkpoint_every_s,
+        resume=prev,
+        outage_deadline_s=outage_deadline_s,
+        connect_timeout_s=connect_timeout_s,
+    )
+
+    async def main() -> None:
+        # Each ends the replay with its manifest written.
+        stop_on_signals(asyncio.get_running_loop(), replayer.stop)
+        clock_stop = asyncio.Event()
+        clock = None
+        if redis_url:
+            from ingest.replay.clock import publish_clock
+
+            clock = asyncio.create_task(
+                publish_clock(redis_url, replayer.stats, day_s, speed, clock_stop)
+            )
+        freeze_startup_heap()
+        try:
+            with bar:
+                m = await replayer.run()
+        finally:
+            clock_stop.set()
+            if clock is not None:
+                await clock
+        st = replayer.stats
+        ticks = sum(s.ticks for s in m.symbols.values())
+        sent = st.records - st.resumed_records
+        resumed = f" after the {st.resumed_messages:,} resumed" if prev is not None else ""
+        console.print(
+            f"replayed {st.source_messages - st.resumed_messages:,} messages{resumed} "
+            f"({sent:,} records incl. broadcast) "
+            f"in {st.elapsed:.1f}s = {sent / max(st.elapsed, 1e-9):,.0f} records/s; "
+            f"symbols={len(m.symbols)} expected ticks={ticks:,} "
+            f"dead letters expected={m.deadletters_expected}; "
+            f"pacing drift p99={m.pacing.get('drift_p99_s', 0):.3f}s "
+            f"max={m.pacing.get('drift_max_s', 0):.3f}s; manifest {manifest}"
+            + ("" if m.complete else " (incomplete: --resume carries on)")
+        )
+
+    asyncio.run(main())
+    # False when a signal cut the replay short: the manifest covers only what was sent.
+    return not replayer.interrupted
+
+
+__all__ = ["resume_from", "run_replay"]
