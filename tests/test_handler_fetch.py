@@ -168,9 +168,9 @@ class _SlowRestore(FeedHandler):
     returning) what the callback's seek will fetch once more.
     """
 
-    async def _open_worker(self, tp: TopicPartition) -> None:
+    async def open_worker(self, tp: TopicPartition) -> None:
         await asyncio.sleep(0.5)
-        await super()._open_worker(tp)
+        await super().open_worker(tp)
 
 
 async def test_records_polled_during_a_slow_restore_are_processed_once(

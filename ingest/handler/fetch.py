@@ -1,0 +1,93 @@
+"""How the handler reads its input: its group consumer, the poll's top-up, and
+the output topic's partition count it learns at start."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from ingest.handler.settings import HandlerSettings
+
+log = logging.getLogger(__name__)
+
+Batches = dict[TopicPartition, list[Any]]
+
+
+def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
+    """The handler's member of the group: reads committed records only, commits nothing
+    itself (the transactions carry the offsets)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.bootstrap,
+        group_id=s.group,
+        client_id=s.handler_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=s.max_batch,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_wait_ms=s.poll_timeout_ms,
+        session_timeout_ms=s.session_timeout_ms,
+        heartbeat_interval_ms=s.heartbeat_interval_ms,
+        # Restores can replay many records inside the assignment callback.
+        rebalance_timeout_ms=120_000,
+        max_poll_interval_ms=300_000,
+    )
+
+
+async def out_partitions(s: HandlerSettings) -> int:
+    """The output topic's partition count; RuntimeError naming it if it does not exist."""
+    probe = AIOKafkaProducer(bootstrap_servers=s.bootstrap)
+    await probe.start()
+    try:
+        parts = await probe.partitions_for(s.out_topic)
+    finally:
+        await probe.stop()
+    if not parts:
+        raise RuntimeError(f"output topic {s.out_topic!r} does not exist")
+    return len(parts)
+
+
+async def top_up(
+    consumer: AIOKafkaConsumer,
+    batches: Batches,
+    max_batch: int,
+    wait_ms: int,
+    rebalances: Callable[[], int],
+) -> Batches:
+    """Add the records that reached the broker while ``batches`` sat in the buffer.
+
+    The consumer sends no fetch to a broker while it holds unconsumed records
+    of any partition that broker leads. So what a poll returns was fetched
+    early in the previous batch and has waited a whole batch, and what
+    arrived since is still on the broker. The poll emptied the buffer, which
+    started a fetch at once; waiting for it (one round trip) takes those
+    records into this batch instead of the one after.
+    """
+    room = max_batch - sum(len(r) for r in batches.values())
+    if room <= 0:
+        return batches
+    seen = rebalances()
+    try:
+        more = await consumer.getmany(timeout_ms=wait_ms, max_records=room)
+    except KafkaError as e:
+        log.warning("fetch failed: %s", e)
+        more = {}
+    if rebalances() != seen:
+        # The poll's records predate a rebalance (the wait can span one):
+        # the partitions kept were moved back to their committed offsets
+        # and are fetched again from there.
+        return more
+    for tp, recs in more.items():
+        polled = batches.get(tp)
+        if polled and recs[0].offset <= polled[-1].offset:
+            # An assignment callback (a slow restore) can run while the poll
+            # returns, and its seek fetches those records again: the poll's
+            # copy is the stale one.
+            batches[tp] = recs
+        else:
+            batches.setdefault(tp, []).extend(recs)
+    return batches
