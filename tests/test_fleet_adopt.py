@@ -229,7 +229,8 @@ async def _up_with_one_handler(
     out = tmp_path / "up.out"
     with out.open("wb") as f:
         up = subprocess.Popen(
-            [sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
+            [sys.executable, "-m", "tickscale", "up", "--full-day", "--symbols", "5",
+             "--from", "09:27",
              "--to", "10:30", "--speed", "1", "--handlers", "1", "--max-handlers", "1",
              "--partitions", "2",
              "--kafka-port", str(free_port()), "--redis-port", str(free_port()),

@@ -21,7 +21,8 @@ from tickscale.localstack.net import free_port
 def test_up_runs_a_replayed_open_with_the_scaler_and_verifies(tmp_path: Path) -> None:
     state = tmp_path / "up"
     r = subprocess.run(
-        [sys.executable, "-m", "tickscale", "up", "--symbols", "10", "--from", "09:27",
+        [sys.executable, "-m", "tickscale", "up", "--full-day", "--symbols", "10",
+         "--from", "09:27",
          "--to", "09:34", "--speed", "30", "--handlers", "1", "--max-handlers", "2",
          "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
          "--metrics-port", str(free_port()), "--scaler-port", str(free_port()),
@@ -52,7 +53,8 @@ def _start_up(state: Path, out: Path, sigint_ignored: bool = False) -> subproces
     shell = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"] if sigint_ignored else []
     with out.open("wb") as f:
         return subprocess.Popen(
-            [*shell, sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:27",
+            [*shell, sys.executable, "-m", "tickscale", "up", "--full-day", "--symbols", "5",
+             "--from", "09:27",
              "--to", "10:30", "--speed", "1", "--handlers", "1", "--max-handlers", "1",
              "--partitions", "2",
              "--kafka-port", str(free_port()), "--redis-port", str(free_port()),

@@ -406,50 +406,97 @@ def topics(
 
 @app.command()
 def up(
-    symbols: Annotated[int, typer.Option(min=1)] = 50,
-    speed: Annotated[str, typer.Option(help="replay speed: number or max")] = "60",
-    handlers: Annotated[int, typer.Option(min=1, help="feed handlers (the scaler's minimum)")] = 2,
-    max_handlers: Annotated[int, typer.Option(min=1, help="the scaler's maximum")] = 4,
-    scaler: Annotated[
-        bool, typer.Option(help="let the scaler run the handlers (off: a fixed fleet)")
-    ] = True,
+    full_day: Annotated[
+        bool,
+        typer.Option(
+            "--full-day",
+            help="the longer day on the standard ports (9092, 6379): --speed 60 by default, "
+            "about 16 minutes; without it, a day compressed into about two minutes with a "
+            "live view and an HTML report",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option()] = 1,
     day: Annotated[str | None, typer.Option("--date")] = None,
-    from_: Annotated[str | None, typer.Option("--from")] = None,
-    to: Annotated[str | None, typer.Option("--to")] = None,
-    partitions: Annotated[int, typer.Option(min=1, help="md.raw partitions")] = 12,
-    kafka_port: Annotated[int, typer.Option()] = 9092,
-    redis_port: Annotated[int, typer.Option()] = 6379,
-    state_dir: Annotated[Path, typer.Option(help="broker and Redis data")] = Path(".local/up"),
-    metrics_port: Annotated[int, typer.Option(help="first handler's metrics port")] = 9100,
-    scaler_port: Annotated[int, typer.Option(help="the scaler's metrics port")] = 9200,
+    out: Annotated[
+        Path | None, typer.Option(help="compressed day: where its report and logs go")
+    ] = None,
+    symbols: Annotated[int | None, typer.Option(min=1, help="--full-day: instruments [50]")] = None,
+    speed: Annotated[str | None, typer.Option(help="--full-day: number or max [60]")] = None,
+    handlers: Annotated[
+        int | None, typer.Option(min=1, help="--full-day: handlers (the scaler's minimum) [2]")
+    ] = None,
+    max_handlers: Annotated[
+        int | None, typer.Option(min=1, help="--full-day: the scaler's maximum [4]")
+    ] = None,
+    scaler: Annotated[
+        bool | None,
+        typer.Option(help="--full-day: let the scaler run the handlers (off: a fixed fleet)"),
+    ] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="--full-day: start HH:MM")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="--full-day: end HH:MM")] = None,
+    partitions: Annotated[
+        int | None, typer.Option(min=1, help="--full-day: md.raw partitions [12]")
+    ] = None,
+    kafka_port: Annotated[int | None, typer.Option(help="--full-day [9092]")] = None,
+    redis_port: Annotated[int | None, typer.Option(help="--full-day [6379]")] = None,
+    state_dir: Annotated[
+        Path | None, typer.Option(help="--full-day: broker and Redis data [.local/up]")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="--full-day: first handler's metrics port [9100]")
+    ] = None,
+    scaler_port: Annotated[
+        int | None, typer.Option(help="--full-day: the scaler's metrics port [9200]")
+    ] = None,
     reset: Annotated[
         bool,
         typer.Option(
-            help="reset a broker or Redis already listening on the port (delete its md.* "
-            "topics, the handlers' consumer group, the book snapshots) instead of refusing"
+            help="--full-day: reset a broker or Redis already listening on the port (delete "
+            "its md.* topics, the handlers' consumer group, the book snapshots) instead of "
+            "refusing"
         ),
     ] = False,
 ) -> None:
-    """Run the whole pipeline on this machine: Kafka, Redis, handlers, a replayed day."""
+    """Run the whole pipeline on this machine: Kafka, Redis, the scaler and its handlers,
+    a replayed day, verified."""
+    from rich.console import Console
+
+    full = {
+        "--symbols": symbols, "--speed": speed, "--handlers": handlers,
+        "--max-handlers": max_handlers, "--scaler": scaler, "--from": from_, "--to": to,
+        "--partitions": partitions, "--kafka-port": kafka_port, "--redis-port": redis_port,
+        "--state-dir": state_dir, "--metrics-port": metrics_port, "--scaler-port": scaler_port,
+        "--reset": reset or None,
+    }  # fmt: skip
+    if not full_day:
+        given = [k for k, v in full.items() if v is not None]
+        if given:
+            raise _fail(given[0], "applies to the longer day only: add --full-day")
+        from tickscale.quickday import run_quick_day
+
+        # A log is no terminal: one ledger line there, not one folded into 80 columns.
+        console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
+        raise typer.Exit(run_quick_day(seed, day, out, console))
+    if out is not None:
+        raise _fail("--out", "applies to the compressed day only (--full-day uses --state-dir)")
     from tickscale.up import run_up
 
     rc = run_up(
-        symbols=symbols,
-        speed=_speed(speed),
-        handlers=handlers,
+        symbols=50 if symbols is None else symbols,
+        speed=_speed(speed or "60"),
+        handlers=2 if handlers is None else handlers,
         seed=seed,
         day=day,
         start=from_,
         end=to,
-        partitions=partitions,
-        kafka_port=kafka_port,
-        redis_port=redis_port,
-        state_dir=state_dir,
-        scaler=scaler,
-        max_handlers=max_handlers,
-        metrics_base_port=metrics_port,
-        scaler_port=scaler_port,
+        partitions=12 if partitions is None else partitions,
+        kafka_port=9092 if kafka_port is None else kafka_port,
+        redis_port=6379 if redis_port is None else redis_port,
+        state_dir=state_dir or Path(".local/up"),
+        scaler=True if scaler is None else scaler,
+        max_handlers=4 if max_handlers is None else max_handlers,
+        metrics_base_port=9100 if metrics_port is None else metrics_port,
+        scaler_port=9200 if scaler_port is None else scaler_port,
         reset=reset,
     )
     raise typer.Exit(rc)

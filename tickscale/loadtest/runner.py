@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from core.sessions import CLOSE
+from core.sessions import CLOSE, session_at
 from ingest.replay.source import parse_only
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
@@ -430,22 +430,23 @@ class LoadTest:
     def _status(self) -> Table:
         s = self.sampler.last if self.sampler else None
         t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        for col in ("market", "replayed", "in/s", "out/s", "lag s", "lag msgs", "handlers",
-                    "members", "p99 s"):  # fmt: skip
+        for col in ("market", "session", "replayed", "in/s", "out/s", "lag s", "lag msgs",
+                    "handlers", "ticks", "dead letters", "p99 s"):  # fmt: skip
             t.add_column(col, justify="right")
         m = self.clock.market_at(time.time()) if self.clock.walls else None
         clock = "-" if m is None else hhmmss(m - market_midnight(m))
+        session = "-" if m is None else session_at(m - market_midnight(m)).value
 
         def f(v: float | int | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 
         if s is None:
-            t.add_row(clock, f"{self.clock.msgs:,}", *["-"] * 7)
+            t.add_row(clock, session, f"{self.clock.msgs:,}", *["-"] * 8)
         else:
             t.add_row(
-                clock, f"{self.clock.msgs:,}", f(s.ingest_rate, ",.0f"), f(s.process_rate, ",.0f"),
-                f(s.lag_s, ".1f"), f(s.lag_msgs, ","), str(s.handlers), f(s.members, "d"),
-                f(s.lat_p99, ".3f"),
+                clock, session, f"{self.clock.msgs:,}", f(s.ingest_rate, ",.0f"),
+                f(s.process_rate, ",.0f"), f(s.lag_s, ".1f"), f(s.lag_msgs, ","),
+                str(s.handlers), f"{s.ticks:,}", f"{s.deadletters:,}", f(s.lat_p99, ".3f"),
             )  # fmt: skip
         return t
 

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from scaler.audit import read_events
 from scaler.lag import LagProbe
+from tickscale.loadtest.counters import FleetCounter
 from tickscale.loadtest.latency import FleetLatency, Histogram, http_get, parse_buckets
 from tickscale.loadtest.procs import handler_pids
 
@@ -57,6 +58,8 @@ class Sample:
     lat_p50: float | None = None
     lat_p99: float | None = None
     replay_msgs: int = 0
+    ticks: int = 0  # published by the fleet so far, as its handlers report
+    deadletters: int = 0
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Sampler:
         self.period_s = period_s
         self.samples: list[Sample] = []
         self.latency = FleetLatency()
+        self.ticks = FleetCounter("tickscale_handler_ticks_out")
+        self.deadletters = FleetCounter("tickscale_handler_deadletters")
         self.events: list[dict[str, Any]] = []
         self._event_keys: set[tuple[Any, ...]] = set()
         self._lat_hist: list[tuple[float, Histogram]] = []
@@ -207,6 +212,7 @@ class Sampler:
             self._lat_hist.pop(0)
         window = total - self._lat_hist[0][1]
         s.lat_p50, s.lat_p99 = window.quantile(0.5), window.quantile(0.99)
+        s.ticks, s.deadletters = self.ticks.total, self.deadletters.total
         self.samples.append(s)
         return s
 
@@ -216,6 +222,8 @@ class Sampler:
             text = await http_get(host, int(port), "/metrics")
         except (OSError, TimeoutError, ValueError):
             return  # starting, stopping or killed: its last scrape stands
+        self.ticks.update(name, text)
+        self.deadletters.update(name, text)
         buckets = parse_buckets(text)
         if buckets:
             self.latency.update(name, Histogram.from_buckets(buckets))
