@@ -23,20 +23,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from core.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
-from core.topology import partitions_of
 from ingest.codecs.errors import SourceError
 from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
+from ingest.replay.outage import BrokerOutage, OutageGuard, reach_topic
+from ingest.replay.resume import landed_after
 from ingest.replay.source import NS, RawMessage
 
 log = logging.getLogger(__name__)
@@ -58,29 +58,6 @@ _FLUSH_EVERY_S = 0.005
 # broker acknowledged long ago, so the feed does not stop to wait for its newest
 # records; and one by one, since gathering thousands of futures stalls the loop.
 _PENDING_MAX = 2_000
-# A wait for the broker says so on the console after this long.
-_OUTAGE_NOTICE_S = 5.0
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger) -> Iterator[None]:
-    """Hold back a logger's lines: each failed connection attempt of the client is
-    one, where the replay says once what is wrong."""
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-class BrokerOutage(RuntimeError):
-    """The broker acknowledged nothing for the replay's outage deadline."""
-
-    def __init__(self, where: str, what: str) -> None:
-        super().__init__(f"{where}: {what}")
-        self.where = where
-        self.what = what
 
 
 class _Batches:
@@ -229,12 +206,14 @@ class Replayer:
         self.outage_deadline_s = outage_deadline_s
         self.connect_timeout_s = connect_timeout_s
         self._stop = asyncio.Event()
+        self.outage = OutageGuard(bootstrap, outage_deadline_s, self._stop)
         self._seqs: list[int] = []
         # Per partition: records numbered up to this are on the broker already.
         self._on_broker: list[int] = []
         self._skip_messages = resume.source_messages if resume is not None else 0
-        self._last_ack = 0.0
         self.complete = False
+        self._day_hdr = day.encode()
+        self._last_progress = self._last_yield = self._last_flush = self._last_checkpoint = 0.0
 
     @property
     def interrupted(self) -> bool:
@@ -253,7 +232,7 @@ class Replayer:
         :raises BrokerOutage: the broker acknowledged nothing for the outage
             deadline; the last checkpoint counts only what it acknowledged
         """
-        self.partitions = len(await self._preflight())
+        self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
         self._seqs = [0] * self.partitions
         self._on_broker = [0] * self.partitions
         landed = [0] * self.partitions
@@ -265,7 +244,7 @@ class Replayer:
                     f"has {self.partitions} partitions, the resumed replay sent to "
                     f"{prev.partitions}",
                 )
-            landed = await self._landed_after(prev)
+            landed = await landed_after(self.bootstrap, self.topic, self.partitions, prev)
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             acks="all",
@@ -282,7 +261,9 @@ class Replayer:
         )
         throttle_metadata_updates(producer, 0.5)
         await producer.start()
-        out = _Batches(producer, self.topic, self.partitions, self._guard, self._acked_one)
+        out = _Batches(
+            producer, self.topic, self.partitions, self.outage.guard, self.outage.acked_one
+        )
         aborted = False
         try:
             try:
@@ -312,151 +293,13 @@ class Replayer:
             else:
                 await producer.stop()
 
-    async def _preflight(self) -> list[int]:
-        """The topic's partitions, waiting up to ``connect_timeout_s`` for a broker."""
-        deadline = time.monotonic() + self.connect_timeout_s
-        while True:
-            try:
-                with _quiet(logging.getLogger("aiokafka")):
-                    return await partitions_of(self.bootstrap, self.topic)
-            except (KafkaError, OSError):  # KafkaError is a RuntimeError: first
-                if time.monotonic() >= deadline:
-                    raise SourceError(
-                        f"--bootstrap {self.bootstrap}",
-                        f"no broker answered within {self.connect_timeout_s:g} s "
-                        "(is it running, is the address right?)",
-                    ) from None
-            except RuntimeError:
-                raise SourceError(
-                    f"--topic {self.topic}",
-                    f"no such topic on {self.bootstrap} (create it: tickscale topics)",
-                ) from None
-                await asyncio.sleep(1.0)
-
-    async def _landed_after(self, prev: Manifest) -> list[int]:
-        """Records of each partition that reached the broker after ``prev`` was written.
-
-        The run that wrote ``prev`` may have stopped with records sent and not yet
-        acknowledged, or acknowledged since its last checkpoint. They carry the feed
-        sequence numbers that follow the manifest's, and timestamps from after it.
-        """
-        n = self.partitions
-        seqs = prev.partition_seqs or [0] * n
-        landed = [0] * n
-        if not prev.acked_at_ms:
-            return landed
-        # Timestamps are this machine's (create time) or the broker's (append time):
-        # a margin for the broker's clock. What it adds is numbered up to the
-        # manifest's and not counted.
-        since = prev.acked_at_ms - 60_000
-        tps = [TopicPartition(self.topic, p) for p in range(n)]
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
-        )
-        await consumer.start()
-        try:
-            consumer.assign(tps)
-            starts = await consumer.offsets_for_times({tp: since for tp in tps})
-            ends = await consumer.end_offsets(tps)
-            todo: dict[TopicPartition, int] = {}
-            for tp in tps:
-                at = starts.get(tp)
-                if at is not None and at.offset < ends[tp]:
-                    consumer.seek(tp, at.offset)
-                    todo[tp] = ends[tp]
-            while todo:
-                batch = await consumer.getmany(*todo, timeout_ms=1000)
-                for tp, records in batch.items():
-                    p = tp.partition
-                    for r in records:
-                        seq = dict(r.headers).get(HDR_SEQ)
-                        if seq is not None and seq.isdigit():
-                            if int(seq) == seqs[p] + landed[p] + 1:
-                                landed[p] += 1
-                for tp in list(todo):
-                    if await consumer.position(tp) >= todo[tp]:
-                        del todo[tp]
-        finally:
-            await consumer.stop()
-        if any(landed):
-            log.info("resume: %d records already on the broker are not sent again", sum(landed))
-        return landed
-
-    def _acked_one(self, fut: asyncio.Future[Any]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self._last_ack = time.monotonic()
-
-    async def _guard(self, aw: Awaitable[T]) -> T:
-        """Wait for ``aw`` while the broker keeps acknowledging something; BrokerOutage
-        once it has acknowledged nothing for ``outage_deadline_s``."""
-        fut = asyncio.ensure_future(aw)
-        if fut.done():
-            return fut.result()
-        began = time.monotonic()
-        noticed = False
-        quiet_client = contextlib.ExitStack()
-        try:
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=1.0)
-                if done:
-                    break
-                quiet = time.monotonic() - max(began, self._last_ack)
-                if quiet > self.outage_deadline_s:
-                    raise BrokerOutage(
-                        f"--bootstrap {self.bootstrap}",
-                        f"the broker acknowledged nothing for {quiet:.0f} s "
-                        f"(--outage-deadline {self.outage_deadline_s:g}); the manifest counts "
-                        "what it acknowledged",
-                    )
-                if self._stop.is_set() and quiet > _OUTAGE_NOTICE_S:
-                    # Asked to stop: not kept waiting for a broker that is away.
-                    raise BrokerOutage(
-                        f"--bootstrap {self.bootstrap}",
-                        f"stopped while the broker acknowledged nothing ({quiet:.0f} s); the "
-                        "manifest counts what it acknowledged",
-                    )
-                if quiet > _OUTAGE_NOTICE_S and not noticed:
-                    noticed = True
-                    # The client logs each failed connection; this line says it once.
-                    quiet_client.enter_context(_quiet(logging.getLogger("aiokafka")))
-                    log.warning(
-                        "the broker at %s has acknowledged nothing for %.0f s; retrying for up "
-                        "to %g s",
-                        self.bootstrap,
-                        quiet,
-                        self.outage_deadline_s,
-                    )
-        except BaseException:
-            if not fut.done() and not isinstance(aw, asyncio.Future):
-                fut.cancel()  # a send not yet queued: nothing of it reaches the broker
-            raise
-        finally:
-            quiet_client.close()
-        if noticed:
-            log.warning("the broker at %s acknowledges again", self.bootstrap)
-        try:
-            return fut.result()
-        except KafkaTimeoutError:
-            raise BrokerOutage(
-                f"--bootstrap {self.bootstrap}",
-                f"the broker did not take a batch within the producer's timeout "
-                f"(--outage-deadline {self.outage_deadline_s:g})",
-            ) from None
-
-    async def _acked(self, futs: list[asyncio.Future[Any]]) -> None:
-        for fut in futs:
-            if fut.done():
-                fut.result()  # raises the broker's error, if any
-            else:
-                await self._guard(fut)
-
     async def _checkpoint(self, out: _Batches, complete: bool) -> Manifest:
         """Send what is open, wait for the broker to acknowledge everything sent, and
         hand over the manifest of it."""
         await out.flush(wait=True)
         pending = out.pending[:]
         out.pending.clear()
-        await self._acked(pending)
+        await self.outage.acked(pending)
         st = self.stats
         st.elapsed = time.monotonic() - st.started if st.started else 0.0
         acked_at_ms = int(time.time() * 1000)  # every record counted was sent before now
@@ -486,92 +329,113 @@ class Replayer:
 
     async def _send_all(self, out: _Batches, landed: list[int]) -> None:
         n_parts = self.partitions
-        seqs = self._seqs
         st = self.stats
-        day_hdr = self.day.encode()
-        pending = out.pending
         prev = self._resume
-        skip_messages = self._skip_messages
-        on_broker = self._on_broker
         for p in range(n_parts):
             counted = prev.partition_seqs[p] if prev is not None and prev.partition_seqs else 0
-            on_broker[p] = counted + landed[p]
+            self._on_broker[p] = counted + landed[p]
         first_ts: int | None = None
         st.started = time.monotonic()
-        self._last_ack = st.started
-        last_progress = 0.0
-        last_yield = last_flush = last_checkpoint = st.started
-        builder = self.builder
+        self.outage.last_ack = st.started
+        self._last_progress = 0.0
+        self._last_yield = self._last_flush = self._last_checkpoint = st.started
         speed = self.speed
-        checkpoints = self._checkpoint_cb is not None
         for m in self.source:
             targets = range(n_parts) if m.key is None else (partition_for(m.key, n_parts),)
             # Not stopped while skipping: a manifest counting less than the resumed
             # one would have what it counted sent again.
-            if st.source_messages < skip_messages:
-                # Sent by the run being resumed: only its numbering and its share of
-                # the manifest are rebuilt.
-                for p in targets:
-                    seqs[p] += 1
-                if self._manifest:
-                    builder.observe(m.payload, m.codec, self.day, len(targets))
-                st.source_messages += 1
-                st.resumed_messages += 1
-                st.records += len(targets)
-                st.resumed_records += len(targets)
+            if st.source_messages < self._skip_messages:
+                self._skip(m, targets)
                 continue
             if self._stop.is_set():
                 break
             if first_ts is None:
                 first_ts = m.ts_ns
             if speed is not None:
-                due = st.started + (m.ts_ns - first_ts) / NS / speed
-                ahead = due - time.monotonic()
-                if ahead > 0.002:
-                    if due - last_flush >= _FLUSH_EVERY_S:
-                        # Everything, rather than hold a batch through the sleep.
-                        await out.flush(wait=True)
-                        last_flush = time.monotonic()
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                    last_yield = due
-                else:
-                    # Sample lateness sparsely: one in 64 is plenty for percentiles.
-                    if st.source_messages & 63 == 0:
-                        st.drift_samples.append(max(0.0, -ahead))
-            codec_hdr = _CODEC_HDR[m.codec]
-            for p in targets:
-                seqs[p] += 1
-                st.records += 1
-                if seqs[p] <= on_broker[p]:
-                    continue
-                headers = [(HDR_CODEC, codec_hdr), (HDR_SEQ, str(seqs[p]).encode())]
-                if m.codec == "itch":
-                    headers.append((HDR_DATE, day_hdr))
-                if m.key is None:
-                    headers.append((HDR_BROADCAST, b"1"))
-                if not out.add(p, m.key, m.payload, headers):
-                    await out.add_full(p, m.key, m.payload, headers)
-            if self._manifest:
-                builder.observe(m.payload, m.codec, self.day, len(targets))
-            st.source_messages += 1
-            st.source_clock_ns = m.ts_ns
-            if len(pending) >= _PENDING_MAX:
-                older = pending[: _PENDING_MAX // 2]
-                del pending[: _PENDING_MAX // 2]
-                await self._acked(older)  # acknowledged long ago: returns (or raises) at once
-            now = time.monotonic()
-            if now - last_yield > _YIELD_EVERY_S:
-                last_yield = now
-                if now - last_flush >= _FLUSH_EVERY_S:
-                    await out.flush()
-                    last_flush = now
-                await asyncio.sleep(0)  # the sender, and signal handlers
-            if checkpoints and now - last_checkpoint >= self._checkpoint_every_s:
-                await self._checkpoint(out, complete=False)
-                last_checkpoint = last_flush = time.monotonic()
-            if now - last_progress > 0.25:
-                last_progress = now
-                if self._on_progress is not None:
-                    self._on_progress(st)
+                await self._pace(out, st.started + (m.ts_ns - first_ts) / NS / speed)
+            await self._publish(out, m, targets)
+            await self._housekeep(out)
         if self._on_progress is not None:
             self._on_progress(st)
+
+    def _skip(self, m: RawMessage, targets: Iterable[int]) -> None:
+        """A message the run being resumed sent: only its numbering and its share of
+        the manifest are rebuilt."""
+        st = self.stats
+        n = 0
+        for p in targets:
+            self._seqs[p] += 1
+            n += 1
+        if self._manifest:
+            self.builder.observe(m.payload, m.codec, self.day, n)
+        st.source_messages += 1
+        st.resumed_messages += 1
+        st.records += n
+        st.resumed_records += n
+
+    async def _pace(self, out: _Batches, due: float) -> None:
+        """Wait for the message's time, or note how late it goes out."""
+        ahead = due - time.monotonic()
+        if ahead > 0.002:
+            if due - self._last_flush >= _FLUSH_EVERY_S:
+                # Everything, rather than hold a batch through the sleep.
+                await out.flush(wait=True)
+                self._last_flush = time.monotonic()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            self._last_yield = due
+        elif self.stats.source_messages & 63 == 0:
+            # Sample lateness sparsely: one in 64 is plenty for percentiles.
+            self.stats.drift_samples.append(max(0.0, -ahead))
+
+    async def _publish(self, out: _Batches, m: RawMessage, targets: Iterable[int]) -> None:
+        """Number the message in each of its partitions and add it to their batches."""
+        st = self.stats
+        seqs = self._seqs
+        codec_hdr = _CODEC_HDR[m.codec]
+        n = 0
+        for p in targets:
+            n += 1
+            seqs[p] += 1
+            st.records += 1
+            if seqs[p] <= self._on_broker[p]:
+                continue
+            headers = [(HDR_CODEC, codec_hdr), (HDR_SEQ, str(seqs[p]).encode())]
+            if m.codec == "itch":
+                headers.append((HDR_DATE, self._day_hdr))
+            if m.key is None:
+                headers.append((HDR_BROADCAST, b"1"))
+            if not out.add(p, m.key, m.payload, headers):
+                await out.add_full(p, m.key, m.payload, headers)
+        if self._manifest:
+            self.builder.observe(m.payload, m.codec, self.day, n)
+        st.source_messages += 1
+        st.source_clock_ns = m.ts_ns
+
+    async def _housekeep(self, out: _Batches) -> None:
+        """After each message: old acknowledgements checked, the sender and signal
+        handlers let run, checkpoints and progress on time."""
+        pending = out.pending
+        if len(pending) >= _PENDING_MAX:
+            older = pending[: _PENDING_MAX // 2]
+            del pending[: _PENDING_MAX // 2]
+            await self.outage.acked(older)  # acknowledged long ago: returns (or raises) at once
+        now = time.monotonic()
+        if now - self._last_yield > _YIELD_EVERY_S:
+            self._last_yield = now
+            if now - self._last_flush >= _FLUSH_EVERY_S:
+                await out.flush()
+                self._last_flush = now
+            await asyncio.sleep(0)  # the sender, and signal handlers
+        if (
+            self._checkpoint_cb is not None
+            and now - self._last_checkpoint >= self._checkpoint_every_s
+        ):
+            await self._checkpoint(out, complete=False)
+            self._last_checkpoint = self._last_flush = time.monotonic()
+        if now - self._last_progress > 0.25:
+            self._last_progress = now
+            if self._on_progress is not None:
+                self._on_progress(self.stats)
+
+
+__all__ = ["BrokerOutage", "ReplayStats", "Replayer"]

@@ -1,0 +1,146 @@
+"""Riding out a broker that goes away: the replay waits while the broker keeps
+acknowledging something, and gives up, naming the deadline, once it has
+acknowledged nothing for that long."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeVar
+
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+from core.topology import partitions_of
+from ingest.codecs.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A wait for the broker says so on the console after this long.
+_OUTAGE_NOTICE_S = 5.0
+
+
+@contextlib.contextmanager
+def quiet(logger: logging.Logger) -> Iterator[None]:
+    """Hold back a logger's lines: each failed connection attempt of the client is
+    one, where the replay says once what is wrong."""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class BrokerOutage(RuntimeError):
+    """The broker acknowledged nothing for the replay's outage deadline."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{where}: {what}")
+        self.where = where
+        self.what = what
+
+
+class OutageGuard:
+    """Waits on the broker's acknowledgements with the replay's outage deadline."""
+
+    def __init__(self, bootstrap: str, deadline_s: float, stop: asyncio.Event) -> None:
+        self.bootstrap = bootstrap
+        self.deadline_s = deadline_s
+        self._stop = stop  # a stop request ends a wait for an absent broker early
+        self.last_ack = 0.0  # monotonic time of the latest acknowledgement
+
+    def acked_one(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.last_ack = time.monotonic()
+
+    async def guard(self, aw: Awaitable[T]) -> T:
+        """Wait for ``aw`` while the broker keeps acknowledging something; BrokerOutage
+        once it has acknowledged nothing for ``deadline_s``."""
+        fut = asyncio.ensure_future(aw)
+        if fut.done():
+            return fut.result()
+        began = time.monotonic()
+        noticed = False
+        quiet_client = contextlib.ExitStack()
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=1.0)
+                if done:
+                    break
+                silent = time.monotonic() - max(began, self.last_ack)
+                if silent > self.deadline_s:
+                    raise BrokerOutage(
+                        f"--bootstrap {self.bootstrap}",
+                        f"the broker acknowledged nothing for {silent:.0f} s "
+                        f"(--outage-deadline {self.deadline_s:g}); the manifest counts "
+                        "what it acknowledged",
+                    )
+                if self._stop.is_set() and silent > _OUTAGE_NOTICE_S:
+                    # Asked to stop: not kept waiting for a broker that is away.
+                    raise BrokerOutage(
+                        f"--bootstrap {self.bootstrap}",
+                        f"stopped while the broker acknowledged nothing ({silent:.0f} s); the "
+                        "manifest counts what it acknowledged",
+                    )
+                if silent > _OUTAGE_NOTICE_S and not noticed:
+                    noticed = True
+                    # The client logs each failed connection; this line says it once.
+                    quiet_client.enter_context(quiet(logging.getLogger("aiokafka")))
+                    log.warning(
+                        "the broker at %s has acknowledged nothing for %.0f s; retrying for up "
+                        "to %g s",
+                        self.bootstrap,
+                        silent,
+                        self.deadline_s,
+                    )
+        except BaseException:
+            if not fut.done() and not isinstance(aw, asyncio.Future):
+                fut.cancel()  # a send not yet queued: nothing of it reaches the broker
+            raise
+        finally:
+            quiet_client.close()
+        if noticed:
+            log.warning("the broker at %s acknowledges again", self.bootstrap)
+        try:
+            return fut.result()
+        except KafkaTimeoutError:
+            raise BrokerOutage(
+                f"--bootstrap {self.bootstrap}",
+                f"the broker did not take a batch within the producer's timeout "
+                f"(--outage-deadline {self.deadline_s:g})",
+            ) from None
+
+    async def acked(self, futs: list[asyncio.Future[Any]]) -> None:
+        for fut in futs:
+            if fut.done():
+                fut.result()  # raises the broker's error, if any
+            else:
+                await self.guard(fut)
+
+
+async def reach_topic(bootstrap: str, topic: str, connect_timeout_s: float) -> list[int]:
+    """The topic's partitions, waiting up to ``connect_timeout_s`` for a broker;
+    SourceError naming the address or the topic."""
+    deadline = time.monotonic() + connect_timeout_s
+    while True:
+        try:
+            with quiet(logging.getLogger("aiokafka")):
+                return await partitions_of(bootstrap, topic)
+        except (KafkaError, OSError):  # KafkaError is a RuntimeError: first
+            if time.monotonic() >= deadline:
+                raise SourceError(
+                    f"--bootstrap {bootstrap}",
+                    f"no broker answered within {connect_timeout_s:g} s "
+                    "(is it running, is the address right?)",
+                ) from None
+        except RuntimeError:
+            raise SourceError(
+                f"--topic {topic}",
+                f"no such topic on {bootstrap} (create it: tickscale topics)",
+            ) from None
+            await asyncio.sleep(1.0)

@@ -1,0 +1,63 @@
+"""What a resumed replay need not send again: records of the earlier run that
+reached the broker after its manifest was written."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from core.constants import HDR_SEQ
+from ingest.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manifest) -> list[int]:
+    """Records of each partition that reached the broker after ``prev`` was written.
+
+    The run that wrote ``prev`` may have stopped with records sent and not yet
+    acknowledged, or acknowledged since its last checkpoint. They carry the feed
+    sequence numbers that follow the manifest's, and timestamps from after it.
+    """
+    n = partitions
+    seqs = prev.partition_seqs or [0] * n
+    landed = [0] * n
+    if not prev.acked_at_ms:
+        return landed
+    # Timestamps are this machine's (create time) or the broker's (append time):
+    # a margin for the broker's clock. What it adds is numbered up to the
+    # manifest's and not counted.
+    since = prev.acked_at_ms - 60_000
+    tps = [TopicPartition(topic, p) for p in range(n)]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        starts = await consumer.offsets_for_times({tp: since for tp in tps})
+        ends = await consumer.end_offsets(tps)
+        todo: dict[TopicPartition, int] = {}
+        for tp in tps:
+            at = starts.get(tp)
+            if at is not None and at.offset < ends[tp]:
+                consumer.seek(tp, at.offset)
+                todo[tp] = ends[tp]
+        while todo:
+            batch = await consumer.getmany(*todo, timeout_ms=1000)
+            for tp, records in batch.items():
+                p = tp.partition
+                for r in records:
+                    seq = dict(r.headers).get(HDR_SEQ)
+                    if seq is not None and seq.isdigit():
+                        if int(seq) == seqs[p] + landed[p] + 1:
+                            landed[p] += 1
+            for tp in list(todo):
+                if await consumer.position(tp) >= todo[tp]:
+                    del todo[tp]
+    finally:
+        await consumer.stop()
+    if any(landed):
+        log.info("resume: %d records already on the broker are not sent again", sum(landed))
+    return landed
