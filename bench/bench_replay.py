@@ -97,7 +97,7 @@ async def main(args: argparse.Namespace) -> int:
              "baseline_records_per_s": round(b / n_rounds),
              "publisher_cpu_us_per_record": round(pc / n_rounds, 2),
              "baseline_cpu_us_per_record": round(bc / n_rounds, 2),
-             "records": len(src)},
+             "records_per_round": n},
             {"rate_vs_baseline": round(p / b, 3), "cpu_vs_baseline": round(pc / bc, 3)},
             {"params": vars(args),
              "rounds": {"rates": rates, "cpu_us_per_record": cpu}},
