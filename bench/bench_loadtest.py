@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from bench.results import write_result
 from tickscale.localstack import KafkaBroker, RedisServer
 
 LAG_TARGET_S = 5.0
@@ -179,8 +180,8 @@ def day(args: argparse.Namespace, work: Path, name: str, policy: str) -> dict[st
     return r
 
 
-def speed_search(args: argparse.Namespace, work: Path) -> int:
-    """Part 1; returns the number of ledger failures."""
+def speed_search(args: argparse.Namespace, work: Path) -> tuple[int, dict[str, Any]]:
+    """Part 1; returns the number of ledger failures and each fleet's largest speed held."""
     failures = 0
     print(f"\n1. speed search: synthetic from {args.start} for {args.trial_seconds:g} wall s "
           f"at each speed, {args.symbols} symbols, {args.partitions} partitions, fixed "
@@ -207,7 +208,32 @@ def speed_search(args: argparse.Namespace, work: Path) -> int:
         rate = "-" if best is None else f"{best.r.get('peak_rate') or 0:,.0f}"
         over = "-" if worst is None else f"{worst.speed:g}x"
         print(f"{n:>6} {speed:>20} {rate:>12} {over:>18}  {note}")
-    return failures
+    held = {f"fleet{n}_speed_held": None if best is None else best.speed
+            for n, best, _, _ in found}  # fmt: skip
+    return failures, held
+
+
+def record(
+    ours: dict[str, Any], fixed: dict[str, Any], held: dict[str, Any], failures: int,
+    args: argparse.Namespace,
+) -> None:  # fmt: skip
+    """The run's result file: the compressed day's cost against the fixed fleet, the speeds."""
+    figures: dict[str, Any] = {
+        "handler_seconds_tickscale": round(ours["handler_seconds"], 1),
+        "handler_seconds_fixed": round(fixed["handler_seconds"], 1),
+        "peak_handlers": ours["peak_handlers"],
+        "lag_max_s_tickscale": round(ours["lag_max_s"] or 0, 3),
+        "latency_p99_s_tickscale": round(ours["latency_p99_s"] or 0, 3),
+        "slo_ok": bool(ours["slo_ok"] and fixed["slo_ok"]),
+        "ledger_failures": failures,
+        **held,
+    }
+    ratio = ours["handler_seconds"] / max(fixed["handler_seconds"], 1e-9)
+    path = write_result(
+        "loadtest", figures, {"handler_seconds_vs_fixed": round(ratio, 3)},
+        {"params": {k: v for k, v in vars(args).items() if k not in ("bootstrap", "redis")}},
+    )  # fmt: skip
+    print(f"result: {path}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -217,10 +243,11 @@ def main(args: argparse.Namespace) -> int:
     args.bootstrap, args.redis = broker.bootstrap, redis.url
     t_start = time.monotonic()
     ledger_failures = 0
+    held: dict[str, Any] = {}
     try:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
         if not args.no_search:
-            ledger_failures += speed_search(args, work)
+            ledger_failures, held = speed_search(args, work)
 
         print(f"\n2. compressed day: synthetic 04:00-20:00 at {args.day_speed:g}x, "
               f"{args.day_symbols} symbols, {args.partitions} partitions, same SLOs")  # fmt: skip
@@ -247,6 +274,7 @@ def main(args: argparse.Namespace) -> int:
             f"\nload average {os.getloadavg()[0]:.1f} at end; "
             f"{time.monotonic() - t_start:.0f} s in all; runs and logs in {work}"
         )
+        record(ours, fixed, held, ledger_failures, args)
         return 0
     finally:
         redis.stop()

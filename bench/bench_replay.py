@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
+from bench.results import write_result
 from core.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
 from core.runtime import freeze_startup_heap
 from core.topology import RAW_CONFIG
@@ -90,6 +91,19 @@ async def main(args: argparse.Namespace) -> int:
             f"publisher vs per-record send(): {p / b:.1f}x the rate, "
             f"{pc / bc:.0%} of the CPU per record (means of {args.rounds} rounds)"
         )
+        n_rounds = args.rounds
+        path = write_result(
+            "replay",
+            {"publisher_records_per_s": round(p / n_rounds),
+             "baseline_records_per_s": round(b / n_rounds),
+             "publisher_cpu_us_per_record": round(pc / n_rounds, 2),
+             "baseline_cpu_us_per_record": round(bc / n_rounds, 2),
+             "records_per_round": n},
+            {"rate_vs_baseline": round(p / b, 3), "cpu_vs_baseline": round(pc / bc, 3)},
+            {"params": vars(args),
+             "rounds": {"rates": rates, "cpu_us_per_record": cpu}},
+        )  # fmt: skip
+        print(f"result: {path}")
         return 0
     finally:
         broker.stop()

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
+from bench.results import write_result
 from core.topology import create_topics
 from scaler.calendar import SessionCalendar
 from scaler.lag import LagProbe
@@ -188,7 +189,7 @@ def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:6.1f} s"
 
 
-def offline(args: argparse.Namespace) -> None:
+def offline(args: argparse.Namespace) -> dict[str, float]:
     cal = SessionCalendar("XNYS")
     series = synthetic_day(DAY, symbols=args.sim_symbols, seed=args.seed)
     ours, reactive = backtest(series, cal, HandlerModel(), lag_target_s=5.0, keep_series=True)
@@ -213,11 +214,32 @@ def offline(args: argparse.Namespace) -> None:
           f"[{'met' if hs <= 1.1 else 'NOT met'}]; lag-above-target cut >= 80%: {cut:.0%} "
           f"[{'met' if cut >= 0.8 else 'NOT met'}]; open lag < 5 s: "
           f"[{'met' if op_a < 5 else 'NOT met'}]")  # fmt: skip
+    figures = {f"backtest_{k}_{p}": float(getattr(r, k))
+               for k in ("handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events")
+               for p, r in (("tickscale", ours), ("reactive", reactive))}  # fmt: skip
+    return {**figures, "backtest_open_peak_lag_s_tickscale": round(op_a, 2),
+            "backtest_open_peak_lag_s_reactive": round(op_b, 2)}  # fmt: skip
+
+
+def record(args: argparse.Namespace, sim: dict[str, float], live: list[Reaction]) -> None:
+    """The run's result file: the backtest's figures and ratios, and each live step's."""
+    figures: dict[str, float | None] = {k: round(v, 2) for k, v in sim.items()}
+    ratios: dict[str, float | None] = {}
+    for key in ("handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events"):
+        base = sim[f"backtest_{key}_reactive"]
+        ours = sim[f"backtest_{key}_tickscale"]
+        ratios[f"backtest_{key}"] = round(ours / base, 3) if base else None
+    for r in live:
+        figures[f"live_up_s_{r.policy}"] = None if r.up_s is None else round(r.up_s, 2)
+        figures[f"live_down_s_{r.policy}"] = None if r.down_s is None else round(r.down_s, 2)
+    extra = {"backend": None if args.offline_only else args.backend, "params": vars(args)}
+    print(f"result: {write_result('scaler', figures, ratios, extra)}")
 
 
 async def main(args: argparse.Namespace) -> int:
-    offline(args)
+    sim = offline(args)
     if args.offline_only:
+        record(args, sim, [])
         return 0
     work = Path(tempfile.mkdtemp(prefix="tickscale-bench-scaler-"))
     broker = KafkaBroker(work / "kafka").start()
@@ -242,6 +264,7 @@ async def main(args: argparse.Namespace) -> int:
             print(
                 f"goal new handler consuming within 10 s (docker): [{'met' if ok else 'NOT met'}]"
             )
+        record(args, sim, results)
         print(f"logs: {work}")
         return 0
     finally:

@@ -39,7 +39,7 @@ from tickscale.localstack import KafkaBroker, delete_topics, ensure_topics
 
 def test_kinds_defaults_and_parsing() -> None:
     assert set(KINDS) >= {"kill-scaler", "broker-kill", "broker-pause", "redis-kill"}
-    # The README's promise: a broker restart stays down a minute unless told otherwise.
+    # docs/loadtest.md's promise: a broker restart stays down a minute unless told otherwise.
     assert parse_chaos("broker-restart@20").duration_s == 60.0
     assert parse_chaos("broker-restart@20:10").duration_s == 10.0
     for kind in ("kill-scaler", "broker-kill", "broker-pause", "redis-kill"):
