@@ -2,17 +2,26 @@
 
 One command: ``.venv/bin/python -m bench.bench_handler`` (starts its own broker).
 
-1. Preloads a raw topic with a synthetic market window.
+1. Preloads a raw topic with a synthetic market window, and packs a copy of it:
+   ``--pack`` (20) consecutive feed messages of a partition to a record, each
+   behind the ITCH length prefix, as MoldUDP64 packets carry many messages.
 2. Baseline: a plain aiokafka consume-and-produce passthrough (no decoding, no
    transactions, at-least-once commits), same broker, same input, own process.
-3. One ``tickscale handler`` process with EOS off, and one with EOS on, each on
-   a fresh group over the same input; rate = records / time to commit the last
-   offset. Steps 2 and 3 run ``--rounds`` times (3), the order rotated each
-   round; each variant's median is reported.
+   Beside it the same loop on confluent-kafka (``consume(5000)`` + ``produce``).
+3. Handlers, each its own process on a fresh group over the same input; rate =
+   records / time from the first committed offset to the last: ``tickscale
+   handler`` with EOS off and on (aiokafka), and the candidate confluent-kafka
+   path (ingest/handler/ck_path.py) over plain and over packed records. Steps 2
+   and 3 run ``--rounds`` times (3), the order rotated each round; each
+   variant's median is reported, in records/s and feed messages/s, with its
+   ratio to the baseline in feed messages/s and each handler's peak resident
+   memory. Then the broker's ceiling: Kafka's Java ProducerPerformance and
+   ConsumerPerformance on the same broker (bench/broker_ceiling.py).
 4. Latency: a paced replay at half the EOS handler rate with one EOS handler;
    end-to-end p50/p99 from the handler's histogram (raw record broker time to
    the commit of its ticks), over the steady feed after a 5 s warm-up. The
-   step runs at least ``--latency-passes`` times, each on its own topic, group
+   step measures the best EOS variant on single-message records (the paced
+   feed sends those). It runs at least ``--latency-passes`` times, each on its own topic, group
    and handler process; all are printed, the last one is the figure: the earlier
    passes warm the broker, whose JIT is still compiling the transaction paths
    during its first minutes (a broker in service is warm). On a slow machine
@@ -27,13 +36,17 @@ One command: ``.venv/bin/python -m bench.bench_handler`` (starts its own broker)
    ``--latency-rate R`` runs only this step, at R records/s.
 
 Prints the rates and the ratios to the baseline. Goals (from the project's
-issue): EOS handler >= 60% of passthrough; p99 < 100 ms at half that rate.
+issue): an EOS handler >= 3x the passthrough in feed messages/s; p99 <= 100 ms
+at half that rate. ``--json PATH`` writes the headline figures; the dated
+results file goes to ``--results-dir`` (bench/results).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import math
 import os
 import re
@@ -47,10 +60,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from bench import broker_ceiling
+from bench.ck_bench import pack_topic, passthrough_ck, rss_mb
 from bench.cpu import CpuShares, CpuTimes, shares
 from bench.jvm import compile_seconds, gc_pauses
 from core.runtime import freeze_startup_heap
@@ -114,19 +130,34 @@ async def passthrough(bootstrap: str, src: str, dst: str, total: int, group: str
 
 
 def start_handler(bootstrap: str, topics: dict[str, str], group: str, eos: bool, port: int,
-                  log: Path) -> subprocess.Popen[bytes]:  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "tickscale", "--log-level", "WARNING", "handler",
-        "--bootstrap", bootstrap, "--in", topics["raw"], "--out", topics["ticks"],
-        "--deadletter", topics["dl"], "--group", group, "--metrics-port", str(port),
-        "--eos" if eos else "--no-eos",
-    ]  # fmt: skip
+                  log: Path, ck: bool = False) -> subprocess.Popen[bytes]:  # fmt: skip
+    """``tickscale handler``, or with ``ck`` the candidate confluent-kafka path
+    (bench/ck_handler.py, always EOS), as a process of its own. ``topics["batch"]``
+    caps the candidate's records per transaction (packed records carry many
+    messages each, so fewer of them make a batch of the same work)."""
+    if ck:
+        cmd = [
+            sys.executable, "-m", "bench.ck_handler", "--bootstrap", bootstrap,
+            "--in", topics["raw"], "--out", topics["ticks"],
+            "--out-partitions", topics["ticks_partitions"], "--deadletter", topics["dl"],
+            "--group", group, "--metrics-port", str(port),
+            "--batch", topics.get("batch", "5000"),
+        ]  # fmt: skip
+    else:
+        cmd = [
+            sys.executable, "-m", "tickscale", "--log-level", "WARNING", "handler",
+            "--bootstrap", bootstrap, "--in", topics["raw"], "--out", topics["ticks"],
+            "--deadletter", topics["dl"], "--group", group, "--metrics-port", str(port),
+            "--eos" if eos else "--no-eos",
+        ]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
 async def handler_rate(bootstrap: str, topics: dict[str, str], eos: bool, total: int,
-                       workdir: Path, group: str) -> float:  # fmt: skip
-    p = start_handler(bootstrap, topics, group, eos, free_port(), workdir / f"{group}.log")
+                       workdir: Path, group: str,
+                       ck: bool = False) -> tuple[float, float]:  # fmt: skip
+    """Records/s from the first commit to the last, and the process's peak resident MB."""
+    p = start_handler(bootstrap, topics, group, eos, free_port(), workdir / f"{group}.log", ck)
     try:
         # Time from the first commit to the last, so process start-up and the
         # group join are not counted against throughput.
@@ -139,7 +170,8 @@ async def handler_rate(bootstrap: str, topics: dict[str, str], eos: bool, total:
                 t0, first = now, done
             if done >= total:
                 assert t0 is not None
-                return (done - first) / max(now - t0, 1e-9)
+                mem = rss_mb(p.pid)
+                return (done - first) / max(now - t0, 1e-9), mem[1] if mem else float("nan")
             if p.poll() is not None:
                 raise RuntimeError((workdir / f"{group}.log").read_text()[-2000:])
             await asyncio.sleep(0.05)
@@ -148,11 +180,54 @@ async def handler_rate(bootstrap: str, topics: dict[str, str], eos: bool, total:
         p.wait(60)
 
 
-VARIANTS = ("passthrough", "EOS off", "EOS on")
+# name -> what it is; "passthrough" is the baseline of every ratio.
+VARIANTS = {
+    "passthrough": "bare aiokafka consume+produce (at-least-once)",
+    "passthrough_ck": "bare confluent-kafka consume(5000)+produce (at-least-once)",
+    "handler_alo": "tickscale handler, EOS off (aiokafka)",
+    "handler_eos": "tickscale handler, EOS on (aiokafka)",
+    "handler_eos_ck": "candidate path, EOS (confluent-kafka, ck_path)",
+    "handler_eos_ck_packed": "candidate path, EOS, packed raw records",
+}
+EOS_VARIANTS = ("handler_eos", "handler_eos_ck", "handler_eos_ck_packed")
 
 
-async def rate_rounds(bootstrap: str, topics: dict[str, str], total: int, rounds: int,
-                      workdir: Path) -> dict[str, list[float]]:  # fmt: skip
+@dataclass
+class Input:
+    """The preloaded input: plain records (one feed message each) and packed ones."""
+
+    records: int
+    packed_records: int
+    packed_messages: int
+
+    def messages_per_record(self, variant: str) -> float:
+        if variant.endswith("_packed"):
+            return self.packed_messages / max(self.packed_records, 1)
+        return 1.0
+
+
+async def one_rate(v: str, bootstrap: str, topics: dict[str, str], inp: Input,
+                   workdir: Path, group: str) -> tuple[float, float]:  # fmt: skip
+    """Variant ``v``'s records/s over the whole input, and its handler's peak RSS (MB;
+    NaN for a passthrough, which runs inside this process)."""
+    nan = float("nan")
+    if v == "passthrough":
+        return await passthrough(bootstrap, topics["raw"], topics["copy"], inp.records, group), nan
+    if v == "passthrough_ck":
+        rate = await asyncio.to_thread(passthrough_ck, bootstrap, topics["raw"], topics["copy"],
+                                       inp.records, group)  # fmt: skip
+        return rate, nan
+    if v == "handler_eos_ck_packed":
+        per = inp.messages_per_record(v)
+        t = topics | {"raw": topics["packed"], "batch": str(max(1, round(5000 / per)))}
+        return await handler_rate(bootstrap, t, True, inp.packed_records, workdir, group, True)
+    eos, ck = v != "handler_alo", v == "handler_eos_ck"
+    return await handler_rate(bootstrap, topics, eos, inp.records, workdir, group, ck)
+
+
+async def rate_rounds(bootstrap: str, topics: dict[str, str], inp: Input, rounds: int,
+                      workdir: Path,
+                      ) -> tuple[dict[str, list[float]], dict[str, float]]:  # fmt: skip
     """Each variant's rate in ``rounds`` rounds, the order rotated every round.
 
     One run per variant was a single sample of a few seconds on a VM whose
@@ -160,22 +235,23 @@ async def rate_rounds(bootstrap: str, topics: dict[str, str], total: int, rounds
     measured 69% of the passthrough in one run and 113% in the next. The
     latency step's rate is derived from these, so it moved with that noise.
     """
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
+    rates: dict[str, list[float]] = {v: [] for v in names}
+    rss: dict[str, float] = {}
     suffix = int(time.time())
     for r in range(rounds):
-        k = r % len(VARIANTS)
-        order = VARIANTS[k:] + VARIANTS[:k]
+        k = r % len(names)
+        order = names[k:] + names[:k]
         got = []
         for v in order:
-            group = f"bench-{v.replace(' ', '-').lower()}-{suffix}-{r}"
-            if v == "passthrough":
-                rate = await passthrough(bootstrap, topics["raw"], topics["copy"], total, group)
-            else:
-                rate = await handler_rate(bootstrap, topics, v == "EOS on", total, workdir, group)
+            group = f"bench-{v.replace('_', '-')}-{suffix}-{r}"
+            rate, mem = await one_rate(v, bootstrap, topics, inp, workdir, group)
             rates[v].append(rate)
+            if not math.isnan(mem):
+                rss[v] = max(rss.get(v, 0.0), mem)
             got.append(f"{v} {rate:,.0f}")
-        print(f"  round {r + 1}: " + ", ".join(got) + " msg/s", flush=True)
-    return rates
+        print(f"  round {r + 1}: " + ", ".join(got) + " records/s", flush=True)
+    return rates, rss
 
 
 def scrape(url: str) -> str:
@@ -297,7 +373,8 @@ def run_feed(r: Replayer, nice: int) -> Manifest:
 
 
 async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: LatencyFeed,
-                     workdir: Path, feed_nice: int, broker_pid: int | None) -> Latency:  # fmt: skip
+                     workdir: Path, feed_nice: int, broker_pid: int | None,
+                     ck: bool = False) -> Latency:  # fmt: skip
     """p50/p99 e2e latency of a fresh EOS handler with ``raw`` fed by ``feed``.
 
     Only the steady state counts: the histogram is read after a warm-up and at
@@ -306,7 +383,7 @@ async def latency_at(bootstrap: str, topics: dict[str, str], raw: str, feed: Lat
     port = free_port()
     group = f"bench-lat-{raw}"
     p = start_handler(bootstrap, topics | {"raw": raw}, group, True, port,
-                      workdir / f"lat-{raw}.log")  # fmt: skip
+                      workdir / f"lat-{raw}.log", ck)  # fmt: skip
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         r = Replayer(bootstrap, raw, feed.src, feed.speed, DAY, manifest=False)
@@ -351,7 +428,7 @@ SETTLED_JIT_S = 1.0
 
 async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
                          args: argparse.Namespace, workdir: Path,
-                         broker_pid: int | None) -> Latency:  # fmt: skip
+                         broker_pid: int | None, ck: bool = False) -> Latency:  # fmt: skip
     """Warm the broker, then measure one pass; print each, return the measured one.
 
     At least ``args.latency_passes`` passes run. The last of them is measured
@@ -374,7 +451,8 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
         measured = i >= n and (settled or i >= most)
         raw = f"{topics['raw_lat']}.{i}"
         await ensure_topics(bootstrap, {raw: args.partitions}, configs=RAW_CONFIG)
-        res = await latency_at(bootstrap, topics, raw, feed, workdir, args.feed_nice, broker_pid)
+        res = await latency_at(bootstrap, topics, raw, feed, workdir, args.feed_nice, broker_pid,
+                               ck)  # fmt: skip
         compiled = ""
         now = compiled_s()
         if jit is not None and now is not None:
@@ -389,6 +467,120 @@ async def latency_passes(bootstrap: str, topics: dict[str, str], rate: float,
             return res
 
 
+@dataclass
+class Run:
+    """What one bench run measured, for the printout and the JSON files."""
+
+    inp: Input
+    rounds: int
+    records_s: dict[str, float]  # each variant's median records/s
+    rss_mb: dict[str, float]  # each handler variant's peak resident memory
+    ceiling: broker_ceiling.Ceiling | None = None
+    latency: Latency | None = None
+    latency_variant: str = ""
+
+    def msgs_s(self, v: str) -> float:
+        return self.records_s[v] * self.inp.messages_per_record(v)
+
+    def best_eos(self, unpacked: bool = False) -> str:
+        cands = [v for v in EOS_VARIANTS if not (unpacked and v.endswith("_packed"))]
+        return max(cands, key=self.msgs_s)
+
+
+def report(run: Run) -> None:
+    base = run.records_s["passthrough"]
+    print(f"median of {run.rounds} round(s); ratios are feed messages/s over the baseline's:")
+    for v, what in VARIANTS.items():
+        mem = f", RSS {run.rss_mb[v]:.0f} MB" if v in run.rss_mb else ""
+        print(f"  {v:<22} {run.records_s[v]:>10,.0f} records/s {run.msgs_s(v):>10,.0f} msgs/s"
+              f"  = {run.msgs_s(v) / base:.2f}x  ({what}{mem})")  # fmt: skip
+    if run.ceiling is not None:
+        for name, r in (("broker_produce", run.ceiling.produce),
+                        ("broker_consume", run.ceiling.consume)):  # fmt: skip
+            print(f"  {name:<22} {r:>10,.0f} records/s"
+                  f"{'':>24}= {r / base:.2f}x  (Java perf tool, same broker)")  # fmt: skip
+    best = run.best_eos()
+    ratio = run.msgs_s(best) / base
+    print(f"best EOS variant: {best}, {ratio:.2f}x the passthrough in feed messages/s "
+          f"[goal >= 3x: {'met' if ratio >= 3 else 'NOT met'}]")  # fmt: skip
+
+
+def figures(run: Run) -> dict[str, Any]:
+    base = run.records_s["passthrough"]
+    fig: dict[str, Any] = {}
+    ratios: dict[str, float] = {}
+    for v in VARIANTS:
+        fig[v] = {"records_s": round(run.records_s[v]), "msgs_s": round(run.msgs_s(v))}
+        if v in run.rss_mb:
+            fig[v]["rss_mb"] = round(run.rss_mb[v], 1)
+        ratios[v] = round(run.msgs_s(v) / base, 3)
+    if run.ceiling is not None:
+        for name, r in (("broker_produce", run.ceiling.produce),
+                        ("broker_consume", run.ceiling.consume)):  # fmt: skip
+            fig[name] = {"records_s": round(r), "msgs_s": round(r)}
+            ratios[name] = round(r / base, 3)
+    fig["input"] = {"records": run.inp.records, "packed_records": run.inp.packed_records,
+                    "packed_messages": run.inp.packed_messages}  # fmt: skip
+    if run.latency is not None:
+        fig["latency"] = {"variant": run.latency_variant, "rate": round(run.latency.rate),
+                          "p50_ms": round(run.latency.p50 * 1000, 1),
+                          "p99_ms": round(run.latency.p99 * 1000, 1)}  # fmt: skip
+    return {"figures": fig, "ratios": ratios}
+
+
+def write_json(run: Run, path: Path | None, results_dir: Path | None, busy: str) -> None:
+    """``--json PATH`` (the issue's five keys) and the dated results file."""
+    best = run.best_eos()
+    p99 = run.latency.p99 * 1000 if run.latency is not None else float("nan")
+    short = {
+        "baseline_passthrough": run.records_s["passthrough"],
+        "handler_eos": run.records_s[best], "handler_eos_msgs": run.msgs_s(best),
+        "p99_ms": p99, "rss_mb": run.rss_mb.get(best, float("nan")),
+        "handler_eos_variant": best,
+    }  # fmt: skip
+    if path is not None:
+        path.write_text(json.dumps(short, indent=2) + "\n")
+    if results_dir is not None:
+        now = dt.datetime.now(dt.UTC)
+        doc = {"bench": "handler", "date": now.isoformat(timespec="seconds"),
+               "host": {"cpus": os.cpu_count(), "busy": busy}, **figures(run), **short,
+               "rounds": run.rounds}  # fmt: skip
+        results_dir.mkdir(parents=True, exist_ok=True)
+        out = results_dir / f"{now:%Y-%m-%d}-handler.json"
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+async def prepare(bootstrap: str, topics: dict[str, str], args: argparse.Namespace) -> Input:
+    """Preload the raw topic, and pack a copy of it ``--pack`` messages to a record."""
+    total = await preload(bootstrap, topics["raw"], args.symbols, args.start, args.end)
+    await ensure_topics(bootstrap, {topics["packed"]: args.partitions})
+    recs, msgs = await asyncio.to_thread(pack_topic, bootstrap, topics["raw"], topics["packed"],
+                                         args.partitions, args.pack)  # fmt: skip
+    print(f"input: {total:,} raw records on {args.partitions} partitions; packed: {recs:,} "
+          f"records of {msgs / max(recs, 1):.1f} feed messages")  # fmt: skip
+    return Input(total, recs, msgs)
+
+
+async def ceiling(bootstrap: str, topics: dict[str, str], total: int,
+                  args: argparse.Namespace) -> broker_ceiling.Ceiling:  # fmt: skip
+    """The Java perf tools at the raw records' size (36 bytes, as the passthrough moves)."""
+    await ensure_topics(bootstrap, {topics["perf"]: args.partitions})
+    c = await asyncio.to_thread(broker_ceiling.measure, bootstrap, topics["perf"], total,
+                                args.record_size, f"bench-perf-{topics['perf']}")  # fmt: skip
+    print(f"broker ceiling: produce {c.produce:,.0f}, consume {c.consume:,.0f} records/s")
+    return c
+
+
+def make_topics(partitions: int) -> dict[str, str]:
+    suffix = str(int(time.time()))
+    names = ("raw", "ticks", "dl", "copy", "rawlat", "packed", "perf")
+    topics = {k: f"bench.{k}.{suffix}" for k in names}
+    topics["raw_lat"] = topics.pop("rawlat")
+    topics["ticks_partitions"] = str(partitions)
+    return topics
+
+
 async def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="tickscale-bench-"))
     if args.bootstrap:
@@ -399,35 +591,30 @@ async def main(args: argparse.Namespace) -> int:
         bootstrap = broker.bootstrap
     pid = broker.pid if broker is not None else None
     try:
-        suffix = str(int(time.time()))
-        topics = {
-            "raw": f"bench.raw.{suffix}", "ticks": f"bench.ticks.{suffix}",
-            "dl": f"bench.dl.{suffix}", "copy": f"bench.copy.{suffix}",
-            "raw_lat": f"bench.rawlat.{suffix}",
-        }  # fmt: skip
+        topics = make_topics(args.partitions)
         await ensure_topics(bootstrap, {topics["raw"]: args.partitions}, configs=RAW_CONFIG)
         out = {topics[k]: args.partitions for k in ("ticks", "copy")}
         await ensure_topics(bootstrap, out | {topics["dl"]: 1})
         if args.latency_rate:
-            lat = await latency_passes(bootstrap, topics, args.latency_rate, args, work, pid)
+            lat = await latency_passes(bootstrap, topics, args.latency_rate, args, work, pid,
+                                       args.latency_ck)  # fmt: skip
             print(f"e2e latency at {lat.rate:,.0f} msg/s: p50 {lat.p50 * 1000:.1f} ms, "
                   f"p99 {lat.p99 * 1000:.1f} ms")  # fmt: skip
             return 0
-        total = await preload(bootstrap, topics["raw"], args.symbols, args.start, args.end)
-        print(f"input: {total:,} raw records on {args.partitions} partitions")
-        rates = await rate_rounds(bootstrap, topics, total, args.rounds, work)
-        base, alo, eos = (statistics.median(rates[v]) for v in VARIANTS)
-        print(f"median of {args.rounds} round(s):")
-        print(f"passthrough (aiokafka consume+produce): {base:,.0f} msg/s")
-        print(f"handler, EOS off (at-least-once):       {alo:,.0f} msg/s"
-              f"  = {alo / base:.0%} of passthrough")  # fmt: skip
-        goal = "met" if eos / base >= 0.6 else "NOT met"
-        print(f"handler, EOS on (transactions):         {eos:,.0f} msg/s"
-              f"  = {eos / base:.0%} of passthrough  [goal >= 60%: {goal}]")  # fmt: skip
-        lat = await latency_passes(bootstrap, topics, eos / 2, args, work, pid)
-        print(f"e2e latency at {lat.rate:,.0f} msg/s (~half the EOS rate): "
+        inp = await prepare(bootstrap, topics, args)
+        rates, rss = await rate_rounds(bootstrap, topics, inp, args.rounds, work)
+        run = Run(inp, args.rounds, {v: statistics.median(r) for v, r in rates.items()}, rss)
+        if not args.no_ceiling:
+            run.ceiling = await ceiling(bootstrap, topics, inp.records, args)
+        report(run)
+        # Latency needs a live feed of single-message records: the best unpacked variant.
+        run.latency_variant = v = run.best_eos(unpacked=True)
+        run.latency = lat = await latency_passes(bootstrap, topics, run.msgs_s(v) / 2, args,
+                                                 work, pid, v == "handler_eos_ck")  # fmt: skip
+        print(f"e2e latency of {v} at {lat.rate:,.0f} msg/s (~half its rate): "
               f"p50 {lat.p50 * 1000:.1f} ms, p99 {lat.p99 * 1000:.1f} ms"
-              f"  [goal p99 < 100 ms: {'met' if lat.p99 < 0.1 else 'NOT met'}]")  # fmt: skip
+              f"  [goal p99 <= 100 ms: {'met' if lat.p99 <= 0.1 else 'NOT met'}]")  # fmt: skip
+        write_json(run, args.json, args.results_dir, args.busy)
         return 0
     finally:
         if broker is not None:
@@ -477,6 +664,19 @@ if __name__ == "__main__":
         help="niceness of the latency step's feed (the load generator; 0 = it competes with the "
         "broker and the handler for the CPU)",
     )
+    ap.add_argument("--pack", type=int, default=20,
+                    help="feed messages per packed raw record (as a MoldUDP64 packet)")
+    ap.add_argument("--record-size", type=int, default=36,
+                    help="record size of the broker-ceiling runs (bytes)")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="skip the Java perf tools' broker ceiling")
+    ap.add_argument("--latency-ck", action="store_true",
+                    help="with --latency-rate: measure the confluent-kafka candidate path")
+    ap.add_argument("--json", type=Path, help="write the headline figures here (JSON)")
+    ap.add_argument("--results-dir", type=Path, default=Path("bench/results"),
+                    help="where the dated results file goes")
+    ap.add_argument("--busy", default="",
+                    help="what else ran on the machine (the results file's host.busy)")
     ap.add_argument("--start", default="09:29")
     ap.add_argument("--end", default="09:40")
     parsed = ap.parse_args()
