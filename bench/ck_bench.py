@@ -10,9 +10,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from core.constants import HDR_CODEC, HDR_DATE, HDR_SEQ
 from ingest.codecs import itch
 from ingest.handler.ck_path import PACKED_CODEC
-from tickscale.constants import HDR_CODEC, HDR_DATE, HDR_SEQ
 
 
 def passthrough_ck(bootstrap: str, src: str, dst: str, total: int, group: str) -> float:

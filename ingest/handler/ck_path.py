@@ -33,10 +33,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, Message, Producer
 from confluent_kafka import TopicPartition as CkPartition
 
-from ingest.codecs import itch
-from ingest.codecs.errors import SourceError
-from ingest.handler.partition import Batch, DeadLetter, Outputs, PartitionWorker, unseen
-from tickscale.constants import (
+from core.constants import (
     HDR_CODEC,
     HDR_DL_OFFSET,
     HDR_DL_PARTITION,
@@ -44,6 +41,9 @@ from tickscale.constants import (
     HDR_DL_TOPIC,
     HDR_SEQ,
 )
+from ingest.codecs import itch
+from ingest.codecs.errors import SourceError
+from ingest.handler.partition import Batch, DeadLetter, Outputs, PartitionWorker, unseen
 
 log = logging.getLogger(__name__)
 
