@@ -58,6 +58,8 @@ def _fmt(v: Any) -> str:
         return f"{v:,}"
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, dict):  # a variant's own figures, one line
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
     return str(v).replace("|", "/")
 
 
