@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import logging
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +29,17 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from core.sessions import CLOSE, session_at
-from ingest.replay.source import parse_only
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
 from tickscale.loadtest import results
+from tickscale.loadtest.errors import RunError
+from tickscale.loadtest.feedchild import feed_failure, read_feed, start_feed
 from tickscale.loadtest.latency import Histogram
-from tickscale.loadtest.report import market_midnight, write_report
-from tickscale.loadtest.sampler import ReplayClock, Sample, Sampler
-from tickscale.loadtest.scenarios import ReplayPlan, hhmmss
-from tickscale.loadtest.slo import Thresholds, cost, evaluate, lag_stats, recoveries, window
+from tickscale.loadtest.liveview import LiveView
+from tickscale.loadtest.outcome import build_result
+from tickscale.loadtest.sampler import ReplayClock, Sampler
+from tickscale.loadtest.scenarios import ReplayPlan
+from tickscale.loadtest.slo import Thresholds
 from tickscale.loadtest.stack import (
     RunNames,
     ScalerChild,
@@ -119,10 +117,6 @@ class LoadTestConfig:
     services: Services | None = None
 
 
-class RunError(RuntimeError):
-    """The run could not be carried out (as opposed to: it ran and failed its checks)."""
-
-
 class LoadTest:
     def __init__(self, cfg: LoadTestConfig, console: Console) -> None:
         self.cfg = cfg
@@ -135,8 +129,7 @@ class LoadTest:
         self.sampler: Sampler | None = None
         self.feed: asyncio.subprocess.Process | None = None
         self.chaos_events: list[chaos_mod.ChaosEvent] = []
-        self._printed_events = 0
-        self.no_members = NoMembers(cfg.no_members_s)
+        self.view = LiveView(console, self.clock, lambda: self.sampler, NoMembers(cfg.no_members_s))
         self._chaos_task: asyncio.Task[list[chaos_mod.ChaosEvent]] | None = None
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -264,49 +257,19 @@ class LoadTest:
         raise RunError(f"no {want} handler(s) joined within {self.cfg.join_timeout_s:.0f}s:\n"
                        f"{self.scaler.tail()}")  # fmt: skip
 
-    async def _start_feed(self) -> asyncio.subprocess.Process:
-        cfg, n, svc = self.cfg, self.names, self.services
-        assert svc is not None
-        cmd = [
-            sys.executable, "-m", "tickscale.loadtest.feed", "--bootstrap", svc.bootstrap,
-            "--topic", n.raw, "--manifest", str(self.out / "manifest.json"),
-            "--redis", svc.redis_url, *cfg.plan.feed_args(),
-        ]  # fmt: skip
-        log_f = (self.out / "logs" / "replay.log").open("ab")
-        try:
-            return await asyncio.create_subprocess_exec(
-                *cmd, stdout=asyncio.subprocess.PIPE, stderr=log_f,
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        finally:
-            log_f.close()
-
-    async def _read_feed(self, proc: asyncio.subprocess.Process, first: asyncio.Event) -> None:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            try:
-                d = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if d.get("event") == "done":
-                self.clock.done = d
-                continue
-            if d.get("event") == "prepared":
-                self.console.print(f"replay prepared: {d['msgs']:,} messages; publishing")
-                continue
-            self.clock.add(float(d["wall"]), float(d["market"]))
-            self.clock.msgs, self.clock.records = int(d["msgs"]), int(d["records"])
-            first.set()
-
     async def _replay_and_measure(self, ctx: chaos_mod.ChaosContext) -> dict[str, Any]:
         cfg = self.cfg
         assert self.sampler is not None
         sampler = self.sampler
         base_hist = sampler.latency.total()
-        self.feed = await self._start_feed()
+        assert self.services is not None
+        svc = self.services
+        self.feed = await start_feed(
+            self.cfg.plan, svc.bootstrap, self.names.raw, svc.redis_url, self.out
+        )
         first = asyncio.Event()
-        reader = asyncio.create_task(self._read_feed(self.feed, first))
-        live = Live(self._status(), console=self.console, refresh_per_second=2,
+        reader = asyncio.create_task(read_feed(self.feed, self.clock, first, self.console))
+        live = Live(self.view.status(), console=self.console, refresh_per_second=2,
                     transient=False) if cfg.progress else None  # fmt: skip
         self._chaos_task = None
         try:
@@ -336,22 +299,22 @@ class LoadTest:
             while not first.is_set() and self.feed.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(first.wait(), 0.5)
-                self._tick(live)
+                self.view.tick(live)
             if first.is_set():
                 t0 = self.clock.walls[0]
                 if cfg.chaos:
                     chaos_task = self._chaos_task = asyncio.create_task(
-                        chaos_mod.run_all(cfg.chaos, ctx, t0, self._on_chaos, self.chaos_events)
+                        chaos_mod.run_all(cfg.chaos, ctx, t0, self.view.on_chaos, self.chaos_events)
                     )
             while self.feed.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.feed.wait(), 1.0)
-                self._tick(live)
+                self.view.tick(live)
             await reader
             rc = self.feed.returncode
             done = self.clock.done or {}
             if rc != 0 or not done:
-                raise RunError(self._feed_failure(rc))
+                raise RunError(feed_failure(self.out, rc))
             if not done.get("msgs"):
                 raise RunError(f"no messages between {cfg.plan.start} and {cfg.plan.end}")
             self.console.print(
@@ -374,19 +337,7 @@ class LoadTest:
             self.names.deadletter, self.out / "manifest.json", timeout_s=60.0,
         )  # fmt: skip
         hist = sampler.latency.total() - base_hist
-        return self._result(t0, t_end, drained, led, hist)
-
-    def _feed_failure(self, rc: int | None) -> str:
-        """Why the feed failed: its own ``error:`` line (bad input) or where its log is."""
-        log_path = self.out / "logs" / "replay.log"
-        try:
-            lines = log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            lines = []
-        said = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
-        if said:
-            return f"the replay refused its input (exit {rc}): {said[-1]}"
-        return f"the replay feed failed (exit {rc}); see {log_path}"
+        return build_result(self, t0, t_end, drained, led, hist)
 
     async def _drain(self, live: Live | None, after: float = 0.0) -> tuple[bool, float]:
         """Until two samples after ``after`` in a row show no lag; (drained, when)."""
@@ -403,197 +354,9 @@ class LoadTest:
                 if seen >= 2:
                     return True, s.wall
             await asyncio.sleep(0.5)
-            self._tick(live)
+            self.view.tick(live)
         self.console.print(f"[red]the group did not drain within {self.cfg.drain_timeout_s:.0f}s")
         return False, time.time()
-
-    # --- live view -----------------------------------------------------------------------
-
-    def _on_chaos(self, ev: chaos_mod.ChaosEvent) -> None:
-        style = "yellow" if ev.ok else "red"
-        self.console.print(f"[{style}]chaos {ev.kind} at +{ev.at_s:g}s: {ev.detail}")
-
-    def _tick(self, live: Live | None) -> None:
-        assert self.sampler is not None
-        last = self.sampler.last
-        if last is not None:
-            reason = self.no_members.observe(last)
-            if reason is not None:
-                raise RunError(reason)
-        evs = self.sampler.events
-        for e in evs[self._printed_events :]:
-            self.console.print(f"[cyan]scale {e.get('from')} -> {e.get('to')} ({e.get('signal')})")
-        self._printed_events = len(evs)
-        if live is not None:
-            live.update(self._status())
-
-    def _status(self) -> Table:
-        s = self.sampler.last if self.sampler else None
-        t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-        for col in ("market", "session", "replayed", "in/s", "out/s", "lag s", "lag msgs",
-                    "handlers", "ticks", "dead letters", "p99 s"):  # fmt: skip
-            t.add_column(col, justify="right")
-        m = self.clock.market_at(time.time()) if self.clock.walls else None
-        clock = "-" if m is None else hhmmss(m - market_midnight(m))
-        session = "-" if m is None else session_at(m - market_midnight(m)).value
-
-        def f(v: float | int | None, fmt: str) -> str:
-            return "-" if v is None else format(v, fmt)
-
-        if s is None:
-            t.add_row(clock, session, f"{self.clock.msgs:,}", *["-"] * 8)
-        else:
-            t.add_row(
-                clock, session, f"{self.clock.msgs:,}", f(s.ingest_rate, ",.0f"),
-                f(s.process_rate, ",.0f"), f(s.lag_s, ".1f"), f(s.lag_msgs, ","),
-                str(s.handlers), f"{s.ticks:,}", f"{s.deadletters:,}", f(s.lat_p99, ".3f"),
-            )  # fmt: skip
-        return t
-
-    # --- results -------------------------------------------------------------------------
-
-    def _disturbances(self, t0: float) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        burst = self.cfg.plan.burst
-        if burst is not None and self.clock.markets:
-            end = market_midnight(self.clock.markets[0]) + burst.end_s
-            w = self.clock.wall_at(end)
-            if w is not None:
-                out.append(("flash-burst end", w))
-        events = self.sampler.events if self.sampler else []
-        for ev in self.chaos_events:
-            if not ev.ok:
-                continue
-            # Recovery counts from the fault's end (the service back, the scaler restarted);
-            # a kill's end is its start.
-            t = ev.end_wall or ev.wall
-            label = f"{ev.kind} end" if ev.duration_s else ev.kind
-            if ev.kind == "scale-in":
-                downs = [e for e in events if e["to"] < e["from"] and float(e["time"]) >= ev.wall]
-                if downs:
-                    t = float(downs[0]["time"])
-                    ev.extra["removed_at_s"] = round(t - t0, 1)
-                    ev.detail += f"; removed at +{t - t0:.1f}s"
-                    label = "scale-in (removal)"
-                else:
-                    ev.detail += "; no removal before the end of the run"
-            out.append((f"{label} at +{t - t0:.0f}s", t))
-        return sorted(out, key=lambda d: d[1])
-
-    def _result(
-        self, t0: float, t_end: float, drained: bool, led: ledger_mod.Ledger, hist: Histogram
-    ) -> dict[str, Any]:
-        cfg = self.cfg
-        assert self.sampler is not None
-        samples = window(self.sampler.samples, t0, t_end)
-        lag_p99, lag_max = lag_stats(samples)
-        c = cost(self.sampler.samples, t0, t_end)
-        recs = recoveries(self.sampler.samples, self._disturbances(t0), t_end, cfg.lag_target_s)
-        lat_max = hist.max_bound()
-        done = self.clock.done or {}
-        rates = [s.ingest_rate for s in samples if s.ingest_rate is not None]
-        market_span = (self.clock.markets[-1] - self.clock.markets[0]) if self.clock.markets else 0
-        wall_span = (self.clock.walls[-1] - self.clock.walls[0]) if self.clock.walls else 0
-        plan = cfg.plan
-        r: dict[str, Any] = {
-            "schema": results.SCHEMA,
-            "run_id": self.names.run_id,
-            "started_at": self.started_at,
-            "scenario": plan.scenario,
-            "policy": cfg.policy.name,
-            "target": cfg.target,
-            "source": plan.source,
-            "symbols": plan.symbols if plan.source == "synthetic" else None,
-            "only": sorted(parse_only(plan.only) or ()) or None,
-            "seed": plan.seed,
-            "date": (self.clock.done or {}).get("date") or plan.date,
-            "window": f"{plan.start}-{plan.end}",
-            "speed": "max" if plan.speed is None else plan.speed,
-            "partitions": cfg.partitions,
-            "burst": None if plan.burst is None else asdict(plan.burst),
-            "drained": drained,
-            "ledger_ok": led.ok,
-            "ledger_line": led.line(),
-            **{k: v for k, v in led.as_dict().items() if k not in ("ledger_ok", "problems")},
-            "latency_p50_s": hist.quantile(0.5),
-            "latency_p99_s": hist.quantile(0.99),
-            "latency_max_s": lat_max,
-            "latency_observations": hist.count,
-            "lag_p99_s": lag_p99,
-            "lag_max_s": lag_max,
-            "recovery_s": max(
-                (x.recovery_s for x in recs if x.recovery_s is not None), default=None
-            ),
-            "recoveries": [x.as_dict() for x in recs],
-            "duration_s": round(c.duration_s, 3),
-            "handler_seconds": round(c.handler_seconds, 1),
-            "handler_seconds_source": "live handler processes of the run (/proc)",
-            "member_seconds": round(c.member_seconds, 1),
-            "peak_handlers": c.peak_handlers,
-            "fixed_peak_handler_seconds": round(c.fixed_peak_handler_seconds, 1),
-            "handler_seconds_ratio": None if c.ratio is None else round(c.ratio, 4),
-            "peak_rate": max(rates) if rates else None,
-            "replay_records": done.get("records"),
-            "replay": {
-                "messages": done.get("msgs"),
-                "records": done.get("records"),
-                "elapsed_s": round(float(done.get("elapsed_s", 0.0)), 2),
-                "achieved_speed": round(market_span / wall_span, 2) if wall_span > 0 else None,
-                "drift_p50_s": done.get("drift_p50_s"),
-                "drift_p99_s": done.get("drift_p99_s"),
-                "drift_max_s": done.get("drift_max_s"),
-            },
-            "lag_target_s": cfg.lag_target_s,
-            "chaos": [e.as_dict() for e in self.chaos_events],
-            "ledger": led.as_dict(),
-        }
-        above = [k for k in ("latency_p50_s", "latency_p99_s", "latency_max_s") if r[k] == math.inf]
-        if above:
-            r["latency_max_note"] = (
-                f"{', '.join(above)} above the handlers' last finite bucket (30 s): null in JSON"
-            )
-        r["scale_events"] = [
-            {
-                "time": e["time"], "offset_s": round(float(e["time"]) - t0, 1),
-                "from": e["from"], "to": e["to"], "signal": e.get("signal"),
-                "action": e.get("action"), "explanation": e.get("explanation"),
-                "ok": (e.get("result") or {}).get("ok"),
-            }
-            for e in self.sampler.events
-        ]  # fmt: skip
-        r["scale_event_count"] = len(r["scale_events"])
-        checks = evaluate(cfg.thresholds, r, recs)
-        r["slo"] = [ch.as_dict() for ch in checks]
-        r["slo_ok"] = all(ch.ok for ch in checks)
-        chaos_ok = all(e.ok for e in self.chaos_events)
-        r["chaos_ok"] = chaos_ok
-        r["ok"] = bool(led.ok and r["slo_ok"] and drained and chaos_ok)
-        self._write(r, samples)
-        return r
-
-    def _write(self, r: dict[str, Any], samples: list[Sample]) -> None:
-        assert self.sampler is not None
-        close = CLOSE
-        manifest = self.out / "manifest.json"
-        with contextlib.suppress(OSError, ValueError):
-            close = int(orjson.loads(manifest.read_bytes())["params"].get("close", CLOSE))
-        # Charts cover the measured window: before the first message there is no market time.
-        b = self.cfg.plan.burst
-        report = write_report(
-            r, samples, self.clock, self.out, self.cfg.lag_target_s, close,
-            None if b is None else (b.start_s, b.end_s),
-        )  # fmt: skip
-        r["report"] = str(report)
-        with (self.out / "samples.csv").open("w", newline="") as f:
-            w = csv.writer(f)
-            cols = list(asdict(self.sampler.samples[0]).keys()) if self.sampler.samples else []
-            w.writerow(["market", *cols])
-            for s in self.sampler.samples:
-                m = self.clock.market_at(s.wall)
-                w.writerow([m, *asdict(s).values()])
-        results.write(self.out / "results.json", r)
-        if self.cfg.json_path is not None:
-            results.write(self.cfg.json_path, r)
 
 
 def print_summary(r: dict[str, Any], console: Console) -> None:
