@@ -174,6 +174,7 @@ REFUSED_CREATES: dict[str, tuple[dict[str, Any], str]] = {
     "bind mount": ({"volumes": {"/": {"bind": "/host", "mode": "ro"}}}, "HostConfig.binds"),
     "mount": ({"mounts": [Mount("/host", "/etc", type="bind")]}, "HostConfig.mounts"),
     "named volume": ({"volumes": {"gate-vol": {"bind": "/v"}}}, "HostConfig.binds"),
+    "root user": ({"user": "0"}, "no User"),
     "other image": ({"image": OTHER_IMAGE}, "is not"),
     "no labels": ({"labels": {}}, "labels must include"),
     "other fleet": ({"labels": labels("someone-else")}, "labels must include"),

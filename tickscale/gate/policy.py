@@ -157,6 +157,8 @@ class Policy:
                 f"create: labels must include {LABEL_ROLE}={ROLE_HANDLER} and "
                 f"{LABEL_SCALER}={self.s.fleet}"
             )
+        if not _empty(doc.get("user")):
+            return Refuse("create: the image's own user only (no User)")
         host = doc.get("hostconfig") or {}
         if not isinstance(host, dict):
             return Refuse("create: HostConfig is not an object")
