@@ -148,8 +148,12 @@ def refused(call: Callable[[], Any]) -> str:
 def test_a_handler_container_lives_and_dies_through_the_gate(
     gate: Any, engine: Any, fleet: str
 ) -> None:
-    c = gate.containers.create(**create_kwargs(fleet))
+    kwargs = create_kwargs(fleet)
+    c = gate.containers.create(**kwargs)
     try:
+        # By name as well as by id: the gate checks the container the name
+        # points to, then forwards by its id.
+        assert gate.api.inspect_container(kwargs["name"])["Id"] == c.id
         c.start()
         c.reload()
         assert c.status == "running"

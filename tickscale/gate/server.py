@@ -55,16 +55,16 @@ class Engine:
         finally:
             conn.close()
 
-    def labels(self, kind: str, ref: str) -> tuple[int, dict[str, str] | None]:
-        """The engine's status for the object, and its labels when found."""
+    def labels(self, kind: str, ref: str) -> tuple[int, dict[str, str], str]:
+        """The engine's status for the object, its labels and its id (when found)."""
         ref = quote(ref)
         path = f"/containers/{ref}/json" if kind == "container" else f"/services/{ref}"
         status, _, body = self.call("GET", path)
         if status != 200:
-            return status, None
+            return status, {}, ""
         doc = orjson.loads(body)
         labels = (doc.get("Config") or {}) if kind == "container" else (doc.get("Spec") or {})
-        return status, labels.get("Labels") or {}
+        return status, labels.get("Labels") or {}, str(doc.get("Id") or doc.get("ID") or "")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -84,26 +84,37 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         self.server.learn_network()
         decision = self.server.policy.decide(self.command, path, body)
+        target = self.path
         if isinstance(decision, Owned):
-            status, labels = self.server.engine.labels(decision.kind, decision.ref)
-            if status != 200:
-                self._answer(status, {"message": f"no such {decision.kind}: {decision.ref}"})
+            owned = decision
+            try:
+                status, labels, oid = self.server.engine.labels(owned.kind, owned.ref)
+            except OSError as e:
+                self._answer(502, {"message": f"tickscale gate: engine unreachable: {e}"})
+                return
+            if status != 200 or not oid:
+                code = status if status != 200 else 404
+                self._answer(code, {"message": f"no such {owned.kind}: {owned.ref}"})
                 return
             if not self.server.policy.labels_ok(labels):
-                decision = Refuse(f"{decision.kind} {decision.ref} is not this fleet's handler")
+                decision = Refuse(f"{owned.kind} {owned.ref} is not this fleet's handler")
             else:
                 decision = Allow()
+                # Forwarded by the id just checked, not by a name that another
+                # container could take in between.
+                seg = f"/{owned.kind}s/{owned.ref}"
+                target = self.path.replace(seg, f"/{owned.kind}s/{oid}", 1)
         if isinstance(decision, Refuse):
             log.warning("refused %s %s: %s", self.command, self.path, decision.reason)
             self._answer(403, {"message": f"tickscale gate: {decision.reason}"})
             return
-        self._forward(body)
+        self._forward(target, body)
 
-    def _forward(self, body: bytes) -> None:
+    def _forward(self, target: str, body: bytes) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         try:
             status, resp_headers, data = self.server.engine.call(
-                self.command, self.path, body, headers
+                self.command, target, body, headers
             )
         except OSError as e:
             log.error("engine unreachable at %s: %s", self.server.engine.socket_path, e)
