@@ -101,6 +101,8 @@ step "compose config"
 envf="$(mktemp)"
 trap 'rm -f "$envf"' EXIT
 cp compose/.env.example "$envf"
+# The example leaves the passwords empty on purpose (compose refuses them): any value will do here.
+printf 'REDIS_PASSWORD=%s\nGRAFANA_ADMIN_PASSWORD=%s\n' "$(date +%s%N)" "$(date +%s%N)" >>"$envf"
 "${COMPOSE[@]}" -f compose/docker-compose.yml --env-file "$envf" config -q
 echo "compose/docker-compose.yml: valid"
 

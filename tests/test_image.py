@@ -194,7 +194,6 @@ STANDIN_IMAGES = (
     "apache/kafka:3.9.2",
     "redis:7.0-bookworm",
     "prom/prometheus:v2.42.0",
-    "tecnativa/docker-socket-proxy:0.3.0",
 )
 
 
@@ -253,6 +252,7 @@ class ComposeStack:
         settings = {
             "COMPOSE_PROJECT_NAME": self.project,
             "REDIS_PASSWORD": uuid.uuid4().hex,
+            "GRAFANA_ADMIN_PASSWORD": uuid.uuid4().hex,
             "KAFKA_EXTERNAL_PORT": str(self.kafka_port),
             "PROMETHEUS_PORT": str(self.prom_port),
             "TICKSCALE_NETWORK": self.network,
@@ -328,7 +328,7 @@ def _compose_stack(tmp_path: Path, *variants: str, **overrides: str) -> ComposeS
 
 # Everything but the scaler/replay (long-running, the project's own behaviour is
 # tested elsewhere) and Grafana (no image can be obtained here).
-STACK = ("kafka", "redis", "topics", "docker-proxy-ro", "prometheus")
+STACK = ("kafka", "redis", "topics", "docker-gate-ro", "prometheus")
 # The whole stack as users start it, less Grafana.
 NOT_HERE = {"grafana"}
 
@@ -356,9 +356,10 @@ def test_compose_variants_resolve(image: dict, tmp_path: Path) -> None:
     r = swarm.run("config")
     assert r.returncode == 0, r.stderr
     scaler = r.stdout.split("\n  scaler:\n", 1)[1].split("\n  topics:\n", 1)[0]
-    assert "- swarm" in scaler and "tcp://docker-proxy-swarm:2375" in scaler, scaler
+    assert "- swarm" in scaler and "tcp://docker-gate:2375" in scaler, scaler
     assert "driver: overlay" in r.stdout and "attachable: true" in r.stdout, r.stdout
-    assert "docker-proxy-swarm" in swarm.run("config", "--services").stdout.split()
+    gate = r.stdout.split("\n  docker-gate:\n", 1)[1].split("\n  docker-gate-ro:\n", 1)[0]
+    assert "TICKSCALE_GATE_MODE: swarm" in gate, gate
 
 
 @pytest.mark.slow
@@ -461,7 +462,7 @@ def _dashboard_failures(url: str, start: float, within_s: float) -> list[Failure
 @pytest.mark.slow
 def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -> None:
     """The whole stack as users start it (Grafana aside): the scaler starts handler
-    containers through the socket proxy, scales up for the replayed open and
+    containers through the Docker gate, scales up for the replayed open and
     down after it, every tick arrives exactly once (verified from the host),
     Prometheus finds the handlers through Docker and every dashboard query has
     data, and `down` leaves neither handler containers nor the network behind."""

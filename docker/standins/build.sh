@@ -6,11 +6,12 @@
 #   apache/kafka:<KAFKA_VERSION>           Kafka jars from Maven Central + Debian JRE 17
 #   redis:7.0-bookworm                     Debian redis-server 7.0
 #   prom/prometheus:v2.42.0                Debian prometheus 2.42.0
-#   tecnativa/docker-socket-proxy:0.3.0    Debian haproxy, same env-var filter
 #
 # Every stand-in carries the label io.tickscale.standin=true. A tag that already
 # exists WITHOUT that label is a real public image: it is left alone.
-# Re-running is cheap (Docker's build cache). Usage: build.sh [kafka redis prometheus socket-proxy]
+# (The Docker socket is reached through the project's own gate, tickscale.gate,
+# which runs from the tickscale image: no socket-proxy image is needed.)
+# Re-running is cheap (Docker's build cache). Usage: build.sh [kafka redis prometheus]
 # Env: DOCKER (client), CACERT (CA bundle passed as build secret, default the system's),
 #      TICKSCALE_CACHE (where the Kafka jars are, default ~/.cache/tickscale).
 set -euo pipefail
@@ -27,7 +28,6 @@ declare -A TAG=(
     [kafka]="apache/kafka:$KAFKA_VERSION"
     [redis]="redis:7.0-bookworm"
     [prometheus]="prom/prometheus:v2.42.0"
-    [socket-proxy]="tecnativa/docker-socket-proxy:0.3.0"
 )
 
 log() { printf '[standins] %s\n' "$*" >&2; }
@@ -69,7 +69,7 @@ build_one() {
 "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1 || bash "$repo/docker/base/build.sh"
 
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(kafka redis prometheus socket-proxy)
+[ ${#names[@]} -gt 0 ] || names=(kafka redis prometheus)
 for n in "${names[@]}"; do
     [ -n "${TAG[$n]:-}" ] || { echo "unknown stand-in: $n" >&2; exit 2; }
     build_one "$n"
