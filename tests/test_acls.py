@@ -21,8 +21,8 @@ from aiokafka.errors import (
     TransactionalIdAuthorizationFailed,
 )
 
+from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
 from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker
-from tickscale.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
 from tickscale.localstack.net import HOST
 
 TOPICS = (RAW_TOPIC, TICKS_TOPIC, DEADLETTER_TOPIC)

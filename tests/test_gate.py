@@ -27,8 +27,8 @@ from docker.errors import APIError, NotFound
 from docker.types import Mount
 
 import docker as docker_sdk
+from core.constants import LABEL_ROLE, LABEL_SCALER
 from tests.docker_utils import docker, engine_problem
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.localstack.net import free_port
 
 _PROBLEM = engine_problem()

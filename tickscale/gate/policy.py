@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import orjson
 
-from tickscale.constants import LABEL_ROLE, LABEL_SCALER
+from core.constants import LABEL_ROLE, LABEL_SCALER
 from tickscale.gate.settings import GateSettings
 
 ROLE_HANDLER = "handler"
