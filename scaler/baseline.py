@@ -10,17 +10,52 @@ NOTES.md, so the backtest compares against what people actually run:
   the usage ratio is within 10% of 1;
 * the HPA syncs every 15 s; scale-up at most max(100 %, 4 pods) per 15 s;
   scale-down takes the highest recommendation of the last 300 s, 100 % per 15 s;
-* KEDA's own 30 s polling loop only drives activation (0 <-> 1 replicas).
+* KEDA's own 30 s polling loop only drives activation (0 <-> 1 replicas);
+  activation needs lag above ``activationLagThreshold``;
+* optional cron triggers: a replica floor inside a weekly clock window (KEDA's
+  cron scaler); the HPA takes the highest recommendation of all triggers. Cron
+  knows the clock, not the exchange calendar: no holidays, no early closes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
+from zoneinfo import ZoneInfo
 
+from core.sessions import CLOSE, OPEN, Session
 from scaler.policy import Decision
 from scaler.signals import Snapshot
+
+
+@dataclass(frozen=True)
+class CronWindow:
+    """A KEDA cron trigger: ``replicas`` from ``start_s`` to ``end_s`` (local clock) on weekdays."""
+
+    start_s: int
+    end_s: int
+    replicas: int
+    weekdays: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    def active(self, local: dt.datetime) -> bool:
+        t = local.hour * 3600 + local.minute * 60 + local.second
+        return local.weekday() in self.weekdays and self.start_s <= t < self.end_s
+
+
+def session_cron(floors: Mapping[Session, int], lead_s: float) -> tuple[CronWindow, ...]:
+    """Cron triggers carrying the session floors of a normal day, raised ``lead_s`` early.
+
+    What a KEDA user writes by hand: ``start: 28 9 * * 1-5``, ``end: 0 10 * * 1-5``,
+    ``desiredReplicas: N`` for the open, the same for the close.
+    """
+    lead = int(lead_s)
+    return (
+        CronWindow(OPEN - lead, OPEN + 1800, floors.get(Session.OPEN, 0)),
+        CronWindow(CLOSE - 1800 - lead, CLOSE, floors.get(Session.CLOSE, 0)),
+    )
 
 
 @dataclass(frozen=True)
@@ -38,17 +73,22 @@ class BaselineConfig:
     down_percent: float = 100.0
     allow_idle_consumers: bool = False
     offset_reset: str = "latest"
+    cron: tuple[CronWindow, ...] = ()
+    tz: str = "America/New_York"  # the cron triggers' timezone
 
 
 class ReactiveBaseline:
-    name = "reactive"
+    """KEDA + HPA; ``poll_s`` tells a simulator it need not ask between HPA syncs."""
 
-    def __init__(self, cfg: BaselineConfig) -> None:
+    def __init__(self, cfg: BaselineConfig, name: str = "reactive") -> None:
         if cfg.lag_threshold <= 0:
             raise ValueError("lag_threshold must be > 0")
         if cfg.min_replicas > cfg.max_replicas:
             raise ValueError("min_replicas > max_replicas")
         self.cfg = cfg
+        self.name = name
+        self.poll_s = cfg.sync_s
+        self._tz = ZoneInfo(cfg.tz)
         self._next_sync: float | None = None
         self._next_poll: float | None = None
         self._recs: deque[tuple[float, int]] = deque()
@@ -69,6 +109,13 @@ class ReactiveBaseline:
         if not cfg.allow_idle_consumers and n_parts > 0:
             return float(min(total, n_parts * cfg.lag_threshold))
         return float(total)
+
+    def cron_replicas(self, now: float) -> int:
+        """The highest floor of the cron triggers active at ``now`` (0 if none)."""
+        if not self.cfg.cron:
+            return 0
+        local = dt.datetime.fromtimestamp(now, tz=self._tz)
+        return max((w.replicas for w in self.cfg.cron if w.active(local)), default=0)
 
     def _hold(self, snap: Snapshot, now: float, current: int, why: str) -> Decision:
         return Decision(now, current, current, current, "lag", "hold", why, {}, {}, why)
@@ -97,6 +144,7 @@ class ReactiveBaseline:
             rec = current
         else:
             rec = math.ceil(metric / cfg.lag_threshold)
+        rec = max(rec, self.cron_replicas(now))  # the HPA takes the highest trigger
         # Deactivation to zero (KEDA cooldownPeriod) is not modelled: while
         # active the HPA never goes below one replica.
         rec = min(max(rec, cfg.min_replicas, 1), cfg.max_replicas)

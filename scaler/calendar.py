@@ -17,10 +17,11 @@ from zoneinfo import ZoneInfo
 
 import exchange_calendars as xcals
 
-from core.sessions import CLOSE, OPEN, Session, session_at
+from core.sessions import AFTER_HOURS_END, CLOSE, OPEN, PRE_MARKET_START, Session
 
-# Defaults sized for the default synthetic day (see scaler.simulate); real
-# deployments set them from their own day (TICKSCALE_SCALER_SESSION_MIN).
+# Static fallback floors, sized for the default synthetic day; the simulator's
+# policy learns its floors from earlier days instead (scaler.floors), and real
+# deployments set these from their own day (TICKSCALE_SCALER_SESSION_MIN).
 DEFAULT_SESSION_MIN: dict[Session, int] = {
     Session.CLOSED: 0,
     Session.PRE_MARKET: 1,
@@ -54,6 +55,27 @@ class DayInfo:
     is_session: bool
     open_s: int  # seconds since local midnight
     close_s: int  # 13:00 on early-close days
+
+
+def session_of(t: float, info: DayInfo) -> Session:
+    """Session at ``t`` seconds since midnight on ``info``'s day, from its real open and close."""
+    if not info.is_session or t < PRE_MARKET_START or t >= AFTER_HOURS_END:
+        return Session.CLOSED
+    if t < info.open_s:
+        return Session.PRE_MARKET
+    if t < info.open_s + 1800:
+        return Session.OPEN
+    if t < info.close_s - 1800:
+        return Session.MIDDAY
+    if t < info.close_s:
+        return Session.CLOSE
+    return Session.AFTER_HOURS
+
+
+def boundaries(info: DayInfo) -> tuple[int, ...]:
+    """Seconds since midnight at which a new session starts on ``info``'s day."""
+    o, c = info.open_s, info.close_s
+    return (PRE_MARKET_START, o, o + 1800, c - 1800, c, AFTER_HOURS_END)
 
 
 @dataclass(frozen=True)
@@ -110,22 +132,27 @@ class SessionCalendar:
             return Session.CLOSED, info
         midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         t = (local - midnight).total_seconds()
-        return session_at(t, close=info.close_s), info
+        return session_of(t, info), info
 
     def floor(self, when: float, lead_s: float | None = None) -> SessionFloor:
-        """Handler floor at ``when``: the larger of now's and ``lead_s`` ahead's minimum.
+        """Handler floor at ``when``: the highest minimum of any session from now to ``lead_s``
+        ahead (every session that starts inside the window counts, not only the one in
+        force at its end).
 
         Looking ahead is what pre-scales: handlers are started, joined and
         rebalanced before the open burst arrives instead of after the lag shows it.
         """
         now_s, info = self.session(when)
         lead = self.lead_s if lead_s is None else lead_s
-        ahead_s, _ = self.session(when + lead)
-        n_now = self.session_min.get(now_s, 0)
-        n_ahead = self.session_min.get(ahead_s, 0)
-        if n_ahead > n_now:
-            return SessionFloor(ahead_s, now_s, n_ahead, info)
-        return SessionFloor(now_s, now_s, n_now, info)
+        best, n_best = now_s, self.session_min.get(now_s, 0)
+        midnight = self.local_midnight(info.date)
+        starts = [midnight + b for b in boundaries(info) if when < midnight + b <= when + lead]
+        for t in [*starts, when + lead]:
+            s_ahead, _ = self.session(t)
+            n = self.session_min.get(s_ahead, 0)
+            if n > n_best:
+                best, n_best = s_ahead, n
+        return SessionFloor(best, now_s, n_best, info)
 
     def local_midnight(self, date: dt.date) -> float:
         """Unix time of local midnight starting ``date``."""

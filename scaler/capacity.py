@@ -26,6 +26,7 @@ handler that really became slower.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -184,3 +185,49 @@ class RedisCapacity:
         if cap is None:
             return self.fallback, "fallback"
         return cap, "learned"
+
+
+class SaturationCapacity:
+    """Per-handler capacity from the group's throughput while it was saturated.
+
+    Self-reports can be wrong (a busy second that waited on the broker, a host
+    that got slower); throughput while a backlog waits is not. While the group
+    is stable and the backlog is older than in-flight work, the per-handler
+    figure ``processed * ceil(P/n) / P`` is a measurement of the busiest
+    handler's ceiling, and the estimate follows it with a time-weighted moving
+    average (half-life ``halflife_s`` of saturated time), so a configured
+    figure 30% off is corrected within a minute or two of the first backlog.
+    Unsaturated throughput is only a lower bound: it can raise the estimate,
+    never lower it.
+    """
+
+    def __init__(self, prior: float, halflife_s: float = 60.0) -> None:
+        if prior <= 0:
+            raise ValueError("prior capacity must be > 0")
+        self.value = prior
+        self.saturated_s = 0.0
+        self._ewma_tau = halflife_s / math.log(2)
+
+    def observe(
+        self, processed_per_s: float, members: int, partitions: int, saturated: bool, dt: float
+    ) -> float:
+        """One interval's observation; returns the estimate."""
+        if members <= 0 or processed_per_s <= 0 or dt <= 0:
+            return self.value
+        busiest = math.ceil(partitions / min(members, partitions)) if partitions > 0 else 1
+        per_handler = (
+            processed_per_s * busiest / partitions
+            if partitions > 0
+            else (processed_per_s / members)
+        )
+        if saturated:
+            w = 1.0 - math.exp(-dt / self._ewma_tau)
+            self.value += w * (per_handler - self.value)
+            self.saturated_s += dt
+        elif per_handler > self.value:
+            self.value = per_handler
+        return self.value
+
+    @property
+    def source(self) -> str:
+        return "learned" if self.saturated_s > 0 else "fallback"

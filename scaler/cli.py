@@ -136,8 +136,6 @@ def simulate(
     ] = None,
     capacity: Annotated[float, typer.Option(help="msgs/s one handler sustains")] = 2500.0,
     partitions: Annotated[int, typer.Option(min=1)] = 12,
-    startup: Annotated[float, typer.Option(help="handler start to join, s")] = 8.0,
-    rebalance_pause: Annotated[float, typer.Option(help="group pause per change, s")] = 4.0,
     min_handlers: Annotated[int, typer.Option()] = 1,
     max_handlers: Annotated[int, typer.Option()] = 12,
     lag_target: Annotated[float, typer.Option(help="seconds")] = 5.0,
@@ -146,10 +144,30 @@ def simulate(
     calendar: Annotated[str, typer.Option()] = "XNYS",
     json_out: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     plot: Annotated[Path | None, typer.Option(help="write a PNG chart here")] = None,
+    suite: Annotated[bool, typer.Option(help="every day shape, several seeds, one table")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="--suite: seeds per day")] = 5,
+    days: Annotated[str, typer.Option(help="--suite: comma-separated day names")] = "",
+    workers: Annotated[int, typer.Option(min=1, help="--suite: processes")] = 2,
+    backend: Annotated[str, typer.Option(help="whose measured pauses: process|docker|swarm")] = (
+        "docker"
+    ),
+    capacity_error: Annotated[
+        float, typer.Option(help="configured capacity off by this share, e.g. 0.3")
+    ] = 0.0,
 ) -> None:
     """Backtest: a market day's message rate through our policy and the reactive baseline."""
     from scaler.calendar import CalendarError, SessionCalendar, parse_session_min
+    from scaler.sim.pauses import BENCH_PAUSES
     from scaler.simulate import HandlerModel, backtest, recorded_day, synthetic_day
+
+    if backend not in BENCH_PAUSES:
+        _fail("--backend", f"expected one of {', '.join(BENCH_PAUSES)}, got {backend!r}")
+    if not -0.9 <= capacity_error <= 3.0:
+        _fail("--capacity-error", "expected a share between -0.9 and 3.0")
+    model = HandlerModel(capacity, partitions, backend, capacity_error=capacity_error)
+    if suite:
+        _suite(model, seeds, days, workers, min_handlers, max_handlers, lag_target, json_out)
+        return
 
     try:
         cal = SessionCalendar(calendar, parse_session_min(session_min), lead)
@@ -181,7 +199,6 @@ def simulate(
     else:
         _fail("--source", f"expected synthetic or trace, got {source!r}")
         return
-    model = HandlerModel(capacity, partitions, startup, rebalance_pause)
     results = backtest(
         series, cal, model, min_handlers=min_handlers, max_handlers=max_handlers,
         lag_target_s=lag_target, keep_series=plot is not None,
@@ -209,3 +226,29 @@ def simulate(
     Console().print(t)
     if plot is not None:
         Console().print(f"chart: {plot}")
+
+
+def _suite(model: Any, seeds: int, days: str, workers: int, lo: int, hi: int, target: float,
+           json_out: bool) -> None:  # fmt: skip
+    from scaler.sim.days import SUITE
+    from scaler.sim.suite import SuiteConfig, run_suite, table
+
+    names = [d.strip() for d in days.split(",") if d.strip()]
+    known = {d.name for d in SUITE}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        _fail("--days", f"unknown day {unknown[0]!r} (one of {', '.join(sorted(known))})")
+    if lo > hi:
+        _fail("min_handlers", f"--min-handlers ({lo}) > --max-handlers ({hi})")
+    cfg = SuiteConfig(
+        seeds=tuple(range(1, seeds + 1)), min_handlers=lo, max_handlers=hi,
+        lag_target_s=target, model=model, workers=workers,
+    )  # fmt: skip
+    chosen = [d for d in SUITE if not names or d.name in names]
+    result = run_suite(cfg, chosen)
+    if json_out:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        return
+    from rich.console import Console
+
+    Console(width=200).print(table(result))

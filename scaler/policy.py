@@ -6,8 +6,14 @@ Three signals each propose a handler count and the largest wins:
   backlog within ``lag_target_s``;
 * rate: the ingest rate plus headroom, so the count follows load before lag
   builds (capacity is learned from the handlers, not configured);
-* session: a per-session floor from the exchange calendar, raised ``lead_s``
-  before the open and the close so handlers have joined before the burst.
+* session: a floor from the exchange calendar covering the whole ``lead_s``
+  ahead, so handlers have joined before the burst: learned from earlier days'
+  rates at the same time of the trading day (``scaler.floors``) when the
+  policy has that history, else the calendar's per-session minimum.
+
+A lag reading that failed, or that jumped further than the ingest rate could
+have carried it since the last poll, holds the fleet for that poll: a broker
+hiccup must not scale to the maximum.
 
 Counts are converted to throughput partition-aware: with P partitions and n
 handlers the busiest handler owns ceil(P/n) partitions, so the group sustains
@@ -23,7 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaler.calendar import SessionCalendar
+from scaler.floors import LearnedFloors
 from scaler.signals import Snapshot
+
+# Snapshot.extra key a measurer sets when the offsets could not be read.
+LAG_ERROR = "lag_error"
 
 SIGNALS = ("lag", "rate", "session")
 
@@ -42,6 +52,7 @@ class PolicyConfig:
     settle_s: float = 5.0  # minimum time between two changes
     rebalance_pause_s: float = 4.0  # measured stop-the-world pause per join/leave
     join_timeout_s: float = 60.0  # stop waiting for members to match the count after this
+    lag_jump_slack: float = 4.0  # lag may grow by this many seconds of ingest per poll second
 
     def validate(self) -> None:
         if self.min_handlers < 0:
@@ -118,11 +129,19 @@ class Policy:
     """Stateful only in what it must remember: recent targets and the last change."""
 
     name = "tickscale"
+    poll_s = 1.0
 
-    def __init__(self, cfg: PolicyConfig, calendar: SessionCalendar | None = None) -> None:
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        calendar: SessionCalendar | None = None,
+        floors: LearnedFloors | None = None,
+    ) -> None:
         cfg.validate()
         self.cfg = cfg
         self.calendar = calendar
+        self.floors = floors
+        self._last_lag: tuple[float, int] | None = None
         self._targets: deque[tuple[float, int]] = deque()
         self._first: float | None = None
         self.last_change: float | None = None
@@ -147,16 +166,43 @@ class Policy:
             lag_n = 0  # no backlog: keeping up is the rate signal's job
         rate_n = handlers_for(rate * (1 + cfg.headroom), cap, parts, limit)
         extra: dict[str, Any] = {"capacity_used": round(cap, 1), "backlog_msgs": backlog}
-        session_n = 0
-        if self.calendar is not None and snap.market_known:
-            when = now if snap.market_time is None else snap.market_time
-            # Lead time is wall time (handlers take wall seconds to start and
-            # join); on a replayed day that is lead * speed of market time.
-            fl = self.calendar.floor(when, self.calendar.lead_s * snap.market_speed)
-            session_n = fl.handlers
-            extra["session"] = fl.session.value
-            extra["session_now"] = fl.now_session.value
+        session_n = self._session(snap, now, cap, limit, extra)
         return {"lag": lag_n, "rate": rate_n, "session": session_n}, extra
+
+    def _session(
+        self, snap: Snapshot, now: float, cap: float, limit: int, extra: dict[str, Any]
+    ) -> int:
+        if self.calendar is None or not snap.market_known:
+            return 0
+        when = now if snap.market_time is None else snap.market_time
+        # Lead time is wall time (handlers take wall seconds to start and
+        # join); on a replayed day that is lead * speed of market time.
+        lead = self.calendar.lead_s * snap.market_speed
+        if self.floors is not None:
+            _, info = self.calendar.session(when)
+            t = when - self.calendar.local_midnight(info.date)
+            self.floors.observe(t, info, snap.ingest_rate)
+            rate = self.floors.rate_ahead(t, info, lead)
+            extra["session_rate"] = round(rate, 1)
+            extra["floor_scale"] = round(self.floors.scale(), 2)
+            rate_n = handlers_for(rate * (1 + self.cfg.headroom), cap, snap.partition_count, limit)
+            return rate_n
+        fl = self.calendar.floor(when, lead)
+        extra["session"] = fl.session.value
+        extra["session_now"] = fl.now_session.value
+        return fl.handlers
+
+    def implausible(self, snap: Snapshot, now: float) -> str | None:
+        """Why this poll's lag cannot be trusted (None if it can)."""
+        if snap.extra.get(LAG_ERROR):
+            return "lag-read-failed"
+        last, self._last_lag = self._last_lag, (now, snap.lag_msgs)
+        if last is None:
+            return None
+        dt = max(now - last[0], 1.0)
+        grown = snap.lag_msgs - last[1]
+        allowed = self.cfg.lag_jump_slack * max(snap.ingest_rate, 1.0) * dt + 1000
+        return "lag-jump" if grown > allowed else None
 
     def bounds(self, snap: Snapshot) -> tuple[int, int]:
         upper = self.cfg.max_handlers
@@ -167,6 +213,11 @@ class Policy:
 
     def decide(self, snap: Snapshot, now: float, current: int) -> Decision:
         cfg = self.cfg
+        distrust = self.implausible(snap, now)
+        if distrust is not None:
+            expl = f"lag unusable ({distrust}): holding {current}"
+            return Decision(now, current, current, current, "lag", "hold", distrust, {},
+                            snap.as_dict(), expl)  # fmt: skip
         props, extra = self.proposals(snap, now)
         raw = max(props.values())
         # Ties go to the signal listed first: lag explains more than rate, rate more
@@ -191,9 +242,16 @@ class Policy:
                 hold = "rebalancing"
             elif since is not None and since < cfg.settle_s:
                 hold = "settling"
-            elif since is not None and since < cfg.join_timeout_s and snap.members != current:
-                # Handlers started or stopped by the last change have not all
-                # joined/left yet; acting now would stack a second rebalance on it.
+            elif (
+                target < current
+                and since is not None
+                and since < cfg.join_timeout_s
+                and snap.members != current
+            ):
+                # Handlers stopped or started by the last change have not all left or
+                # joined yet; removing more now would stack a second rebalance on it.
+                # Scale-up is never held this way: a crash-looping handler keeps the
+                # members one short for good, and must not freeze the fleet's growth.
                 hold = "joining"
             elif target > current:
                 desired, action = target, "up"

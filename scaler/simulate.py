@@ -1,16 +1,8 @@
 """Offline backtest: a day's message rate through a policy and a model of the handlers.
 
-The handler model is deliberately the part the reactive autoscaler ignores:
-
-* each handler sustains ``capacity`` msgs/s, and the group only as much as its
-  busiest member allows (ceil(P/n) partitions on one handler);
-* a new handler costs ``startup_s`` before it joins the group;
-* every join or leave stops the whole group for ``rebalance_pause_s`` (aiokafka
-  rebalances eagerly), so each scale step costs throughput.
-
-Both policies see the same rate series, one step per second, and are scored on
-handler-seconds (cost), seconds with lag above the target, peak lag and
-number of scale events.
+The handler model lives in ``scaler.sim.engine`` (in-flight lag, measured
+start-up and rebalance pauses, varying capacity, only observable signals); this
+module makes the days (synthetic or recorded) and runs policies over them.
 """
 
 from __future__ import annotations
@@ -21,32 +13,14 @@ import datetime as dt
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from core.sessions import AFTER_HOURS_END, CLOSE, PRE_MARKET_START, relative_rate
 from scaler.calendar import SessionCalendar
-from scaler.capacity import CapacityEstimator, HandlerStats
-from scaler.policy import Decision, group_throughput
-from scaler.signals import Ewma, Snapshot
+from scaler.sim.engine import Decider, HandlerModel, SimResult, run
 
-
-class Decider(Protocol):
-    name: str
-
-    def decide(self, snap: Snapshot, now: float, current: int) -> Decision: ...
-
-    def applied(self, decision: Decision) -> None: ...
-
-
-@dataclass(frozen=True)
-class HandlerModel:
-    capacity: float = 2500.0  # msgs/s one handler sustains
-    partitions: int = 12
-    startup_s: float = 8.0  # process/container start to JoinGroup
-    rebalance_pause_s: float = 4.0  # whole group stopped per join or leave
-    initial: int = 1  # handlers running when the day starts
+__all__ = ["Decider", "HandlerModel", "SimResult", "run"]  # re-exported
 
 
 @dataclass
@@ -71,15 +45,23 @@ def synthetic_day(
     seed: int = 1,
     start_s: int = PRE_MARKET_START,
     end_s: int = AFTER_HOURS_END,
+    volume: float = 1.0,
+    shift_s: int = 0,
+    crash: tuple[int, float, float] | None = None,
 ) -> RateSeries:
     """The U-shaped day of ``core.sessions`` scaled to ``symbols``, with noise and news.
 
     Noise: multiplicative per-second jitter plus a few news bursts (2-4x, decaying
     over minutes) at random times, all from ``seed``, so the reactive signals get
     something to react to that the calendar cannot predict.
+
+    :param volume: the whole day's rate times this (a quiet or a heavy day).
+    :param shift_s: the day's shape runs this much later than the clock says.
+    :param crash: (time, peak multiple, decay s): a flash crash no calendar knows.
     """
     rng = random.Random(seed)
-    base = symbols * per_symbol
+    base = symbols * per_symbol * volume
+    bursts_crash = [crash] if crash is not None else []
     n = end_s - start_s
     bursts: list[tuple[int, float, float]] = []
     t = start_s
@@ -92,14 +74,15 @@ def synthetic_day(
     smooth = 1.0
     for i in range(n):
         ts = start_s + i
-        rel = relative_rate(ts, close=close_s)
-        for b_t, amp, decay in bursts:
+        rel = relative_rate(ts - shift_s, close=close_s)
+        for b_t, amp, decay in bursts + bursts_crash:
             if b_t <= ts < b_t + 5 * decay:
                 rel *= 1.0 + amp * math.exp(-(ts - b_t) / decay)
         # AR(1) jitter: minutes of slightly busier or quieter trading, not white noise.
         smooth = 0.98 * smooth + 0.02 * rng.lognormvariate(0.0, 0.5)
         rates.append(max(0.0, base * rel * smooth * rng.lognormvariate(0.0, 0.1)))
-    return RateSeries(date, start_s, rates, f"synthetic(seed={seed},symbols={symbols})")
+    name = f"synthetic(seed={seed},symbols={symbols},volume={volume:g})"
+    return RateSeries(date, start_s, rates, name)
 
 
 def _parse_time(value: str, date: dt.date, tz: dt.tzinfo) -> float:
@@ -149,137 +132,6 @@ def recorded_day(path: Path, date: dt.date, tz: dt.tzinfo) -> RateSeries:
     return RateSeries(date, start, rates, f"recorded({path.name})")
 
 
-@dataclass
-class SimResult:
-    name: str
-    handler_seconds: float = 0.0
-    lag_above_target_s: int = 0
-    peak_lag_s: float = 0.0
-    peak_lag_msgs: float = 0.0
-    scale_events: int = 0
-    max_handlers: int = 0
-    unprocessed_at_end: float = 0.0
-    # Per-second series for the chart.
-    times: list[int] = field(default_factory=list)
-    handlers: list[int] = field(default_factory=list)
-    lag_s: list[float] = field(default_factory=list)
-    reasons: dict[str, int] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "handler_seconds": round(self.handler_seconds, 1),
-            "lag_above_target_s": self.lag_above_target_s,
-            "peak_lag_s": round(self.peak_lag_s, 1),
-            "peak_lag_msgs": round(self.peak_lag_msgs),
-            "scale_events": self.scale_events,
-            "max_handlers": self.max_handlers,
-            "scale_events_by_reason": dict(sorted(self.reasons.items())),
-        }
-
-
-@dataclass
-class _Handler:
-    ready_at: float
-    leaving_at: float | None = None
-
-
-def run(
-    series: RateSeries,
-    decider: Decider,
-    model: HandlerModel,
-    lag_target_s: float,
-    midnight: float,
-    keep_series: bool = False,
-) -> SimResult:
-    """Step the day one second at a time through ``decider`` and the handler model.
-
-    :param midnight: unix time of the day's local midnight (the calendar needs real time).
-    """
-    res = SimResult(decider.name)
-    cap = model.capacity
-    parts = model.partitions
-    handlers = [_Handler(ready_at=-math.inf) for _ in range(model.initial)]
-    members = model.initial
-    pause_until = -math.inf
-    arrived_cum: list[float] = []  # cumulative arrivals at the end of each second
-    arrived = 0.0
-    processed = 0.0
-    est = CapacityEstimator(window_s=60.0)
-    busy = 0.0
-    ingest = Ewma(5.0)
-    proc_rate = Ewma(5.0)
-    for i, rate in enumerate(series.rates):
-        t = series.start_s + i
-        now = midnight + t
-        arrived += rate
-        arrived_cum.append(arrived)
-
-        # Membership changes (a handler finished starting, or finished draining).
-        handlers = [h for h in handlers if h.leaving_at is None or h.leaving_at > t]
-        joined = sum(1 for h in handlers if h.ready_at <= t and h.leaving_at is None)
-        if joined != members:
-            members = joined
-            pause_until = t + model.rebalance_pause_s
-
-        done = 0.0
-        if t >= pause_until and members > 0:
-            done = min(arrived - processed, group_throughput(members, cap, parts))
-        processed += done
-        busy += done / cap
-        est.observe(HandlerStats("all", int(processed), busy, now))
-
-        backlog = arrived - processed
-        if backlog <= 1e-6:
-            lag_s = 0.0
-        else:
-            k = bisect.bisect_right(arrived_cum, processed)
-            # The oldest unprocessed message arrived during second k; interpolate.
-            prev = arrived_cum[k - 1] if k > 0 else 0.0
-            frac = (processed - prev) / max(arrived_cum[k] - prev, 1e-9)
-            lag_s = max(0.0, i - (k + frac) + 1)
-
-        learned = est.estimate()
-        snap = Snapshot(
-            time=now,
-            lag_msgs=int(backlog),
-            lag_s=lag_s,
-            ingest_rate=ingest.update(rate, 1.0),
-            process_rate=proc_rate.update(done, 1.0),
-            members=members,
-            partitions_hint=parts,
-            group_state="PreparingRebalance" if t < pause_until else "Stable",
-            capacity=learned,
-            capacity_source="learned" if learned else "fallback",
-        )
-        current = sum(1 for h in handlers if h.leaving_at is None)
-        d = decider.decide(snap, now, current)
-        if d.desired > current:
-            handlers += [_Handler(ready_at=t + model.startup_s) for _ in range(d.desired - current)]
-        elif d.desired < current:
-            # Remove the youngest first: a handler still starting costs no rebalance.
-            live = sorted((h for h in handlers if h.leaving_at is None), key=lambda h: -h.ready_at)
-            for h in live[: current - d.desired]:
-                h.leaving_at = t + 1 if h.ready_at <= t else t
-        if d.changes:
-            decider.applied(d)
-            res.scale_events += 1
-            res.reasons[d.reason] = res.reasons.get(d.reason, 0) + 1
-
-        n_cost = len(handlers)  # starting and draining handlers cost too
-        res.handler_seconds += n_cost
-        res.max_handlers = max(res.max_handlers, n_cost)
-        if lag_s > lag_target_s:
-            res.lag_above_target_s += 1
-        res.peak_lag_s = max(res.peak_lag_s, lag_s)
-        res.peak_lag_msgs = max(res.peak_lag_msgs, backlog)
-        if keep_series:
-            res.times.append(t)
-            res.handlers.append(n_cost)
-            res.lag_s.append(lag_s)
-    res.unprocessed_at_end = arrived - processed
-    return res
-
-
 def compare(
     series: RateSeries,
     deciders: Sequence[Callable[[], Decider]],
@@ -289,7 +141,10 @@ def compare(
     keep_series: bool = False,
 ) -> list[SimResult]:
     midnight = calendar.local_midnight(series.date)
-    return [run(series, make(), model, lag_target_s, midnight, keep_series) for make in deciders]
+    return [
+        run(series.rates, series.start_s, make(), model, lag_target_s, midnight, keep_series)
+        for make in deciders
+    ]
 
 
 def plot(series: RateSeries, results: Sequence[SimResult], path: Path, target_s: float) -> None:
@@ -339,8 +194,8 @@ def backtest(
             min_handlers=min_handlers,
             max_handlers=max_handlers,
             lag_target_s=lag_target_s,
-            fallback_capacity=model.capacity,
-            rebalance_pause_s=model.rebalance_pause_s,
+            fallback_capacity=model.capacity * (1 + model.capacity_error),
+            rebalance_pause_s=model.pauses.rebalance_s[1],
         )
         return Policy(cfg, calendar)
 
