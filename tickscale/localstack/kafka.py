@@ -13,9 +13,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import contextlib
 import fcntl
 import os
 import shutil
@@ -31,11 +29,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from tickscale.localstack import proc as _proc
-from tickscale.localstack.net import HOST, free_port, port_open, wait_for_port_closed
+from tickscale.localstack.net import HOST, free_port, port_open
+from tickscale.localstack.service import LocalService
 
 # The one place the broker version is pinned (KRaft only; 4.x has no ZooKeeper).
 KAFKA_VERSION = "4.1.1"
@@ -276,7 +274,7 @@ logger.clients.level = WARN
 _LOG4J2_FILE = "log4j2.properties"
 
 
-class KafkaBroker:
+class KafkaBroker(LocalService):
     """One JVM acting as both KRaft controller and broker, bound to 127.0.0.1.
 
     Ports are fixed at construction so ``restart()`` comes back on the same
@@ -284,6 +282,9 @@ class KafkaBroker:
     """
 
     NODE_ID = 1
+    name = "Kafka broker"
+    # SIGTERM is a controlled shutdown: it moves leadership and flushes logs.
+    stop_grace = 30.0
 
     def __init__(
         self,
@@ -297,9 +298,7 @@ class KafkaBroker:
         dist: KafkaDist | None = None,
         start_timeout: float = 90.0,
     ) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = port or free_port(host)
+        super().__init__(port, host, Path(data_dir).resolve())
         self.controller_port = controller_port or free_port(host)
         while self.controller_port == self.port:
             self.controller_port = free_port(host)
@@ -308,15 +307,16 @@ class KafkaBroker:
         self.young = young
         self._dist = dist
         self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
-        self.last_start_seconds: float | None = None
 
     # -- paths -------------------------------------------------------------
 
     @property
+    def data_dir(self) -> Path:
+        return self.work_dir
+
+    @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.address
 
     @property
     def dist(self) -> KafkaDist:
@@ -330,25 +330,21 @@ class KafkaBroker:
 
     @property
     def log_path(self) -> Path:
-        """Kafka's own log4j output."""
+        """Kafka's own log4j2 output."""
         return self.data_dir / "server.log"
 
     @property
     def stdout_path(self) -> Path:
-        """JVM stdout/stderr: crashes before log4j is configured end up here."""
+        """JVM stdout/stderr: crashes before log4j2 is configured end up here."""
         return self.data_dir / "kafka.out"
+
+    @property
+    def spawn_log(self) -> Path:
+        return self.stdout_path
 
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "kraft-logs"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -434,87 +430,25 @@ class KafkaBroker:
                 f"{result.stdout}\n{result.stderr}\nsee {self.log_path}"
             )
 
-    def start(self) -> KafkaBroker:
-        with self._lock:
-            if self.running:
-                return self
-            t0 = time.monotonic()
-            self._write_config()
-            self._format_storage()
-            cmd = self.dist.java_command(
-                "kafka.Kafka", [str(self.properties_path)], self._jvm_opts()
-            )
-            self._proc = _proc.spawn(cmd, self.stdout_path, cwd=self.data_dir)
-            try:
-                self._wait_ready(t0)
-            except BaseException:
-                _proc.stop(self._proc, timeout=10)
-                self._proc = None
-                raise
-            self.last_start_seconds = time.monotonic() - t0
-            return self
+    def _prepare(self) -> None:
+        self._write_config()
+        self._format_storage()
 
-    def _wait_ready(self, t0: float) -> None:
-        assert self._proc is not None
-        deadline = t0 + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"Kafka broker exited with code {self._proc.returncode} during startup; "
-                    f"see {self.log_path} and {self.stdout_path}\n"
-                    f"{_proc.tail(self.stdout_path, 15)}\n{_proc.errors(self.log_path)}"
-                )
-            if port_open(self.host, self.port, timeout=0.5) and _probe_metadata(
-                self.host, self.port, self.NODE_ID
-            ):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"Kafka broker on {self.bootstrap} not ready after {self.start_timeout:.0f}s; "
-            f"see {self.log_path} and {self.stdout_path}\n{_proc.errors(self.log_path)}\n"
-            f"{_proc.tail(self.log_path, 15)}"
+    def _command(self) -> list[str]:
+        return self.dist.java_command("kafka.Kafka", [str(self.properties_path)], self._jvm_opts())
+
+    def _ready(self) -> bool:
+        return port_open(self.host, self.port, timeout=0.5) and _probe_metadata(
+            self.host, self.port, self.NODE_ID
         )
 
-    def stop(self, timeout: float = 30.0, kill: bool = False) -> None:
-        """SIGTERM (controlled shutdown), SIGKILL after ``timeout``; ``kill`` skips to SIGKILL."""
-        with self._lock:
-            if self._proc is None:
-                return
-            _proc.stop(self._proc, timeout=timeout, kill=kill)
-            self._proc = None
-        # The next start() binds the same ports; make sure the old JVM let go.
-        with contextlib.suppress(TimeoutError):
-            wait_for_port_closed(self.host, self.port, timeout=5)
-
-    def kill(self) -> None:
-        """Simulate a crash: SIGKILL, no controlled shutdown."""
-        self.stop(kill=True)
-
-    def restart(self, kill: bool = False) -> KafkaBroker:
-        self.stop(kill=kill)
-        return self.start()
-
-    # asyncio-friendly variants: start() blocks for seconds, which would freeze
-    # every producer/consumer sharing the loop and hide what a bounce does to them.
-    async def astart(self) -> KafkaBroker:
-        return await asyncio.to_thread(self.start)
-
-    async def astop(self, kill: bool = False) -> None:
-        await asyncio.to_thread(self.stop, 30.0, kill)
-
-    async def arestart(self, kill: bool = False) -> KafkaBroker:
-        return await asyncio.to_thread(self.restart, kill)
-
-    def __enter__(self) -> KafkaBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _diagnostics(self) -> str:
+        # A JVM that dies says why early in its log, then hundreds of shutdown
+        # lines; a crash before log4j2 is up only reaches stdout.
+        return (
+            f"{_proc.tail(self.stdout_path, 15)}\n{_proc.errors(self.log_path)}\n"
+            f"{_proc.tail(self.log_path, 15)}"
+        )
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
