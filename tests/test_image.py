@@ -191,7 +191,7 @@ def test_no_build_secret_in_any_layer(image: dict) -> None:
 
 # The public images compose names; .ci/docker.sh builds local stand-ins for them.
 STANDIN_IMAGES = (
-    "apache/kafka:3.9.2",
+    "apache/kafka:4.1.1",
     "redis:7.0-bookworm",
     "prom/prometheus:v2.42.0",
 )

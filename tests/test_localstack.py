@@ -53,8 +53,24 @@ async def _consume(bootstrap: str, topic: str, n: int, within_s: float = 30.0) -
     return got
 
 
-def test_kafka_version_is_pinned_3_9() -> None:
-    assert KAFKA_VERSION.startswith("3.9.")
+def test_kafka_version_is_pinned_4_1() -> None:
+    assert KAFKA_VERSION.startswith("4.1.")
+
+
+def test_broker_logs_through_log4j2_only() -> None:
+    # Kafka 4 dropped log4j 1: a reload4j binding left on the classpath would
+    # win over log4j2 or split the broker's log in two.
+    jars = {p.name for p in ensure_kafka().libs.glob("*.jar")}
+    assert any(j.startswith("log4j-core-2.24.") for j in jars), sorted(jars)
+    assert any(j.startswith("log4j-slf4j-impl-2.24.") for j in jars), sorted(jars)
+    assert not [j for j in jars if "reload4j" in j or j.startswith("log4j-1.")]
+
+
+def test_broker_writes_its_log_through_the_log4j2_config(kafka_broker: KafkaBroker) -> None:
+    # If the JVM ignored the generated config, log4j2 would fall back to
+    # ERROR-only console output and server.log would stay empty.
+    log = kafka_broker.log_path.read_text(errors="replace")
+    assert "Kafka Server started (kafka.server.KafkaRaftServer)" in log, log[-2000:]
 
 
 def test_ensure_kafka_is_idempotent() -> None:

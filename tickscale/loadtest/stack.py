@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from tickscale.localstack import proc as _proc
-from tickscale.localstack.net import HOST, free_port, port_open, wait_for_port_closed
+from tickscale.localstack.net import HOST, free_port, port_open
 from tickscale.localstack.redis import RedisServer
 
 if TYPE_CHECKING:
@@ -167,19 +166,7 @@ class ComposeService:
 
 
 class LocalRedis(RedisServer):
-    """The run's own redis-server, which the redis-kill drill may also crash."""
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    def kill(self) -> None:
-        """SIGKILL, no shutdown: what a crashed or OOM-killed Redis looks like."""
-        if self._proc is None:
-            return
-        _proc.stop(self._proc, kill=True)
-        self._proc = None
-        wait_for_port_closed(self.host, self.port)
+    """The run's own redis-server, which the redis-kill drill may also crash (``kill``)."""
 
 
 def free_port_block(n: int, lo: int = 20000, hi: int = 60000) -> int:

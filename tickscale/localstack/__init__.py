@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from tickscale.localstack.net import free_port, wait_for_port
     from tickscale.localstack.prometheus import PrometheusServer
     from tickscale.localstack.redis import RedisServer
+    from tickscale.localstack.service import LocalService
     from tickscale.localstack.topics import TopicSet, delete_groups, delete_topics, ensure_topics
 
 # Imported lazily so `python -m tickscale.localstack.kafka` does not find its own
@@ -35,6 +36,7 @@ _EXPORTS = {
     "wait_for_port": "net",
     "PrometheusServer": "prometheus",
     "RedisServer": "redis",
+    "LocalService": "service",
     "TopicSet": "topics",
     "delete_groups": "topics",
     "delete_topics": "topics",
@@ -53,6 +55,7 @@ __all__ = [
     "KAFKA_VERSION",
     "KafkaBroker",
     "KafkaDist",
+    "LocalService",
     "PrometheusServer",
     "RedisServer",
     "TopicSet",

@@ -13,9 +13,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import contextlib
 import fcntl
 import os
 import shutil
@@ -31,29 +29,30 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from tickscale.localstack import proc as _proc
-from tickscale.localstack.net import HOST, free_port, port_open, wait_for_port_closed
+from tickscale.localstack.net import HOST, free_port, port_open
+from tickscale.localstack.service import LocalService
 
-# The one place the broker version is pinned. 3.9.x is the last line that still
-# ships the ZooKeeper code paths; we only use KRaft, so moving to 4.x later is a
-# matter of changing this and re-checking ``_BROKER_DEPS``.
-KAFKA_VERSION = "3.9.2"
+# The one place the broker version is pinned (KRaft only; 4.x has no ZooKeeper).
+KAFKA_VERSION = "4.1.1"
 SCALA_BINARY = "2.13"
-# Matches the slf4j-api that kafka 3.9 itself depends on, so there is exactly one
-# binding and it is the one Kafka's own distribution ships.
-_SLF4J_VERSION = "1.7.36"
+# Kafka 4 logs through log4j2 (log4j 1 and reload4j are gone); this is the
+# log4j2 line Kafka 4.1 itself is built against.
+_LOG4J2_VERSION = "2.24.3"
 _DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 
 _BROKER_DEPS: tuple[tuple[str, str, str], ...] = (
     ("org.apache.kafka", f"kafka_{SCALA_BINARY}", KAFKA_VERSION),
-    # ConsumerGroupCommand moved out of core into kafka-tools in 3.x.
+    # ConsumerGroupCommand and the other CLI tools live in kafka-tools.
     ("org.apache.kafka", "kafka-tools", KAFKA_VERSION),
+    ("org.apache.kafka", "kafka-server", KAFKA_VERSION),
     # Without a binding slf4j is silent and a broker that fails to start leaves
-    # nothing to read; reload4j is what the official tarball uses.
-    ("org.slf4j", "slf4j-reload4j", _SLF4J_VERSION),
+    # nothing to read; the slf4j-1.x bridge to log4j2 is what the official
+    # 4.x tarball ships, with log4j-core doing the writing.
+    ("org.apache.logging.log4j", "log4j-slf4j-impl", _LOG4J2_VERSION),
+    ("org.apache.logging.log4j", "log4j-core", _LOG4J2_VERSION),
 )
 
 DEFAULT_HEAP = "768m"
@@ -254,19 +253,28 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-_LOG4J = """\
-log4j.rootLogger=INFO, file
-log4j.appender.file=org.apache.log4j.FileAppender
-log4j.appender.file.File={log}
-log4j.appender.file.Append=true
-log4j.appender.file.layout=org.apache.log4j.PatternLayout
-log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
-log4j.logger.kafka.request.logger=WARN
-log4j.logger.org.apache.kafka.clients=WARN
+# log4j2's own properties format: built into log4j-core, so no YAML/XML parser
+# has to be on the classpath for the broker to say why it failed.
+_LOG4J2 = """\
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.clients.name = org.apache.kafka.clients
+logger.clients.level = WARN
 """
 
+_LOG4J2_FILE = "log4j2.properties"
 
-class KafkaBroker:
+
+class KafkaBroker(LocalService):
     """One JVM acting as both KRaft controller and broker, bound to 127.0.0.1.
 
     Ports are fixed at construction so ``restart()`` comes back on the same
@@ -274,6 +282,9 @@ class KafkaBroker:
     """
 
     NODE_ID = 1
+    name = "Kafka broker"
+    # SIGTERM is a controlled shutdown: it moves leadership and flushes logs.
+    stop_grace = 30.0
 
     def __init__(
         self,
@@ -287,9 +298,7 @@ class KafkaBroker:
         dist: KafkaDist | None = None,
         start_timeout: float = 90.0,
     ) -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = port or free_port(host)
+        super().__init__(port, host, Path(data_dir).resolve())
         self.controller_port = controller_port or free_port(host)
         while self.controller_port == self.port:
             self.controller_port = free_port(host)
@@ -298,15 +307,16 @@ class KafkaBroker:
         self.young = young
         self._dist = dist
         self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._lock = threading.Lock()
-        self.last_start_seconds: float | None = None
 
     # -- paths -------------------------------------------------------------
 
     @property
+    def data_dir(self) -> Path:
+        return self.work_dir
+
+    @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.address
 
     @property
     def dist(self) -> KafkaDist:
@@ -320,25 +330,21 @@ class KafkaBroker:
 
     @property
     def log_path(self) -> Path:
-        """Kafka's own log4j output."""
+        """Kafka's own log4j2 output."""
         return self.data_dir / "server.log"
 
     @property
     def stdout_path(self) -> Path:
-        """JVM stdout/stderr: crashes before log4j is configured end up here."""
+        """JVM stdout/stderr: crashes before log4j2 is configured end up here."""
         return self.data_dir / "kafka.out"
+
+    @property
+    def spawn_log(self) -> Path:
+        return self.stdout_path
 
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "kraft-logs"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -383,7 +389,7 @@ class KafkaBroker:
         self.properties_path.write_text(
             "# Generated by tickscale.localstack.kafka.KafkaBroker\n" + "\n".join(lines) + "\n"
         )
-        (self.data_dir / "log4j.properties").write_text(_LOG4J.format(log=self.log_path))
+        (self.data_dir / _LOG4J2_FILE).write_text(_LOG4J2.format(log=self.log_path))
 
     def _jvm_opts(self) -> list[str]:
         # Mirrors kafka-run-class.sh / kafka-server-start.sh defaults, minus
@@ -402,19 +408,20 @@ class KafkaBroker:
             "-XX:InitiatingHeapOccupancyPercent=35",
             "-XX:+ExplicitGCInvokesConcurrent",
             "-Djava.awt.headless=true",
-            f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}",
+            f"-Dlog4j2.configurationFile={self.data_dir / _LOG4J2_FILE}",
             f"-Dkafka.logs.dir={self.data_dir}",
         ]
 
     def _format_storage(self) -> None:
         if (self.log_dir / "meta.properties").exists():
             return  # restart: keep the cluster id and all data
-        # Static quorum (controller.quorum.voters) needs no --standalone; that
-        # flag is only for the dynamic-quorum bootstrap introduced in 3.9.
+        # A static quorum (controller.quorum.voters) formats without
+        # --standalone in 4.1 too; that flag is only for the dynamic quorum
+        # (controller.quorum.bootstrap.servers), which one node does not need.
         cmd = self.dist.java_command(
             "kafka.tools.StorageTool",
             ["format", "-t", _random_cluster_id(), "-c", str(self.properties_path)],
-            ["-Xmx256m", f"-Dlog4j.configuration=file:{self.data_dir / 'log4j.properties'}"],
+            ["-Xmx256m", f"-Dlog4j2.configurationFile={self.data_dir / _LOG4J2_FILE}"],
         )
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
@@ -423,87 +430,25 @@ class KafkaBroker:
                 f"{result.stdout}\n{result.stderr}\nsee {self.log_path}"
             )
 
-    def start(self) -> KafkaBroker:
-        with self._lock:
-            if self.running:
-                return self
-            t0 = time.monotonic()
-            self._write_config()
-            self._format_storage()
-            cmd = self.dist.java_command(
-                "kafka.Kafka", [str(self.properties_path)], self._jvm_opts()
-            )
-            self._proc = _proc.spawn(cmd, self.stdout_path, cwd=self.data_dir)
-            try:
-                self._wait_ready(t0)
-            except BaseException:
-                _proc.stop(self._proc, timeout=10)
-                self._proc = None
-                raise
-            self.last_start_seconds = time.monotonic() - t0
-            return self
+    def _prepare(self) -> None:
+        self._write_config()
+        self._format_storage()
 
-    def _wait_ready(self, t0: float) -> None:
-        assert self._proc is not None
-        deadline = t0 + self.start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"Kafka broker exited with code {self._proc.returncode} during startup; "
-                    f"see {self.log_path} and {self.stdout_path}\n"
-                    f"{_proc.tail(self.stdout_path, 15)}\n{_proc.errors(self.log_path)}"
-                )
-            if port_open(self.host, self.port, timeout=0.5) and _probe_metadata(
-                self.host, self.port, self.NODE_ID
-            ):
-                return
-            time.sleep(0.2)
-        raise TimeoutError(
-            f"Kafka broker on {self.bootstrap} not ready after {self.start_timeout:.0f}s; "
-            f"see {self.log_path} and {self.stdout_path}\n{_proc.errors(self.log_path)}\n"
-            f"{_proc.tail(self.log_path, 15)}"
+    def _command(self) -> list[str]:
+        return self.dist.java_command("kafka.Kafka", [str(self.properties_path)], self._jvm_opts())
+
+    def _ready(self) -> bool:
+        return port_open(self.host, self.port, timeout=0.5) and _probe_metadata(
+            self.host, self.port, self.NODE_ID
         )
 
-    def stop(self, timeout: float = 30.0, kill: bool = False) -> None:
-        """SIGTERM (controlled shutdown), SIGKILL after ``timeout``; ``kill`` skips to SIGKILL."""
-        with self._lock:
-            if self._proc is None:
-                return
-            _proc.stop(self._proc, timeout=timeout, kill=kill)
-            self._proc = None
-        # The next start() binds the same ports; make sure the old JVM let go.
-        with contextlib.suppress(TimeoutError):
-            wait_for_port_closed(self.host, self.port, timeout=5)
-
-    def kill(self) -> None:
-        """Simulate a crash: SIGKILL, no controlled shutdown."""
-        self.stop(kill=True)
-
-    def restart(self, kill: bool = False) -> KafkaBroker:
-        self.stop(kill=kill)
-        return self.start()
-
-    # asyncio-friendly variants: start() blocks for seconds, which would freeze
-    # every producer/consumer sharing the loop and hide what a bounce does to them.
-    async def astart(self) -> KafkaBroker:
-        return await asyncio.to_thread(self.start)
-
-    async def astop(self, kill: bool = False) -> None:
-        await asyncio.to_thread(self.stop, 30.0, kill)
-
-    async def arestart(self, kill: bool = False) -> KafkaBroker:
-        return await asyncio.to_thread(self.restart, kill)
-
-    def __enter__(self) -> KafkaBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _diagnostics(self) -> str:
+        # A JVM that dies says why early in its log, then hundreds of shutdown
+        # lines; a crash before log4j2 is up only reaches stdout.
+        return (
+            f"{_proc.tail(self.stdout_path, 15)}\n{_proc.errors(self.log_path)}\n"
+            f"{_proc.tail(self.log_path, 15)}"
+        )
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -520,14 +465,17 @@ def _tools_log4j() -> Path:
     # stderr and bury the real error; send WARN+ to stderr, drop the rest.
     global _TOOLS_LOG4J
     if _TOOLS_LOG4J is None or not _TOOLS_LOG4J.exists():
-        fd, name = tempfile.mkstemp(prefix="tickscale-tools-log4j-", suffix=".properties")
+        fd, name = tempfile.mkstemp(prefix="tickscale-tools-log4j2-", suffix=".properties")
         with os.fdopen(fd, "w") as f:
             f.write(
-                "log4j.rootLogger=WARN, stderr\n"
-                "log4j.appender.stderr=org.apache.log4j.ConsoleAppender\n"
-                "log4j.appender.stderr.Target=System.err\n"
-                "log4j.appender.stderr.layout=org.apache.log4j.PatternLayout\n"
-                "log4j.appender.stderr.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
+                "status = warn\n"
+                "appender.stderr.type = Console\n"
+                "appender.stderr.name = STDERR\n"
+                "appender.stderr.target = SYSTEM_ERR\n"
+                "appender.stderr.layout.type = PatternLayout\n"
+                "appender.stderr.layout.pattern = [%d] %p %m (%c)%n\n"
+                "rootLogger.level = WARN\n"
+                "rootLogger.appenderRef.stderr.ref = STDERR\n"
             )
         _TOOLS_LOG4J = Path(name)
     return _TOOLS_LOG4J
@@ -543,7 +491,7 @@ def run_tool(
         # Short-lived JVM: skipping C2 cuts a second or so off every call.
         "-XX:TieredStopAtLevel=1",
         "-XX:+UseSerialGC",
-        f"-Dlog4j.configuration=file:{_tools_log4j()}",
+        f"-Dlog4j2.configurationFile={_tools_log4j()}",
     ]
     return subprocess.run(
         dist.java_command(main_class, args, jvm),

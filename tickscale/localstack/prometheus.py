@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from tickscale.localstack import proc as _proc
-from tickscale.localstack.net import HOST, free_port
+from tickscale.localstack.net import HOST
+from tickscale.localstack.service import LocalService
 
 
-class PrometheusServer:
+class PrometheusServer(LocalService):
     """Prometheus on 127.0.0.1 with a short scrape interval and its own TSDB dir.
 
     Targets live in a file_sd JSON file rather than static_configs, so
     ``set_targets`` can change them without a restart or a reload call:
     Prometheus watches the file.
     """
+
+    name = "prometheus"
+    start_timeout = 30.0
 
     def __init__(
         self,
@@ -37,27 +37,15 @@ class PrometheusServer:
         work_dir: Path | None = None,
         binary: str | None = None,
     ) -> None:
-        self.host = host
-        self.port = port or free_port(host)
+        super().__init__(port, host, work_dir)
         self.job = job
         self.scrape_interval = scrape_interval
         self._targets = list(targets)
-        self._own_dir = work_dir is None
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="tickscale-prometheus-"))
         self.binary = binary or shutil.which("prometheus") or "/usr/bin/prometheus"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / "prometheus.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     @property
     def _sd_path(self) -> Path:
@@ -97,13 +85,13 @@ class PrometheusServer:
         )
         return cfg
 
-    def start(self, timeout: float = 30.0) -> PrometheusServer:
-        if self.running:
-            return self
+    def _prepare(self) -> None:
         if not Path(self.binary).exists():
             raise RuntimeError("prometheus not found: apt-get install prometheus")
+
+    def _command(self) -> list[str]:
         cfg = self._write_config()
-        cmd = [
+        return [
             self.binary,
             f"--config.file={cfg}",
             f"--storage.tsdb.path={self.work_dir / 'data'}",
@@ -111,33 +99,13 @@ class PrometheusServer:
             "--storage.tsdb.retention.time=1h",
             "--log.level=warn",
         ]
-        self._proc = _proc.spawn(cmd, self.log_path)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(
-            f"prometheus on {self.url} not ready; see {self.log_path}\n{_proc.tail(self.log_path)}"
-        )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None:
-            return
-        _proc.stop(self._proc, timeout=timeout)
-        self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def query(self, promql: str, timeout: float = 5.0) -> list[dict[str, Any]]:
         """Instant query; returns ``data.result`` (a list of {metric, value} dicts)."""
@@ -161,14 +129,3 @@ class PrometheusServer:
                     raise TimeoutError(f"{promql!r} still empty after {timeout:.0f}s")
                 return result
             time.sleep(interval)
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import tempfile
+import socket
 from pathlib import Path
-from types import TracebackType
 
-from tickscale.localstack import proc as _proc
-from tickscale.localstack.net import HOST, free_port, wait_for_port, wait_for_port_closed
+from tickscale.localstack.net import HOST
+from tickscale.localstack.service import LocalService
 
 
-class RedisServer:
+class RedisServer(LocalService):
     """redis-server with no persistence, on a fixed port for its whole life.
 
     ``stop()`` then ``start()`` comes back on the same port with an empty
     dataset, which is what an outage looks like to the handlers (they must
     re-publish, not assume state survived).
     """
+
+    name = "redis"
+    start_timeout = 15.0
 
     def __init__(
         self,
@@ -27,32 +28,19 @@ class RedisServer:
         work_dir: Path | None = None,
         binary: str | None = None,
     ) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self._own_dir = work_dir is None
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="tickscale-redis-"))
+        super().__init__(port, host, work_dir)
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
 
-    @property
-    def log_path(self) -> Path:
-        return self.work_dir / "redis.log"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = 15.0) -> RedisServer:
-        if self.running:
-            return self
+    def _prepare(self) -> None:
         if not Path(self.binary).exists():
             raise RuntimeError("redis-server not found: apt-get install redis-server")
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
+
+    def _command(self) -> list[str]:
+        return [
             self.binary,
             "--bind", self.host,
             "--port", str(self.port),
@@ -65,44 +53,16 @@ class RedisServer:
             "--protected-mode", "no",
             "--loglevel", "notice",
         ]  # fmt: skip
-        self._proc = _proc.spawn(cmd, self.log_path)
-        proc = self._proc
+
+    def _ready(self) -> bool:
+        # A PING, not just an open port: another process already listening on
+        # the port would pass for this server while it fails to bind and exits.
         try:
-            wait_for_port(
-                self.host, self.port, timeout, alive=lambda: proc.poll() is None, what="redis"
-            )
-        except (RuntimeError, TimeoutError) as exc:
-            self.stop()
-            raise RuntimeError(f"{exc}; see {self.log_path}\n{_proc.tail(self.log_path)}") from exc
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is None:
-            return
-        _proc.stop(self._proc, timeout=timeout)
-        self._proc = None
-        wait_for_port_closed(self.host, self.port)
-
-    def restart(self) -> RedisServer:
-        self.stop()
-        return self.start()
-
-    def close(self) -> None:
-        """Stop and remove the scratch dir if we created it."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def __repr__(self) -> str:
         return f"RedisServer({self.url}, {'running' if self.running else 'stopped'})"

@@ -1,3 +1,3 @@
 #!/bin/bash
 # Stand-in for Kafka's bin/kafka-console-producer.sh.
-exec "$(dirname "$0")/kafka-run-class.sh" kafka.tools.ConsoleProducer "$@"
+exec "$(dirname "$0")/kafka-run-class.sh" org.apache.kafka.tools.ConsoleProducer "$@"
