@@ -266,6 +266,7 @@ def test_end_history_dates_a_record_between_two_sightings() -> None:
     assert 102.0 < h.time_of(150) <= 103.0  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_backtest_beats_the_reactive_baseline() -> None:
     # The goal, over a whole synthetic day (04:00-20:00, one step per second).
     series = synthetic_day(DAY, symbols=500, seed=3)
@@ -276,6 +277,7 @@ def test_backtest_beats_the_reactive_baseline() -> None:
     assert ours.unprocessed_at_end < 1e6
 
 
+@pytest.mark.slow
 def test_simulate_cli_prints_both_policies_as_json_and_draws_the_chart(tmp_path: Path) -> None:
     png = tmp_path / "day.png"
     r = subprocess.run(
