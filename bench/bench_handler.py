@@ -664,19 +664,33 @@ if __name__ == "__main__":
         help="niceness of the latency step's feed (the load generator; 0 = it competes with the "
         "broker and the handler for the CPU)",
     )
-    ap.add_argument("--pack", type=int, default=20,
-                    help="feed messages per packed raw record (as a MoldUDP64 packet)")
-    ap.add_argument("--record-size", type=int, default=36,
-                    help="record size of the broker-ceiling runs (bytes)")
-    ap.add_argument("--no-ceiling", action="store_true",
-                    help="skip the Java perf tools' broker ceiling")
-    ap.add_argument("--latency-ck", action="store_true",
-                    help="with --latency-rate: measure the confluent-kafka candidate path")
+    ap.add_argument(
+        "--pack",
+        type=int,
+        default=20,
+        help="feed messages per packed raw record (as a MoldUDP64 packet)",
+    )
+    ap.add_argument(
+        "--record-size", type=int, default=36, help="record size of the broker-ceiling runs (bytes)"
+    )
+    ap.add_argument(
+        "--no-ceiling", action="store_true", help="skip the Java perf tools' broker ceiling"
+    )
+    ap.add_argument(
+        "--latency-ck",
+        action="store_true",
+        help="with --latency-rate: measure the confluent-kafka candidate path",
+    )
     ap.add_argument("--json", type=Path, help="write the headline figures here (JSON)")
-    ap.add_argument("--results-dir", type=Path, default=Path("bench/results"),
-                    help="where the dated results file goes")
-    ap.add_argument("--busy", default="",
-                    help="what else ran on the machine (the results file's host.busy)")
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("bench/results"),
+        help="where the dated results file goes",
+    )
+    ap.add_argument(
+        "--busy", default="", help="what else ran on the machine (the results file's host.busy)"
+    )
     ap.add_argument("--start", default="09:29")
     ap.add_argument("--end", default="09:40")
     parsed = ap.parse_args()

@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from scaler.service import Scaler
 
 app = typer.Typer(
     help="Autoscale the feed handlers on lag, rate and the trading calendar.",
@@ -34,6 +39,24 @@ FLAGS = {
     "state_dir": "--state-dir", "scale_down_window_s": "--scale-down-window",
     "settle_s": "--settle", "lease_ttl_s": "--lease-ttl",
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a program embedding this command adds to the scaler it runs (see ``main``).
+
+    ``on_built`` is called with the assembled scaler, on its event loop, before it starts:
+    the place to add, e.g., a signal handler that acts on the running scaler. The command's
+    flags, settings and code path stay those of ``tickscale scaler``.
+    """
+
+    on_built: Callable[[Scaler], None] | None = None
+
+
+def main(hooks: Hooks, prog_name: str = "tickscale scaler") -> None:
+    """Run this command (flags from sys.argv) with ``hooks``; they reach ``run`` as its
+    context object."""
+    app(prog_name=prog_name, obj=hooks)
 
 
 def _fail(setting: str, msg: str) -> None:
@@ -90,6 +113,8 @@ def run(
     """Run the scaler (settings also from TICKSCALE_SCALER_* variables; flags win)."""
     if ctx.invoked_subcommand is not None:
         return
+    # Mounted under `tickscale`, nothing sets a context object: no hooks.
+    hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
     s = _settings({
         "bootstrap": bootstrap, "redis_url": redis_url, "topic": topic, "group": group,
         "backend": backend, "policy": policy, "poll_s": poll, "dry_run": dry_run,
@@ -110,6 +135,8 @@ def run(
         except StartupError as e:
             _fail(e.setting, str(e).split(": ", 1)[-1])
             return
+        if hooks.on_built is not None:
+            hooks.on_built(scaler)
         scaler.install_signal_handlers()
         try:
             await scaler.start()

@@ -56,7 +56,7 @@ _PROBLEM = _engine_problem()
 if _PROBLEM:
     pytest.skip(f"needs a Docker engine: {_PROBLEM}", allow_module_level=True)
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 # Helpers ------------------------------------------------------------------------------

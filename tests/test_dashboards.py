@@ -278,6 +278,7 @@ async def _wait_for(prom: PrometheusServer, promql: str, within_s: float, why: s
         await asyncio.sleep(1.0)
 
 
+@pytest.mark.slow
 async def test_every_dashboard_query_returns_data(
     topics: TopicSet, redis_url: str, tmp_path: Path
 ) -> None:

@@ -109,6 +109,7 @@ async def test_broker_pause_stops_and_resumes_the_same_process(kafka_broker: Kaf
     assert ev.end_wall - ev.wall >= 3.0 and "SIGSTOP" in ev.detail
 
 
+@pytest.mark.slow
 async def test_broker_kill_crashes_and_restarts_on_the_same_port_and_data(
     kafka_broker: KafkaBroker,
 ) -> None:
@@ -136,6 +137,7 @@ async def test_broker_kill_crashes_and_restarts_on_the_same_port_and_data(
         await delete_topics(bootstrap, [topic])
 
 
+@pytest.mark.slow
 async def test_broker_restart_is_a_controlled_stop(kafka_broker: KafkaBroker) -> None:
     old_proc = kafka_broker._proc
     assert old_proc is not None

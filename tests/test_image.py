@@ -42,7 +42,7 @@ from tickscale.dashboards import (
 )
 from tickscale.localstack.net import free_port
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 IMAGE = os.environ.get("TICKSCALE_IMAGE", "tickscale:dev")
 REPO = Path(__file__).resolve().parent.parent

@@ -40,6 +40,7 @@ def loadtest(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[st
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_open_with_a_killed_handler_passes_ledger_and_slos(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -101,6 +102,7 @@ def test_open_with_a_killed_handler_passes_ledger_and_slos(
     assert orjson.loads((out / "scaler" / "targets.json").read_bytes()) == []
 
 
+@pytest.mark.slow
 def test_an_impossible_slo_fails_the_run_with_exit_status_1(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -224,6 +226,7 @@ def test_recovery_is_time_until_lag_stays_under_target() -> None:
     assert never.recovery_s is None
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_run_and_everything_it_started(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:

@@ -141,6 +141,7 @@ async def test_consumer_groups_describe_reports_lag(
     assert all(r["group"] == ts.group for r in rows)
 
 
+@pytest.mark.slow
 def test_consumer_groups_describe_unknown_group(kafka_bootstrap: str) -> None:
     assert consumer_groups_describe(kafka_bootstrap, "no-such-group-xyz") == []
 
@@ -158,6 +159,7 @@ g      t      1          3               5               2    c-1          /127.
     assert rows[1]["lag"] == 2 and rows[1]["client_id"] == "my client"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
 async def test_broker_restart_keeps_data_and_address(
     kafka_broker: KafkaBroker, topics: TopicSet, crash: bool
@@ -172,6 +174,7 @@ async def test_broker_restart_keeps_data_and_address(
     assert await _consume(bootstrap, topics.raw, 2) == [b"before", b"after"]
 
 
+@pytest.mark.slow
 def test_broker_start_failure_names_log(tmp_path: Path) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))

@@ -80,6 +80,7 @@ async def _read_all(bootstrap: str, topic: str) -> list[object]:
         await c.stop()
 
 
+@pytest.mark.slow
 async def test_replay_handler_verify_and_deadletters(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
@@ -151,6 +152,7 @@ async def test_replay_handler_verify_and_deadletters(
         assert hdr[HDR_DL_REASON].split(b":")[0] in (b"truncated", b"unknown_type", b"bad_side")
 
 
+@pytest.mark.slow
 async def test_sigkill_and_scale_out_mid_replay_lose_nothing(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
@@ -217,6 +219,7 @@ def _fenced(h: HandlerProc) -> float:
     )
 
 
+@pytest.mark.slow
 async def test_frozen_handler_resumes_as_a_fenced_zombie(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
@@ -290,6 +293,7 @@ def _assert_retries_summarised(h: HandlerProc) -> None:
     assert (reports > 0) == (retries > 0), (reports, retries)
 
 
+@pytest.mark.slow
 async def test_graceful_scale_in_and_out_lose_nothing(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
@@ -342,6 +346,7 @@ async def test_graceful_scale_in_and_out_lose_nothing(
             h.close()
 
 
+@pytest.mark.slow
 async def test_restore_uses_snapshot_at_committed_offset(
     topics: TopicSet, tmp_path: Path, redis_url: str
 ) -> None:
@@ -386,6 +391,7 @@ async def test_restore_uses_snapshot_at_committed_offset(
         b.close()
 
 
+@pytest.mark.slow
 async def test_restore_without_redis_replays_from_start(topics: TopicSet, tmp_path: Path) -> None:
     manifest = tmp_path / "m.json"
     run_replay(
@@ -428,6 +434,7 @@ async def test_restore_without_redis_replays_from_start(topics: TopicSet, tmp_pa
         b.close()
 
 
+@pytest.mark.slow
 async def test_redis_outage_degrades_only_the_cache(
     topics: TopicSet, tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -475,6 +482,7 @@ async def test_redis_outage_degrades_only_the_cache(
         h.close()
 
 
+@pytest.mark.slow
 async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) -> None:
     lines = [
         *json_trades("BTC-USD", 50),
@@ -506,6 +514,7 @@ async def test_jsonl_replay_with_a_bad_line(topics: TopicSet, tmp_path: Path) ->
         h.close()
 
 
+@pytest.mark.slow
 async def test_itch_file_replay_end_to_end(topics: TopicSet, tmp_path: Path) -> None:
     """A gzip TotalView-ITCH 5.0 file (2-byte length framing, as the public sample days)
     replayed for a window after the open and for three of its four stocks: the snapshot at
@@ -540,6 +549,7 @@ async def test_itch_file_replay_end_to_end(topics: TopicSet, tmp_path: Path) -> 
         h.close()
 
 
+@pytest.mark.slow
 def test_verify_detects_loss(topics: TopicSet, tmp_path: Path) -> None:
     """With no handler running nothing arrives: verify must fail, not pass."""
     manifest = tmp_path / "m.json"

@@ -233,6 +233,7 @@ async def test_poison_is_dead_lettered_and_good_records_arrive_once(
         assert all(t["bid_px"] != "200.0000" for t in mine if t["kind"] == "quote")
 
 
+@pytest.mark.slow
 async def test_a_jsonl_line_whose_ts_does_not_fit_64_bits(topics: TopicSet, tmp_path: Path) -> None:
     """Through the replay and the ledger users run: the line is expected dead, and is."""
     f = tmp_path / "feed.jsonl"
@@ -262,6 +263,7 @@ async def test_a_jsonl_line_whose_ts_does_not_fit_64_bits(topics: TopicSet, tmp_
 BOOM = b"refused at commit"
 
 
+@pytest.mark.slow
 async def test_a_record_that_keeps_failing_its_commit_is_dead_lettered(
     make_topics: MakeTopics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -331,6 +333,7 @@ async def _run_until(s: HandlerSettings, messages: int, within_s: float = 120) -
             await run
 
 
+@pytest.mark.slow
 async def test_a_time_out_at_commit_is_retried_and_never_blamed_on_a_record(
     make_topics: MakeTopics, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -370,6 +373,7 @@ async def test_a_time_out_at_commit_is_retried_and_never_blamed_on_a_record(
     assert [(t["trade_id"], t["seq"]) for t in ticks] == [(str(i), i + 1) for i in range(8)]
 
 
+@pytest.mark.slow
 async def test_a_dead_letter_too_large_for_its_topic_is_written_bare(
     make_topics: MakeTopics,
 ) -> None:

@@ -316,6 +316,7 @@ def _canonical(ticks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in t.items() if k != "recv_ts"} for t in ticks]
 
 
+@pytest.mark.slow
 @PROPS
 @given(records=_stream())
 def test_every_record_is_applied_or_dead_lettered_once(records: list[Any]) -> None:
@@ -332,6 +333,7 @@ def test_every_record_is_applied_or_dead_lettered_once(records: list[Any]) -> No
     Normalizer.restore(w.norm.snapshot())
 
 
+@pytest.mark.slow
 @PROPS
 @given(records=_stream(), split=st.integers(0, 40))
 def test_restore_replay_fails_the_same_records_the_same_way(records: list[Any], split: int) -> None:
@@ -432,6 +434,7 @@ def _framed_file(draw: st.DrawFn) -> tuple[bytes, int]:
     return bytes(data), runs
 
 
+@pytest.mark.slow
 @PROPS
 @given(stream=_framed_file())
 def test_itch_framing_through_the_per_record_path(stream: tuple[bytes, int]) -> None:

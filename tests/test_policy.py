@@ -266,6 +266,7 @@ def test_end_history_dates_a_record_between_two_sightings() -> None:
     assert 102.0 < h.time_of(150) <= 103.0  # type: ignore[operator]
 
 
+@pytest.mark.slow
 def test_backtest_runs_both_policies_over_a_day() -> None:
     # A whole synthetic day (04:00-20:00) through the realistic model: both policies keep
     # up by the end and tickscale costs less than the default KEDA (lagThreshold 10),
@@ -278,6 +279,7 @@ def test_backtest_runs_both_policies_over_a_day() -> None:
     assert ours.unprocessed_at_end < 1e6 and reactive.unprocessed_at_end < 1e6
 
 
+@pytest.mark.slow
 def test_simulate_cli_prints_both_policies_as_json_and_draws_the_chart(tmp_path: Path) -> None:
     png = tmp_path / "day.png"
     r = subprocess.run(

@@ -26,6 +26,9 @@ from tests.pipeline_utils import replay_cmd
 from tickscale.localstack import KafkaBroker
 from tickscale.localstack.topics import MakeTopics, TopicSet
 
+# Every test stops, kills or outlasts a real replay against a real broker.
+pytestmark = pytest.mark.slow
+
 DAY = "2024-11-25"
 # About 22,000 messages over 16 minutes of the open.
 SPEC = SourceSpec(source="synthetic", symbols=5, seed=3, day=DAY, start="09:29", end="09:45")
@@ -174,7 +177,6 @@ async def test_a_resume_from_an_older_checkpoint_sends_nothing_twice(
     await _assert_exactly_once(topics, tmp_path / "m.json")
 
 
-@pytest.mark.slow
 async def test_a_replay_rides_out_a_broker_outage(
     topics: TopicSet, kafka_broker: KafkaBroker, tmp_path: Path
 ) -> None:
@@ -207,7 +209,6 @@ async def test_a_replay_rides_out_a_broker_outage(
     await _assert_exactly_once(topics, manifest)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop_it", [False, True], ids=["deadline", "sigterm"])
 async def test_past_the_outage_deadline_the_replay_stops_and_resumes_later(
     topics: TopicSet, kafka_broker: KafkaBroker, tmp_path: Path, stop_it: bool

@@ -272,6 +272,7 @@ def test_only_symbols_on_json_lines_and_bad_lists() -> None:
         parse_only(" , ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("raw", "ticks"), [(12, 12), (4, 4), (24, 12)])
 def test_raw_messages_and_their_ticks_share_a_partition(raw: int, ticks: int) -> None:
     """Co-partitioning: a symbol's ticks go to its raw partition (modulo the ticks

@@ -130,6 +130,7 @@ class ScalerProc:
         return rc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topics", [6], indirect=True)
 async def test_scales_up_on_lag_and_down_when_drained_without_losing_a_tick(
     topics: TopicSet, redis_url: str, tmp_path: Path
@@ -176,6 +177,7 @@ async def test_scales_up_on_lag_and_down_when_drained_without_losing_a_tick(
     assert not (tmp_path / "scaler" / "targets.json").read_text().strip("[] \n")
 
 
+@pytest.mark.slow
 async def test_leader_failover(topics: TopicSet, redis_url: str, tmp_path: Path) -> None:
     """Two scalers, one lease: exactly one leads; kill it and the other takes over."""
     name = f"ha{os.getpid()}{int(time.time()) % 100000}"
@@ -207,6 +209,7 @@ async def test_leader_failover(topics: TopicSet, redis_url: str, tmp_path: Path)
                 s.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("topics", [2], indirect=True)
 async def test_standby_leaves_the_leaders_targets_alone(
     topics: TopicSet, redis_url: str, tmp_path: Path

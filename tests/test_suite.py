@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import orjson
+import pytest
 from rich.console import Console
 
 from ingest.codecs.jsonfeed import decode_json
@@ -71,6 +72,7 @@ def _expect_no_members(o: Outcome) -> list[str]:
     return [f"expected the no-members stop, got {o.error or 'a result'}"]
 
 
+@pytest.mark.slow
 def test_fail_fast_and_the_suite_table_and_json(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -144,6 +146,7 @@ def test_only_names_cases_and_an_unknown_one_is_a_usage_error() -> None:
     assert "unknown case broker-explode" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_files_hold_bad_records_among_good_ones(tmp_path: Path) -> None:
     f = jsonl_with_bad_lines(tmp_path)
     dirty, clean = f.dirty, f.clean
@@ -271,6 +274,7 @@ async def test_sampler_counts_live_handler_processes_not_the_scalers_list(
             handler.wait()
 
 
+@pytest.mark.slow
 def test_replay_input_case_runs_every_bad_input_for_real(
     kafka_bootstrap: str, redis_url: str, tmp_path: Path
 ) -> None:

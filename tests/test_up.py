@@ -17,6 +17,9 @@ import pytest
 from tests.pipeline_utils import holding
 from tickscale.localstack.net import free_port
 
+# Each test runs the whole stack (broker, Redis, scaler, handlers) end to end.
+pytestmark = pytest.mark.slow
+
 
 def test_up_runs_a_replayed_open_with_the_scaler_and_verifies(tmp_path: Path) -> None:
     state = tmp_path / "up"

@@ -109,6 +109,7 @@ def _up(
     )  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_up_refuses_to_reset_what_it_did_not_start(
     foreign: tuple[KafkaBroker, RedisServer], tmp_path: Path
 ) -> None:

@@ -31,9 +31,7 @@ def run_quick_day(seed: int, day: str | None, out: Path | None, console: Console
     except SourceError as e:
         console.print(f"error: {e.where}: {e.what}", soft_wrap=True)
         return 2
-    plan = resolve(
-        "full-day", symbols=QUICK_SYMBOLS, seed=seed, date=day, speed=str(QUICK_SPEED)
-    )
+    plan = resolve("full-day", symbols=QUICK_SYMBOLS, seed=seed, date=day, speed=str(QUICK_SPEED))
     cfg = LoadTestConfig(
         plan=plan,
         policy=parse_policy("tickscale", 1, QUICK_MAX_HANDLERS),

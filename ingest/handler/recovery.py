@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
 
+from core.retry import backoff_s
 from ingest import metrics
 from ingest.handler.partition import Batch, PartitionWorker
 from ingest.handler.poison import PoisonTracker, may_be_the_records
@@ -93,8 +94,8 @@ class Recovery:
         if failed:
             self._failed_in_a_row += 1
             n = self._failed_in_a_row
-            backoff = 0.25 * 2 ** (n - 2)
-            await self.h.grace.pause(0 if n <= 1 else min(self.h.s.retry_backoff_max_s, backoff))
+            wait = 0 if n <= 1 else backoff_s(n - 1, 0.25, self.h.s.retry_backoff_max_s)
+            await self.h.grace.pause(wait)
         if self.h.committer.transactional:
             await self.h.committer.discard()
             await self.h.retry("reopen the producer", self.h.committer.open)

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.retry import retry_async
 from core.runtime import stop_on_signals
 from ingest import metrics
 from ingest.handler.commits import Committer
@@ -285,18 +286,18 @@ class FeedHandler:
         )
 
     async def retry(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        for attempt in range(30):
-            try:
-                await step()
+        try:
+            await retry_async(
+                step, what=what, attempts=30, first_s=0.2, max_s=5.0,
+                retry_on=lambda e: isinstance(e, Exception) and not self.grace.requested,
+                sleep=self.grace.pause, log=log,
+            )  # fmt: skip
+        except Exception as e:
+            if self.grace.requested:
+                log.info("stopping: gave up trying to %s (%r)", what, e)
                 return
-            except Exception as e:
-                if self.grace.requested:
-                    log.info("stopping: gave up trying to %s (%r)", what, e)
-                    return
-                log.warning("cannot %s (%r), retry %d", what, e, attempt + 1)
-                await self.grace.pause(min(5.0, 0.2 * 2**attempt))
-        self.probes.fatal = RuntimeError(f"cannot {what}")
-        self.grace.event.set()
+            self.probes.fatal = RuntimeError(f"cannot {what}")
+            self.grace.event.set()
 
     def _check_parent(self) -> None:
         """An orphan would keep consuming outside any fleet its owner's successor sees,

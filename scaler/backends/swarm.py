@@ -24,6 +24,7 @@ from docker.errors import APIError, NotFound
 from docker.types import Healthcheck, Resources, RestartPolicy, ServiceMode
 
 from core.constants import LABEL_SCALER
+from core.retry import retry_sync
 from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
 from scaler.backends.docker import (
     CONTAINER_METRICS_PORT,
@@ -44,6 +45,11 @@ _SCALE_RETRIES = 5
 _RETIRE_MARGIN_S = 15.0
 
 T = TypeVar("T")
+
+
+def _out_of_sequence(e: BaseException) -> bool:
+    """Someone else updated the service since we read it: read it again and retry."""
+    return isinstance(e, APIError) and "out of sequence" in str(e)
 
 
 class SwarmBackend(EngineClient):
@@ -224,22 +230,20 @@ class SwarmBackend(EngineClient):
         return int(svc.attrs["Spec"]["Mode"]["Replicated"].get("Replicas", 0))
 
     def _scale_by(self, delta: int) -> tuple[int, int]:
-        for attempt in range(_SCALE_RETRIES):
-            svc = self._service()
-            old = self._replicas(svc)
-            new = max(old + delta, 0)
-            if new == old:
-                return old, new
-            try:
-                svc.scale(new)
-            except APIError as e:
-                # Someone else updated the service since we read it: read again.
-                if "out of sequence" in str(e) and attempt + 1 < _SCALE_RETRIES:
-                    continue
-                raise
-            log.info("swarm service %s: replicas %d -> %d", self.service, old, new)
+        return retry_sync(
+            lambda: self._scale_once(delta), what=f"update swarm service {self.service}",
+            attempts=_SCALE_RETRIES, first_s=0.05, max_s=1.0, retry_on=_out_of_sequence, log=log,
+        )  # fmt: skip
+
+    def _scale_once(self, delta: int) -> tuple[int, int]:
+        svc = self._service()
+        old = self._replicas(svc)
+        new = max(old + delta, 0)
+        if new == old:
             return old, new
-        raise BackendError(f"swarm_service: could not update {self.service!r}")
+        svc.scale(new)
+        log.info("swarm service %s: replicas %d -> %d", self.service, old, new)
+        return old, new
 
     def _running_tasks(self) -> int:
         """Tasks whose containers may still run, whatever their desired state."""

@@ -14,7 +14,8 @@ handlers it runs: what that restart would have configured. The policy then remov
 ordinary rules, i.e. once the lower count has held for its scale-down window
 (``--scale-down-window``) and the last change is ``scale_down_interval_s`` old. The maximum
 stays lowered for the rest of the run, as it would after a restart. Everything else is the
-unmodified command, settings and code of ``tickscale scaler``.
+unmodified command, settings and code of ``tickscale scaler``: the trigger goes in through the
+command's explicit hook (``scaler.cli.Hooks``), not by replacing any of its code.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ import asyncio
 import logging
 import signal
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scaler.service import Scaler
 
 log = logging.getLogger("scaler.loadtest")
 
 
-async def lower_max(sc: Any) -> int | None:
+async def lower_max(sc: Scaler) -> int | None:
     """Set the policy's maximum to one below the running count; the new maximum, or None."""
     from scaler.policy import Policy
 
@@ -49,30 +53,24 @@ async def lower_max(sc: Any) -> int | None:
 
 
 def main() -> None:
-    import scaler.app as scaler_app
-    from scaler.cli import app
+    from scaler.cli import Hooks
+    from scaler.cli import main as run_scaler
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    real_build = scaler_app.build
     tasks: set[asyncio.Task[int | None]] = set()
 
-    async def build(settings: Any) -> Any:
-        sc = await real_build(settings)
-
+    def on_built(sc: Scaler) -> None:
         def on_usr1() -> None:
             t = asyncio.ensure_future(lower_max(sc))
             tasks.add(t)  # keep a reference until it is done
             t.add_done_callback(tasks.discard)
 
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, on_usr1)
-        return sc
 
-    # The command imports ``build`` from scaler.app when it runs, so it picks this one up.
-    scaler_app.build = build  # type: ignore[assignment]
-    app(prog_name="tickscale scaler")
+    run_scaler(Hooks(on_built=on_built))
 
 
 if __name__ == "__main__":

@@ -398,7 +398,7 @@ class KafkaBroker(LocalService):
         # two cores shared with the handlers and the feed, eden stayed near 90 MB
         # and a young collection (10-40 ms, every request in flight stalled, two
         # GC threads on the two cores) came every 0.3-3 s under a transactional
-        # load; with 320 MB they come about five times less often (bench/RESULTS.md).
+        # load; with 320 MB they come about five times less often (docs/benchmarks.md).
         return [
             f"-Xmx{self.heap}",
             f"-Xms{self.heap}",
