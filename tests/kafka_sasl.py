@@ -59,7 +59,7 @@ def apply_acls(bootstrap: str) -> int:
     n = 0
     for line in ACLS.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
-            _tool("kafka.admin.AclCommand", ["--bootstrap-server", bootstrap, "--add",
+            _tool("org.apache.kafka.tools.AclCommand", ["--bootstrap-server", bootstrap, "--add",
                                               *shlex.split(line)])  # fmt: skip
             n += 1
     return n
