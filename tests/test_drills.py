@@ -294,10 +294,10 @@ def test_open_with_redis_killed_and_a_handler_killed_at_once(
     redis_back = next(x for label, x in recs.items() if label.startswith("redis-kill end"))
     assert redis_back["wall"] == pytest.approx(rk["end_wall"], abs=0.01)
     assert all(x["recovery_s"] is not None and x["recovery_s"] <= 60 for x in recs.values())
-    # Handler-seconds count live processes: a fleet of two with a gap, under the fixed
-    # fleet's cost. Member-seconds count the group, where the killed handler stays a member
-    # until the broker's session timeout (6 s here) drops it, beside its replacement.
+    # Handler-seconds count live processes, member-seconds the group, where the killed
+    # handler stays a member until the broker's session timeout (6 s here) drops it, beside
+    # its replacement: both above zero, member-seconds within that much of the fixed fleet.
     assert r["handler_seconds_source"].startswith("live handler processes")
-    assert 0 < r["handler_seconds"] <= r["fixed_peak_handler_seconds"] * 1.01
+    assert r["handler_seconds"] > 0
     assert 0 < r["member_seconds"] <= r["fixed_peak_handler_seconds"] + 6.0 + 1.0
     assert 0 < r["handler_seconds"] <= r["fixed_peak_handler_seconds"] * 1.01
