@@ -82,10 +82,11 @@ def test_open_with_a_killed_handler_passes_ledger_and_slos(
     moves = [(e["from"], e["to"]) for e in r["scale_events"]]
     assert (0, 2) in moves and (1, 2) in moves, moves
 
-    # A fixed fleet of two, one of them dead for a while: below the peak-sized fleet's cost.
+    # A fixed fleet of two: at most the peak-sized fleet's cost. (The scaler may replace the
+    # killed handler between two once-a-second samples, so no sample need see one alone.)
     assert r["peak_handlers"] == 2
     assert r["fixed_peak_handler_seconds"] == pytest.approx(2 * r["duration_s"], rel=0.01)
-    assert 0 < r["handler_seconds"] < r["fixed_peak_handler_seconds"]
+    assert 0 < r["handler_seconds"] <= r["fixed_peak_handler_seconds"]
     assert r["handler_seconds_ratio"] == pytest.approx(
         r["handler_seconds"] / r["fixed_peak_handler_seconds"], rel=0.01
     )
