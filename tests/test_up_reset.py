@@ -100,7 +100,7 @@ def _up(
     state: Path, kafka_port: int, redis_port: int, *args: str
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tickscale", "up", "--symbols", "5", "--from", "09:30",
+        [sys.executable, "-m", "tickscale", "up", "--full-day", "--symbols", "5", "--from", "09:30",
          "--to", "09:31", "--speed", "max", "--handlers", "1", "--max-handlers", "1",
          "--partitions", "2", "--kafka-port", str(kafka_port), "--redis-port", str(redis_port),
          "--metrics-port", str(free_port()), "--scaler-port", str(free_port()),
