@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 import typer
-from pydantic import ValidationError
+
+from core.cli_settings import flag_of, load, options_from
+from scaler.settings import ScalerSettings
 
 if TYPE_CHECKING:
     from scaler.service import Scaler
@@ -24,21 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-# Settings field -> flag, for error messages that name what the user typed.
-FLAGS = {
-    "bootstrap": "--bootstrap", "redis_url": "--redis-url", "topic": "--topic",
-    "group": "--group", "backend": "--backend", "policy": "--policy", "poll_s": "--poll",
-    "dry_run": "--dry-run", "scaler_id": "--id", "name": "--name",
-    "metrics_port": "--metrics-port", "min_handlers": "--min-handlers",
-    "max_handlers": "--max-handlers", "lag_target_s": "--lag-target",
-    "calendar": "--calendar", "session_min": "--session-min", "lead_s": "--lead",
-    "clock": "--clock", "image": "--image", "network": "--network",
-    "docker_host": "--docker-host", "swarm_service": "--swarm-service",
-    "stop_grace_s": "--stop-grace", "handler_base_port": "--handler-base-port",
-    "state_dir": "--state-dir", "scale_down_window_s": "--scale-down-window",
-    "settle_s": "--settle", "lease_ttl_s": "--lease-ttl",
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,72 +47,21 @@ def main(hooks: Hooks, prog_name: str = "tickscale scaler") -> None:
 
 
 def _fail(setting: str, msg: str) -> None:
-    typer.echo(f"error: invalid setting {FLAGS.get(setting, setting)}: {msg}", err=True)
+    field = ScalerSettings.model_fields.get(setting)
+    flag = flag_of(setting, field) if field is not None else setting
+    typer.echo(f"error: invalid setting {flag}: {msg}", err=True)
     raise typer.Exit(2)
 
 
-def _settings(overrides: dict[str, Any]) -> Any:
-    from scaler.settings import ScalerSettings
-
-    try:
-        return ScalerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        for err in e.errors():
-            loc = str(err["loc"][0]) if err["loc"] else ""
-            if not loc:  # a check across settings: its message names them
-                loc = "min_handlers" if "min_handlers" in err["msg"] else "settings"
-            typer.echo(f"error: invalid setting {FLAGS.get(loc, loc)}: {err['msg']}", err=True)
-        raise typer.Exit(2) from None
-
-
 @app.callback()
-def run(
-    ctx: typer.Context,
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka HOST:PORT")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="Redis URL (lease, audit)")] = None,
-    topic: Annotated[str | None, typer.Option(help="raw topic the handlers read")] = None,
-    group: Annotated[str | None, typer.Option(help="handler consumer group")] = None,
-    backend: Annotated[str | None, typer.Option(help="process | docker | swarm")] = None,
-    policy: Annotated[str | None, typer.Option(help="tickscale | reactive")] = None,
-    poll: Annotated[float | None, typer.Option(help="seconds between polls")] = None,
-    dry_run: Annotated[bool | None, typer.Option(help="decide and log only")] = None,
-    scaler_id: Annotated[str | None, typer.Option("--id", help="this scaler's identity")] = None,
-    name: Annotated[str | None, typer.Option(help="fleet name (labels, lease)")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="/metrics, /healthz port")] = None,
-    min_handlers: Annotated[int | None, typer.Option()] = None,
-    max_handlers: Annotated[int | None, typer.Option()] = None,
-    lag_target: Annotated[float | None, typer.Option(help="seconds")] = None,
-    calendar: Annotated[str | None, typer.Option(help="XNYS, XNAS, ... or none")] = None,
-    session_min: Annotated[str | None, typer.Option(help="e.g. open=8,close=4")] = None,
-    lead: Annotated[float | None, typer.Option(help="pre-scale lead, seconds")] = None,
-    clock: Annotated[str | None, typer.Option(help="wall | replay")] = None,
-    image: Annotated[str | None, typer.Option(help="docker/swarm: handler image")] = None,
-    network: Annotated[str | None, typer.Option(help="docker/swarm: network")] = None,
-    docker_host: Annotated[str | None, typer.Option(help="docker/swarm: engine URL")] = None,
-    swarm_service: Annotated[str | None, typer.Option(help="swarm: service name")] = None,
-    stop_grace: Annotated[float | None, typer.Option(help="SIGTERM to SIGKILL, s")] = None,
-    handler_base_port: Annotated[int | None, typer.Option(help="process: ports")] = None,
-    state_dir: Annotated[str | None, typer.Option(help="process: logs, targets")] = None,
-    scale_down_window: Annotated[float | None, typer.Option(help="seconds")] = None,
-    settle: Annotated[float | None, typer.Option(help="seconds between changes")] = None,
-    lease_ttl: Annotated[float | None, typer.Option(help="leader lease, seconds")] = None,
-) -> None:
+@options_from(ScalerSettings)
+def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Run the scaler (settings also from TICKSCALE_SCALER_* variables; flags win)."""
     if ctx.invoked_subcommand is not None:
         return
     # Mounted under `tickscale`, nothing sets a context object: no hooks.
     hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
-    s = _settings({
-        "bootstrap": bootstrap, "redis_url": redis_url, "topic": topic, "group": group,
-        "backend": backend, "policy": policy, "poll_s": poll, "dry_run": dry_run,
-        "scaler_id": scaler_id, "name": name, "metrics_port": metrics_port,
-        "min_handlers": min_handlers, "max_handlers": max_handlers, "lag_target_s": lag_target,
-        "calendar": calendar, "session_min": session_min, "lead_s": lead, "clock": clock,
-        "image": image, "network": network, "docker_host": docker_host,
-        "swarm_service": swarm_service, "stop_grace_s": stop_grace,
-        "handler_base_port": handler_base_port, "state_dir": state_dir,
-        "scale_down_window_s": scale_down_window, "settle_s": settle, "lease_ttl_s": lease_ttl,
-    })  # fmt: skip
+    s = load(ScalerSettings, given)
     from scaler.app import StartupError, build
     from scaler.backends.base import BackendError
 

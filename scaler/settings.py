@@ -29,27 +29,34 @@ class ScalerSettings(BaseSettings):
     # Where the handlers read and write.
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="lease, audit, capacity")
-    topic: str = RAW_TOPIC
-    out_topic: str = TICKS_TOPIC
-    deadletter_topic: str = DEADLETTER_TOPIC
-    group: str = HANDLER_GROUP
+    topic: str = Field(RAW_TOPIC, description="raw topic the handlers read")
+    out_topic: str = Field(TICKS_TOPIC, description="tick topic the handlers write")
+    deadletter_topic: str = Field(DEADLETTER_TOPIC, description="the handlers' dead letters")
+    group: str = Field(HANDLER_GROUP, description="the handlers' consumer group")
 
     # What the handlers are told, when they reach Kafka or Redis by another
     # address than the scaler does (unset: the scaler's own).
-    handler_bootstrap: str | None = None
-    handler_redis_url: str | None = None
+    handler_bootstrap: str | None = Field(None, description="Kafka as the handlers reach it")
+    handler_redis_url: str | None = Field(None, description="Redis as the handlers reach it")
 
     # The loop.
-    policy: Literal["tickscale", "reactive"] = "tickscale"
-    backend: Literal["docker", "swarm", "process"] = "process"
-    poll_s: float = Field(1.0, gt=0, le=60)
-    dry_run: bool = False
-    scaler_id: str = Field(default_factory=_default_id)
+    policy: Literal["tickscale", "reactive"] = Field("tickscale", description="scaling policy")
+    backend: Literal["docker", "swarm", "process"] = Field(
+        "process", description="what runs the handlers"
+    )
+    poll_s: float = Field(1.0, gt=0, le=60, description="seconds between polls")
+    dry_run: bool = Field(False, description="decide and log only")
+    scaler_id: str = Field(
+        default_factory=_default_id, description="this scaler's identity [host-pid]",
+        json_schema_extra={"flag": "--id"},
+    )  # fmt: skip
     # Several independent fleets may share a Docker engine or Redis: the name
     # labels the containers and keys the lease.
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
-    lease_ttl_s: float = Field(5.0, gt=0.5, le=120)
-    metrics_host: str = "0.0.0.0"
+    name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="fleet name (labels, lease)"
+    )
+    lease_ttl_s: float = Field(5.0, gt=0.5, le=120, description="leader lease, seconds")
+    metrics_host: str = Field("0.0.0.0", description="/metrics, /healthz address")
     metrics_port: int = Field(
         9200, ge=0, le=65535,
         validation_alias=AliasChoices(
@@ -58,40 +65,50 @@ class ScalerSettings(BaseSettings):
     )  # fmt: skip
 
     # Policy.
-    min_handlers: int = Field(1, ge=0)
-    max_handlers: int = Field(12, ge=1)
-    lag_target_s: float = Field(5.0, gt=0)
-    headroom: float = Field(0.25, ge=0)
+    min_handlers: int = Field(1, ge=0, description="fewest handlers")
+    max_handlers: int = Field(12, ge=1, description="most handlers")
+    lag_target_s: float = Field(5.0, gt=0, description="lag to keep below, seconds")
+    headroom: float = Field(0.25, ge=0, description="capacity kept above the rate")
     fallback_capacity: float = Field(1000.0, gt=0, description="msgs/s/handler until learned")
     capacity_hold_s: float = Field(
         3600.0, ge=0, description="how long the highest learned capacity stands"
     )
-    scale_down_window_s: float = Field(120.0, ge=0)
-    scale_down_fraction: float = Field(0.5, gt=0, le=1)
-    scale_down_interval_s: float = Field(30.0, ge=0)
-    settle_s: float = Field(5.0, ge=0)
-    rebalance_pause_s: float = Field(4.0, ge=0)
+    scale_down_window_s: float = Field(
+        120.0, ge=0, description="scale in on the highest need seen this long, seconds"
+    )
+    scale_down_fraction: float = Field(
+        0.5, gt=0, le=1, description="largest share of the fleet removed at once"
+    )
+    scale_down_interval_s: float = Field(30.0, ge=0, description="seconds between two scale-ins")
+    settle_s: float = Field(5.0, ge=0, description="seconds between changes")
+    rebalance_pause_s: float = Field(
+        4.0, ge=0, description="lag a change is expected to add, seconds"
+    )
     # Calendar: an exchange_calendars code, or "none" to scale on lag and rate only.
-    calendar: str = "XNYS"
+    calendar: str = Field("XNYS", description="XNYS, XNAS, ... or none")
     session_min: str = Field("", description="e.g. open=8,close=4,midday=1")
     lead_s: float = Field(120.0, ge=0, description="pre-scale this long before a session")
     # "wall": sessions follow the real clock; "replay": they follow the clock the
     # replay feed publishes in Redis, so a day replayed at 60x pre-scales for its
     # own open rather than for today's.
-    clock: Literal["wall", "replay"] = "wall"
+    clock: Literal["wall", "replay"] = Field("wall", description="whose time sessions follow")
 
     # Backends.
     stop_grace_s: float = Field(30.0, gt=0, description="SIGTERM to SIGKILL")
     # On a clean stop (SIGTERM) the leader drains and removes its handlers, so
     # `compose down` leaves nothing attached to the network. Off by default:
     # a restarted scaler then adopts the running fleet instead.
-    stop_handlers_on_exit: bool = False
-    image: str = "tickscale:dev"
-    network: str | None = None
-    handler_cpus: float | None = Field(1.0, gt=0)
-    handler_mem_mb: int | None = Field(512, gt=0)
+    stop_handlers_on_exit: bool = Field(
+        False, description="drain and remove the handlers when the scaler stops"
+    )
+    image: str = Field("tickscale:dev", description="docker/swarm: handler image")
+    network: str | None = Field(None, description="docker/swarm: network")
+    handler_cpus: float | None = Field(1.0, gt=0, description="docker/swarm: CPUs per handler")
+    handler_mem_mb: int | None = Field(
+        512, gt=0, description="docker/swarm: memory per handler, MB"
+    )
     docker_host: str | None = Field(None, description="default: DOCKER_HOST or the local socket")
-    swarm_service: str = "tickscale-handlers"
+    swarm_service: str = Field("tickscale-handlers", description="swarm: service name")
     handler_base_port: int = Field(9300, ge=1024, le=65000, description="process backend")
     state_dir: str = Field(".local/scaler", description="process backend: logs, targets file")
     handler_parent_pid: int | None = Field(

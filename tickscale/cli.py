@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from core import constants as c
+from core.cli_settings import load, options_from
+from ingest.handler.settings import HandlerSettings
 
 if TYPE_CHECKING:
     from ingest.verify import SourceExpectation
@@ -52,14 +53,6 @@ def _main(
         stream=sys.stderr,
     )
     logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
-
-
-def _fail_settings(e: ValidationError, flags: dict[str, str]) -> None:
-    for err in e.errors():
-        name = str(err["loc"][0]) if err["loc"] else "?"
-        hint = flags.get(name, name)
-        typer.echo(f"error: invalid setting {hint}: {err['msg']}", err=True)
-    raise typer.Exit(2)
 
 
 # --- replay -------------------------------------------------------------------------------
@@ -194,53 +187,15 @@ def replay(
 
 
 @app.command()
-def handler(
-    bootstrap: Annotated[str | None, typer.Option(help="Kafka HOST:PORT")] = None,
-    in_topic: Annotated[str | None, typer.Option("--in", help="raw topic")] = None,
-    out_topic: Annotated[str | None, typer.Option("--out", help="tick topic")] = None,
-    deadletter: Annotated[str | None, typer.Option(help="dead-letter topic")] = None,
-    group: Annotated[str | None, typer.Option(help="consumer group")] = None,
-    redis: Annotated[str | None, typer.Option(help="Redis URL")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="HTTP port, 0 = any")] = None,
-    eos: Annotated[bool | None, typer.Option(help="exactly-once transactions")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="raw messages per transaction")] = None,
-    handler_id: Annotated[str | None, typer.Option("--id", help="handler identity")] = None,
-) -> None:
-    """Run one feed handler: md.raw -> ticks on md.ticks, exactly once."""
+@options_from(HandlerSettings)
+def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
+    """Run one feed handler: md.raw -> ticks on md.ticks, exactly once (settings also from
+    TICKSCALE_HANDLER_* variables; flags win)."""
     from core.http import PortInUse
     from core.runtime import freeze_startup_heap
     from ingest.handler.service import FeedHandler
-    from ingest.handler.settings import HandlerSettings
 
-    overrides: dict[str, Any] = {
-        "bootstrap": bootstrap,
-        "in_topic": in_topic,
-        "out_topic": out_topic,
-        "deadletter_topic": deadletter,
-        "group": group,
-        "redis_url": redis,
-        "metrics_port": metrics_port,
-        "eos": eos,
-        "max_batch": max_batch,
-        "handler_id": handler_id,
-    }
-    flags = {
-        "bootstrap": "--bootstrap",
-        "in_topic": "--in",
-        "out_topic": "--out",
-        "deadletter_topic": "--deadletter",
-        "group": "--group",
-        "redis_url": "--redis",
-        "metrics_port": "--metrics-port",
-        "eos": "--eos",
-        "max_batch": "--max-batch",
-        "handler_id": "--id",
-    }
-    try:
-        settings = HandlerSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as e:
-        _fail_settings(e, flags)
-        return
+    settings = load(HandlerSettings, given)
 
     async def main() -> None:
         h = FeedHandler(settings)

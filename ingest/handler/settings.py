@@ -20,12 +20,21 @@ class HandlerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TICKSCALE_HANDLER_", extra="forbid")
 
     bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
-    in_topic: str = RAW_TOPIC
-    out_topic: str = TICKS_TOPIC
-    deadletter_topic: str = DEADLETTER_TOPIC
-    group: str = HANDLER_GROUP
-    redis_url: str | None = Field(None, description="redis://host:port/db; unset = no Redis")
-    metrics_host: str = "0.0.0.0"
+    in_topic: str = Field(RAW_TOPIC, description="raw topic", json_schema_extra={"flag": "--in"})
+    out_topic: str = Field(
+        TICKS_TOPIC, description="tick topic", json_schema_extra={"flag": "--out"}
+    )
+    deadletter_topic: str = Field(
+        DEADLETTER_TOPIC,
+        description="dead-letter topic",
+        json_schema_extra={"flag": "--deadletter"},
+    )
+    group: str = Field(HANDLER_GROUP, description="consumer group")
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db; unset = no Redis",
+        json_schema_extra={"flag": "--redis"},
+    )  # fmt: skip
+    metrics_host: str = Field("0.0.0.0", description="/metrics, /healthz address")
     metrics_port: int = Field(
         9100,
         ge=0,
@@ -33,17 +42,20 @@ class HandlerSettings(BaseSettings):
         description="0 = any free port; when left at the default and 9100 is taken, the "
         "handler serves on a free port and logs which",
     )
-    handler_id: str = Field(default_factory=_default_id)
+    handler_id: str = Field(
+        default_factory=_default_id, description="handler identity [host-pid]",
+        json_schema_extra={"flag": "--id"},
+    )  # fmt: skip
     eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
     max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
-    poll_timeout_ms: int = Field(20, ge=1, le=10_000)
+    poll_timeout_ms: int = Field(20, ge=1, le=10_000, description="longest wait of one poll")
     fetch_topup_ms: int = Field(
         10,
         ge=0,
         le=1_000,
         description="after each poll, wait this long at most for the fetch it started (0 = off)",
     )
-    snapshot_interval_s: float = Field(5.0, gt=0)
+    snapshot_interval_s: float = Field(5.0, gt=0, description="seconds between book snapshots")
     parent_pid: int | None = Field(
         None,
         gt=0,
@@ -52,7 +64,7 @@ class HandlerSettings(BaseSettings):
         "backend when it has one. Never the scaler's pid: handlers outlive a dead scaler "
         "and its successor adopts them",
     )
-    session_timeout_ms: int = Field(10_000, ge=1000)
+    session_timeout_ms: int = Field(10_000, ge=1000, description="the group's session timeout")
     transaction_timeout_ms: int = Field(
         60_000,
         ge=1000,
@@ -67,7 +79,7 @@ class HandlerSettings(BaseSettings):
         "its offset, then fences the group's handlers holding one outside the group (and "
         "checks again as often)",
     )
-    heartbeat_interval_ms: int = Field(1_000, ge=100)
+    heartbeat_interval_ms: int = Field(1_000, ge=100, description="group heartbeat interval")
     stop_grace_s: float = Field(
         20.0,
         gt=0,

@@ -1,0 +1,82 @@
+"""Command-line options come from the settings models: one flag per setting, declared once."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytest
+import typer
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from core.cli_settings import flag_of, load, options_from
+from ingest.handler.settings import HandlerSettings
+from scaler.settings import ScalerSettings
+
+
+class _Demo(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DEMO_", extra="forbid")
+
+    wait_s: float = Field(1.0, gt=0, description="how long")
+    mode: Literal["a", "b"] = "a"
+    loud: bool = True
+    name: str = Field("x", json_schema_extra={"flag": "--id"})
+    tags: list[str] = Field(default_factory=list)
+
+
+def _demo_app(seen: list[_Demo]) -> typer.Typer:
+    app = typer.Typer(add_completion=False)
+
+    @app.command()
+    @options_from(_Demo)
+    def go(ctx: typer.Context, given: dict[str, Any]) -> None:
+        seen.append(load(_Demo, given))
+
+    return app
+
+
+def _flags(cmd: Any) -> set[str]:
+    return {o for p in cmd.params for o in p.opts if o != "--help"}
+
+
+@pytest.mark.parametrize(
+    ("model", "command"),
+    [(ScalerSettings, ["scaler"]), (HandlerSettings, ["handler"])],
+)
+def test_every_setting_has_its_flag(model: type[BaseSettings], command: list[str]) -> None:
+    from tickscale.cli import app
+
+    cmd: Any = get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    flags = _flags(cmd)
+    expected = {flag_of(n, f) for n, f in model.model_fields.items()}
+    assert expected <= flags, expected - flags
+    # Nothing but the settings: a flag the model does not declare would be a second place.
+    assert flags == expected, flags - expected
+
+
+def test_flags_win_and_the_environment_fills_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEMO_MODE", "b")
+    monkeypatch.setenv("DEMO_WAIT_S", "7")
+    seen: list[_Demo] = []
+    r = CliRunner().invoke(
+        _demo_app(seen), ["--wait", "2.5", "--no-loud", "--id", "y", "--tags", "p", "--tags", "q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert seen[0].wait_s == 2.5  # the flag, over the environment
+    assert seen[0].mode == "b"  # the environment, where no flag was given
+    assert (seen[0].loud, seen[0].name, seen[0].tags) == (False, "y", ["p", "q"])
+    r = CliRunner().invoke(_demo_app(seen), [])
+    assert (seen[1].wait_s, seen[1].loud, seen[1].tags) == (7.0, True, [])
+
+
+def test_an_invalid_value_names_its_flag_and_exits_2() -> None:
+    r = CliRunner().invoke(_demo_app([]), ["--wait", "0", "--mode", "c"])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2, r.output
+    assert lines[0].startswith("error: invalid setting --wait: ")
+    assert lines[1].startswith("error: invalid setting --mode: ")
