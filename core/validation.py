@@ -17,3 +17,19 @@ def check_redis_url(v: str) -> str:
     if not v.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError(f"expected redis://host:port/db, got {v!r}")
     return v
+
+
+def check_speed(v: str) -> str:
+    """A replay speed: a finite number > 0 (a multiple of real time) or ``max``; else
+    ValueError."""
+    import math
+
+    if v.lower() == "max":
+        return "max"
+    try:
+        x = float(v)
+    except ValueError:
+        raise ValueError(f"expected a number or 'max', got {v!r}") from None
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError(f"expected a finite number > 0 or 'max', got {v!r}")
+    return v

@@ -98,8 +98,9 @@ def test_the_images_never_load_the_local_stack() -> None:
     code = (
         "import importlib, sys\n"
         f"for m in {IMAGE_MODULES!r}: importlib.import_module(m)\n"
-        "print(sorted(m for m in sys.modules if m.startswith("
-        "('tickscale.localstack', 'tickscale.up', 'tickscale.keeper'))))\n"
+        "stack = ('tickscale.localstack', 'tickscale.up', 'tickscale.keeper')\n"
+        "print(sorted(m for m in sys.modules if m in stack or m.startswith("
+        "tuple(s + '.' for s in stack))))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -17,6 +17,8 @@ import typer
 from core import constants as c
 from core.cli_settings import load, options_from
 from ingest.handler.settings import HandlerSettings
+from ingest.replay.settings import ReplaySettings
+from tickscale.up_settings import UpSettings
 
 if TYPE_CHECKING:
     from ingest.verify import SourceExpectation
@@ -65,82 +67,11 @@ def _fail(where: str, what: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _speed(value: str) -> float | None:
-    import math
-
-    if value.lower() == "max":
-        return None
-    try:
-        v = float(value)
-    except ValueError:
-        raise _fail("--speed", f"expected a number or 'max', got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise _fail("--speed", f"expected a finite number > 0 or 'max', got {value!r}")
-    return v
-
-
 @app.command()
-def replay(
-    manifest: Annotated[
-        Path, typer.Option(help="where to write the manifest (JSON), as the replay goes")
-    ],
-    bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
-    topic: Annotated[str, typer.Option(help="raw topic")] = c.RAW_TOPIC,
-    source: Annotated[str, typer.Option(help="synthetic | itch | jsonl")] = "synthetic",
-    file: Annotated[Path | None, typer.Option(help="input file for itch/jsonl")] = None,
-    symbols: Annotated[int, typer.Option(min=1, help="synthetic: instruments")] = 50,
-    seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
-    rate: Annotated[
-        float, typer.Option(min=0.001, help="synthetic: midday msgs/s per symbol")
-    ] = 1.0,
-    day: Annotated[
-        str | None, typer.Option("--date", help="trading date YYYY-MM-DD (default: last session)")
-    ] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="start HH:MM (exchange time)")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="end HH:MM (exchange time)")] = None,
-    speed: Annotated[str, typer.Option(help="1 = real time, 60 = a minute per second, max")] = "1",
-    malformed_every: Annotated[
-        int, typer.Option(min=0, help="inject a malformed message after every N (0 = none)")
-    ] = 0,
-    only: Annotated[
-        str | None,
-        typer.Option(help="only these symbols, comma-separated (and market-wide messages)"),
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    redis: Annotated[
-        str | None,
-        typer.Option(
-            help="Redis URL: publish the replay clock for the scaler",
-            envvar="TICKSCALE_REPLAY_REDIS_URL",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="carry on the replay whose incomplete --manifest is there (same options): "
-            "what it sent is not sent again",
-        ),
-    ] = False,
-    outage_deadline: Annotated[
-        float,
-        typer.Option(
-            min=1,
-            help="seconds the broker may acknowledge nothing (down, restarting) before "
-            "the replay gives up",
-        ),
-    ] = 300.0,
-    connect_timeout: Annotated[
-        float, typer.Option(min=0, help="seconds to wait for a broker before the first record")
-    ] = 10.0,
-    checkpoint_every: Annotated[
-        float, typer.Option(min=0.1, help="seconds between manifest checkpoints")
-    ] = 5.0,
-    max_line_bytes: Annotated[
-        int, typer.Option(min=64, help="jsonl: the longest line accepted, in bytes")
-    ] = 1 << 20,
-) -> None:
-    """Replay a market day into the raw topic and write its manifest.
+@options_from(ReplaySettings)
+def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
+    """Replay a market day into the raw topic and write its manifest (settings also from
+    TICKSCALE_REPLAY_* variables; flags win).
 
     Exits 2 with one line naming the input for an input that cannot be used, 1 when
     the replay stopped before the end (a signal, the broker gone past the outage
@@ -151,34 +82,17 @@ def replay(
     from ingest.codecs.errors import SourceError
     from ingest.replay.publisher import BrokerOutage
     from ingest.replay.run import run_replay
-    from ingest.replay.spec import SourceSpec
 
-    spec = SourceSpec(
-        source=source, file=file, symbols=symbols, seed=seed, rate=rate, day=day,
-        start=from_, end=to, malformed_every=malformed_every, only=only,
-        max_line_bytes=max_line_bytes,
-    )  # fmt: skip
-    pace = _speed(speed)
+    settings = load(ReplaySettings, given)
     try:
-        ok = run_replay(
-            spec,
-            manifest=manifest,
-            bootstrap=bootstrap,
-            topic=topic,
-            speed=pace,
-            progress=progress,
-            redis_url=redis,
-            resume=resume,
-            outage_deadline_s=outage_deadline,
-            connect_timeout_s=connect_timeout,
-            checkpoint_every_s=checkpoint_every,
-        )
+        ok = run_replay(settings)
     except SourceError as e:
         raise _fail(e.where, e.what) from None
     except BrokerOutage as e:
         raise _fail(e.where, e.what, code=1) from None
     except KafkaError as e:
-        raise _fail(f"--bootstrap {bootstrap}", f"the broker refused the replay ({e})", 1) from None
+        where = f"--bootstrap {settings.bootstrap}"
+        raise _fail(where, f"the broker refused the replay ({e})", 1) from None
     if not ok:
         raise typer.Exit(1)
 
@@ -360,98 +274,30 @@ def topics(
 
 
 @app.command()
-def up(
-    full_day: Annotated[
-        bool,
-        typer.Option(
-            "--full-day",
-            help="the longer day on the standard ports (9092, 6379): --speed 60 by default, "
-            "about 16 minutes; without it, a day compressed into about two minutes with a "
-            "live view and an HTML report",
-        ),
-    ] = False,
-    seed: Annotated[int, typer.Option()] = 1,
-    day: Annotated[str | None, typer.Option("--date")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="compressed day: where its report and logs go")
-    ] = None,
-    symbols: Annotated[int | None, typer.Option(min=1, help="--full-day: instruments [50]")] = None,
-    speed: Annotated[str | None, typer.Option(help="--full-day: number or max [60]")] = None,
-    handlers: Annotated[
-        int | None, typer.Option(min=1, help="--full-day: handlers (the scaler's minimum) [2]")
-    ] = None,
-    max_handlers: Annotated[
-        int | None, typer.Option(min=1, help="--full-day: the scaler's maximum [4]")
-    ] = None,
-    scaler: Annotated[
-        bool | None,
-        typer.Option(help="--full-day: let the scaler run the handlers (off: a fixed fleet)"),
-    ] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="--full-day: start HH:MM")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="--full-day: end HH:MM")] = None,
-    partitions: Annotated[
-        int | None, typer.Option(min=1, help="--full-day: md.raw partitions [12]")
-    ] = None,
-    kafka_port: Annotated[int | None, typer.Option(help="--full-day [9092]")] = None,
-    redis_port: Annotated[int | None, typer.Option(help="--full-day [6379]")] = None,
-    state_dir: Annotated[
-        Path | None, typer.Option(help="--full-day: broker and Redis data [.local/up]")
-    ] = None,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="--full-day: first handler's metrics port [9100]")
-    ] = None,
-    scaler_port: Annotated[
-        int | None, typer.Option(help="--full-day: the scaler's metrics port [9200]")
-    ] = None,
-    reset: Annotated[
-        bool,
-        typer.Option(
-            help="--full-day: reset a broker or Redis already listening on the port (delete "
-            "its md.* topics, the handlers' consumer group, the book snapshots) instead of "
-            "refusing"
-        ),
-    ] = False,
-) -> None:
+@options_from(UpSettings)
+def up(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Run the whole pipeline on this machine: Kafka, Redis, the scaler and its handlers,
     a replayed day, verified."""
     from rich.console import Console
 
-    full = {
-        "--symbols": symbols, "--speed": speed, "--handlers": handlers,
-        "--max-handlers": max_handlers, "--scaler": scaler, "--from": from_, "--to": to,
-        "--partitions": partitions, "--kafka-port": kafka_port, "--redis-port": redis_port,
-        "--state-dir": state_dir, "--metrics-port": metrics_port, "--scaler-port": scaler_port,
-        "--reset": reset or None,
-    }  # fmt: skip
-    if not full_day:
-        given = [k for k, v in full.items() if v is not None]
-        if given:
-            raise _fail(given[0], "applies to the longer day only: add --full-day")
+    from core.cli_settings import flag_of
+    from tickscale.up_settings import FULL_DAY_ONLY
+
+    s = load(UpSettings, given)
+    fields = UpSettings.model_fields
+    if not s.full_day:
+        for name in FULL_DAY_ONLY:
+            if name in given:
+                raise _fail(
+                    flag_of(name, fields[name]), "applies to the longer day only: add --full-day"
+                )
         from tickscale.quickday import run_quick_day
 
         # A log is no terminal: one ledger line there, not one folded into 80 columns.
         console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
-        raise typer.Exit(run_quick_day(seed, day, out, console))
-    if out is not None:
+        raise typer.Exit(run_quick_day(s.seed, s.day, s.out, console))
+    if s.out is not None:
         raise _fail("--out", "applies to the compressed day only (--full-day uses --state-dir)")
     from tickscale.up import run_up
 
-    rc = run_up(
-        symbols=50 if symbols is None else symbols,
-        speed=_speed(speed or "60"),
-        handlers=2 if handlers is None else handlers,
-        seed=seed,
-        day=day,
-        start=from_,
-        end=to,
-        partitions=12 if partitions is None else partitions,
-        kafka_port=9092 if kafka_port is None else kafka_port,
-        redis_port=6379 if redis_port is None else redis_port,
-        state_dir=state_dir or Path(".local/up"),
-        scaler=True if scaler is None else scaler,
-        max_handlers=4 if max_handlers is None else max_handlers,
-        metrics_base_port=9100 if metrics_port is None else metrics_port,
-        scaler_port=9200 if scaler_port is None else scaler_port,
-        reset=reset,
-    )
-    raise typer.Exit(rc)
+    raise typer.Exit(run_up(s))

@@ -12,8 +12,8 @@ from core.runtime import freeze_startup_heap, stop_on_signals
 from ingest.codecs.errors import SourceError
 from ingest.manifest import Manifest
 from ingest.replay.publisher import Replayer, ReplayStats
+from ingest.replay.settings import ReplaySettings
 from ingest.replay.source import NS
-from ingest.replay.spec import SourceSpec
 
 
 def _clock(ns: int, codec: str) -> str:
@@ -64,27 +64,18 @@ def _incomplete(path: Path) -> bool:
         return False
 
 
-def run_replay(
-    spec: SourceSpec,
-    *,
-    manifest: Path,
-    bootstrap: str,
-    topic: str,
-    speed: float | None,
-    progress: bool,
-    redis_url: str | None = None,
-    resume: bool = False,
-    outage_deadline_s: float = 300.0,
-    connect_timeout_s: float = 10.0,
-    checkpoint_every_s: float = 5.0,
-) -> bool:
-    """Replay ``spec``, writing the manifest as it goes; False if a signal stopped it.
+def run_replay(settings: ReplaySettings) -> bool:
+    """Replay what ``settings`` describe, writing the manifest as it goes; False if a signal
+    stopped it.
 
     :raises SourceError: an input that cannot be used, named; raised before the
         first record where it can be known in advance, else after the manifest of
         what was sent
     :raises BrokerOutage: the broker was gone past the outage deadline
     """
+    s = settings
+    manifest, topic, speed, resume = s.manifest, s.topic, s.pace, s.resume
+    spec = s.spec()
     Manifest.check_writable(manifest)
     src, codec, day_s, params = spec.build()
     source = spec.source
@@ -110,7 +101,7 @@ def run_replay(
         TextColumn("{task.fields[rate]:,.0f} msg/s"),
         TimeElapsedColumn(),
         console=console,
-        disable=not progress,
+        disable=not s.progress,
         transient=False,
     )
     task = bar.add_task(source, total=None, clock="--:--:--", rate=0.0)
@@ -132,17 +123,17 @@ def run_replay(
         m.write(manifest)
 
     replayer = Replayer(
-        bootstrap,
+        s.bootstrap,
         topic,
         src,
         speed,
         day_s,
         on_progress,
         checkpoint=write,
-        checkpoint_every_s=checkpoint_every_s,
+        checkpoint_every_s=s.checkpoint_every_s,
         resume=prev,
-        outage_deadline_s=outage_deadline_s,
-        connect_timeout_s=connect_timeout_s,
+        outage_deadline_s=s.outage_deadline_s,
+        connect_timeout_s=s.connect_timeout_s,
     )
 
     async def main() -> None:
@@ -150,11 +141,11 @@ def run_replay(
         stop_on_signals(asyncio.get_running_loop(), replayer.stop)
         clock_stop = asyncio.Event()
         clock = None
-        if redis_url:
+        if s.redis_url:
             from ingest.replay.clock import publish_clock
 
             clock = asyncio.create_task(
-                publish_clock(redis_url, replayer.stats, day_s, speed, clock_stop)
+                publish_clock(s.redis_url, replayer.stats, day_s, speed, clock_stop)
             )
         freeze_startup_heap()
         try:
