@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 
 from core.cli_settings import flag_of, load, options_from
 from ingest.handler.settings import HandlerSettings
+from ingest.replay.settings import ReplaySettings
 from scaler.settings import ScalerSettings
+from tickscale.loadtest.settings import LoadTestSettings
+from tickscale.up_settings import UpSettings
 
 
 class _Demo(BaseSettings):
@@ -43,7 +46,13 @@ def _flags(cmd: Any) -> set[str]:
 
 @pytest.mark.parametrize(
     ("model", "command"),
-    [(ScalerSettings, ["scaler"]), (HandlerSettings, ["handler"])],
+    [
+        (ScalerSettings, ["scaler"]),
+        (HandlerSettings, ["handler"]),
+        (ReplaySettings, ["replay"]),
+        (UpSettings, ["up"]),
+        (LoadTestSettings, ["loadtest"]),
+    ],
 )
 def test_every_setting_has_its_flag(model: type[BaseSettings], command: list[str]) -> None:
     from tickscale.cli import app

@@ -24,7 +24,7 @@ from tickscale.loadtest.chaos import parse_chaos
 from tickscale.loadtest.feed import TimeWarp
 from tickscale.loadtest.latency import Histogram, parse_buckets
 from tickscale.loadtest.sampler import Sample
-from tickscale.loadtest.scenarios import resolve
+from tickscale.loadtest.scenarios import PlanOptions, resolve
 from tickscale.loadtest.slo import recoveries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -169,7 +169,7 @@ def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
 
 
 def test_flash_burst_plan_and_time_warp() -> None:
-    plan = resolve("flash-burst", speed="10", burst_multiple=4, burst_seconds=15)
+    plan = resolve("flash-burst", PlanOptions(speed="10", burst_multiple=4, burst_seconds=15))
     b = plan.burst
     assert b is not None
     # 15 wall seconds at 4 x 10: ten market minutes of the open, then ten more at 10x.
@@ -184,12 +184,15 @@ def test_flash_burst_plan_and_time_warp() -> None:
     for t in (before, inside, after):
         assert abs(w.unwarp(w.warp(t)) - t) < 10
     with pytest.raises(ValueError, match="--speed"):
-        resolve("flash-burst", speed="max")
+        resolve("flash-burst", PlanOptions(speed="max"))
     with pytest.raises(ValueError, match="--scenario"):
         resolve("lunch")
-    assert resolve("open", only="AAPL,MSFT").feed_args()[-2:] == ["--only", "AAPL,MSFT"]
+    assert resolve("open", PlanOptions(only="AAPL,MSFT")).feed_args()[-2:] == [
+        "--only",
+        "AAPL,MSFT",
+    ]
     with pytest.raises(ValueError, match="--only"):
-        resolve("open", only=" , ")
+        resolve("open", PlanOptions(only=" , "))
 
 
 def test_chaos_specs() -> None:

@@ -24,14 +24,15 @@ def run_quick_day(seed: int, day: str | None, out: Path | None, console: Console
     from ingest.codecs.errors import SourceError
     from ingest.replay.spec import resolve_day
     from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
-    from tickscale.loadtest.scenarios import resolve
+    from tickscale.loadtest.scenarios import PlanOptions, resolve
 
     try:
         resolve_day(day)  # a holiday or a malformed date fails here, before anything starts
     except SourceError as e:
         console.print(f"error: {e.where}: {e.what}", soft_wrap=True)
         return 2
-    plan = resolve("full-day", symbols=QUICK_SYMBOLS, seed=seed, date=day, speed=str(QUICK_SPEED))
+    opts = PlanOptions(symbols=QUICK_SYMBOLS, seed=seed, date=day, speed=str(QUICK_SPEED))
+    plan = resolve("full-day", opts)
     cfg = LoadTestConfig(
         plan=plan,
         policy=parse_policy("tickscale", 1, QUICK_MAX_HANDLERS),

@@ -9,10 +9,16 @@ Of a suite: 0 when every case passes, 1 otherwise, 2 for invalid options.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+from core.cli_settings import load, options_from
+from tickscale.loadtest.settings import LoadTestSettings
+
+if TYPE_CHECKING:
+    from tickscale.loadtest.runner import LoadTestConfig
 
 app = typer.Typer(
     help="Replay a market day through a running stack; check the ledger and the SLOs.",
@@ -28,146 +34,22 @@ def _bad(param: str, msg: str) -> typer.BadParameter:
 
 
 @app.callback()
-def run(
-    ctx: typer.Context,
-    scenario: Annotated[
-        str, typer.Option(help="full-day | open | close | flash-burst | after-hours")
-    ] = "open",
-    target: Annotated[str, typer.Option(help="local | compose")] = "local",
-    bootstrap: Annotated[
-        str | None, typer.Option(help="Kafka HOST:PORT to use (default: start one / compose's)")
-    ] = None,
-    redis: Annotated[
-        str | None, typer.Option(help="Redis URL to use (default: start one / compose's)")
-    ] = None,
-    compose_env: Annotated[Path, typer.Option(help="compose .env (target compose)")] = Path(
-        "compose/.env"
-    ),
-    source: Annotated[str, typer.Option(help="synthetic | itch | jsonl")] = "synthetic",
-    file: Annotated[Path | None, typer.Option(help="input file for itch/jsonl")] = None,
-    symbols: Annotated[
-        int | None, typer.Option(min=1, help="synthetic: instruments (default: scenario's)")
-    ] = None,
-    only: Annotated[
-        str | None,
-        typer.Option(
-            help="only these symbols, comma-separated (any source; market-wide kept); "
-            "with --suite: only these cases"
-        ),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="synthetic: the day's seed")] = 1,
-    day: Annotated[str | None, typer.Option("--date", help="trading date YYYY-MM-DD")] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="start HH:MM (exchange time)")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="end HH:MM (exchange time)")] = None,
-    speed: Annotated[
-        str | None, typer.Option(help="replay speed: number or max (default: scenario's)")
-    ] = None,
-    burst_at: Annotated[str, typer.Option(help="flash-burst: when it starts")] = "09:30",
-    burst_multiple: Annotated[
-        float, typer.Option(help="flash-burst: multiple of the base speed (peak rate)")
-    ] = 3.0,
-    burst_seconds: Annotated[float, typer.Option(help="flash-burst: wall seconds")] = 20.0,
-    malformed_every: Annotated[
-        int, typer.Option(min=0, help="inject a malformed message after every N")
-    ] = 0,
-    partitions: Annotated[int, typer.Option(min=1, help="partitions of the run's topics")] = 6,
-    policy: Annotated[str, typer.Option(help="tickscale | reactive | fixed:N")] = "tickscale",
-    min_handlers: Annotated[int, typer.Option(min=0, help="the scaler's minimum")] = 1,
-    max_handlers: Annotated[int, typer.Option(min=1, help="the scaler's maximum")] = 4,
-    session_min: Annotated[
-        str, typer.Option(help="tickscale policy: per-session floor")
-    ] = "open=4,close=3",
-    lead: Annotated[float, typer.Option(help="tickscale policy: pre-scale lead, wall s")] = 5.0,
-    lag_target: Annotated[float, typer.Option(help="the scaler's lag target, s")] = 5.0,
-    scale_down_window: Annotated[
-        float, typer.Option(help="the scaler's scale-down window, s")
-    ] = 30.0,
-    chaos: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="KIND@SECONDS[:DURATION], repeatable; kill-handler, scale-in, kill-scaler, "
-            "broker-restart, broker-kill, broker-pause, redis-stop, redis-kill (duration "
-            "default 60 for broker-restart and redis-stop, 10 for the others)"
-        ),
-    ] = None,
-    slo_p50: Annotated[float, typer.Option(help="latency p50 limit, s (0 = off)")] = 1.0,
-    slo_p99: Annotated[float, typer.Option(help="latency p99 limit, s (0 = off)")] = 5.0,
-    slo_max: Annotated[float, typer.Option(help="latency max limit, s (0 = off)")] = 30.0,
-    slo_lag_p99: Annotated[float, typer.Option(help="lag p99 limit, s (0 = off)")] = 5.0,
-    slo_lag_max: Annotated[float, typer.Option(help="lag max limit, s (0 = off)")] = 30.0,
-    slo_recovery: Annotated[float, typer.Option(help="recovery limit, s (0 = off)")] = 60.0,
-    out: Annotated[
-        Path | None, typer.Option(help="output directory (default .local/loadtest/<run>)")
-    ] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write results here")] = None,
-    drain_timeout: Annotated[float, typer.Option(help="wait for the group to drain, s")] = 300.0,
-    progress: Annotated[bool, typer.Option(help="live progress")] = True,
-    keep_topics: Annotated[bool, typer.Option(help="keep the run's topics")] = False,
-    no_members_timeout: Annotated[
-        float,
-        typer.Option(help="stop the run when the group has no members this long, s (0 = off)"),
-    ] = 30.0,
-    suite: Annotated[
-        str | None,
-        typer.Option(help="run a suite instead (reliability: every drill and bad input)"),
-    ] = None,
-) -> None:
-    """Run one load test (see ``tickscale.loadtest.scenarios`` for the scenarios)."""
+@options_from(LoadTestSettings)
+def run(ctx: typer.Context, given: dict[str, Any]) -> None:
+    """Run one load test (see ``tickscale.loadtest.scenarios`` for the scenarios; settings
+    also from TICKSCALE_LOADTEST_* variables; flags win)."""
     if ctx.invoked_subcommand is not None:
         return
-    if suite is not None:
-        if chaos:
+    s = load(LoadTestSettings, given)
+    if s.suite is not None:
+        if s.chaos:
             raise _bad("--chaos", "not with --suite: each of the suite's cases sets its own")
-        _run_suite(suite, only, out, json_out)
+        _run_suite(s.suite, s.only, s.out, s.json_out)
         return
     from core.runtime import sigterm_and_sighup_as_ctrl_c
-    from tickscale.loadtest.chaos import check_options, parse_chaos
-    from tickscale.loadtest.runner import LoadTestConfig, RunError, parse_policy, run_loadtest
-    from tickscale.loadtest.scenarios import resolve
-    from tickscale.loadtest.slo import Thresholds
+    from tickscale.loadtest.runner import RunError, run_loadtest
 
-    try:
-        plan = resolve(
-            scenario, source=source, file=file, symbols=symbols, seed=seed, date=day,
-            start=from_, end=to, speed=speed, burst_at=burst_at, burst_multiple=burst_multiple,
-            burst_seconds=burst_seconds, malformed_every=malformed_every, only=only,
-        )  # fmt: skip
-    except ValueError as e:
-        opt, _, msg = str(e).partition(": ")
-        raise _bad(opt if msg else "--scenario", msg or opt) from None
-    if source in ("itch", "jsonl") and (file is None or not file.exists()):
-        raise _bad("--file", f"an existing file is required with --source {source}")
-    if source not in ("synthetic", "itch", "jsonl"):
-        raise _bad("--source", "expected synthetic, itch or jsonl")
-    if source != "jsonl":
-        from ingest.codecs.errors import SourceError
-        from ingest.replay.spec import resolve_day
-
-        try:
-            resolve_day(day)  # a holiday or a malformed date fails here, not in the feed
-        except SourceError as e:
-            raise _bad(e.where, e.what) from None
-    if target not in ("local", "compose"):
-        raise _bad("--target", "expected local or compose")
-    try:
-        pol = parse_policy(policy, min_handlers, max_handlers)
-    except ValueError as e:
-        raise _bad("--policy", str(e).split(": ", 1)[-1]) from None
-    if pol.min_handlers > pol.max_handlers:
-        raise _bad("--min-handlers", f"{min_handlers} > --max-handlers {max_handlers}")
-    try:
-        specs = [parse_chaos(c) for c in chaos or []]
-        check_options(specs, target, bootstrap, redis, pol.name)
-    except ValueError as e:
-        raise _bad("--chaos", str(e)) from None
-    cfg = LoadTestConfig(
-        plan=plan, policy=pol, target=target, bootstrap=bootstrap, redis_url=redis,
-        compose_env=compose_env, partitions=partitions, session_min=session_min, lead_s=lead,
-        lag_target_s=lag_target, scale_down_window_s=scale_down_window, chaos=specs,
-        thresholds=Thresholds(slo_p50, slo_p99, slo_max, slo_lag_p99, slo_lag_max, slo_recovery),
-        out_dir=out, json_path=json_out, drain_timeout_s=drain_timeout, progress=progress,
-        keep_topics=keep_topics, no_members_s=no_members_timeout,
-    )  # fmt: skip
+    cfg = _config(s)
     console = Console(stderr=True)
     # A CI job's timeout or a closed terminal must not leave the run's stack behind.
     sigterm_and_sighup_as_ctrl_c()
@@ -181,6 +63,54 @@ def run(
         console.print("interrupted")
         raise typer.Exit(130) from None
     raise typer.Exit(rc)
+
+
+def _check_source(s: LoadTestSettings) -> None:
+    if s.source in ("itch", "jsonl") and (s.file is None or not s.file.exists()):
+        raise _bad("--file", f"an existing file is required with --source {s.source}")
+    if s.source not in ("synthetic", "itch", "jsonl"):
+        raise _bad("--source", "expected synthetic, itch or jsonl")
+    if s.source != "jsonl":
+        from ingest.codecs.errors import SourceError
+        from ingest.replay.spec import resolve_day
+
+        try:
+            resolve_day(s.day)  # a holiday or a malformed date fails here, not in the feed
+        except SourceError as e:
+            raise _bad(e.where, e.what) from None
+
+
+def _config(s: LoadTestSettings) -> LoadTestConfig:
+    """The run the settings describe; typer.BadParameter naming the option if it cannot be."""
+    from tickscale.loadtest.chaos import check_options, parse_chaos
+    from tickscale.loadtest.runner import LoadTestConfig, parse_policy
+    from tickscale.loadtest.scenarios import resolve
+
+    try:
+        plan = resolve(s.scenario, s.plan_options())
+    except ValueError as e:
+        opt, _, msg = str(e).partition(": ")
+        raise _bad(opt if msg else "--scenario", msg or opt) from None
+    _check_source(s)
+    try:
+        pol = parse_policy(s.policy, s.min_handlers, s.max_handlers)
+    except ValueError as e:
+        raise _bad("--policy", str(e).split(": ", 1)[-1]) from None
+    if pol.min_handlers > pol.max_handlers:
+        raise _bad("--min-handlers", f"{s.min_handlers} > --max-handlers {s.max_handlers}")
+    try:
+        specs = [parse_chaos(c) for c in s.chaos]
+        check_options(specs, s.target, s.bootstrap, s.redis_url, pol.name)
+    except ValueError as e:
+        raise _bad("--chaos", str(e)) from None
+    return LoadTestConfig(
+        plan=plan, policy=pol, target=s.target, bootstrap=s.bootstrap, redis_url=s.redis_url,
+        compose_env=s.compose_env, partitions=s.partitions, session_min=s.session_min,
+        lead_s=s.lead_s, lag_target_s=s.lag_target_s, scale_down_window_s=s.scale_down_window_s,
+        chaos=specs, thresholds=s.thresholds(), out_dir=s.out, json_path=s.json_out,
+        drain_timeout_s=s.drain_timeout_s, progress=s.progress, keep_topics=s.keep_topics,
+        no_members_s=s.no_members_timeout_s,
+    )  # fmt: skip
 
 
 def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | None) -> None:

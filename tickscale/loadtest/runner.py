@@ -39,6 +39,7 @@ from tickscale.loadtest.liveview import LiveView
 from tickscale.loadtest.outcome import build_result
 from tickscale.loadtest.sampler import ReplayClock, Sampler
 from tickscale.loadtest.scenarios import ReplayPlan
+from tickscale.loadtest.settings import default
 from tickscale.loadtest.slo import Thresholds
 from tickscale.loadtest.stack import (
     RunNames,
@@ -92,26 +93,29 @@ def parse_policy(text: str, min_handlers: int, max_handlers: int) -> PolicySpec:
 
 @dataclass
 class LoadTestConfig:
+    """One run, resolved; what is not given here is the command's declared default."""
+
     plan: ReplayPlan
     policy: PolicySpec
-    target: str = "local"
+    target: str = default("target")
     bootstrap: str | None = None
     redis_url: str | None = None
-    compose_env: Path = Path("compose/.env")
-    partitions: int = 6
-    session_min: str = "open=4,close=3"
-    lead_s: float = 5.0
-    lag_target_s: float = 5.0
-    scale_down_window_s: float = 30.0
+    compose_env: Path = field(default_factory=lambda: default("compose_env"))
+    partitions: int = default("partitions")
+    session_min: str = default("session_min")
+    lead_s: float = default("lead_s")
+    lag_target_s: float = default("lag_target_s")
+    scale_down_window_s: float = default("scale_down_window_s")
     chaos: list[chaos_mod.ChaosSpec] = field(default_factory=list)
     thresholds: Thresholds = field(default_factory=Thresholds)
     out_dir: Path | None = None
     json_path: Path | None = None
-    drain_timeout_s: float = 300.0
+    drain_timeout_s: float = default("drain_timeout_s")
     join_timeout_s: float = 120.0
-    progress: bool = True
-    keep_topics: bool = False
-    no_members_s: float = 30.0  # abort when the group is empty this long with lag (0: never)
+    progress: bool = default("progress")
+    keep_topics: bool = default("keep_topics")
+    # Abort when the group is empty this long with lag (0: never).
+    no_members_s: float = default("no_members_timeout_s")
     # Kafka and Redis provided by the caller (the reliability suite shares one pair across its
     # cases); the run may still drill them, but neither closes them nor deletes their data.
     services: Services | None = None

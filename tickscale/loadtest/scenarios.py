@@ -139,29 +139,33 @@ def hhmmss(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def resolve(
-    name: str,
-    *,
-    source: str = "synthetic",
-    file: Path | None = None,
-    symbols: int | None = None,
-    seed: int = 1,
-    rate: float = 1.0,
-    date: str | None = None,
-    start: str | None = None,
-    end: str | None = None,
-    speed: str | None = None,
-    burst_at: str = "09:30",
-    burst_multiple: float = 3.0,
-    burst_seconds: float = 20.0,
-    malformed_every: int = 0,
-    only: str | None = None,
-) -> ReplayPlan:
-    """The plan for scenario ``name`` with the command line's overrides applied.
+@dataclass(frozen=True)
+class PlanOptions:
+    """The command line's overrides of a scenario; None: the scenario's own."""
 
-    ``speed``: a number, "max", or None for the scenario's. ValueError names the offending
-    option.
-    """
+    source: str = "synthetic"
+    file: Path | None = None
+    symbols: int | None = None
+    seed: int = 1
+    rate: float = 1.0
+    date: str | None = None
+    start: str | None = None
+    end: str | None = None
+    speed: str | None = None  # a number, "max", or None for the scenario's
+    burst_at: str = "09:30"
+    burst_multiple: float = 3.0
+    burst_seconds: float = 20.0
+    malformed_every: int = 0
+    only: str | None = None
+
+
+def resolve(name: str, options: PlanOptions | None = None) -> ReplayPlan:
+    """The plan for scenario ``name`` with the command line's overrides applied; ValueError
+    names the offending option."""
+    o = options or PlanOptions()
+    source, file, symbols, seed, rate, date = o.source, o.file, o.symbols, o.seed, o.rate, o.date
+    start, end, speed, only, malformed_every = o.start, o.end, o.speed, o.only, o.malformed_every
+    burst_at, burst_multiple, burst_seconds = o.burst_at, o.burst_multiple, o.burst_seconds
     sc = SCENARIOS.get(name)
     if sc is None:
         raise ValueError(f"--scenario: unknown scenario {name!r} (one of {', '.join(SCENARIOS)})")

@@ -38,7 +38,7 @@ from rich.table import Table
 from tickscale.loadtest import results
 from tickscale.loadtest.chaos import ChaosSpec, parse_chaos
 from tickscale.loadtest.runner import LoadTest, LoadTestConfig, RunError, parse_policy
-from tickscale.loadtest.scenarios import resolve
+from tickscale.loadtest.scenarios import PlanOptions, resolve
 from tickscale.loadtest.slo import Thresholds
 from tickscale.loadtest.stack import Services
 
@@ -76,7 +76,7 @@ class Env:
         plan_kw: dict[str, Any] = {"start": WINDOW[0], "end": WINDOW[1], "speed": SPEED,
                                    "symbols": SYMBOLS, "seed": 3, "date": DAY}  # fmt: skip
         plan_kw |= {k: kw.pop(k) for k in list(kw) if k in _PLAN_KEYS}
-        plan = resolve("open", **plan_kw)
+        plan = resolve("open", PlanOptions(**plan_kw))
         base: dict[str, Any] = {
             "plan": plan,
             "policy": parse_policy("fixed:2", 1, 2),
