@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from core.cli_settings import flag_of, load, options_from
 from ingest.handler.settings import HandlerSettings
 from ingest.replay.settings import ReplaySettings
+from ingest.verify_settings import VerifySettings
 from scaler.settings import ScalerSettings
 from tickscale.loadtest.settings import LoadTestSettings
 from tickscale.up_settings import UpSettings
@@ -52,6 +53,7 @@ def _flags(cmd: Any) -> set[str]:
         (ReplaySettings, ["replay"]),
         (UpSettings, ["up"]),
         (LoadTestSettings, ["loadtest"]),
+        (VerifySettings, ["verify"]),
     ],
 )
 def test_every_setting_has_its_flag(model: type[BaseSettings], command: list[str]) -> None:

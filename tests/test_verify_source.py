@@ -160,7 +160,7 @@ def test_a_bad_source_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     short = tmp_path / "short.itch.gz"
     short.write_bytes(z[: len(z) - 10])
     cases = [
-        ([], "error: give either --manifest or --source"),
+        ([], "error: --manifest: give either --manifest or --source"),
         (["--source", str(tmp_path / "nope.itch")], f"error: --source {tmp_path / 'nope.itch'}:"),
         (["--source", str(cut), "--date", DAY], f"error: {cut} @ byte 28: the file ends inside"),
         (["--source", str(short), "--date", DAY], f"error: {short} @ byte "),

@@ -14,14 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from core import constants as c
 from core.cli_settings import load, options_from
 from ingest.handler.settings import HandlerSettings
 from ingest.replay.settings import ReplaySettings
+from ingest.verify_settings import VerifySettings
 from tickscale.up_settings import UpSettings
 
 if TYPE_CHECKING:
-    from ingest.verify import SourceExpectation
+    from ingest.manifest import Manifest
+    from ingest.verify import ExpectedDeadLetter, SourceExpectation, VerifyResult
 
 app = typer.Typer(
     name="tickscale",
@@ -133,71 +134,52 @@ def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
 
 
 @app.command()
-def verify(
-    manifest: Annotated[Path | None, typer.Option(help="manifest written by replay")] = None,
-    source: Annotated[
-        Path | None,
-        typer.Option(help="or: the replayed file (ITCH or JSON lines); expectations come from it"),
-    ] = None,
-    day: Annotated[
-        str | None, typer.Option("--date", help="--source ITCH: trading date, as given to replay")
-    ] = None,
-    from_: Annotated[
-        str | None, typer.Option("--from", help="--source: as given to replay")
-    ] = None,
-    to: Annotated[str | None, typer.Option("--to", help="--source: as given to replay")] = None,
-    only: Annotated[str | None, typer.Option(help="--source: as given to replay")] = None,
-    bootstrap: Annotated[str, typer.Option(help="Kafka HOST:PORT")] = "127.0.0.1:9092",
-    topic: Annotated[str, typer.Option(help="tick topic")] = c.TICKS_TOPIC,
-    raw_topic: Annotated[
-        str, typer.Option(help="--source: raw topic (market-wide dead letters, one per partition)")
-    ] = c.RAW_TOPIC,
-    deadletter_topic: Annotated[
-        str | None, typer.Option(help="dead-letter topic to account for ('' = skip)")
-    ] = c.DEADLETTER_TOPIC,
-    timeout: Annotated[
-        float, typer.Option(help="wait up to N s for all expected ticks (0 = read what is there)")
-    ] = 0.0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write results as JSON")] = None,
-) -> None:
+@options_from(VerifySettings)
+def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Check md.ticks against a manifest, or against the source file itself: missing,
-    duplicated, reordered, checksums, dead letters."""
-    import orjson
-
-    from ingest.manifest import Manifest
+    duplicated, reordered, checksums, dead letters (settings also from TICKSCALE_VERIFY_*
+    variables; flags win)."""
     from ingest.verify import run_verify
 
-    if (manifest is None) == (source is None):
-        typer.echo("error: give either --manifest or --source", err=True)
-        raise typer.Exit(2)
-    expected_dls = None
-    if source is not None:
-        exp = _expect_from_source(source, day, from_, to, only)
+    s = load(VerifySettings, given)
+    m, expected_dls = _expectations(s)
+    res = run_verify(
+        s.bootstrap, s.topic, m, s.deadletter_topic or None, timeout_s=s.timeout_s,
+        expected_deadletters=expected_dls,
+    )  # fmt: skip
+    _report(res, m, s.json_out)
+    if not res.ok:
+        raise typer.Exit(1)
+
+
+def _expectations(s: VerifySettings) -> tuple[Manifest, list[ExpectedDeadLetter] | None]:
+    """What the ticks must be: the manifest, or the source file's expectations (with its
+    dead letters); exits 2 naming the input that cannot be used."""
+    from ingest.manifest import Manifest
+
+    if (s.manifest is None) == (s.source is None):
+        raise _fail("--manifest", "give either --manifest or --source")
+    if s.source is not None:
+        exp = _expect_from_source(s.source, s.day, s.start, s.end, s.only)
         if any(d.broadcast for d in exp.deadletters):
             from core.topology import partitions_of
 
             try:
-                exp.set_partitions(len(asyncio.run(partitions_of(bootstrap, raw_topic))))
+                exp.set_partitions(len(asyncio.run(partitions_of(s.bootstrap, s.raw_topic))))
             except RuntimeError as e:
-                typer.echo(f"error: --raw-topic: {e}", err=True)
-                raise typer.Exit(2) from None
+                raise _fail("--raw-topic", str(e)) from None
         else:
             exp.set_partitions(1)
-        m = exp.manifest
-        expected_dls = exp.deadletters
-    else:
-        assert manifest is not None
-        if not manifest.exists():
-            raise typer.BadParameter(f"{manifest} does not exist", param_hint="--manifest")
-        m = Manifest.read(manifest)
-    res = run_verify(
-        bootstrap,
-        topic,
-        m,
-        deadletter_topic or None,
-        timeout_s=timeout,
-        expected_deadletters=expected_dls,
-    )
+        return exp.manifest, exp.deadletters
+    assert s.manifest is not None
+    if not s.manifest.exists():
+        raise _fail("--manifest", f"{s.manifest} does not exist")
+    return Manifest.read(s.manifest), None
+
+
+def _report(res: VerifyResult, m: Manifest, json_out: Path | None) -> None:
+    import orjson
+
     for sym, d in list(res.per_symbol.items())[:20]:
         typer.echo(f"{sym}: {d}")
     if len(res.per_symbol) > 20:
@@ -213,8 +195,6 @@ def verify(
     if json_out is not None:
         json_out.write_bytes(orjson.dumps(res.to_dict(), option=orjson.OPT_INDENT_2))
     typer.echo(res.summary_line())
-    if not res.ok:
-        raise typer.Exit(1)
 
 
 def _expect_from_source(
