@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 import typer
 
 from core.cli_settings import flag_of, load, options_from
@@ -88,130 +84,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     asyncio.run(main())
 
 
-@app.command()
-def simulate(
-    source: Annotated[str, typer.Option(help="synthetic | trace")] = "synthetic",
-    seed: Annotated[int, typer.Option()] = 1,
-    symbols: Annotated[int, typer.Option(min=1)] = 500,
-    trace: Annotated[Path | None, typer.Option(help="CSV of time, msgs/s")] = None,
-    day: Annotated[
-        str | None, typer.Option("--date", help="YYYY-MM-DD (default: a session)")
-    ] = None,
-    capacity: Annotated[float, typer.Option(help="msgs/s one handler sustains")] = 2500.0,
-    partitions: Annotated[int, typer.Option(min=1)] = 12,
-    min_handlers: Annotated[int, typer.Option()] = 1,
-    max_handlers: Annotated[int, typer.Option()] = 12,
-    lag_target: Annotated[float, typer.Option(help="seconds")] = 5.0,
-    session_min: Annotated[str, typer.Option(help="e.g. open=8,close=4")] = "",
-    lead: Annotated[float, typer.Option(help="pre-scale lead, seconds")] = 120.0,
-    calendar: Annotated[str, typer.Option()] = "XNYS",
-    json_out: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
-    plot: Annotated[Path | None, typer.Option(help="write a PNG chart here")] = None,
-    suite: Annotated[bool, typer.Option(help="every day shape, several seeds, one table")] = False,
-    seeds: Annotated[int, typer.Option(min=1, help="--suite: seeds per day")] = 5,
-    days: Annotated[str, typer.Option(help="--suite: comma-separated day names")] = "",
-    workers: Annotated[int, typer.Option(min=1, help="--suite: processes")] = 2,
-    backend: Annotated[str, typer.Option(help="whose measured pauses: process|docker|swarm")] = (
-        "docker"
-    ),
-    capacity_error: Annotated[
-        float, typer.Option(help="configured capacity off by this share, e.g. 0.3")
-    ] = 0.0,
-) -> None:
-    """Backtest: a market day's message rate through our policy and the reactive baseline."""
-    from scaler.calendar import CalendarError, SessionCalendar, parse_session_min
-    from scaler.sim.pauses import BENCH_PAUSES
-    from scaler.simulate import HandlerModel, backtest, recorded_day, synthetic_day
+# The backtest lives with the simulator; mounted here so it is `tickscale scaler simulate`.
+from scaler.sim.cli import simulate  # noqa: E402
 
-    if backend not in BENCH_PAUSES:
-        _fail("--backend", f"expected one of {', '.join(BENCH_PAUSES)}, got {backend!r}")
-    if not -0.9 <= capacity_error <= 3.0:
-        _fail("--capacity-error", "expected a share between -0.9 and 3.0")
-    model = HandlerModel(capacity, partitions, backend, capacity_error=capacity_error)
-    if suite:
-        _suite(model, seeds, days, workers, min_handlers, max_handlers, lag_target, json_out)
-        return
-
-    try:
-        cal = SessionCalendar(calendar, parse_session_min(session_min), lead)
-    except CalendarError as e:
-        _fail("calendar", str(e))
-        return
-    except ValueError as e:
-        _fail("session_min", str(e))
-        return
-    if min_handlers > max_handlers:
-        _fail("min_handlers", f"--min-handlers ({min_handlers}) > --max-handlers ({max_handlers})")
-    try:
-        date = dt.date.fromisoformat(day) if day else cal.last_session()
-    except ValueError as e:
-        _fail("--date", str(e))
-        return
-    info = cal.day(date)
-    if source == "synthetic":
-        series = synthetic_day(date, close_s=info.close_s, symbols=symbols, seed=seed)
-    elif source == "trace":
-        if trace is None or not trace.exists():
-            _fail("--trace", "an existing CSV file is required with --source trace")
-            return
-        try:
-            series = recorded_day(trace, date, cal.tz)
-        except ValueError as e:
-            _fail("--trace", str(e))
-            return
-    else:
-        _fail("--source", f"expected synthetic or trace, got {source!r}")
-        return
-    results = backtest(
-        series, cal, model, min_handlers=min_handlers, max_handlers=max_handlers,
-        lag_target_s=lag_target, keep_series=plot is not None,
-    )  # fmt: skip
-    summary = {"policies": {r.name: r.summary() for r in results}}
-    if plot is not None:
-        from scaler.simulate import plot as draw
-
-        draw(series, results, plot, lag_target)
-    if json_out:
-        sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(
-        title=f"{series.source} on {date} ({len(series.rates):,} s, lag target {lag_target}s)"
-    )
-    t.add_column("metric")
-    for r in results:
-        t.add_column(r.name, justify="right")
-    keys = ["handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events", "max_handlers"]
-    for k in keys:
-        t.add_row(k, *(str(r.summary()[k]) for r in results))
-    Console().print(t)
-    if plot is not None:
-        Console().print(f"chart: {plot}")
-
-
-def _suite(model: Any, seeds: int, days: str, workers: int, lo: int, hi: int, target: float,
-           json_out: bool) -> None:  # fmt: skip
-    from scaler.sim.days import SUITE
-    from scaler.sim.suite import SuiteConfig, run_suite, table
-
-    names = [d.strip() for d in days.split(",") if d.strip()]
-    known = {d.name for d in SUITE}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        _fail("--days", f"unknown day {unknown[0]!r} (one of {', '.join(sorted(known))})")
-    if lo > hi:
-        _fail("min_handlers", f"--min-handlers ({lo}) > --max-handlers ({hi})")
-    cfg = SuiteConfig(
-        seeds=tuple(range(1, seeds + 1)), min_handlers=lo, max_handlers=hi,
-        lag_target_s=target, model=model, workers=workers,
-    )  # fmt: skip
-    chosen = [d for d in SUITE if not names or d.name in names]
-    result = run_suite(cfg, chosen)
-    if json_out:
-        sys.stdout.write(orjson.dumps(result).decode() + "\n")
-        return
-    from rich.console import Console
-
-    Console(width=200).print(table(result))
+app.command()(simulate)

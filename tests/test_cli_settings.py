@@ -16,6 +16,7 @@ from ingest.handler.settings import HandlerSettings
 from ingest.replay.settings import ReplaySettings
 from ingest.verify_settings import VerifySettings
 from scaler.settings import ScalerSettings
+from scaler.sim.settings import SimulateSettings
 from tickscale.loadtest.settings import LoadTestSettings
 from tickscale.up_settings import UpSettings
 
@@ -54,6 +55,7 @@ def _flags(cmd: Any) -> set[str]:
         (UpSettings, ["up"]),
         (LoadTestSettings, ["loadtest"]),
         (VerifySettings, ["verify"]),
+        (SimulateSettings, ["scaler", "simulate"]),
     ],
 )
 def test_every_setting_has_its_flag(model: type[BaseSettings], command: list[str]) -> None:
