@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from core.constants import HDR_SEQ
 from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
-from ingest.replay.publisher import Replayer
+from ingest.replay.publisher import Replayer, ReplayerOptions
 from ingest.replay.spec import SourceSpec
 from tests.pipeline_utils import replay_cmd
 from tickscale.localstack import KafkaBroker
@@ -162,15 +162,19 @@ async def test_a_resume_from_an_older_checkpoint_sends_nothing_twice(
         msgs[: len(msgs) // 2],
         40.0,
         day,
-        checkpoint=lambda m: checkpoints.append(m.model_copy(deep=True)),
-        checkpoint_every_s=0.5,
+        options=ReplayerOptions(
+            checkpoint=lambda m: checkpoints.append(m.model_copy(deep=True)),
+            checkpoint_every_s=0.5,
+        ),
     )
     await first.run()
     older = [m for m in checkpoints if 0 < m.source_messages < len(msgs) // 2]
     assert older, [m.source_messages for m in checkpoints]
     stale = older[len(older) // 2]
     stale.source = "synthetic"
-    rest = Replayer(topics.bootstrap, topics.raw, msgs, None, day, resume=stale)
+    rest = Replayer(
+        topics.bootstrap, topics.raw, msgs, None, day, options=ReplayerOptions(resume=stale)
+    )
     m = await rest.run()
     assert rest.stats.resumed_messages == stale.source_messages
     m.write(tmp_path / "m.json")

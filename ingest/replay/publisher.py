@@ -150,15 +150,10 @@ class ReplayStats:
         }
 
 
-class Replayer:
-    """Sends a source to Kafka and builds the manifest of what it sent.
+@dataclass(frozen=True)
+class ReplayerOptions:
+    """How a replay checkpoints, resumes and waits out a broker.
 
-    :param bootstrap: Kafka bootstrap servers
-    :param topic: raw topic (``md.raw``)
-    :param source: messages in feed order
-    :param speed: 1.0 = real time, 60 = a minute per second, None = as fast as possible
-    :param day: trading date (ISO) stamped on ITCH records so handlers can build
-        absolute event times from ITCH's time-since-midnight
     :param checkpoint: called with the manifest of what the broker acknowledged,
         every ``checkpoint_every_s`` and when the replay ends, however it ends
         (``complete`` is true only when the whole source was sent)
@@ -168,6 +163,26 @@ class Replayer:
     :param outage_deadline_s: how long the broker may acknowledge nothing before
         the replay gives up (BrokerOutage)
     :param connect_timeout_s: how long to wait for a broker before the first record
+    """
+
+    checkpoint: Callable[[Manifest], None] | None = None
+    checkpoint_every_s: float = 5.0
+    resume: Manifest | None = None
+    outage_deadline_s: float = 300.0
+    connect_timeout_s: float = 10.0
+
+
+class Replayer:
+    """Sends a source to Kafka and builds the manifest of what it sent.
+
+    :param bootstrap: Kafka bootstrap servers
+    :param topic: raw topic (``md.raw``)
+    :param source: messages in feed order
+    :param speed: 1.0 = real time, 60 = a minute per second, None = as fast as possible
+    :param day: trading date (ISO) stamped on ITCH records so handlers can build
+        absolute event times from ITCH's time-since-midnight
+    :param manifest: off only where nothing will be verified (benchmarks)
+    :param options: checkpoints, resume and patience (see :class:`ReplayerOptions`)
     """
 
     batch_bytes = 512 * 1024  # per partition and request
@@ -181,13 +196,10 @@ class Replayer:
         day: str,
         on_progress: Any = None,
         manifest: bool = True,
-        *,
-        checkpoint: Callable[[Manifest], None] | None = None,
-        checkpoint_every_s: float = 5.0,
-        resume: Manifest | None = None,
-        outage_deadline_s: float = 300.0,
-        connect_timeout_s: float = 10.0,
+        options: ReplayerOptions | None = None,
     ) -> None:
+        o = options or ReplayerOptions()
+        resume = o.resume
         if speed is not None and not speed > 0:
             raise ValueError("speed must be > 0 or 'max'")
         self.bootstrap = bootstrap
@@ -199,14 +211,14 @@ class Replayer:
         self.builder = ManifestBuilder()
         self.partitions = 0
         self._on_progress = on_progress
-        self._manifest = manifest  # off only where nothing will be verified (benchmarks)
-        self._checkpoint_cb = checkpoint if manifest else None
-        self._checkpoint_every_s = checkpoint_every_s
+        self._manifest = manifest
+        self._checkpoint_cb = o.checkpoint if manifest else None
+        self._checkpoint_every_s = o.checkpoint_every_s
         self._resume = resume
-        self.outage_deadline_s = outage_deadline_s
-        self.connect_timeout_s = connect_timeout_s
+        self.outage_deadline_s = o.outage_deadline_s
+        self.connect_timeout_s = o.connect_timeout_s
         self._stop = asyncio.Event()
-        self.outage = OutageGuard(bootstrap, outage_deadline_s, self._stop)
+        self.outage = OutageGuard(bootstrap, o.outage_deadline_s, self._stop)
         self._seqs: list[int] = []
         # Per partition: records numbered up to this are on the broker already.
         self._on_broker: list[int] = []
@@ -232,33 +244,8 @@ class Replayer:
         :raises BrokerOutage: the broker acknowledged nothing for the outage
             deadline; the last checkpoint counts only what it acknowledged
         """
-        self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
-        self._seqs = [0] * self.partitions
-        self._on_broker = [0] * self.partitions
-        landed = [0] * self.partitions
-        prev = self._resume
-        if prev is not None:
-            if prev.partitions != self.partitions:
-                raise SourceError(
-                    f"--topic {self.topic}",
-                    f"has {self.partitions} partitions, the resumed replay sent to "
-                    f"{prev.partitions}",
-                )
-            landed = await landed_after(self.bootstrap, self.topic, self.partitions, prev)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            # Retries keep a batch's sequence numbers, so the broker stores it once
-            # however often it is sent; idempotent batches are retried without end
-            # (the outage deadline is this publisher's), and their time in the
-            # queue must outlast the deadline too, or it would fail them first.
-            enable_idempotence=True,
-            request_timeout_ms=int((self.outage_deadline_s + 60) * 1000),
-            retry_backoff_ms=500,
-            linger_ms=5,
-            max_batch_size=self.batch_bytes,
-            max_request_size=4 * 1024 * 1024,
-        )
+        landed = await self._prepare()
+        producer = self._producer()
         throttle_metadata_updates(producer, 0.5)
         await producer.start()
         out = _Batches(
@@ -292,6 +279,38 @@ class Replayer:
                     await asyncio.wait_for(producer.stop(), 5)
             else:
                 await producer.stop()
+
+    async def _prepare(self) -> list[int]:
+        """Learn the topic's partitions; per partition, the records of the resumed run that
+        reached the broker after its manifest was written."""
+        self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
+        self._seqs = [0] * self.partitions
+        self._on_broker = [0] * self.partitions
+        prev = self._resume
+        if prev is None:
+            return [0] * self.partitions
+        if prev.partitions != self.partitions:
+            raise SourceError(
+                f"--topic {self.topic}",
+                f"has {self.partitions} partitions, the resumed replay sent to {prev.partitions}",
+            )
+        return await landed_after(self.bootstrap, self.topic, self.partitions, prev)
+
+    def _producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            # Retries keep a batch's sequence numbers, so the broker stores it once
+            # however often it is sent; idempotent batches are retried without end
+            # (the outage deadline is this publisher's), and their time in the
+            # queue must outlast the deadline too, or it would fail them first.
+            enable_idempotence=True,
+            request_timeout_ms=int((self.outage_deadline_s + 60) * 1000),
+            retry_backoff_ms=500,
+            linger_ms=5,
+            max_batch_size=self.batch_bytes,
+            max_request_size=4 * 1024 * 1024,
+        )
 
     async def _checkpoint(self, out: _Batches, complete: bool) -> Manifest:
         """Send what is open, wait for the broker to acknowledge everything sent, and

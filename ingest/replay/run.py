@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -11,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from core.runtime import freeze_startup_heap, stop_on_signals
 from ingest.codecs.errors import SourceError
 from ingest.manifest import Manifest
-from ingest.replay.publisher import Replayer, ReplayStats
+from ingest.replay.publisher import Replayer, ReplayerOptions, ReplayStats
 from ingest.replay.settings import ReplaySettings
 from ingest.replay.source import NS
 
@@ -64,6 +65,86 @@ def _incomplete(path: Path) -> bool:
         return False
 
 
+def _previous(s: ReplaySettings, source: str, params: dict[str, object]) -> Manifest | None:
+    """The manifest ``--resume`` continues, or None for a fresh replay."""
+    if s.resume:
+        return resume_from(s.manifest, source, params, s.topic)
+    if _incomplete(s.manifest):
+        # Starting over would send again what that run sent.
+        raise SourceError(
+            str(s.manifest),
+            "is the manifest of a replay that did not finish: --resume carries it on "
+            "(or remove it to start over)",
+        )
+    return None
+
+
+class _Bar:
+    """The replay's progress line: source clock, messages, rate."""
+
+    def __init__(self, console: Console, source: str, codec: str, enabled: bool) -> None:
+        self.codec = codec
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]replay[/] {task.description}"),
+            TextColumn("clock {task.fields[clock]}"),
+            TextColumn("{task.completed:,} msgs"),
+            TextColumn("{task.fields[rate]:,.0f} msg/s"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.progress.add_task(source, total=None, clock="--:--:--", rate=0.0)
+
+    def update(self, st: ReplayStats) -> None:
+        el = max(1e-9, time.monotonic() - st.started)
+        self.progress.update(
+            self.task,
+            completed=st.source_messages,
+            clock=_clock(st.source_clock_ns, self.codec),
+            rate=st.records / el,
+        )
+
+
+def _summary(st: ReplayStats, m: Manifest, resumed: bool, manifest: Path) -> str:
+    ticks = sum(s.ticks for s in m.symbols.values())
+    sent = st.records - st.resumed_records
+    after = f" after the {st.resumed_messages:,} resumed" if resumed else ""
+    return (
+        f"replayed {st.source_messages - st.resumed_messages:,} messages{after} "
+        f"({sent:,} records incl. broadcast) "
+        f"in {st.elapsed:.1f}s = {sent / max(st.elapsed, 1e-9):,.0f} records/s; "
+        f"symbols={len(m.symbols)} expected ticks={ticks:,} "
+        f"dead letters expected={m.deadletters_expected}; "
+        f"pacing drift p99={m.pacing.get('drift_p99_s', 0):.3f}s "
+        f"max={m.pacing.get('drift_max_s', 0):.3f}s; manifest {manifest}"
+        + ("" if m.complete else " (incomplete: --resume carries on)")
+    )
+
+
+async def _run(s: ReplaySettings, replayer: Replayer, bar: _Bar, day_s: str) -> Manifest:
+    """The replay, the manifest it ends with written; the clock published beside it."""
+    # Each ends the replay with its manifest written.
+    stop_on_signals(asyncio.get_running_loop(), replayer.stop)
+    clock_stop = asyncio.Event()
+    clock = None
+    if s.redis_url:
+        from ingest.replay.clock import publish_clock
+
+        clock = asyncio.create_task(
+            publish_clock(s.redis_url, replayer.stats, day_s, s.pace, clock_stop)
+        )
+    freeze_startup_heap()
+    try:
+        with bar.progress:
+            return await replayer.run()
+    finally:
+        clock_stop.set()
+        if clock is not None:
+            await clock
+
+
 def run_replay(settings: ReplaySettings) -> bool:
     """Replay what ``settings`` describe, writing the manifest as it goes; False if a signal
     stopped it.
@@ -74,103 +155,29 @@ def run_replay(settings: ReplaySettings) -> bool:
     :raises BrokerOutage: the broker was gone past the outage deadline
     """
     s = settings
-    manifest, topic, speed, resume = s.manifest, s.topic, s.pace, s.resume
+    Manifest.check_writable(s.manifest)
     spec = s.spec()
-    Manifest.check_writable(manifest)
     src, codec, day_s, params = spec.build()
-    source = spec.source
     console = Console(stderr=True)
-    prev = resume_from(manifest, source, params, topic) if resume else None
-    if not resume and _incomplete(manifest):
-        # Starting over would send again what that run sent.
-        raise SourceError(
-            str(manifest),
-            "is the manifest of a replay that did not finish: --resume carries it on "
-            "(or remove it to start over)",
-        )
+    prev = _previous(s, spec.source, params)
     if prev is not None and prev.complete:
         n = prev.source_messages
-        console.print(f"{manifest} is complete ({n:,} messages): nothing to resume")
+        console.print(f"{s.manifest} is complete ({n:,} messages): nothing to resume")
         return True
-
-    bar = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]replay[/] {task.description}"),
-        TextColumn("clock {task.fields[clock]}"),
-        TextColumn("{task.completed:,} msgs"),
-        TextColumn("{task.fields[rate]:,.0f} msg/s"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not s.progress,
-        transient=False,
-    )
-    task = bar.add_task(source, total=None, clock="--:--:--", rate=0.0)
-
-    def on_progress(st: ReplayStats) -> None:
-        import time
-
-        el = max(1e-9, time.monotonic() - st.started)
-        bar.update(
-            task,
-            completed=st.source_messages,
-            clock=_clock(st.source_clock_ns, codec),
-            rate=st.records / el,
-        )
+    bar = _Bar(console, spec.source, codec, s.progress)
 
     def write(m: Manifest) -> None:
-        m.source = source
+        m.source = spec.source
         m.params = params
-        m.write(manifest)
+        m.write(s.manifest)
 
-    replayer = Replayer(
-        s.bootstrap,
-        topic,
-        src,
-        speed,
-        day_s,
-        on_progress,
-        checkpoint=write,
-        checkpoint_every_s=s.checkpoint_every_s,
-        resume=prev,
-        outage_deadline_s=s.outage_deadline_s,
-        connect_timeout_s=s.connect_timeout_s,
-    )
-
-    async def main() -> None:
-        # Each ends the replay with its manifest written.
-        stop_on_signals(asyncio.get_running_loop(), replayer.stop)
-        clock_stop = asyncio.Event()
-        clock = None
-        if s.redis_url:
-            from ingest.replay.clock import publish_clock
-
-            clock = asyncio.create_task(
-                publish_clock(s.redis_url, replayer.stats, day_s, speed, clock_stop)
-            )
-        freeze_startup_heap()
-        try:
-            with bar:
-                m = await replayer.run()
-        finally:
-            clock_stop.set()
-            if clock is not None:
-                await clock
-        st = replayer.stats
-        ticks = sum(s.ticks for s in m.symbols.values())
-        sent = st.records - st.resumed_records
-        resumed = f" after the {st.resumed_messages:,} resumed" if prev is not None else ""
-        console.print(
-            f"replayed {st.source_messages - st.resumed_messages:,} messages{resumed} "
-            f"({sent:,} records incl. broadcast) "
-            f"in {st.elapsed:.1f}s = {sent / max(st.elapsed, 1e-9):,.0f} records/s; "
-            f"symbols={len(m.symbols)} expected ticks={ticks:,} "
-            f"dead letters expected={m.deadletters_expected}; "
-            f"pacing drift p99={m.pacing.get('drift_p99_s', 0):.3f}s "
-            f"max={m.pacing.get('drift_max_s', 0):.3f}s; manifest {manifest}"
-            + ("" if m.complete else " (incomplete: --resume carries on)")
-        )
-
-    asyncio.run(main())
+    options = ReplayerOptions(
+        checkpoint=write, checkpoint_every_s=s.checkpoint_every_s, resume=prev,
+        outage_deadline_s=s.outage_deadline_s, connect_timeout_s=s.connect_timeout_s,
+    )  # fmt: skip
+    replayer = Replayer(s.bootstrap, s.topic, src, s.pace, day_s, bar.update, options=options)
+    m = asyncio.run(_run(s, replayer, bar, day_s))
+    console.print(_summary(replayer.stats, m, prev is not None, s.manifest))
     # False when a signal cut the replay short: the manifest covers only what was sent.
     return not replayer.interrupted
 
