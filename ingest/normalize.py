@@ -88,42 +88,21 @@ class Normalizer:
         return s
 
     def _trade(
-        self,
-        out: list[dict[str, Any]],
-        symbol: str,
-        venue: str,
-        event_ts: int,
-        recv_ts: int,
-        price: str,
-        size: str,
-        side: str,
-        trade_id: str,
-        cross: str = "",
-    ) -> None:
+        self, out: list[dict[str, Any]], symbol: str, venue: str, when: tuple[int, int],
+        fill: tuple[str, str], side: str, trade_id: str, cross: str = "",
+    ) -> None:  # fmt: skip
+        """Append a trade tick; ``when`` is (event, receive) ns, ``fill`` (price, size)."""
         out.append(
             {
-                "v": 1,
-                "kind": "trade",
-                "symbol": symbol,
-                "venue": venue,
-                "seq": self._next_seq(symbol),
-                "event_ts": event_ts,
-                "recv_ts": recv_ts,
-                "price": price,
-                "size": size,
-                "side": side,
-                "trade_id": trade_id,
+                "v": 1, "kind": "trade", "symbol": symbol, "venue": venue,
+                "seq": self._next_seq(symbol), "event_ts": when[0], "recv_ts": when[1],
+                "price": fill[0], "size": fill[1], "side": side, "trade_id": trade_id,
                 "cross": cross,
             }
-        )
+        )  # fmt: skip
 
     def _quote_if_changed(
-        self,
-        out: list[dict[str, Any]],
-        locate: int,
-        book: SymbolBook,
-        event_ts: int,
-        recv_ts: int,
+        self, out: list[dict[str, Any]], locate: int, book: SymbolBook, when: tuple[int, int]
     ) -> None:
         top = book.top()
         if self.last_top.get(locate) == top:
@@ -136,19 +115,14 @@ class Normalizer:
         bp, bs, ap, asz = top
         out.append(
             {
-                "v": 1,
-                "kind": "quote",
-                "symbol": symbol,
-                "venue": ITCH_VENUE,
-                "seq": self._next_seq(symbol),
-                "event_ts": event_ts,
-                "recv_ts": recv_ts,
+                "v": 1, "kind": "quote", "symbol": symbol, "venue": ITCH_VENUE,
+                "seq": self._next_seq(symbol), "event_ts": when[0], "recv_ts": when[1],
                 "bid_px": None if bp is None else price_e4(bp),
                 "bid_sz": None if bs is None else str(bs),
                 "ask_px": None if ap is None else price_e4(ap),
                 "ask_sz": None if asz is None else str(asz),
             }
-        )
+        )  # fmt: skip
 
     # ITCH ----------------------------------------------------------------
 
@@ -162,140 +136,99 @@ class Normalizer:
         changes. Book inconsistencies are counted, never raised.
         """
         msg = itch.decode(payload)
-        ts = day_start_ns(day) + msg.timestamp
+        when = (day_start_ns(day) + msg.timestamp, recv_ts)
         try:
-            self._apply(msg, ts, recv_ts, out)
+            if not self._apply_order(msg, when, out):
+                self._apply_other(msg, when, out)
         except BookError as e:
             self.book_errors[e.reason] += 1
             # An over-fill still changed the book (the order is gone): publish
             # the new top now, stamped with the event that changed it.
             book = self.books.books.get(msg.locate)
             if book is not None:
-                self._quote_if_changed(out, msg.locate, book, ts, recv_ts)
+                self._quote_if_changed(out, msg.locate, book, when)
         return msg
 
-    def _apply(
-        self, msg: itch.ItchMessage, ts: int, recv_ts: int, out: list[dict[str, Any]]
-    ) -> None:
+    def _apply_order(
+        self, msg: itch.ItchMessage, when: tuple[int, int], out: list[dict[str, Any]]
+    ) -> bool:
+        """An order book message: apply it, append the trade it prints and the new top of
+        book if it changed; False for any other message."""
         books = self.books
         loc = msg.locate
         if isinstance(msg, itch.AddOrder | itch.AddOrderMpid):
             self.directory.setdefault(loc, msg.stock)
             b = books.add(loc, msg.order_ref, msg.side, msg.shares, msg.price_e4)
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
         elif isinstance(msg, itch.OrderExecuted):
             b, price, was_bid = books.reduce(loc, msg.order_ref, msg.executed_shares)
-            self._exec_trade(out, loc, ts, recv_ts, price, msg.executed_shares, was_bid, msg)
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
+            self._exec_trade(out, loc, when, price, was_bid, msg)
         elif isinstance(msg, itch.OrderExecutedWithPrice):
             b, _, was_bid = books.reduce(loc, msg.order_ref, msg.executed_shares)
             if msg.printable == "Y":
-                self._exec_trade(
-                    out, loc, ts, recv_ts, msg.price_e4, msg.executed_shares, was_bid, msg
-                )
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
+                self._exec_trade(out, loc, when, msg.price_e4, was_bid, msg)
         elif isinstance(msg, itch.OrderCancel):
             b, _, _ = books.reduce(loc, msg.order_ref, msg.cancelled_shares)
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
         elif isinstance(msg, itch.OrderDelete):
             b = books.delete(loc, msg.order_ref)
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
         elif isinstance(msg, itch.OrderReplace):
             b = books.replace(loc, msg.original_ref, msg.new_ref, msg.shares, msg.price_e4)
-            self._quote_if_changed(out, loc, b, ts, recv_ts)
-        elif isinstance(msg, itch.Trade):
+        else:
+            return False
+        self._quote_if_changed(out, loc, b, when)
+        return True
+
+    def _apply_other(
+        self, msg: itch.ItchMessage, when: tuple[int, int], out: list[dict[str, Any]]
+    ) -> None:
+        """Off-book trades, crosses and the stock directory."""
+        loc = msg.locate
+        if isinstance(msg, itch.Trade):
             self.directory.setdefault(loc, msg.stock)
             # The side names the resting non-displayed order; the aggressor is opposite.
             side = "S" if msg.side == "B" else "B"
-            self._trade(
-                out,
-                msg.stock,
-                ITCH_VENUE,
-                ts,
-                recv_ts,
-                price_e4(msg.price_e4),
-                str(msg.shares),
-                side,
-                str(msg.match_number),
-            )
+            fill = (price_e4(msg.price_e4), str(msg.shares))
+            self._trade(out, msg.stock, ITCH_VENUE, when, fill, side, str(msg.match_number))
         elif isinstance(msg, itch.CrossTrade):
             self.directory.setdefault(loc, msg.stock)
             if msg.shares > 0:
-                self._trade(
-                    out,
-                    msg.stock,
-                    ITCH_VENUE,
-                    ts,
-                    recv_ts,
-                    price_e4(msg.cross_price_e4),
-                    str(msg.shares),
-                    "",
-                    str(msg.match_number),
-                    msg.cross_type,
-                )
+                fill = (price_e4(msg.cross_price_e4), str(msg.shares))
+                match = str(msg.match_number)
+                self._trade(out, msg.stock, ITCH_VENUE, when, fill, "", match, msg.cross_type)
         elif isinstance(msg, itch.StockDirectory):
             self.directory[loc] = msg.stock
 
     def _exec_trade(
-        self,
-        out: list[dict[str, Any]],
-        loc: int,
-        ts: int,
-        recv_ts: int,
-        price: int,
-        shares: int,
-        was_bid: bool,
-        msg: itch.OrderExecuted | itch.OrderExecutedWithPrice,
-    ) -> None:
+        self, out: list[dict[str, Any]], loc: int, when: tuple[int, int], price: int,
+        was_bid: bool, msg: itch.OrderExecuted | itch.OrderExecutedWithPrice,
+    ) -> None:  # fmt: skip
         symbol = self.directory.get(loc)
         if symbol is None:
             self.book_errors["unknown_locate"] += 1
             return
-        self._trade(
-            out,
-            symbol,
-            ITCH_VENUE,
-            ts,
-            recv_ts,
-            price_e4(price),
-            str(shares),
-            "S" if was_bid else "B",
-            str(msg.match_number),
-        )
+        fill = (price_e4(price), str(msg.executed_shares))
+        side = "S" if was_bid else "B"
+        self._trade(out, symbol, ITCH_VENUE, when, fill, side, str(msg.match_number))
 
     # JSON ----------------------------------------------------------------
 
     def on_json(self, payload: bytes, recv_ts: int, out: list[dict[str, Any]]) -> None:
         """Validate one JSON feed message and append its tick. Raises DecodeError."""
         m = decode_json(payload)
+        when = (m.ts, recv_ts)
         if isinstance(m, JsonTrade):
-            self._trade(
-                out,
-                m.symbol,
-                m.venue,
-                m.ts,
-                recv_ts,
-                str(m.price),
-                str(m.size),
-                m.side,
-                m.trade_id,
-            )
+            fill = (str(m.price), str(m.size))
+            self._trade(out, m.symbol, m.venue, when, fill, m.side, m.trade_id)
         elif isinstance(m, JsonQuote):
             out.append(
                 {
-                    "v": 1,
-                    "kind": "quote",
-                    "symbol": m.symbol,
-                    "venue": m.venue,
-                    "seq": self._next_seq(m.symbol),
-                    "event_ts": m.ts,
-                    "recv_ts": recv_ts,
+                    "v": 1, "kind": "quote", "symbol": m.symbol, "venue": m.venue,
+                    "seq": self._next_seq(m.symbol), "event_ts": m.ts, "recv_ts": recv_ts,
                     "bid_px": None if m.bid_px is None else str(m.bid_px),
                     "bid_sz": None if m.bid_sz is None else str(m.bid_sz),
                     "ask_px": None if m.ask_px is None else str(m.ask_px),
                     "ask_sz": None if m.ask_sz is None else str(m.ask_sz),
                 }
-            )
+            )  # fmt: skip
 
     # Snapshots -----------------------------------------------------------
 
