@@ -114,7 +114,7 @@ def transform(w: PartitionWorker, records: list[ConsumerRecord[Any, Any]]) -> Ba
             subs = unpack(rec)
         try:
             for sub in subs:
-                dl = w._apply(sub, b.recv_ts, b.ticks, values=b.values)
+                dl = w.apply(sub, b.recv_ts, b.ticks, values=b.values)
                 if dl is not None:
                     b.dead.append(dl)
         except SourceError as e:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from core.constants import (
     HDR_CODEC,
@@ -171,15 +171,13 @@ class PartitionWorker:
         self.snapshot_interval_s = snapshot_interval_s
         self._last_snapshot = 0.0
         self._partition_label = str(tp.partition)
-        self._snap_key = snapshot_key(group, tp.topic, tp.partition)
+        self.snap_key = snapshot_key(group, tp.topic, tp.partition)
         # Set by the handler while it looks for the record that keeps a batch from
         # committing: batches of one record, and records to dead-letter unsent
         # (offset -> what kept failing).
         self.one_at_a_time = False
         self.condemned: dict[int, str] = {}
         self.bare: set[int] = set()
-
-    # Restore -----------------------------------------------------------------------
 
     async def restore(
         self,
@@ -188,106 +186,14 @@ class PartitionWorker:
         topic_id: str | None = None,
         stopping: asyncio.Event | None = None,
     ) -> None:
-        """Rebuild state at the committed offset: snapshot, then silent replay.
+        """Rebuild state at the committed offset (see :func:`rebuild.restore`)."""
+        from ingest.handler.rebuild import restore
 
-        :param committed: the offset to restore at, already checked to belong to
-            this incarnation of the topic (None: the log start)
-        :param topic_id: the input topic's id; a snapshot stamped with another is
-            from a deleted topic of the same name and is ignored
-        :param stopping: set when the handler stops; the replay then gives up
-            (:class:`RestoreStopped`) instead of holding the stop back
-        """
-        t0 = time.monotonic()
-        target = committed or 0
-        start = 0
-        if self.sink is not None:
-            self.sink.bind(self._snap_key, topic_id)
-        if self.sink is not None and target > 0:
-            snap = await self.sink.load_snapshot(self._snap_key)
-            if snap is not None and topic_id is not None and snap.topic_id != topic_id:
-                # Written before commits carried ids ("") or for a deleted topic of the
-                # same name: its offsets are another log's. A full replay is always right.
-                log.warning(
-                    "%s: ignoring the Redis snapshot at offset %d: it is of topic id %s, "
-                    "expected %s (another incarnation of the topic); full replay",
-                    self.tp,
-                    snap.offset,
-                    snap.topic_id or "(none)",
-                    topic_id,
-                )
-                snap = None
-            # A snapshot beyond the committed offset belongs to output that never
-            # committed; it cannot be rolled back, so it is ignored.
-            if snap is not None and snap.offset <= target:
-                try:
-                    self.norm = Normalizer.restore(snap.blob)
-                    start = snap.offset
-                except (ValueError, KeyError, TypeError) as e:
-                    log.warning("%s: unusable snapshot (%s); full replay", self.tp, e)
-                    self.norm = Normalizer()
-        replayed = 0
-        if start < target:
-            log.info("%s: replaying offsets %d to %d to restore", self.tp, start, target)
-            replayed = await self._replay(bootstrap, start, target, stopping)
-        self.committed = target
-        metrics.RESTORE.observe(time.monotonic() - t0)
-        metrics.RESTORE_REPLAYED.inc(replayed)
-        log.info(
-            "%s restored at offset %d (snapshot %d, replayed %d) in %.3fs",
-            self.tp,
-            target,
-            start,
-            replayed,
-            time.monotonic() - t0,
-        )
-
-    async def _replay(
-        self, bootstrap: str, start: int, end: int, stopping: asyncio.Event | None = None
-    ) -> int:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-        )
-        await consumer.start()
-        n = 0
-        try:
-            consumer.assign([self.tp])
-            consumer.seek(self.tp, start)
-            sink: list[dict[str, Any]] = []
-            while True:
-                if stopping is not None and stopping.is_set():
-                    raise RestoreStopped(f"{self.tp}: stopped after replaying {n} records")
-                # Short polls: a stop is seen within one of them.
-                batch = await consumer.getmany(self.tp, timeout_ms=200, max_records=5_000)
-                records = batch.get(self.tp, [])
-                for rec in records:
-                    if rec.offset >= end:
-                        return n
-                    self._apply(rec, 0, sink, silent=True)
-                    sink.clear()
-                    n += 1
-                    if rec.offset == end - 1:
-                        return n
-                if not records:
-                    # The handler checks the committed offset against the log end
-                    # first; this guards the loop against waiting forever all the same.
-                    log_end = (await consumer.end_offsets([self.tp]))[self.tp]
-                    if await consumer.position(self.tp) >= log_end:
-                        if log_end >= end:  # the rest is transaction markers
-                            return n
-                        raise RestoreError(
-                            f"{self.tp}: the log ends at offset {log_end}, before the "
-                            f"offset {end} to restore at"
-                        )
-        finally:
-            await consumer.stop()
+        await restore(self, bootstrap, committed, topic_id, stopping)
 
     # Processing -----------------------------------------------------------------------
 
-    def _apply(
+    def apply(
         self,
         rec: ConsumerRecord[Any, Any],
         recv_ts: int,
@@ -382,12 +288,12 @@ class PartitionWorker:
                 why = condemned[rec.offset]
                 # Applied like any record, as a restore's replay will apply it, but
                 # its output is withheld: it is what kept the commit failing.
-                self._apply(rec, b.recv_ts, [], silent=True)
+                self.apply(rec, b.recv_ts, [], silent=True)
                 b.dead.append(
                     DeadLetter(rec, "repeated_failure", why, bare=rec.offset in self.bare)
                 )
                 continue
-            dl = self._apply(rec, b.recv_ts, b.ticks, values=b.values)
+            dl = self.apply(rec, b.recv_ts, b.ticks, values=b.values)
             if dl is not None:
                 b.dead.append(dl)
         if sum(self.norm.book_errors.values()) != errs_before:
@@ -468,5 +374,5 @@ class PartitionWorker:
         """Queue a snapshot of state at the committed offset (call only after a commit)."""
         if self.sink is None:
             return
-        self.sink.snapshot(self._snap_key, self.committed, self.norm.snapshot())
+        self.sink.snapshot(self.snap_key, self.committed, self.norm.snapshot())
         self._last_snapshot = time.time()
