@@ -97,6 +97,37 @@ class SyntheticDay:
         # Counters restart with every pass: the same object replays the same bytes.
         self._tracking = self._ref = self._match = 0
         rng = random.Random(self.seed)
+        syms, cum = self._instruments(rng)
+        t = sessions.PRE_MARKET_START * NS
+        yield self._system(t, "O")
+        yield self._system(t, "S")
+        for s in syms:
+            yield self._msg(t, self._directory(s), s.key)
+            action = itch.StockTradingAction(
+                s.locate, self._next_tracking(), t, s.stock, "T", " ", ""
+            )
+            yield self._msg(t, action, s.key)
+        open_done = close_done = False
+        second = sessions.PRE_MARKET_START
+        while second < sessions.AFTER_HOURS_END:
+            if not open_done and second >= sessions.OPEN:
+                open_done = True
+                ts = sessions.OPEN * NS
+                yield self._system(ts, "Q")
+                yield from self._crosses(rng, syms, ts, "O")
+            if not close_done and second >= self.close:
+                close_done = True
+                ts = self.close * NS
+                yield from self._crosses(rng, syms, ts, "C")
+                yield self._system(ts, "M")
+            yield from self._second(rng, syms, cum, second)
+            second += 1
+        ts = sessions.AFTER_HOURS_END * NS
+        yield self._system(ts, "E")
+        yield self._system(ts, "C")
+
+    def _instruments(self, rng: random.Random) -> tuple[list[_Sym], list[float]]:
+        """The day's instruments and the cumulative weights of their activity."""
         names = symbol_names(self.n, self.seed)
         syms = [
             _Sym(i + 1, name, rng.randrange(10, 400) * 10000, symbol_key(name))
@@ -111,64 +142,27 @@ class SyntheticDay:
         for w in weights:
             acc += w
             cum.append(acc)
+        return syms, cum
 
-        t = sessions.PRE_MARKET_START * NS
-        yield self._system(t, "O")
-        yield self._system(t, "S")
-        for s in syms:
-            yield self._msg(t, self._directory(s), s.key)
-            yield self._msg(
-                t,
-                itch.StockTradingAction(s.locate, self._next_tracking(), t, s.stock, "T", " ", ""),
-                s.key,
-            )
-
-        open_done = close_done = False
-        second = sessions.PRE_MARKET_START
-        while second < sessions.AFTER_HOURS_END:
-            if not open_done and second >= sessions.OPEN:
-                open_done = True
-                ts = sessions.OPEN * NS
-                yield self._system(ts, "Q")
-                yield from self._crosses(rng, syms, ts, "O")
-            if not close_done and second >= self.close:
-                close_done = True
-                ts = self.close * NS
-                yield from self._crosses(rng, syms, ts, "C")
-                yield self._system(ts, "M")
-            lam = self.rate * self.n * sessions.relative_rate(second, self.close)
-            k = _poisson(rng, lam)
-            if k:
-                offsets = sorted(rng.randrange(NS) for _ in range(k))
-                for off in offsets:
-                    ts = second * NS + off
-                    s = syms[_pick(rng, cum)]
-                    yield from self._event(rng, s, ts, second)
-            second += 1
-        ts = sessions.AFTER_HOURS_END * NS
-        yield self._system(ts, "E")
-        yield self._system(ts, "C")
+    def _second(
+        self, rng: random.Random, syms: list[_Sym], cum: list[float], second: int
+    ) -> Iterator[RawMessage]:
+        """One second's events: a Poisson count at the session's rate, at random instants."""
+        lam = self.rate * self.n * sessions.relative_rate(second, self.close)
+        k = _poisson(rng, lam)
+        if not k:
+            return
+        offsets = sorted(rng.randrange(NS) for _ in range(k))
+        for off in offsets:
+            ts = second * NS + off
+            s = syms[_pick(rng, cum)]
+            yield from self._event(rng, s, ts, second)
 
     def _directory(self, s: _Sym) -> itch.StockDirectory:
         return itch.StockDirectory(
-            s.locate,
-            self._next_tracking(),
-            sessions.PRE_MARKET_START * NS,
-            s.stock,
-            "Q",
-            "N",
-            100,
-            "N",
-            "C",
-            "Z ",
-            "P",
-            "N",
-            "N",
-            "2",
-            "N",
-            0,
-            "N",
-        )
+            s.locate, self._next_tracking(), sessions.PRE_MARKET_START * NS, s.stock, "Q", "N",
+            100, "N", "C", "Z ", "P", "N", "N", "2", "N", 0, "N",
+        )  # fmt: skip
 
     def _crosses(
         self, rng: random.Random, syms: list[_Sym], ts: int, cross_type: str
@@ -176,49 +170,22 @@ class SyntheticDay:
         for s in syms:
             self._match += 1
             shares = rng.randrange(1, 200) * 100
-            yield self._msg(
-                ts,
-                itch.CrossTrade(
-                    s.locate,
-                    self._next_tracking(),
-                    ts,
-                    shares,
-                    s.stock,
-                    s.mid,
-                    self._match,
-                    cross_type,
-                ),
-                s.key,
-            )
+            cross = itch.CrossTrade(
+                s.locate, self._next_tracking(), ts, shares, s.stock, s.mid, self._match,
+                cross_type,
+            )  # fmt: skip
+            yield self._msg(ts, cross, s.key)
 
     def _event(self, rng: random.Random, s: _Sym, ts: int, second: int) -> Iterator[RawMessage]:
+        """One event of ``s``: an imbalance indicator before a cross, else an order's life
+        (add, delete, cancel, replace, execution) or a hidden trade."""
         tr = self._next_tracking()
         n_orders = len(s.orders)
         # Imbalance indicators in the ten minutes before each cross.
         if (
             sessions.OPEN - 600 <= second < sessions.OPEN or self.close - 600 <= second < self.close
         ) and rng.random() < 0.05:
-            paired = rng.randrange(0, 500) * 100
-            imb = rng.randrange(0, 200) * 100
-            cross = "O" if second < sessions.OPEN else "C"
-            yield self._msg(
-                ts,
-                itch.Noii(
-                    s.locate,
-                    tr,
-                    ts,
-                    paired,
-                    imb,
-                    rng.choice("BSNO"),
-                    s.stock,
-                    s.mid,
-                    s.mid,
-                    s.mid,
-                    cross,
-                    "L",
-                ),
-                s.key,
-            )
+            yield self._imbalance(rng, s, ts, tr, second)
             return
         if rng.random() < 0.02:
             s.mid = max(TICK * 10, s.mid + rng.choice((-TICK, TICK)))
@@ -230,71 +197,72 @@ class SyntheticDay:
             del s.orders[ref]
             yield self._msg(ts, itch.OrderDelete(s.locate, tr, ts, ref), s.key)
         elif r < 0.73:
-            ref = rng.choice(list(s.orders))
-            o = s.orders[ref]
-            if o[2] <= 100:
-                del s.orders[ref]
-                yield self._msg(ts, itch.OrderDelete(s.locate, tr, ts, ref), s.key)
-                return
-            cut = rng.randrange(1, o[2] // 100) * 100
-            o[2] -= cut
-            yield self._msg(ts, itch.OrderCancel(s.locate, tr, ts, ref, cut), s.key)
+            yield self._cancel(rng, s, ts, tr)
         elif r < 0.83:
-            ref = rng.choice(list(s.orders))
-            is_bid = bool(s.orders.pop(ref)[0])
-            price = self._passive_price(rng, s, is_bid)
-            shares = rng.randrange(1, 10) * 100
-            self._ref += 1
-            s.orders[self._ref] = [int(is_bid), price, shares]
-            yield self._msg(
-                ts, itch.OrderReplace(s.locate, tr, ts, ref, self._ref, shares, price), s.key
-            )
+            yield self._replace(rng, s, ts, tr)
         elif r < 0.96:
-            # A marketable order arrives and takes liquidity at the best price.
-            hit_bid = rng.random() < 0.5
-            side_orders = [(ref, o) for ref, o in s.orders.items() if bool(o[0]) == hit_bid]
-            if not side_orders:
-                yield from self._add(rng, s, ts, tr)
-                return
-            best = (max if hit_bid else min)(o[1] for _, o in side_orders)
-            ref, o = next((ref, o) for ref, o in side_orders if o[1] == best)
-            qty = o[2] if rng.random() < 0.6 else rng.randrange(1, max(2, o[2] // 100)) * 100
-            qty = min(qty, o[2])
-            self._match += 1
-            if rng.random() < 0.15:
-                price = o[1] + (-TICK if hit_bid else TICK) * rng.randrange(0, 2)
-                printable = "Y" if rng.random() < 0.9 else "N"
-                yield self._msg(
-                    ts,
-                    itch.OrderExecutedWithPrice(
-                        s.locate, tr, ts, ref, qty, self._match, printable, max(TICK, price)
-                    ),
-                    s.key,
-                )
-            else:
-                yield self._msg(
-                    ts, itch.OrderExecuted(s.locate, tr, ts, ref, qty, self._match), s.key
-                )
-            o[2] -= qty
-            if o[2] == 0:
-                del s.orders[ref]
+            yield from self._execute(rng, s, ts, tr)
         else:
             self._match += 1
-            yield self._msg(
-                ts,
-                itch.Trade(
-                    s.locate,
-                    tr,
-                    ts,
-                    0,
-                    "B",
-                    rng.randrange(1, 20) * 100,
-                    s.stock,
-                    s.mid,
-                    self._match,
-                ),
-                s.key,
+            shares = rng.randrange(1, 20) * 100
+            hidden = itch.Trade(s.locate, tr, ts, 0, "B", shares, s.stock, s.mid, self._match)
+            yield self._msg(ts, hidden, s.key)
+
+    def _imbalance(self, rng: random.Random, s: _Sym, ts: int, tr: int, second: int) -> RawMessage:
+        paired = rng.randrange(0, 500) * 100
+        imb = rng.randrange(0, 200) * 100
+        cross = "O" if second < sessions.OPEN else "C"
+        noii = itch.Noii(
+            s.locate, tr, ts, paired, imb, rng.choice("BSNO"), s.stock, s.mid, s.mid, s.mid,
+            cross, "L",
+        )  # fmt: skip
+        return self._msg(ts, noii, s.key)
+
+    def _cancel(self, rng: random.Random, s: _Sym, ts: int, tr: int) -> RawMessage:
+        ref = rng.choice(list(s.orders))
+        o = s.orders[ref]
+        if o[2] <= 100:
+            del s.orders[ref]
+            return self._msg(ts, itch.OrderDelete(s.locate, tr, ts, ref), s.key)
+        cut = rng.randrange(1, o[2] // 100) * 100
+        o[2] -= cut
+        return self._msg(ts, itch.OrderCancel(s.locate, tr, ts, ref, cut), s.key)
+
+    def _replace(self, rng: random.Random, s: _Sym, ts: int, tr: int) -> RawMessage:
+        ref = rng.choice(list(s.orders))
+        is_bid = bool(s.orders.pop(ref)[0])
+        price = self._passive_price(rng, s, is_bid)
+        shares = rng.randrange(1, 10) * 100
+        self._ref += 1
+        s.orders[self._ref] = [int(is_bid), price, shares]
+        m = itch.OrderReplace(s.locate, tr, ts, ref, self._ref, shares, price)
+        return self._msg(ts, m, s.key)
+
+    def _execute(self, rng: random.Random, s: _Sym, ts: int, tr: int) -> Iterator[RawMessage]:
+        """A marketable order arrives and takes liquidity at the best price."""
+        hit_bid = rng.random() < 0.5
+        side_orders = [(ref, o) for ref, o in s.orders.items() if bool(o[0]) == hit_bid]
+        if not side_orders:
+            yield from self._add(rng, s, ts, tr)
+            return
+        best = (max if hit_bid else min)(o[1] for _, o in side_orders)
+        ref, o = next((ref, o) for ref, o in side_orders if o[1] == best)
+        qty = o[2] if rng.random() < 0.6 else rng.randrange(1, max(2, o[2] // 100)) * 100
+        qty = min(qty, o[2])
+        self._match += 1
+        m: itch.ItchMessage
+        if rng.random() < 0.15:
+            price = o[1] + (-TICK if hit_bid else TICK) * rng.randrange(0, 2)
+            printable = "Y" if rng.random() < 0.9 else "N"
+            m = itch.OrderExecutedWithPrice(
+                s.locate, tr, ts, ref, qty, self._match, printable, max(TICK, price)
             )
+        else:
+            m = itch.OrderExecuted(s.locate, tr, ts, ref, qty, self._match)
+        yield self._msg(ts, m, s.key)
+        o[2] -= qty
+        if o[2] == 0:
+            del s.orders[ref]
 
     def _passive_price(self, rng: random.Random, s: _Sym, is_bid: bool) -> int:
         # Rest strictly behind the opposite side: the venue's matching engine
@@ -320,16 +288,9 @@ class SyntheticDay:
         s.orders[self._ref] = [is_bid, price, shares]
         side = "B" if is_bid else "S"
         if rng.random() < 0.1:
+            mpid = rng.choice(("GSCO", "MSCO", "JPMS", "CDRG"))
             m: itch.ItchMessage = itch.AddOrderMpid(
-                s.locate,
-                tr,
-                ts,
-                self._ref,
-                side,
-                shares,
-                s.stock,
-                price,
-                rng.choice(("GSCO", "MSCO", "JPMS", "CDRG")),
+                s.locate, tr, ts, self._ref, side, shares, s.stock, price, mpid
             )
         else:
             m = itch.AddOrder(s.locate, tr, ts, self._ref, side, shares, s.stock, price)
