@@ -532,6 +532,40 @@ def _pieces(span: bytes) -> Iterator[tuple[int, bytes]]:
         i += len(piece)
 
 
+def _spans(
+    buf: bytes, start: int, end: int, base: int, offsets: bool
+) -> Iterator[bytes | tuple[int, bytes]]:
+    """``buf[start:end]``, a desynchronised span, as undecodable records."""
+    for off, piece in _pieces(buf[start:end]):
+        yield (base + start + off, piece) if offsets else piece
+
+
+def _resync(buf: bytes, scan: int, n: int, eof: bool) -> tuple[int, bool]:
+    """Where frames start again at or after ``scan``: (offset, True) at a chain of whole
+    frames; (offset to look on from, False) when more bytes are needed to tell."""
+    q = scan
+    while True:
+        q = buf.find(b"\x00", q)
+        if q < 0:
+            return n, eof
+        st = _chain(buf, q, n, eof)
+        if st > 0:
+            return q, True
+        if st < 0:
+            return q, False
+        q += 1
+
+
+def _read(stream: IO[bytes], chunk_size: int, where: str) -> bytes:
+    try:
+        return stream.read(chunk_size)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise SourceError(
+            where,
+            f"the gzip data is cut short or corrupt ({e}); fetch or compress the file again",
+        ) from None
+
+
 def _scan(
     stream: IO[bytes], chunk_size: int, name: str | None, offsets: bool
 ) -> Iterator[bytes | tuple[int, bytes]]:
@@ -558,37 +592,17 @@ def _scan(
                 end = pos + 2 + length
                 if end > n:
                     break
-                if offsets:
-                    yield base + pos, buf[pos + 2 : end]
-                else:
-                    yield buf[pos + 2 : end]
+                yield (base + pos, buf[pos + 2 : end]) if offsets else buf[pos + 2 : end]
                 pos = end
         if desync >= 0:
-            q = scan
-            found = False
-            while True:
-                q = buf.find(b"\x00", q)
-                if q < 0:
-                    q = n
-                    found = eof
-                    break
-                st = _chain(buf, q, n, eof)
-                if st > 0:
-                    found = True
-                    break
-                if st < 0:
-                    break
-                q += 1
+            q, found = _resync(buf, scan, n, eof)
             if not found:
                 while q - desync > MAX_DESYNC_BYTES:
-                    end = desync + MAX_DESYNC_BYTES
-                    for off, piece in _pieces(buf[desync:end]):
-                        yield (base + desync + off, piece) if offsets else piece
-                    desync = end
+                    yield from _spans(buf, desync, desync + MAX_DESYNC_BYTES, base, offsets)
+                    desync += MAX_DESYNC_BYTES
                 scan = q
             else:
-                for off, piece in _pieces(buf[desync:q]):
-                    yield (base + desync + off, piece) if offsets else piece
+                yield from _spans(buf, desync, q, base, offsets)
                 pos = q
                 desync = -1
                 continue
@@ -601,13 +615,7 @@ def _scan(
                 _truncated(f"{where} @ byte {base + pos}{unit}", buf, pos, n)
             return
         keep = desync if desync >= 0 else pos
-        try:
-            chunk = stream.read(chunk_size)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise SourceError(
-                f"{where} @ byte {base + n}{unit}",
-                f"the gzip data is cut short or corrupt ({e}); fetch or compress the file again",
-            ) from None
+        chunk = _read(stream, chunk_size, f"{where} @ byte {base + n}{unit}")
         if not chunk:
             eof = True
             continue
