@@ -110,12 +110,8 @@ class SourceSpec:
         check_readable(self.file)
         return self.file
 
-    def build(self) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
-        """(messages, codec, trading date, manifest params) of the replay.
-
-        :raises SourceError: naming the option that is wrong (``where`` is the option)
-        :raises SourceError: naming an input file that cannot be read
-        """
+    def _window(self) -> tuple[int | None, int | None, frozenset[str] | None]:
+        """(start, end) seconds since midnight and the symbol subset, checked."""
         try:
             start_s = None if self.start is None else parse_hhmm(self.start)
         except ValueError as e:
@@ -127,10 +123,17 @@ class SourceSpec:
         if start_s is not None and end_s is not None and end_s <= start_s:
             raise SourceError("--to", "--to must be after --from")
         try:
-            subset = parse_only(self.only)
+            return start_s, end_s, parse_only(self.only)
         except ValueError as e:
             raise SourceError("--only", str(e)) from None
 
+    def build(self) -> tuple[Iterable[RawMessage], str, str, dict[str, object]]:
+        """(messages, codec, trading date, manifest params) of the replay.
+
+        :raises SourceError: naming the option that is wrong (``where`` is the option)
+        :raises SourceError: naming an input file that cannot be read
+        """
+        start_s, end_s, subset = self._window()
         params: dict[str, object] = {
             "from": self.start,
             "to": self.end,
@@ -140,17 +143,10 @@ class SourceSpec:
         src: Iterable[RawMessage]
         if self.source == "synthetic":
             day_s, close = resolve_day(self.day)
-            src = ItchWindow(
-                subset_of(SyntheticDay(self.symbols, self.seed, self.rate, close), subset),
-                start_s,
-                end_s,
-            )
-            params |= {
-                "symbols": self.symbols,
-                "seed": self.seed,
-                "rate": self.rate,
-                "close": close,
-            }
+            day = SyntheticDay(self.symbols, self.seed, self.rate, close)
+            src = ItchWindow(subset_of(day, subset), start_s, end_s)
+            params |= {"symbols": self.symbols, "seed": self.seed, "rate": self.rate}
+            params["close"] = close
         elif self.source == "itch":
             file = self._input("an ITCH")
             day_s, close = resolve_day(self.day)
