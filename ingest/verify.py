@@ -283,7 +283,6 @@ async def verify(
         their bytes (expectations from a source file), not only count them
     """
     checks: dict[str, SymbolCheck] = {}
-    unexpected: set[str] = set()
     expected_total = sum(s.ticks for s in manifest.symbols.values())
 
     def on_tick(r: Any) -> None:
@@ -296,6 +295,16 @@ async def verify(
 
     res = VerifyResult(ticks_expected=expected_total)
     res.ticks_read = await _read_topic(bootstrap, topic, on_tick, expected_total, timeout_s, idle_s)
+    _compare(res, manifest, checks)
+    if deadletter_topic is not None:
+        await _count_deadletters(
+            res, bootstrap, deadletter_topic, manifest, expected_deadletters, (timeout_s, idle_s)
+        )
+    return res
+
+
+def _compare(res: VerifyResult, manifest: Manifest, checks: dict[str, SymbolCheck]) -> None:
+    """Each symbol's ticks read against the manifest's count and checksum, into ``res``."""
     for sym, exp in manifest.symbols.items():
         c = checks.get(sym)
         if c is None:
@@ -315,36 +324,39 @@ async def verify(
                 "reordered": c.reordered,
                 "checksum_ok": not mismatch,
             }
-    for sym in checks:
-        if sym not in manifest.symbols:
-            unexpected.add(sym)
-    res.unexpected_symbols = len(unexpected)
-    if deadletter_topic is not None:
-        count = 0
-        values: Counter[bytes] = Counter()
+    res.unexpected_symbols = sum(1 for sym in checks if sym not in manifest.symbols)
 
-        def on_dl(r: Any) -> None:
-            nonlocal count
-            count += 1
-            if expected_deadletters is not None:
-                values[r.value] += 1
 
-        await _read_topic(
-            bootstrap,
-            deadletter_topic,
-            on_dl,
-            manifest.deadletters_expected,
-            min(timeout_s, 10.0),
-            idle_s,
-        )
-        res.deadletters = count
-        res.deadletters_expected = manifest.deadletters_expected
-        if expected_deadletters is not None:
-            for d in expected_deadletters:
-                d.delivered = min(d.copies, values[d.payload])
-                values[d.payload] -= d.delivered
-            res.deadletter_spans = expected_deadletters
-    return res
+async def _count_deadletters(
+    res: VerifyResult,
+    bootstrap: str,
+    topic: str,
+    manifest: Manifest,
+    expected: list[ExpectedDeadLetter] | None,
+    waits: tuple[float, float],
+) -> None:
+    """The dead-letter topic's records counted (and, with ``expected``, matched by their
+    bytes) into ``res``; ``waits`` is (timeout, idle) seconds."""
+    count = 0
+    values: Counter[bytes] = Counter()
+
+    def on_dl(r: Any) -> None:
+        nonlocal count
+        count += 1
+        if expected is not None:
+            values[r.value] += 1
+
+    timeout_s, idle_s = waits
+    await _read_topic(
+        bootstrap, topic, on_dl, manifest.deadletters_expected, min(timeout_s, 10.0), idle_s
+    )
+    res.deadletters = count
+    res.deadletters_expected = manifest.deadletters_expected
+    if expected is not None:
+        for d in expected:
+            d.delivered = min(d.copies, values[d.payload])
+            values[d.payload] -= d.delivered
+        res.deadletter_spans = expected
 
 
 def run_verify(*args: Any, **kw: Any) -> VerifyResult:
