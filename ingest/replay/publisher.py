@@ -139,6 +139,11 @@ class ReplayStats:
     resumed_messages: int = 0
     resumed_records: int = 0
 
+    def pacing(self, speed: float | None) -> dict[str, float]:
+        """The manifest's pacing record: the speed asked for, the time taken, the drift."""
+        drift = {"drift_" + k: v for k, v in self.drift_summary().items()}
+        return {"speed": speed or 0.0, "elapsed_s": round(self.elapsed, 3), **drift}
+
     def drift_summary(self) -> dict[str, float]:
         d = sorted(self.drift_samples)
         if not d:
@@ -148,6 +153,36 @@ class ReplayStats:
             "p99_s": round(d[min(len(d) - 1, int(len(d) * 0.99))], 4),
             "max_s": round(d[-1], 4),
         }
+
+
+def _producer(bootstrap: str, outage_deadline_s: float, batch_bytes: int) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        # Retries keep a batch's sequence numbers, so the broker stores it once
+        # however often it is sent; idempotent batches are retried without end
+        # (the outage deadline is this publisher's), and their time in the
+        # queue must outlast the deadline too, or it would fail them first.
+        enable_idempotence=True,
+        request_timeout_ms=int((outage_deadline_s + 60) * 1000),
+        retry_backoff_ms=500,
+        linger_ms=5,
+        max_batch_size=batch_bytes,
+        max_request_size=4 * 1024 * 1024,
+    )
+
+
+async def _landed(bootstrap: str, topic: str, partitions: int, prev: Manifest | None) -> list[int]:
+    """Per partition, the records of the resumed run (``prev``) that reached the broker
+    after its manifest was written."""
+    if prev is None:
+        return [0] * partitions
+    if prev.partitions != partitions:
+        raise SourceError(
+            f"--topic {topic}",
+            f"has {partitions} partitions, the resumed replay sent to {prev.partitions}",
+        )
+    return await landed_after(bootstrap, topic, partitions, prev)
 
 
 @dataclass(frozen=True)
@@ -188,25 +223,17 @@ class Replayer:
     batch_bytes = 512 * 1024  # per partition and request
 
     def __init__(
-        self,
-        bootstrap: str,
-        topic: str,
-        source: Iterable[RawMessage],
-        speed: float | None,
-        day: str,
-        on_progress: Any = None,
-        manifest: bool = True,
+        self, bootstrap: str, topic: str, source: Iterable[RawMessage], speed: float | None,
+        day: str, on_progress: Any = None, manifest: bool = True,
         options: ReplayerOptions | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         o = options or ReplayerOptions()
         resume = o.resume
         if speed is not None and not speed > 0:
             raise ValueError("speed must be > 0 or 'max'")
-        self.bootstrap = bootstrap
-        self.topic = topic
-        self.source = source
-        self.speed = speed
-        self.day = day
+        self.bootstrap, self.topic, self.source, self.speed, self.day = (
+            bootstrap, topic, source, speed, day
+        )  # fmt: skip
         self.stats = ReplayStats()
         self.builder = ManifestBuilder()
         self.partitions = 0
@@ -245,7 +272,7 @@ class Replayer:
             deadline; the last checkpoint counts only what it acknowledged
         """
         landed = await self._prepare()
-        producer = self._producer()
+        producer = _producer(self.bootstrap, self.outage_deadline_s, self.batch_bytes)
         throttle_metadata_updates(producer, 0.5)
         await producer.start()
         out = _Batches(
@@ -286,31 +313,7 @@ class Replayer:
         self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
         self._seqs = [0] * self.partitions
         self._on_broker = [0] * self.partitions
-        prev = self._resume
-        if prev is None:
-            return [0] * self.partitions
-        if prev.partitions != self.partitions:
-            raise SourceError(
-                f"--topic {self.topic}",
-                f"has {self.partitions} partitions, the resumed replay sent to {prev.partitions}",
-            )
-        return await landed_after(self.bootstrap, self.topic, self.partitions, prev)
-
-    def _producer(self) -> AIOKafkaProducer:
-        return AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
-            acks="all",
-            # Retries keep a batch's sequence numbers, so the broker stores it once
-            # however often it is sent; idempotent batches are retried without end
-            # (the outage deadline is this publisher's), and their time in the
-            # queue must outlast the deadline too, or it would fail them first.
-            enable_idempotence=True,
-            request_timeout_ms=int((self.outage_deadline_s + 60) * 1000),
-            retry_backoff_ms=500,
-            linger_ms=5,
-            max_batch_size=self.batch_bytes,
-            max_request_size=4 * 1024 * 1024,
-        )
+        return await _landed(self.bootstrap, self.topic, self.partitions, self._resume)
 
     async def _checkpoint(self, out: _Batches, complete: bool) -> Manifest:
         """Send what is open, wait for the broker to acknowledge everything sent, and
@@ -336,11 +339,7 @@ class Replayer:
             complete=complete,
             partition_seqs=list(self._seqs),
             acked_at_ms=acked_at_ms,
-            pacing={
-                "speed": self.speed or 0.0,
-                "elapsed_s": round(st.elapsed, 3),
-                **{"drift_" + k: v for k, v in st.drift_summary().items()},
-            },
+            pacing=st.pacing(self.speed),
         )
         if self._checkpoint_cb is not None:
             self._checkpoint_cb(m)
