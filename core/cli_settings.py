@@ -138,3 +138,21 @@ def load(model: type[M], given: dict[str, Any], **fixed: Any) -> M:
             msg = str(err["msg"]).removeprefix("Value error, ")
             typer.echo(f"error: invalid setting {flag}: {msg}", err=True)
         raise typer.Exit(2) from None
+
+
+def to_args(settings: BaseModel) -> list[str]:
+    """The flags that give a command ``settings`` (the fields set explicitly): how one
+    process starts another with settings it built and validated itself."""
+    fields = type(settings).model_fields
+    args: list[str] = []
+    for name in sorted(settings.model_fields_set, key=list(fields).index):
+        value = getattr(settings, name)
+        flag = flag_of(name, fields[name])
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag.removeprefix('--')}")
+        elif isinstance(value, list):
+            for v in value:
+                args += [flag, str(v)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from core.cli_settings import flag_of, load, options_from
+from core.cli_settings import flag_of, load, options_from, to_args
 from ingest.handler.settings import HandlerSettings
 from ingest.replay.settings import ReplaySettings
 from ingest.verify_settings import VerifySettings
@@ -93,3 +93,16 @@ def test_an_invalid_value_names_its_flag_and_exits_2() -> None:
     assert len(lines) == 2, r.output
     assert lines[0].startswith("error: invalid setting --wait: ")
     assert lines[1].startswith("error: invalid setting --mode: ")
+
+
+def test_settings_go_to_a_child_process_as_its_flags() -> None:
+    sent = _Demo(wait_s=3.5, mode="b", loud=False, name="z", tags=["a", "b"])
+    args = to_args(sent)
+    assert args == [
+        "--wait", "3.5", "--mode", "b", "--no-loud", "--id", "z", "--tags", "a", "--tags", "b"
+    ]  # fmt: skip
+    seen: list[_Demo] = []
+    r = CliRunner().invoke(_demo_app(seen), args)
+    assert r.exit_code == 0, r.output
+    assert seen[0] == sent
+    assert to_args(_Demo()) == []  # only what was set: the child keeps its own defaults

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from scaler.settings import ScalerSettings
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
 from tickscale.loadtest import results
@@ -48,7 +50,6 @@ from tickscale.loadtest.stack import (
     free_port_block,
     new_run_id,
     scaler_command,
-    scaler_env,
 )
 from tickscale.loadtest.watch import NoMembers
 from tickscale.localstack.net import free_port
@@ -201,7 +202,7 @@ class LoadTest:
         n, svc = self.names, self.services
         assert svc is not None
         self.scaler = ScalerChild(
-            self._scaler_command(), scaler_env(n), self.out / "logs" / "scaler.log"
+            self._scaler_command(), os.environ.copy(), self.out / "logs" / "scaler.log"
         )
         ctx.scaler = self.scaler
         self.sampler = Sampler(
@@ -230,17 +231,20 @@ class LoadTest:
             self.scaler.stop()
 
     def _scaler_command(self) -> list[str]:
-        cfg, n, svc = self.cfg, self.names, self.services
+        cfg, svc, p = self.cfg, self.services, self.cfg.policy
         assert svc is not None
-        p = cfg.policy
-        return scaler_command(
-            names=n, bootstrap=svc.bootstrap, redis_url=svc.redis_url, policy=p.scaler_policy,
-            min_handlers=p.min_handlers, max_handlers=p.max_handlers, calendar=p.calendar,
-            session_min=cfg.session_min, lead_s=cfg.lead_s, lag_target_s=cfg.lag_target_s,
-            scale_down_window_s=cfg.scale_down_window_s, metrics_port=free_port(),
+        sessions: dict[str, Any] = {}
+        if p.calendar != "none":
+            sessions = {"clock": "replay", "session_min": cfg.session_min, "lead_s": cfg.lead_s}
+        settings = ScalerSettings(
+            backend="process", bootstrap=svc.bootstrap, redis_url=svc.redis_url,
+            policy=p.scaler_policy, min_handlers=p.min_handlers, max_handlers=p.max_handlers,
+            calendar=p.calendar, lag_target_s=cfg.lag_target_s,
+            scale_down_window_s=cfg.scale_down_window_s, poll_s=1.0, metrics_port=free_port(),
             handler_base_port=free_port_block(p.max_handlers + 2),
-            state_dir=self.out / "scaler",
+            state_dir=str(self.out / "scaler"), **sessions,
         )  # fmt: skip
+        return scaler_command(self.names, settings)
 
     async def _wait_fleet(self) -> None:
         """Until the scaler's first handlers have joined: start-up is not part of the test."""

@@ -19,7 +19,6 @@ the process backend: handlers are child processes of the scaler, which the chaos
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
 import signal
@@ -31,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from core.cli_settings import to_args
 from tickscale.localstack.net import HOST, free_port, port_open
 from tickscale.localstack.redis import RedisServer
 
 if TYPE_CHECKING:
+    from scaler.settings import ScalerSettings
     from tickscale.localstack.kafka import KafkaBroker
 
 
@@ -320,40 +321,13 @@ class ScalerChild:
             return ""
 
 
-def scaler_command(
-    *,
-    names: RunNames,
-    bootstrap: str,
-    redis_url: str,
-    policy: str,
-    min_handlers: int,
-    max_handlers: int,
-    calendar: str,
-    session_min: str,
-    lead_s: float,
-    lag_target_s: float,
-    scale_down_window_s: float,
-    metrics_port: int,
-    handler_base_port: int,
-    state_dir: Path,
-) -> list[str]:
-    return [
-        sys.executable, "-m", "tickscale.loadtest.scaler_proc",
-        "--backend", "process", "--bootstrap", bootstrap, "--redis-url", redis_url,
-        "--topic", names.raw, "--group", names.group, "--name", names.run_id,
-        "--policy", policy, "--min-handlers", str(min_handlers),
-        "--max-handlers", str(max_handlers), "--calendar", calendar,
-        *(["--clock", "replay", "--session-min", session_min, "--lead", str(lead_s)]
-          if calendar != "none" else []),
-        "--lag-target", str(lag_target_s), "--scale-down-window", str(scale_down_window_s),
-        "--poll", "1", "--metrics-port", str(metrics_port),
-        "--handler-base-port", str(handler_base_port), "--state-dir", str(state_dir),
-    ]  # fmt: skip
-
-
-def scaler_env(names: RunNames) -> dict[str, str]:
-    # Output topics have no flag on the scaler; its settings take them from the environment.
-    return os.environ | {
-        "TICKSCALE_SCALER_OUT_TOPIC": names.ticks,
-        "TICKSCALE_SCALER_DEADLETTER_TOPIC": names.deadletter,
-    }
+def scaler_command(names: RunNames, settings: ScalerSettings) -> list[str]:
+    """The run's scaler: ``settings`` on the run's own topics, group and fleet name."""
+    own = settings.model_copy(
+        update={
+            "topic": names.raw, "out_topic": names.ticks, "deadletter_topic": names.deadletter,
+            "group": names.group, "name": names.run_id,
+        }
+    )  # fmt: skip
+    own.model_fields_set.update(("topic", "out_topic", "deadletter_topic", "group", "name"))
+    return [sys.executable, "-m", "tickscale.loadtest.scaler_proc", *to_args(own)]
