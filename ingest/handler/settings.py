@@ -34,6 +34,9 @@ class HandlerSettings(BaseSettings):
         "handler serves on a free port and logs which",
     )
     handler_id: str = Field(default_factory=_default_id)
+    version: str = Field(
+        "", description="the version the scaler started it as (a rollout's canary or fleet)"
+    )
     eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
     max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
     poll_timeout_ms: int = Field(20, ge=1, le=10_000)
