@@ -164,13 +164,9 @@ class RolloutController:
                 return await self._roll_back(st, instances)
             return False
         if st.window_market is None:
-            st.window_market, st.window_wall = market_s, now
-            st.baseline = {i.name: figs[i.name] for i in old if i.name in figs}
-            await self.store.save(st)
-            await self._event(st, "window", f"guard window of {cfg.window_s:g}s opened")
-            return False
+            return await self._open_window(st, cfg, figs, market_s)
         c, o = Figures(), Figures()
-        c.add(figs[canary.name], None)
+        c.add(figs[canary.name], st.baseline.get(canary.name))
         for i in old:
             if i.name in figs:
                 o.add(figs[i.name], st.baseline.get(i.name))
@@ -191,6 +187,21 @@ class RolloutController:
         await self.store.save(st)
         await self._event(st, "passed", "within the guard; promoting", detail)
         return await self._promote(st, instances)
+
+    async def _open_window(
+        self, st: RolloutState, cfg: GuardConfig, figs: dict[str, Any], market_s: float
+    ) -> bool:
+        """After the canary's warm-up: every handler's figures now are the baseline."""
+        now = time.time()
+        if not st.ready_wall:
+            st.ready_wall = now
+            await self.store.save(st)
+        if now - st.ready_wall < cfg.warmup_s:
+            return False
+        st.window_market, st.window_wall, st.baseline = market_s, now, figs
+        await self.store.save(st)
+        await self._event(st, "window", f"guard window of {cfg.window_s:g}s opened")
+        return False
 
     async def _promote(self, st: RolloutState, instances: builtins.list[HandlerInstance]) -> bool:
         target = self._target_name()

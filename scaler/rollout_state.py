@@ -44,9 +44,10 @@ class RolloutState:
     canary_id: str | None = None
     extra: bool = False  # the canary ran beside a fleet of one, not in an old one's slot
     started_wall: float = 0.0
+    ready_wall: float = 0.0  # when the canary first reported (its warm-up starts)
     window_market: float | None = None  # market time the guard window opened
     window_wall: float = 0.0
-    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # old handlers' figures
+    baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures at the window
     last_step_wall: float = 0.0
     outcome: str = ""  # promoted | rolled_back
     reason: str = ""
