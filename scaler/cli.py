@@ -37,7 +37,7 @@ FLAGS = {
     "docker_host": "--docker-host", "swarm_service": "--swarm-service",
     "stop_grace_s": "--stop-grace", "handler_base_port": "--handler-base-port",
     "state_dir": "--state-dir", "scale_down_window_s": "--scale-down-window",
-    "settle_s": "--settle", "lease_ttl_s": "--lease-ttl",
+    "settle_s": "--settle", "lease_ttl_s": "--lease-ttl", "rollout_guard": "--rollout-guard",
 }  # fmt: skip
 
 
@@ -109,6 +109,7 @@ def run(
     scale_down_window: Annotated[float | None, typer.Option(help="seconds")] = None,
     settle: Annotated[float | None, typer.Option(help="seconds between changes")] = None,
     lease_ttl: Annotated[float | None, typer.Option(help="leader lease, seconds")] = None,
+    rollout_guard: Annotated[str | None, typer.Option(help="rollout guard, k=v,...")] = None,
 ) -> None:
     """Run the scaler (settings also from TICKSCALE_SCALER_* variables; flags win)."""
     if ctx.invoked_subcommand is not None:
@@ -125,6 +126,7 @@ def run(
         "swarm_service": swarm_service, "stop_grace_s": stop_grace,
         "handler_base_port": handler_base_port, "state_dir": state_dir,
         "scale_down_window_s": scale_down_window, "settle_s": settle, "lease_ttl_s": lease_ttl,
+        "rollout_guard": rollout_guard,
     })  # fmt: skip
     from scaler.app import StartupError, build
     from scaler.backends.base import BackendError

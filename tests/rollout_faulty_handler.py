@@ -1,5 +1,7 @@
 """``python -m tests.rollout_faulty_handler``: a deliberately faulty handler version.
 
+(In a test image, run as a script with the container's command, ``handler``.)
+
 It runs the real handler, except that every record at an offset divisible by
 ten is also sent to the dead-letter topic (its ticks are still published), as a
 version with a bad validation rule would. A rollout's guard must catch it by its
@@ -32,5 +34,6 @@ assert partition.PartitionWorker.transform is _faulty
 if __name__ == "__main__":
     from tickscale.cli import app
 
-    sys.argv = [sys.argv[0], "handler", *sys.argv[1:]]
+    if sys.argv[1:2] != ["handler"]:
+        sys.argv = [sys.argv[0], "handler", *sys.argv[1:]]
     app()

@@ -39,8 +39,12 @@ def rollout(
         str, typer.Option(help="guard thresholds, key=value,... (e.g. window_s=60)")
     ] = "",
     abort: Annotated[bool, typer.Option(help="roll back the rollout in progress")] = False,
-    name: Annotated[str, typer.Option(help="the scaler's fleet name")] = "default",
-    redis_url: Annotated[str | None, typer.Option(help="the scaler's Redis")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="the scaler's fleet name [TICKSCALE_SCALER_NAME]")
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="the scaler's Redis [TICKSCALE_SCALER_REDIS_URL]")
+    ] = None,
     timeout: Annotated[float, typer.Option(help="stop following after this long, s")] = 3600,
 ) -> None:
     """Roll out a new handler version: a canary, a guard, then promotion or rollback."""
@@ -62,15 +66,27 @@ def rollout(
         digest = hashlib.sha1(" ".join(argv or ()).encode()).hexdigest()[:8]
         vname = version or image or f"cmd-{digest}"
         req = RolloutRequest(HandlerVersion(vname, image, argv), guard)
-    url = redis_url or _default_redis()
-    code = asyncio.run(_run(url, name, req, timeout))
+    url, fleet = _scaler_defaults(redis_url, name)
+    code = asyncio.run(_run(url, fleet, req, timeout))
     raise typer.Exit(code)
 
 
-def _default_redis() -> str:
+def _scaler_defaults(redis_url: str | None, name: str | None) -> tuple[str, str]:
+    """What the scaler itself would use (its TICKSCALE_SCALER_* variables), unless given:
+    inside the scaler's container the command needs no options."""
+    from pydantic import ValidationError
+
     from scaler.settings import ScalerSettings
 
-    return str(ScalerSettings.model_fields["redis_url"].default)
+    given = {k: v for k, v in (("redis_url", redis_url), ("name", name)) if v is not None}
+    try:
+        s = ScalerSettings(**given)  # type: ignore[arg-type]
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = {"redis_url": "--redis-url", "name": "--name"}.get(str(err["loc"][0]), "")
+        _fail(f"{where or 'TICKSCALE_SCALER_' + str(err['loc'][0]).upper()}: {err['msg']}")
+        raise
+    return s.redis_url, s.name
 
 
 async def _run(url: str, fleet: str, req: Any, follow_s: float) -> int:
