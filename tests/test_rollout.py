@@ -181,3 +181,24 @@ async def test_a_restarted_scaler_resumes_the_rollout_and_abort_rolls_it_back(
             sc.proc.kill()
         if sc2 is not None:
             assert sc2.stop() == 0, sc2.log()[-3000:]
+
+
+def test_the_gate_admits_the_rollout_images_it_is_given_and_no_other() -> None:
+    from tickscale.gate.policy import Allow, Policy, Refuse
+    from tickscale.gate.settings import GateSettings
+
+    gate = Policy(GateSettings(image="tickscale:dev", rollout_images=" tickscale:v2,"))
+    assert gate.s.images == {"tickscale:dev", "tickscale:v2"}
+    labels = {"io.tickscale.role": "handler", "io.tickscale.scaler": "default"}
+
+    def create(image: str) -> object:
+        body = json.dumps({"Image": image, "Labels": labels}).encode()
+        return gate.decide("POST", "/containers/create", body)
+
+    assert create("tickscale:v2") == Allow() and create("tickscale:dev") == Allow()
+    other = create("tickscale:v3")
+    assert isinstance(other, Refuse) and "'tickscale:v3' is not one of" in other.reason
+    assert gate.decide("GET", "/v1.41/images/tickscale:v2/json", b"") == Allow()
+    assert isinstance(gate.decide("GET", "/images/tickscale:v3/json", b""), Refuse)
+    plain = Policy(GateSettings(image="tickscale:dev"))
+    assert isinstance(plain.decide("GET", "/images/tickscale:v2/json", b""), Refuse)
