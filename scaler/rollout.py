@@ -53,9 +53,19 @@ class RolloutController:
         self.state = RolloutState()
 
     async def start(self) -> None:
-        """New handlers are of the version promoted last, or of the one being promoted."""
-        self.state = st = await self.store.load()
-        v = st.version("target") if st.phase == "promoting" else st.version("current")
+        self._sync(await self.store.load())
+
+    def _sync(self, st: RolloutState) -> None:
+        """New handlers are of the version being promoted, else of the one a rollout in
+        progress started from, else of the one promoted last; a scaler that was standby
+        while the leader promoted learns it here."""
+        self.state = st
+        if st.phase == "promoting":
+            v = st.version("target")
+        elif st.active:
+            v = st.version("previous")
+        else:
+            v = st.version("current")
         if v is not None and v != self.backend.version:
             log.info("handlers start as %s (rollout %s, %s)", v.name, st.id, st.phase)
             self.backend.set_version(v)
@@ -64,7 +74,8 @@ class RolloutController:
 
     async def step(self, instances: builtins.list[HandlerInstance], market_s: float) -> bool:
         """Advance the rollout by at most one change; True if the fleet changed."""
-        self.state = st = await self.store.load()
+        st = await self.store.load()
+        self._sync(st)
         abort = await self.store.take_abort()
         if not st.active:
             req = await self.store.take_request()

@@ -202,3 +202,39 @@ def test_the_gate_admits_the_rollout_images_it_is_given_and_no_other() -> None:
     assert isinstance(gate.decide("GET", "/images/tickscale:v3/json", b""), Refuse)
     plain = Policy(GateSettings(image="tickscale:dev"))
     assert isinstance(plain.decide("GET", "/images/tickscale:v2/json", b""), Refuse)
+
+
+def test_loadtest_rollout_specs() -> None:
+    from tickscale.loadtest.rollout_drill import parse_rollout
+
+    local = parse_rollout(f"{GOOD}@30", "local")
+    assert local.at_s == 30 and local.version.command == tuple(shlex.split(GOOD))
+    assert local.version.name.startswith("cmd-") and local.version.image is None
+    image = parse_rollout("registry.local:5000/tickscale:v2@1.5m", "compose")
+    assert (image.version.image, image.at_s) == ("registry.local:5000/tickscale:v2", 90.0)
+    for bad in ("tickscale:v2", "tickscale:v2@soon", "@30"):
+        with pytest.raises(ValueError):
+            parse_rollout(bad, "compose")
+
+
+@pytest.mark.slow
+def test_loadtest_runs_a_rollout_mid_replay_and_reports_it(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    res_path = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "tickscale", "loadtest", "--no-progress",
+           "--bootstrap", kafka_bootstrap, "--redis", redis_url, "--scenario", "open",
+           "--from", "09:29", "--to", "09:40", "--speed", "10", "--symbols", "20",
+           "--partitions", "4", "--policy", "fixed:2", "--rollout", f"{GOOD}@5",
+           "--rollout-guard", GUARD, "--slo-p99", "0", "--slo-max", "0", "--slo-lag-p99", "0",
+           "--slo-lag-max", "0", "--slo-recovery", "0",
+           "--out", str(tmp_path / "run"), "--json", str(res_path)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-5000:]
+    r = json.loads(res_path.read_text())
+    assert r["ledger_ok"] and (r["missing"], r["duplicated"], r["reordered"]) == (0, 0, 0), r
+    ro = r["rollout"]
+    assert ro["outcome"] == "promoted", ro
+    assert [s["event"] for s in ro["steps"]][:3] == ["canary", "window", "passed"], ro
+    said = " ".join(p.stderr.split())  # the console wraps long lines
+    assert "rollout of cmd-" in said and "at +5s: promoted (" in said, said[-3000:]

@@ -64,7 +64,20 @@ def _out_of_sequence(e: BaseException) -> bool:
     return isinstance(e, APIError) and "out of sequence" in str(e)
 
 
-class SwarmBackend(EngineClient):
+class _OneImage:
+    """A service runs one image: the Backend's version calls, refusing any other."""
+
+    image: str
+
+    def set_version(self, version: HandlerVersion) -> None:
+        if version.image != self.image:
+            raise BackendError(_NO_ROLLOUT)
+
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        raise BackendError(_NO_ROLLOUT)
+
+
+class SwarmBackend(EngineClient, _OneImage):
     name = "swarm"
     kind = "Swarm"
 
@@ -131,13 +144,6 @@ class SwarmBackend(EngineClient):
 
     async def list(self) -> builtins.list[HandlerInstance]:
         return await self._call("list service tasks", self._tasks)
-
-    def set_version(self, version: HandlerVersion) -> None:
-        if version.image != self.image:
-            raise BackendError(_NO_ROLLOUT)
-
-    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
-        raise BackendError(_NO_ROLLOUT)
 
     async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
         if version is not None and version.image != self.image:

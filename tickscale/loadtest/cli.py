@@ -9,7 +9,7 @@ Of a suite: 0 when every case passes, 1 otherwise, 2 for invalid options.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -90,6 +90,14 @@ def run(
             "default 60 for broker-restart and redis-stop, 10 for the others)"
         ),
     ] = None,
+    rollout: Annotated[
+        str | None,
+        typer.Option(
+            help="VERSION@SECONDS: a handler rollout then (local: a command line; compose: an "
+            "image the gate admits); see docs/rollout.md"
+        ),
+    ] = None,
+    rollout_guard: Annotated[str, typer.Option(help="--rollout's guard, key=value,...")] = "",
     slo_p50: Annotated[float, typer.Option(help="latency p50 limit, s (0 = off)")] = 1.0,
     slo_p99: Annotated[float, typer.Option(help="latency p99 limit, s (0 = off)")] = 5.0,
     slo_max: Annotated[float, typer.Option(help="latency max limit, s (0 = off)")] = 30.0,
@@ -160,13 +168,14 @@ def run(
         check_options(specs, target, bootstrap, redis, pol.name)
     except ValueError as e:
         raise _bad("--chaos", str(e)) from None
+    plan_rollout = _rollout_plan(rollout, target, rollout_guard) if rollout else None
     cfg = LoadTestConfig(
         plan=plan, policy=pol, target=target, bootstrap=bootstrap, redis_url=redis,
         compose_env=compose_env, partitions=partitions, session_min=session_min, lead_s=lead,
         lag_target_s=lag_target, scale_down_window_s=scale_down_window, chaos=specs,
         thresholds=Thresholds(slo_p50, slo_p99, slo_max, slo_lag_p99, slo_lag_max, slo_recovery),
         out_dir=out, json_path=json_out, drain_timeout_s=drain_timeout, progress=progress,
-        keep_topics=keep_topics, no_members_s=no_members_timeout,
+        keep_topics=keep_topics, no_members_s=no_members_timeout, rollout=plan_rollout,
     )  # fmt: skip
     console = Console(stderr=True)
     # A CI job's timeout or a closed terminal must not leave the run's stack behind.
@@ -181,6 +190,20 @@ def run(
         console.print("interrupted")
         raise typer.Exit(130) from None
     raise typer.Exit(rc)
+
+
+def _rollout_plan(text: str, target: str, guard: str) -> Any:
+    from scaler.guard import GuardConfig, GuardError
+    from tickscale.loadtest.rollout_drill import parse_rollout
+
+    try:
+        GuardConfig.parse(guard)
+    except GuardError as e:
+        raise _bad("--rollout-guard", str(e)) from None
+    try:
+        return parse_rollout(text, target, guard)
+    except ValueError as e:
+        raise _bad("--rollout", str(e)) from None
 
 
 def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | None) -> None:
