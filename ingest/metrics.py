@@ -6,6 +6,7 @@ tests query them, so they change only with those.
 
 from __future__ import annotations
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram
 
 # Finer between 50 and 250 ms, where the latency goals sit: quantiles are
@@ -86,3 +87,31 @@ REDIS_ERRORS = Counter(
 BUSY = Counter(
     "tickscale_handler_busy_seconds_total", "Seconds spent processing batches (capacity estimate)"
 )
+INFO = Gauge(
+    "tickscale_handler_info",
+    "Always 1; the version label names what this handler runs",
+    ["version"],
+)
+
+
+def _total(metric: Counter | Gauge, suffix: str = "") -> float:
+    return sum(s.value for m in metric.collect() for s in m.samples if s.name == m.name + suffix)
+
+
+def guard_figures() -> dict[str, str | float]:
+    """What a rollout's guard compares, cumulative since start, for the handler's stats hash
+    in Redis (the scaler reads those rather than every handler's /metrics)."""
+    buckets = [
+        s.value
+        for m in E2E_LATENCY.collect()
+        for s in m.samples
+        if s.name.endswith("_bucket")  # cumulative, +Inf (the total) last
+    ]
+    return {
+        "records": _total(MESSAGES_IN, "_total"),
+        "deadletters": _total(DEADLETTERS, "_total"),
+        "decode_errors": _total(DECODE_ERRORS, "_total"),
+        "lag": _total(PARTITION_LAG),
+        "assigned": _total(ASSIGNED),
+        "e2e_buckets": orjson.dumps(buckets).decode(),
+    }

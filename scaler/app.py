@@ -22,9 +22,12 @@ from scaler.baseline import BaselineConfig, ReactiveBaseline
 from scaler.calendar import SessionCalendar, parse_session_min
 from scaler.capacity import RedisCapacity
 from scaler.clock import MarketClock, ReplayClock, WallClock
+from scaler.guard import GuardConfig
 from scaler.lag import LagProbe
 from scaler.lease import LeaderLease
 from scaler.policy import Policy, PolicyConfig
+from scaler.rollout import RolloutController
+from scaler.rollout_state import RolloutStore
 from scaler.service import Decider, Scaler
 from scaler.settings import ScalerSettings
 
@@ -150,4 +153,8 @@ async def build(s: ScalerSettings) -> Scaler:
         stop_handlers_on_exit=stop_handlers_on_exit(s),
     )
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
+    scaler.rollout = RolloutController(
+        backend=backend, redis=redis, store=RolloutStore(redis, s.name), audit=scaler.audit,
+        scaler_id=s.scaler_id, guard=GuardConfig.parse(s.rollout_guard),
+    )  # fmt: skip
     return scaler

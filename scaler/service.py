@@ -25,12 +25,13 @@ from core.runtime import stop_on_signals
 from core.sessions import Session
 from scaler import metrics as m
 from scaler.audit import AuditLog
-from scaler.backends.base import Backend, BackendError
+from scaler.backends.base import Backend, BackendError, HandlerInstance
 from scaler.capacity import RedisCapacity
 from scaler.clock import MarketClock
 from scaler.lag import LagProbe
 from scaler.lease import LeaderLease
 from scaler.policy import Decision
+from scaler.rollout import RolloutController
 from scaler.signals import Snapshot
 
 log = logging.getLogger("scaler")
@@ -81,6 +82,7 @@ class Scaler:
         self.dry_run = dry_run
         self.http = http
         self.stop_handlers_on_exit = stop_handlers_on_exit
+        self.rollout: RolloutController | None = None  # set by the assembler (scaler.app)
         self.last: Decision | None = None
         self._stop = asyncio.Event()
         self._started = False
@@ -89,6 +91,8 @@ class Scaler:
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.rollout is not None:
+            await self.rollout.start()
         await self.probe.start()
         await self.lease.start()
         if self.http is not None:
@@ -184,6 +188,10 @@ class Scaler:
         self._export(snap, d, current)
         leader = self.lease.is_leader
         m.LEADER.set(1 if leader else 0)
+        if self.rollout is not None and leader and not self.dry_run:
+            market = snap.market_time if snap.market_known and snap.market_time else now
+            if await self.rollout.step(instances, market):
+                return d  # the fleet changed under the decision: decide again next poll
         if not d.changes:
             return d
         if not leader:
@@ -194,18 +202,24 @@ class Scaler:
                 self._last_logged = key
                 log.info("dry run: would scale %d->%d: %s", d.current, d.desired, d.explanation)
             return d
-        result = await self._apply(d)
+        result = await self._apply(d, instances)
         self.decider.applied(d)
         direction = "up" if d.desired > d.current else "down"
         m.SCALE_EVENTS.labels(d.reason, direction).inc()
         await self.audit.record(d, self.scaler_id, self.backend.name, result)
         return d
 
-    async def _apply(self, d: Decision) -> dict[str, Any]:
+    async def _apply(self, d: Decision, instances: list[HandlerInstance]) -> dict[str, Any]:
         op = "add" if d.desired > d.current else "remove"
         n = abs(d.desired - d.current)
         try:
-            ids = await (self.backend.add(n) if op == "add" else self.backend.remove(n))
+            if op == "add":
+                ids = await self.backend.add(n)
+            elif self.rollout is not None and self.rollout.active:
+                # Mid-rollout, scale-in spares the canary (see RolloutController.victims).
+                ids = await self.backend.remove_ids(self.rollout.victims(instances, n))
+            else:
+                ids = await self.backend.remove(n)
         except BackendError as e:
             m.BACKEND_ERRORS.labels(op).inc()
             log.error("backend %s(%d) failed: %s", op, n, e)

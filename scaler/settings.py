@@ -109,6 +109,12 @@ class ScalerSettings(BaseSettings):
     )
     docker_host: str | None = Field(None, description="default: DOCKER_HOST or the local socket")
     swarm_service: str = Field("tickscale-handlers", description="swarm: service name")
+    rollout_guard: str = Field(
+        "",
+        description="rollouts: the guard's thresholds over their defaults "
+        "(scaler.guard.GuardConfig), e.g. window_s=60,deadletters_per_1000=0.5; a rollout's "
+        "--guard overrides these",
+    )
     handler_base_port: int = Field(9300, ge=1024, le=65000, description="process backend")
     state_dir: str = Field(".local/scaler", description="process backend: logs, targets file")
     handler_parent_pid: int | None = Field(
@@ -148,6 +154,14 @@ class ScalerSettings(BaseSettings):
         from scaler.calendar import parse_session_min
 
         parse_session_min(v)
+        return v
+
+    @field_validator("rollout_guard")
+    @classmethod
+    def _guard(cls, v: str) -> str:
+        from scaler.guard import GuardConfig
+
+        GuardConfig.parse(v)  # GuardError is a ValueError: named as this setting
         return v
 
     @model_validator(mode="after")

@@ -41,6 +41,9 @@ app.add_typer(_scaler_app, name="scaler")
 from tickscale.loadtest.cli import app as _loadtest_app  # noqa: E402
 
 app.add_typer(_loadtest_app, name="loadtest")
+from tickscale.rollout import rollout as _rollout  # noqa: E402
+
+app.command("rollout")(_rollout)
 
 
 @app.callback()

@@ -152,7 +152,7 @@ class RedisSink:
                     )
                 if send_stats:
                     sk = REDIS_HANDLER_STATS + self.handler_id
-                    stats: dict[Any, Any] = {**self._stats, "ts": now}
+                    stats: dict[Any, Any] = {**self._stats, **metrics.guard_figures(), "ts": now}
                     p.hset(sk, mapping=stats)
                     p.expire(sk, HANDLER_STATS_TTL_S)
                 await p.execute()

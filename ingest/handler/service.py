@@ -112,6 +112,7 @@ class FeedHandler:
     async def start(self) -> None:
         s = self.s
         PRODUCE_RETRIES.install()  # once per process; adding the same filter again is a no-op
+        metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:
             self.sink = RedisSink(s.redis_url, s.handler_id)

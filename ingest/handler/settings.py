@@ -46,6 +46,9 @@ class HandlerSettings(BaseSettings):
         default_factory=_default_id, description="handler identity [host-pid]",
         json_schema_extra={"flag": "--id"},
     )  # fmt: skip
+    version: str = Field(
+        "", description="the version the scaler started it as (a rollout's canary or fleet)"
+    )
     eos: bool = Field(True, description="exactly-once transactions; off = at-least-once")
     max_batch: int = Field(2000, ge=1, le=100_000, description="raw messages per transaction")
     poll_timeout_ms: int = Field(20, ge=1, le=10_000, description="longest wait of one poll")

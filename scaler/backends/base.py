@@ -31,6 +31,34 @@ class HandlerInstance:
     name: str
     state: str
     started_at: float
+    version: str = ""  # the HandlerVersion name it was started with; "" if unlabelled
+
+
+@dataclass(frozen=True)
+class HandlerVersion:
+    """What a handler runs: a name (labels, metrics) and an image or a command line.
+
+    Backends start handlers of their current version unless told another (a
+    rollout's canary); docker and swarm use ``image``, the process backend
+    ``command`` (None: this installation's own ``tickscale handler``).
+    """
+
+    name: str
+    image: str | None = None
+    command: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "image": self.image, "command": self.command}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> HandlerVersion:
+        cmd = d.get("command")
+        image = d.get("image")
+        return cls(
+            str(d["name"]),
+            str(image) if image else None,
+            tuple(str(a) for a in cmd) if isinstance(cmd, list | tuple) else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,7 @@ class Backend(Protocol):
     """
 
     name: str
+    version: HandlerVersion  # what ``add`` starts unless told otherwise
 
     async def start(self) -> None:
         """Connect and check access; raise BackendError naming the setting on failure."""
@@ -90,13 +119,21 @@ class Backend(Protocol):
 
     async def list(self) -> builtins.list[HandlerInstance]: ...
 
-    async def add(self, n: int) -> builtins.list[str]:
-        """Start ``n`` handlers; return their ids."""
+    async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
+        """Start ``n`` handlers (of ``version``, else the current one); return their ids."""
         ...
 
     async def remove(self, n: int) -> builtins.list[str]:
         """Stop ``n`` handlers, youngest first (a handler still starting costs no
         rebalance), each with SIGTERM and the grace period; return their ids."""
+        ...
+
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        """Stop these handlers (SIGTERM and the grace period, together); return their ids."""
+        ...
+
+    def set_version(self, version: HandlerVersion) -> None:
+        """Start handlers of ``version`` from now on (a promoted rollout)."""
         ...
 
     async def health(self) -> BackendHealth: ...

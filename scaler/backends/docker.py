@@ -35,7 +35,13 @@ from docker.types import LogConfig
 from requests import RequestException
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
-from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
+from scaler.backends.base import (
+    BackendError,
+    BackendHealth,
+    HandlerInstance,
+    HandlerSpec,
+    HandlerVersion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ ROLE_HANDLER = "handler"
 # container so whoever scrapes it (and the port allocator below) can find it.
 LABEL_METRICS_PORT = "io.tickscale.metrics-port"
 CONTAINER_METRICS_PORT = 9100
+# The HandlerVersion name a container runs (a rollout tells canary from fleet by it).
+LABEL_VERSION = "io.tickscale.version"
 # Swarm puts this on its task containers: those belong to a service, never to us.
 _SWARM_TASK_LABEL = "com.docker.swarm.task.id"
 _ENGINE_TIMEOUT_S = 30
@@ -177,6 +185,7 @@ class DockerBackend(EngineClient):
         """
         self.spec = spec
         self.image = image
+        self.version = HandlerVersion(image, image=image)
         self.fleet = name
         self.network = network
         self.cpus = cpus
@@ -218,17 +227,33 @@ class DockerBackend(EngineClient):
     async def list(self) -> builtins.list[HandlerInstance]:
         return await self._call("list handler containers", self._list_and_reap)
 
-    async def add(self, n: int) -> builtins.list[str]:
+    def set_version(self, version: HandlerVersion) -> None:
+        self.version = version
+
+    async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
         if n <= 0:
             return []
+        version = version or self.version
+        if not version.image:
+            raise BackendError(f"image: version {version.name} names no image")
+        if version.image != self.version.image:
+            await self._call("check the image", check_image, self.client, version.image, self.where)
         async with self._add_lock:
-            return await self._call("start handler containers", self._add, n)
+            return await self._call("start handler containers", self._add, n, version)
 
     async def remove(self, n: int) -> builtins.list[str]:
         if n <= 0:
             return []
         live = await self.list()  # oldest first
-        victims = live[::-1][:n]
+        return await self._stop_all(live[::-1][:n])
+
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        wanted = set(ids)
+        return await self._stop_all([h for h in await self.list() if h.id in wanted])
+
+    async def _stop_all(self, victims: builtins.list[HandlerInstance]) -> builtins.list[str]:
+        if not victims:
+            return []
         # Concurrently: n handlers draining one after the other would take n
         # grace periods, and each departure would cost its own rebalance. Own
         # threads, since the loop's default pool may be smaller than n.
@@ -286,7 +311,8 @@ class DockerBackend(EngineClient):
                 continue
             created = parse_docker_time(c.attrs.get("Created"))
             started = parse_docker_time(state.get("StartedAt")) or created
-            live.append((created, HandlerInstance(c.id, c.name, shown, started)))
+            version = (c.labels or {}).get(LABEL_VERSION, "")
+            live.append((created, HandlerInstance(c.id, c.name, shown, started, version)))
         live.sort(key=lambda t: t[0])
         return [h for _, h in live]
 
@@ -322,7 +348,7 @@ class DockerBackend(EngineClient):
             port += 1
         return ports
 
-    def _add(self, n: int) -> builtins.list[str]:
+    def _add(self, n: int, version: HandlerVersion) -> builtins.list[str]:
         host = self.network == "host"
         ports = self._host_ports(n) if host else [CONTAINER_METRICS_PORT] * n
         created: builtins.list[tuple[Any, str]] = []
@@ -330,7 +356,7 @@ class DockerBackend(EngineClient):
         # is the order of the returned ids.
         try:
             for port in ports:
-                created.append(self._create(port))
+                created.append(self._create(port, version))
         except BaseException:
             self._discard([c for c, _ in created])
             raise
@@ -345,20 +371,21 @@ class DockerBackend(EngineClient):
             raise failed[0][1]
         return [c.id for c, _ in created]
 
-    def _create(self, port: int) -> tuple[Any, str]:
+    def _create(self, port: int, version: HandlerVersion) -> tuple[Any, str]:
         name = f"tickscale-handler-{self.fleet}-{secrets.token_hex(4)}"
         env = self.spec.env() | {
             "TICKSCALE_HANDLER_HANDLER_ID": name,
+            "TICKSCALE_HANDLER_VERSION": version.name,
             "TICKSCALE_HANDLER_METRICS_PORT": str(port),
             # The image's HEALTHCHECK probes this one.
             "TICKSCALE_METRICS_PORT": str(port),
         }
         kwargs: dict[str, Any] = {
-            "image": self.image,
+            "image": version.image,
             "command": ["handler"],
             "name": name,
             "environment": env,
-            "labels": self._labels() | {LABEL_METRICS_PORT: str(port)},
+            "labels": self._labels() | {LABEL_METRICS_PORT: str(port), LABEL_VERSION: version.name},
             "restart_policy": {"Name": "no"},
             "read_only": True,
             "tmpfs": {"/tmp": ""},
@@ -377,7 +404,7 @@ class DockerBackend(EngineClient):
         try:
             return self.client.containers.create(**kwargs), name
         except ImageNotFound as e:
-            raise BackendError(f"image: {self.image} not found on {self.where}") from e
+            raise BackendError(f"image: {version.image} not found on {self.where}") from e
 
     @staticmethod
     def _start(created: tuple[Any, str]) -> BaseException | None:

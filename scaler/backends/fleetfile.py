@@ -30,6 +30,7 @@ class Entry:
     port: int
     started_at: float  # unix time, for "youngest first"
     start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid apart
+    version: str = ""  # the HandlerVersion it runs (absent in older records)
 
 
 @dataclass

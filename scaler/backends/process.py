@@ -36,7 +36,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
+from scaler.backends.base import (
+    BackendError,
+    BackendHealth,
+    HandlerInstance,
+    HandlerSpec,
+    HandlerVersion,
+)
 from scaler.backends.fleetfile import Entry, FleetFile, Record, alive, start_ticks
 
 log = logging.getLogger(__name__)
@@ -57,11 +63,14 @@ class ProcessBackend:
         name: str = "default",
         host: str = "127.0.0.1",
         parent_pid: int | None = None,
+        version: HandlerVersion | None = None,
     ) -> None:
         """
         :param parent_pid: the stack owner the handlers follow (their ``parent_pid``);
             it must be a child subreaper among this process's ancestors
+        :param version: what ``add`` starts; default: ``tickscale handler`` of this install
         """
+        self.version = version or HandlerVersion("default")
         self.spec = spec
         self.base_port = base_port
         self.state_dir = state_dir
@@ -103,13 +112,17 @@ class ProcessBackend:
         async with self._lock:
             rec = await asyncio.to_thread(self._update, None)
         return [
-            HandlerInstance(str(h.pid), h.name, "running", h.started_at)
+            HandlerInstance(str(h.pid), h.name, "running", h.started_at, h.version)
             for h in sorted(rec.handlers, key=lambda h: h.started_at)
         ]
 
-    async def add(self, n: int) -> builtins.list[str]:
+    def set_version(self, version: HandlerVersion) -> None:
+        self.version = version
+
+    async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
         if n <= 0:
             return []
+        version = version or self.version
         async with self._lock:
             # Reserve slots and names first, under the file lock, then start.
             rec = await asyncio.to_thread(self._update, None)
@@ -119,7 +132,8 @@ class ProcessBackend:
             started: builtins.list[Entry] = []
             try:
                 for slot, serial in zip(slots, serials, strict=True):
-                    started.append(await self._launch(slot, f"handler-{self.fleet}-{serial}"))
+                    name = f"handler-{self.fleet}-{serial}"
+                    started.append(await self._launch(slot, name, version))
             finally:
 
                 def record(r: Record) -> None:
@@ -149,22 +163,42 @@ class ProcessBackend:
         await asyncio.gather(*(self._wait_stopped(h) for h in victims))
         return [str(h.pid) for h in victims]
 
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        if not ids:
+            return []
+        wanted = set(ids)
+        async with self._lock:
+            victims: builtins.list[Entry] = []
+
+            def take(r: Record) -> None:
+                chosen = [h for h in r.handlers if str(h.pid) in wanted]
+                for h in chosen:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(h.pid, signal.SIGTERM)
+                victims.extend(chosen)
+                r.handlers = [h for h in r.handlers if h not in chosen]
+
+            await asyncio.to_thread(self._update, take)
+        await asyncio.gather(*(self._wait_stopped(h) for h in victims))
+        return [str(h.pid) for h in victims]
+
     async def health(self) -> BackendHealth:
         live = await self.list()
         return BackendHealth(True, f"{len(live)} handler processes")
 
     # ----------------------------------------------------------------------------------
 
-    async def _launch(self, slot: int, name: str) -> Entry:
+    async def _launch(self, slot: int, name: str, version: HandlerVersion) -> Entry:
         port = self.base_port + slot
         env = {k: v for k, v in os.environ.items() if k != "TICKSCALE_HANDLER_PARENT_PID"}
         env |= self.spec.env() | {
             "TICKSCALE_HANDLER_HANDLER_ID": name,
+            "TICKSCALE_HANDLER_VERSION": version.name,
             "TICKSCALE_HANDLER_METRICS_HOST": self.host,
             "TICKSCALE_HANDLER_METRICS_PORT": str(port),
         }
         log_path = self.state_dir / "logs" / f"{name}.log"
-        cmd = [sys.executable, "-m", "tickscale", "handler"]
+        cmd = list(version.command or (sys.executable, "-m", "tickscale", "handler"))
         if self.parent_pid is not None:
             env["TICKSCALE_HANDLER_PARENT_PID"] = str(self.parent_pid)
             launcher = await asyncio.create_subprocess_exec(
@@ -190,8 +224,10 @@ class ProcessBackend:
             self._children[pid] = proc
         ticks = start_ticks(pid)
         # A handler that died at once is recorded dead and reported by the next list().
-        entry = Entry(pid, slot, name, port, time.time(), ticks if ticks is not None else -1)
-        log.info("started %s (pid %d, metrics :%d)", name, pid, port)
+        entry = Entry(
+            pid, slot, name, port, time.time(), ticks if ticks is not None else -1, version.name
+        )
+        log.info("started %s (pid %d, metrics :%d, version %s)", name, pid, port, version.name)
         return entry
 
     async def _wait_stopped(self, h: Entry) -> None:
@@ -236,7 +272,8 @@ class ProcessBackend:
                 groups += [
                     {
                         "targets": [f"{self.host}:{h.port}"],
-                        "labels": {"job": "handler", "container": h.name},
+                        "labels": {"job": "handler", "container": h.name}
+                        | ({"version": h.version} if h.version else {}),
                     }
                     for h in sorted(fleet.handlers, key=lambda h: h.slot)
                 ]

@@ -25,7 +25,13 @@ from docker.types import Healthcheck, Resources, RestartPolicy, ServiceMode
 
 from core.constants import LABEL_SCALER
 from core.retry import retry_sync
-from scaler.backends.base import BackendError, BackendHealth, HandlerInstance, HandlerSpec
+from scaler.backends.base import (
+    BackendError,
+    BackendHealth,
+    HandlerInstance,
+    HandlerSpec,
+    HandlerVersion,
+)
 from scaler.backends.docker import (
     CONTAINER_METRICS_PORT,
     LABEL_METRICS_PORT,
@@ -45,6 +51,12 @@ _SCALE_RETRIES = 5
 _RETIRE_MARGIN_S = 15.0
 
 T = TypeVar("T")
+# One service runs one image, and Swarm picks which task to stop: a canary beside
+# the fleet needs handlers the scaler can address one by one.
+_NO_ROLLOUT = (
+    "rollout: the swarm backend runs every handler as one service of one image; "
+    "roll out with the docker or process backend"
+)
 
 
 def _out_of_sequence(e: BaseException) -> bool:
@@ -52,7 +64,20 @@ def _out_of_sequence(e: BaseException) -> bool:
     return isinstance(e, APIError) and "out of sequence" in str(e)
 
 
-class SwarmBackend(EngineClient):
+class _OneImage:
+    """A service runs one image: the Backend's version calls, refusing any other."""
+
+    image: str
+
+    def set_version(self, version: HandlerVersion) -> None:
+        if version.image != self.image:
+            raise BackendError(_NO_ROLLOUT)
+
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        raise BackendError(_NO_ROLLOUT)
+
+
+class SwarmBackend(EngineClient, _OneImage):
     name = "swarm"
     kind = "Swarm"
 
@@ -78,6 +103,7 @@ class SwarmBackend(EngineClient):
         self.mem_mb = mem_mb
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
+        self.version = HandlerVersion(image, image=image)
         self.where = engine_address(docker_host)
         self._client: Any = None
         # Replica changes are read-modify-write on the service spec.
@@ -119,7 +145,9 @@ class SwarmBackend(EngineClient):
     async def list(self) -> builtins.list[HandlerInstance]:
         return await self._call("list service tasks", self._tasks)
 
-    async def add(self, n: int) -> builtins.list[str]:
+    async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
+        if version is not None and version.image != self.image:
+            raise BackendError(_NO_ROLLOUT)
         if n <= 0:
             return []
         async with self._lock:

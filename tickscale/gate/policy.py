@@ -123,8 +123,9 @@ class Policy:
             if method == "GET" and path in ("/containers/json", "/networks"):
                 return Allow()
             return Refuse(f"{method} {path}: this gate only lists containers and networks")
-        if method == "GET" and path == f"/images/{self.s.image}/json":
-            return Allow()  # the backend checks its image is there
+        if method == "GET" and path.startswith("/images/") and path.endswith("/json"):
+            if path[len("/images/") : -len("/json")] in self.s.images:
+                return Allow()  # the backend checks its image is there
         if method == "GET" and self.s.network and path == f"/networks/{self.s.network}":
             return Allow()
         if self.s.mode == "swarm":
@@ -150,8 +151,9 @@ class Policy:
         doc = _json(body)
         if doc is None:
             return Refuse("create: the body is not a JSON object")
-        if doc.get("image") != self.s.image:
-            return Refuse(f"create: image {doc.get('Image')!r} is not {self.s.image!r}")
+        if doc.get("image") not in self.s.images:
+            allowed = ", ".join(sorted(self.s.images))
+            return Refuse(f"create: image {doc.get('image')!r} is not one of {allowed}")
         if not self.labels_ok(doc.get("labels")):
             return Refuse(
                 f"create: labels must include {LABEL_ROLE}={ROLE_HANDLER} and "

@@ -15,6 +15,9 @@ class GateSettings(BaseSettings):
     # labelled for this fleet (the scaler's TICKSCALE_SCALER_NAME).
     # Unused in observe mode, which creates nothing.
     image: str = Field("", description="the only image containers may run")
+    # Docker mode: further images handler containers may run, comma-separated, so a
+    # handler rollout (tickscale rollout --image) can start its canary and fleet.
+    rollout_images: str = Field("", description="other handler images allowed, a,b,...")
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     # The one network handlers may join; host networking only when allowed.
     network: str | None = None
@@ -28,6 +31,12 @@ class GateSettings(BaseSettings):
         if self.mode != "observe" and not self.image:
             raise ValueError("image: set TICKSCALE_GATE_IMAGE, the handler image")
         return self
+
+    @property
+    def images(self) -> frozenset[str]:
+        """Every image a handler container may run."""
+        extra = (i.strip() for i in self.rollout_images.split(","))
+        return frozenset({self.image, *(i for i in extra if i)})
 
     # Where the gate listens and where the engine is.
     host: str = "0.0.0.0"

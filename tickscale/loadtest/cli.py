@@ -109,8 +109,25 @@ def _config(s: LoadTestSettings) -> LoadTestConfig:
         lead_s=s.lead_s, lag_target_s=s.lag_target_s, scale_down_window_s=s.scale_down_window_s,
         chaos=specs, thresholds=s.thresholds(), out_dir=s.out, json_path=s.json_out,
         drain_timeout_s=s.drain_timeout_s, progress=s.progress, keep_topics=s.keep_topics,
-        no_members_s=s.no_members_timeout_s,
+        no_members_s=s.no_members_timeout_s, rollout=_rollout_plan(s),
     )  # fmt: skip
+
+
+def _rollout_plan(s: LoadTestSettings) -> Any:
+    """The run's rollout (``--rollout``), or None."""
+    if not s.rollout:
+        return None
+    from scaler.guard import GuardConfig, GuardError
+    from tickscale.loadtest.rollout_drill import parse_rollout
+
+    try:
+        GuardConfig.parse(s.rollout_guard)
+    except GuardError as e:
+        raise _bad("--rollout-guard", str(e)) from None
+    try:
+        return parse_rollout(s.rollout, s.target, s.rollout_guard)
+    except ValueError as e:
+        raise _bad("--rollout", str(e)) from None
 
 
 def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | None) -> None:

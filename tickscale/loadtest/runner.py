@@ -39,6 +39,7 @@ from tickscale.loadtest.feedchild import feed_failure, read_feed, start_feed
 from tickscale.loadtest.latency import Histogram
 from tickscale.loadtest.liveview import LiveView
 from tickscale.loadtest.outcome import build_result
+from tickscale.loadtest.rollout_drill import RolloutPlan, rollout_line, start_rollout
 from tickscale.loadtest.sampler import ReplayClock, Sampler
 from tickscale.loadtest.scenarios import ReplayPlan
 from tickscale.loadtest.settings import default
@@ -108,6 +109,7 @@ class LoadTestConfig:
     lag_target_s: float = default("lag_target_s")
     scale_down_window_s: float = default("scale_down_window_s")
     chaos: list[chaos_mod.ChaosSpec] = field(default_factory=list)
+    rollout: RolloutPlan | None = None  # --rollout VERSION@S (rollout_drill)
     thresholds: Thresholds = field(default_factory=Thresholds)
     out_dir: Path | None = None
     json_path: Path | None = None
@@ -280,11 +282,20 @@ class LoadTest:
         live = Live(self.view.status(), console=self.console, refresh_per_second=2,
                     transient=False) if cfg.progress else None  # fmt: skip
         self._chaos_task = None
+        rollout = start_rollout(cfg.rollout, svc.redis_url, self.names.run_id, first, self.clock)
         try:
-            return await self._replay(ctx, reader, first, live, base_hist)
+            result = await self._replay(ctx, reader, first, live, base_hist)
+            if rollout is not None:
+                result["rollout"] = await rollout
+                self.console.print(rollout_line(result["rollout"]))
+                # The results were written before the rollout ended: again, with it.
+                for path in (self.out / "results.json", cfg.json_path):
+                    if path is not None:
+                        results.write(path, result)
+            return result
         finally:
             # An aborted run stops its drills too (a paused broker is resumed by its drill).
-            for task in (self._chaos_task, reader):
+            for task in (self._chaos_task, reader, rollout):
                 if task is not None and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -79,6 +79,12 @@ class LoadTestSettings(BaseSettings):
         "broker-restart, broker-kill, broker-pause, redis-stop, redis-kill (duration "
         "default 60 for broker-restart and redis-stop, 10 for the others)",
     )
+    rollout: str | None = Field(
+        None,
+        description="VERSION@SECONDS: a handler rollout then (local: a command line; compose: "
+        "an image the gate admits); see docs/rollout.md",
+    )
+    rollout_guard: str = Field("", description="--rollout's guard, key=value,...")
 
     # Verdicts.
     slo_p50: float = Field(Thresholds.latency_p50_s, description="latency p50 limit, s" + _OFF)

@@ -1,0 +1,240 @@
+"""Handler rollouts on the process backend: a good version promoted, a faulty one rolled
+back, an abort by hand, the ledger exact through all of them, every step audited."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from core.constants import REDIS_SCALER_EVENTS
+from scaler.audit import read_events
+from scaler.guard import Figures, GuardConfig, GuardError, judge
+from tests.pipeline_utils import start_replay, summary
+from tests.test_scaler import ScalerProc
+from tickscale.localstack.topics import TopicSet
+
+GOOD = shlex.join([sys.executable, "-m", "tickscale", "handler"])
+FAULTY = shlex.join([sys.executable, "-m", "tests.rollout_faulty_handler"])
+GUARD = "warmup_s=5,window_s=10,min_records=50,step_s=2,max_wait_s=120"
+
+
+def test_guard_overrides_are_checked() -> None:
+    cfg = GuardConfig.parse("window_s=30, restarts=1")
+    assert (cfg.window_s, cfg.restarts, cfg.p99_ratio) == (30.0, 1, 1.5)
+    assert GuardConfig.parse("p99_ratio=3", cfg).window_s == 30.0
+    for bad in ("windows=3", "window_s", "window_s=x", "restarts=-1"):
+        with pytest.raises(GuardError):
+            GuardConfig.parse(bad)
+
+
+def test_guard_compares_the_canary_with_the_current_version() -> None:
+    cfg = GuardConfig()
+    cur, good, bad = Figures(), Figures(), Figures()
+    cur.add({"records": 10_000, "deadletters": 5, "e2e_buckets": [0] * 5 + [100] * 14}, None)
+    good.add({"records": 2_000, "deadletters": 2, "e2e_buckets": [0] * 5 + [50] * 14}, None)
+    bad.add({"records": 2_000, "deadletters": 200, "e2e_buckets": [0] * 5 + [50] * 14}, None)
+    assert judge(cfg, good, cur, 0) is None
+    assert "deadletters per 1,000 records 100.00" in (judge(cfg, bad, cur, 0) or "")
+    assert "restarts" in (judge(cfg, good, cur, 1) or "")
+    slow = Figures()
+    slow.add({"records": 2_000, "e2e_buckets": [0] * 13 + [50] * 6}, None)  # p99 in (0.5, 1]
+    assert "p99" in (judge(cfg, slow, cur, 0) or "")
+    assert judge(cfg, slow, cur, 0, final=False) is None  # latency waits for the window
+    # The current side counts from the window's baseline.
+    base = {"records": 9_000, "deadletters": 5, "e2e_buckets": [0] * 19}
+    windowed = Figures()
+    windowed.add({"records": 10_000, "deadletters": 5}, base)
+    assert (windowed.records, windowed.deadletters) == (1_000, 0)
+
+
+def _rollout(
+    ts: TopicSet, redis_url: str, name: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "tickscale", "rollout", "--name", name,
+           "--redis-url", redis_url, "--timeout", "240", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _fleet(tmp: Path, name: str) -> list[str]:
+    rec = json.loads((tmp / "scaler" / f"fleet-{name}.json").read_text())
+    return sorted(h["version"] for h in rec["handlers"])
+
+
+async def _verify_ticks(ts: TopicSet, manifest: Path) -> dict[str, int]:
+    # Without the dead-letter topic: the faulty canary adds dead letters on purpose.
+    cmd = [sys.executable, "-m", "tickscale", "verify", "--bootstrap", ts.bootstrap,
+           "--topic", ts.ticks, "--manifest", str(manifest), "--timeout", "120",
+           "--deadletter-topic", ""]  # fmt: skip
+    r = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return summary(r.stdout + r.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topics", [6], indirect=True)
+async def test_promote_a_good_version_roll_back_a_faulty_one_ledger_exact(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    name = f"r{os.getpid()}{int(time.time()) % 100000}"
+    sc = ScalerProc(
+        topics, redis_url, tmp_path, "--name", name, "--min-handlers", "2",
+        "--max-handlers", "3", "--calendar", "none", "--scale-down-window", "600",
+    )  # fmt: skip
+    rp = None
+    try:
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers",
+                                lambda v: v >= 2, 60)  # fmt: skip
+        manifest = tmp_path / "manifest.json"
+        rp = start_replay(topics, manifest, tmp_path / "replay.log", "--symbols", "20",
+                          "--from", "09:30", "--to", "10:30", "--speed", "30")  # fmt: skip
+        good = await asyncio.to_thread(
+            _rollout, topics, redis_url, name, "--command", GOOD, "--version", "v2",
+            "--guard", GUARD,
+        )  # fmt: skip
+        assert good.returncode == 0, good.stdout + good.stderr + sc.log()[-3000:]
+        assert "promoted v2" in good.stdout
+        assert set(_fleet(tmp_path, name)) == {"v2"}
+        bad = await asyncio.to_thread(
+            _rollout, topics, redis_url, name, "--command", FAULTY, "--version", "bad",
+            "--guard", GUARD,
+        )  # fmt: skip
+        assert bad.returncode == 1, bad.stdout + bad.stderr + sc.log()[-3000:]
+        assert "rolled back: deadletters per 1,000 records" in bad.stderr
+        assert set(_fleet(tmp_path, name)) == {"v2"}
+        assert await asyncio.to_thread(rp.wait, 300) == 0
+        assert await _verify_ticks(topics, manifest) == {
+            "missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0,
+        }  # fmt: skip
+        r = Redis.from_url(redis_url)
+        try:
+            events = await read_events(r, f"{REDIS_SCALER_EVENTS}:{name}", kind="rollout")
+        finally:
+            await r.aclose()
+        steps = [(e["version"], e["event"]) for e in events]
+        first = [ev for v, ev in steps if v == "v2"]
+        assert first[:3] == ["canary", "window", "passed"], steps
+        assert first[-1] == "promoted" and first.count("step") >= 2, steps
+        assert [ev for v, ev in steps if v == "bad"] == [
+            "canary", "window", "rolling_back", "rolled_back"
+        ], steps  # fmt: skip
+        promoted = events[[e["event"] for e in events].index("passed")]
+        assert promoted["detail"]["canary"]["records"] >= 50
+    finally:
+        if rp is not None and rp.poll() is None:
+            rp.kill()
+        assert sc.stop() == 0, sc.log()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topics", [4], indirect=True)
+async def test_a_restarted_scaler_resumes_the_rollout_and_abort_rolls_it_back(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """The scaler is killed while the canary runs; its successor adopts the fleet and
+    the rollout with it, and ``--abort`` then takes the canary back."""
+    name = f"a{os.getpid()}{int(time.time()) % 100000}"
+    args = ("--name", name, "--min-handlers", "2", "--max-handlers", "2", "--calendar", "none")
+    sc = ScalerProc(topics, redis_url, tmp_path, *args)
+    sc2 = None
+    r = Redis.from_url(redis_url)
+    stream = f"{REDIS_SCALER_EVENTS}:{name}"
+    try:
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_running_handlers",
+                                lambda v: v >= 2, 60)  # fmt: skip
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "tickscale", "rollout", "--name", name, "--redis-url",
+             redis_url, "--command", GOOD, "--version", "v2", "--guard", "window_s=3600"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while not [e for e in await read_events(r, stream, kind="rollout")
+                   if e["event"] == "window"]:  # fmt: skip
+            assert time.monotonic() < deadline, sc.log()[-3000:]
+            await asyncio.sleep(0.5)
+        assert sorted(_fleet(tmp_path, name)) == ["default", "v2"]
+        sc.proc.kill()  # no orderly stop: handlers and rollout are left as they are
+        sc.proc.wait(10)
+        sc2 = ScalerProc(topics, redis_url, tmp_path, *args)
+        await asyncio.to_thread(sc2.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 60)
+        # The successor keeps the canary running (it resumed, it did not start over).
+        await asyncio.sleep(3)
+        assert sorted(_fleet(tmp_path, name)) == ["default", "v2"]
+        ab = await asyncio.to_thread(_rollout, topics, redis_url, name, "--abort")
+        assert ab.returncode == 1, ab.stdout + ab.stderr + sc2.log()[-3000:]
+        assert "rolled back: aborted by hand" in ab.stderr
+        assert follower.wait(60) == 1
+        assert _fleet(tmp_path, name) == ["default", "default"]
+        events = [e["event"] for e in await read_events(r, stream, kind="rollout")]
+        assert events == ["canary", "window", "rolling_back", "rolled_back"], events
+    finally:
+        await r.aclose()
+        if sc.proc.poll() is None:
+            sc.proc.kill()
+        if sc2 is not None:
+            assert sc2.stop() == 0, sc2.log()[-3000:]
+
+
+def test_the_gate_admits_the_rollout_images_it_is_given_and_no_other() -> None:
+    from tickscale.gate.policy import Allow, Policy, Refuse
+    from tickscale.gate.settings import GateSettings
+
+    gate = Policy(GateSettings(image="tickscale:dev", rollout_images=" tickscale:v2,"))
+    assert gate.s.images == {"tickscale:dev", "tickscale:v2"}
+    labels = {"io.tickscale.role": "handler", "io.tickscale.scaler": "default"}
+
+    def create(image: str) -> object:
+        body = json.dumps({"Image": image, "Labels": labels}).encode()
+        return gate.decide("POST", "/containers/create", body)
+
+    assert create("tickscale:v2") == Allow() and create("tickscale:dev") == Allow()
+    other = create("tickscale:v3")
+    assert isinstance(other, Refuse) and "'tickscale:v3' is not one of" in other.reason
+    assert gate.decide("GET", "/v1.41/images/tickscale:v2/json", b"") == Allow()
+    assert isinstance(gate.decide("GET", "/images/tickscale:v3/json", b""), Refuse)
+    plain = Policy(GateSettings(image="tickscale:dev"))
+    assert isinstance(plain.decide("GET", "/images/tickscale:v2/json", b""), Refuse)
+
+
+def test_loadtest_rollout_specs() -> None:
+    from tickscale.loadtest.rollout_drill import parse_rollout
+
+    local = parse_rollout(f"{GOOD}@30", "local")
+    assert local.at_s == 30 and local.version.command == tuple(shlex.split(GOOD))
+    assert local.version.name.startswith("cmd-") and local.version.image is None
+    image = parse_rollout("registry.local:5000/tickscale:v2@1.5m", "compose")
+    assert (image.version.image, image.at_s) == ("registry.local:5000/tickscale:v2", 90.0)
+    for bad in ("tickscale:v2", "tickscale:v2@soon", "@30"):
+        with pytest.raises(ValueError):
+            parse_rollout(bad, "compose")
+
+
+@pytest.mark.slow
+def test_loadtest_runs_a_rollout_mid_replay_and_reports_it(
+    kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    res_path = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "tickscale", "loadtest", "--no-progress",
+           "--bootstrap", kafka_bootstrap, "--redis", redis_url, "--scenario", "open",
+           "--from", "09:29", "--to", "09:40", "--speed", "10", "--symbols", "20",
+           "--partitions", "4", "--policy", "fixed:2", "--rollout", f"{GOOD}@5",
+           "--rollout-guard", GUARD, "--slo-p99", "0", "--slo-max", "0", "--slo-lag-p99", "0",
+           "--slo-lag-max", "0", "--slo-recovery", "0",
+           "--out", str(tmp_path / "run"), "--json", str(res_path)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-5000:]
+    r = json.loads(res_path.read_text())
+    assert r["ledger_ok"] and (r["missing"], r["duplicated"], r["reordered"]) == (0, 0, 0), r
+    ro = r["rollout"]
+    assert ro["outcome"] == "promoted", ro
+    assert [s["event"] for s in ro["steps"]][:3] == ["canary", "window", "passed"], ro
+    said = " ".join(p.stderr.split())  # the console wraps long lines
+    assert "rollout of cmd-" in said and "at +5s: promoted (" in said, said[-3000:]
