@@ -9,9 +9,7 @@ embedded in it (base64), so the HTML file alone is the whole report.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import html
 import io
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from core import sessions
 from ingest.normalize import EXCHANGE_TZ
+from tickscale.loadtest.report_html import render_html
 from tickscale.loadtest.sampler import ReplayClock, Sample
 
 SESSION_SPANS: list[tuple[str, str]] = [
@@ -165,145 +164,6 @@ def charts(
         ),
     }
     return out
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1180px}
-h1{font-size:20px}h2{font-size:16px;margin-top:28px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px}
-th{background:#f0f0f0;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#1b7a3a;font-weight:600}.fail{color:#c1121f;font-weight:600}
-img{max-width:100%;border:1px solid #ddd;margin:6px 0}code{background:#f4f4f4;padding:1px 4px}
-.small{font-size:12px;color:#555}
-"""
-
-
-def _v(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.{digits}f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return html.escape(str(v))
-
-
-def _verdict(ok: bool) -> str:
-    return '<span class="pass">PASS</span>' if ok else '<span class="fail">FAIL</span>'
-
-
-def render_html(r: dict[str, Any], pngs: dict[str, bytes]) -> str:
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>tickscale load test {e(r.get('run_id', ''))}</title><style>{_CSS}</style>",
-        "</head><body>",
-        f"<h1>Load test {e(r.get('run_id', ''))}: {_verdict(bool(r.get('ok')))}</h1>",
-        f"<p>scenario <b>{e(str(r.get('scenario')))}</b>, policy <b>{e(str(r.get('policy')))}</b>"
-        f", target {e(str(r.get('target')))}, {e(str(r.get('source')))} "
-        f"{_v(r.get('symbols'))} symbols, seed {_v(r.get('seed'))}, date {e(str(r.get('date')))}, "
-        f"window {e(str(r.get('window')))}, speed {e(str(r.get('speed')))}, "
-        f"{_v(r.get('partitions'))} partitions; started {e(str(r.get('started_at')))}</p>",
-        f"<p><code>{e(str(r.get('ledger_line', '')))}</code></p>",
-        "<h2>Summary</h2><table><tr><th>metric</th><th>value</th><th>SLO</th><th></th></tr>",
-    ]
-    slo = {c["name"]: c for c in r.get("slo", [])}
-
-    def row(label: str, value: Any, slo_name: str | None = None, unit: str = "") -> None:
-        c = slo.get(slo_name or "")
-        lim = f"&le; {c['threshold']:g} s" if c else ""
-        verdict = _verdict(c["ok"]) if c else ""
-        parts.append(
-            f"<tr><td>{e(label)}</td><td class='n'>{_v(value)}{unit}</td><td>{lim}</td>"
-            f"<td>{verdict}</td></tr>"
-        )
-
-    row("ledger", "pass" if r.get("ledger_ok") else "FAIL")
-    row("ticks read / expected", f"{_v(r.get('ticks_read'))} / {_v(r.get('ticks_expected'))}")
-    row("missing / duplicated / reordered",
-        f"{r.get('missing')} / {r.get('duplicated')} / {r.get('reordered')}")  # fmt: skip
-    row("checksum mismatches", r.get("checksum_mismatch"))
-    row("dead letters / expected",
-        f"{_v(r.get('deadletters'))} / {_v(r.get('deadletters_expected'))}")  # fmt: skip
-    row("raw records replayed", r.get("replay_records"))
-    row("peak rate into md.raw (msg/s)", r.get("peak_rate"))
-    row("latency p50 (s)", r.get("latency_p50_s"), "latency p50")
-    row("latency p99 (s)", r.get("latency_p99_s"), "latency p99")
-    row("latency max, bucket upper bound (s)", r.get("latency_max_s"), "latency max")
-    row("lag p99 (s)", r.get("lag_p99_s"), "lag p99")
-    row("lag max (s)", r.get("lag_max_s"), "lag max")
-    row("recovery (s)", r.get("recovery_s"), "recovery")
-    row("duration, first message to drained (s)", r.get("duration_s"))
-    row("handler-seconds used (live handler processes)", r.get("handler_seconds"))
-    row("member-seconds (the group's members, from the broker)", r.get("member_seconds"))
-    row("peak handlers", r.get("peak_handlers"))
-    row("fixed fleet sized for the peak (peak x duration)", r.get("fixed_peak_handler_seconds"))
-    row("handler-seconds / fixed fleet", r.get("handler_seconds_ratio"))
-    parts.append("</table>")
-    if r.get("latency_max_note"):
-        parts.append(f"<p class='small'>{e(r['latency_max_note'])}</p>")
-
-    for name, title in (
-        ("rate", "Rate"),
-        ("lag", "Lag"),
-        ("handlers", "Handlers"),
-        ("latency", "Latency"),
-    ):
-        if name in pngs:
-            b64 = base64.b64encode(pngs[name]).decode()
-            parts.append(f"<h2>{title}</h2><img alt='{name}' src='data:image/png;base64,{b64}'>")
-    if not pngs:
-        parts.append(f"<p class='small'>{e(str(r.get('charts_note', 'no charts')))}</p>")
-
-    parts.append("<h2>Chaos</h2>")
-    if r.get("chaos"):
-        parts.append("<table><tr><th>drill</th><th>at (s)</th><th>ok</th><th>detail</th></tr>")
-        for c in r["chaos"]:
-            parts.append(
-                f"<tr><td>{e(c['kind'])}</td><td class='n'>{c['at_s']:g}</td>"
-                f"<td>{_verdict(c['ok'])}</td><td>{e(c['detail'])}</td></tr>"
-            )
-        parts.append("</table>")
-    else:
-        parts.append("<p>none</p>")
-    if r.get("recoveries"):
-        parts.append("<h2>Recovery</h2><table><tr><th>after</th><th>recovery (s)</th>"
-                     "<th>peak lag after it (s)</th></tr>")  # fmt: skip
-        for rc in r["recoveries"]:
-            parts.append(
-                f"<tr><td>{e(rc['label'])}</td><td class='n'>{_v(rc['recovery_s'], 1)}</td>"
-                f"<td class='n'>{_v(rc['peak_lag_s'], 1)}</td></tr>"
-            )
-        parts.append("</table>")
-
-    parts.append("<h2>Scale events (scaler audit stream)</h2>")
-    evs = r.get("scale_events") or []
-    if evs:
-        parts.append("<table><tr><th>+s</th><th>from</th><th>to</th><th>signal</th>"
-                     "<th>explanation</th></tr>")  # fmt: skip
-        for ev in evs:
-            parts.append(
-                f"<tr><td class='n'>{_v(ev.get('offset_s'), 1)}</td><td class='n'>{ev['from']}</td>"
-                f"<td class='n'>{ev['to']}</td><td>{e(str(ev.get('signal', '')))}</td>"
-                f"<td class='small'>{e(str(ev.get('explanation', '')))}</td></tr>"
-            )
-        parts.append("</table>")
-    else:
-        parts.append("<p>none</p>")
-    rp = r.get("replay") or {}
-    parts.append(
-        "<h2>Replay</h2><p>"
-        + ", ".join(f"{e(k)}={_v(v)}" for k, v in rp.items())
-        + "</p><p class='small'>Latency: the handlers' "
-        "<code>tickscale_handler_e2e_latency_seconds</code> histograms (raw record published to "
-        "its ticks committed), scraped every second from every handler and merged; percentiles "
-        "are interpolated within buckets and the maximum is the upper bound of the highest "
-        "non-empty bucket. Lag: the scaler's own measure (age of the oldest unprocessed raw "
-        "record), sampled every second from the broker.</p></body></html>"
-    )
-    return "\n".join(parts)
 
 
 def write_report(
