@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,96 @@ def market_midnight(market_ts: float) -> float:
     return dt.datetime.combine(d, dt.time(0), tzinfo=EXCHANGE_TZ).timestamp()
 
 
+class _Day:
+    """The charts' shared frame: a market-time axis in hours with the sessions shaded, the
+    scale events and chaos drills marked."""
+
+    def __init__(self, pts: list[tuple[float, Sample]], clock: ReplayClock, marks: _Marks) -> None:
+        self.pts, self.clock, self.marks = pts, clock, marks
+        self.midnight = market_midnight(pts[0][0])
+        self.xs = [self.hours(m) for m, _ in pts]
+        self.lo, self.hi = min(self.xs), max(self.xs)
+        self.pad = max((self.hi - self.lo) * 0.01, 1 / 3600)
+
+    def hours(self, market: float) -> float:
+        return (market - self.midnight) / 3600
+
+    def x_of(self, wall: float) -> float | None:
+        m = self.clock.market_at(wall)
+        return None if m is None else self.hours(m)
+
+    def series(
+        self, get: Callable[[Sample], float | int | None]
+    ) -> tuple[list[float], list[float]]:
+        ys = [get(s) for _, s in self.pts]
+        return self.xs, [float("nan") if v is None else float(v) for v in ys]
+
+    def _sessions(self, ax: Any) -> None:
+        lo, hi, pad = self.lo, self.hi, self.pad
+        for name, color, a, b in _session_bounds(self.marks.close_s):
+            if b >= lo - pad and a <= hi + pad:
+                ax.axvspan(max(a, lo - pad), min(b, hi + pad), color=color, zorder=0)
+                mid = (max(a, lo) + min(b, hi)) / 2
+                if lo <= mid <= hi:
+                    ax.text(mid, 0.02, name, transform=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=7, color="#667")  # fmt: skip
+
+    def _events(self, ax: Any) -> None:
+        burst = self.marks.burst
+        if burst is not None:
+            ax.axvspan(
+                burst[0] / 3600, burst[1] / 3600, facecolor="none", hatch="//",
+                edgecolor="#d62828", alpha=0.35, lw=0, zorder=1, label="flash burst",
+            )  # fmt: skip
+        for e in self.marks.scale_events:
+            x = self.x_of(float(e["time"]))
+            if x is not None:
+                up = int(e["to"]) > int(e["from"])
+                ax.axvline(x, color="#2a9d4b" if up else "#e08a1e", lw=1, alpha=0.8)
+        for c in self.marks.chaos:
+            x = self.x_of(float(c.get("wall") or 0))
+            if x is None or not c.get("wall"):
+                continue
+            ax.axvline(x, color="#d62828", lw=1.3, ls="--")
+            ax.text(x, 0.97, c["kind"], transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="right", va="top", fontsize=7, color="#d62828")  # fmt: skip
+
+    def render(self, draw: Callable[[Any], None], ylabel: str, title: str) -> bytes:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+
+        fig, ax = plt.subplots(figsize=(11, 3.2), dpi=100)
+        draw(ax)
+        self._sessions(ax)
+        self._events(ax)
+        ax.set_xlim(self.lo - self.pad, self.hi + self.pad)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(
+            FuncFormatter(lambda v, _: f"{int(v):02d}:{round(v * 60) % 60:02d}")
+        )
+        ax.set_xlabel("replayed market time (exchange time)")
+        ax.set_title(title, fontsize=10, loc="left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Marks:
+    scale_events: Sequence[dict[str, Any]]
+    chaos: Sequence[dict[str, Any]]
+    close_s: int
+    burst: tuple[int, int] | None
+
+
 def charts(
     samples: Sequence[Sample],
     clock: ReplayClock,
@@ -59,83 +150,13 @@ def charts(
     burst: tuple[int, int] | None = None,
 ) -> dict[str, bytes]:
     """PNG bytes per chart name (rate, lag, handlers, latency); empty without data."""
-    import matplotlib
+    import matplotlib  # noqa: F401 (ImportError here: no plot extra, no charts)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    pts = [(clock.market_at(s.wall), s) for s in samples]
-    pts2 = [(m, s) for m, s in pts if m is not None]
-    if not pts2:
+    pts = [(m, s) for m, s in ((clock.market_at(s.wall), s) for s in samples) if m is not None]
+    if not pts:
         return {}
-    midnight = market_midnight(pts2[0][0])
-
-    def hours(market: float) -> float:
-        return (market - midnight) / 3600
-
-    xs = [hours(m) for m, _ in pts2]
-    lo, hi = min(xs), max(xs)
-    pad = max((hi - lo) * 0.01, 1 / 3600)
-
-    def x_of(wall: float) -> float | None:
-        m = clock.market_at(wall)
-        return None if m is None else hours(m)
-
-    def frame(ax: Any, ylabel: str) -> None:
-        for name, color, a, b in _session_bounds(close_s):
-            if b >= lo - pad and a <= hi + pad:
-                ax.axvspan(max(a, lo - pad), min(b, hi + pad), color=color, zorder=0)
-                mid = (max(a, lo) + min(b, hi)) / 2
-                if lo <= mid <= hi:
-                    ax.text(mid, 0.02, name, transform=ax.get_xaxis_transform(), ha="center",
-                            va="bottom", fontsize=7, color="#667")  # fmt: skip
-        if burst is not None:
-            ax.axvspan(
-                burst[0] / 3600, burst[1] / 3600, facecolor="none", hatch="//",
-                edgecolor="#d62828", alpha=0.35, lw=0, zorder=1, label="flash burst",
-            )  # fmt: skip
-        for e in scale_events:
-            x = x_of(float(e["time"]))
-            if x is None:
-                continue
-            up = int(e["to"]) > int(e["from"])
-            ax.axvline(x, color="#2a9d4b" if up else "#e08a1e", lw=1, alpha=0.8)
-        for c in chaos:
-            x = x_of(float(c.get("wall") or 0))
-            if x is None or not c.get("wall"):
-                continue
-            ax.axvline(x, color="#d62828", lw=1.3, ls="--")
-            ax.text(x, 0.97, c["kind"], transform=ax.get_xaxis_transform(), rotation=90,
-                    ha="right", va="top", fontsize=7, color="#d62828")  # fmt: skip
-        ax.set_xlim(lo - pad, hi + pad)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_formatter(
-            FuncFormatter(lambda v, _: f"{int(v):02d}:{round(v * 60) % 60:02d}")
-        )
-        ax.set_xlabel("replayed market time (exchange time)")
-
-    def render(draw: Callable[[Any], None], ylabel: str, title: str) -> bytes:
-        fig, ax = plt.subplots(figsize=(11, 3.2), dpi=100)
-        draw(ax)
-        frame(ax, ylabel)
-        ax.set_title(title, fontsize=10, loc="left")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        return buf.getvalue()
-
-    def series(get: Callable[[Sample], float | int | None]) -> tuple[list[float], list[float]]:
-        xx, yy = [], []
-        for x, (_, s) in zip(xs, pts2, strict=True):
-            v = get(s)
-            xx.append(x)
-            yy.append(float("nan") if v is None else float(v))
-        return xx, yy
+    day = _Day(pts, clock, _Marks(scale_events, chaos, close_s, burst))
+    series = day.series
 
     def rate(ax: Any) -> None:
         ax.plot(*series(lambda s: s.ingest_rate), label="into md.raw", lw=1)
@@ -155,15 +176,18 @@ def charts(
         ax.plot(*series(lambda s: s.lat_p99), label="p99", lw=1)
         ax.set_yscale("log")
 
-    out = {
-        "rate": render(rate, "messages/s", "Message rate"),
-        "lag": render(lag, "seconds", "Lag of the handler group (age of the oldest unprocessed)"),
-        "handlers": render(handlers, "handlers", "Handlers (scale events: green up, orange down)"),
-        "latency": render(
+    return {
+        "rate": day.render(rate, "messages/s", "Message rate"),
+        "lag": day.render(
+            lag, "seconds", "Lag of the handler group (age of the oldest unprocessed)"
+        ),
+        "handlers": day.render(
+            handlers, "handlers", "Handlers (scale events: green up, orange down)"
+        ),
+        "latency": day.render(
             latency, "seconds", "End-to-end latency percentiles (handler histograms, 5 s windows)"
         ),
     }
-    return out
 
 
 def write_report(
