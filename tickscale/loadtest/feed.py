@@ -25,7 +25,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,21 +117,69 @@ def build_manifest(
     return b.build(source="", topic=topic, partitions=partitions, **kw)
 
 
-async def run(a: argparse.Namespace) -> int:
+def _prepared(
+    a: argparse.Namespace,
+) -> tuple[list[RawMessage], str, str, dict[str, Any], TimeWarp | None]:
+    """The whole day in memory: (messages, codec, date, params, burst warp)."""
     src, codec, day, params = build_source(a)
     warp = None
     if a.burst_multiple:
         warp = TimeWarp(a.burst_from, a.burst_to, a.burst_multiple, codec)
         src = warp.apply(src)
         params |= {"burst": [a.burst_from, a.burst_to, a.burst_multiple]}
-    speed = None if a.speed == "max" else float(a.speed)
+    return list(src), codec, day, params, warp
+
+
+def _clock_reporter(
+    warp: TimeWarp | None, midnight: int, clock_stats: ReplayStats
+) -> Callable[[ReplayStats], None]:
+    """The publisher's progress as the feed's clock points (true market time, however the
+    feed is paced), on stdout and in ``clock_stats`` for the scaler's clock in Redis."""
+
+    def on_progress(st: ReplayStats) -> None:
+        clock = st.source_clock_ns
+        if warp is not None and clock:
+            clock = warp.unwarp(clock)
+        clock_stats.source_clock_ns = clock
+        if clock:
+            _emit({
+                "wall": time.time(), "market": (midnight + clock) / NS,
+                "msgs": st.source_messages, "records": st.records,
+            })  # fmt: skip
+
+    return on_progress
+
+
+async def _send(
+    a: argparse.Namespace, replayer: Replayer, clock_stats: ReplayStats, day: str
+) -> Manifest:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, replayer.stop)
+    stop = asyncio.Event()
+    clock_task = None
+    if a.redis:
+        from ingest.replay.clock import publish_clock
+
+        clock_task = asyncio.create_task(
+            publish_clock(a.redis, clock_stats, day, replayer.speed, stop)
+        )
+    try:
+        return await replayer.run()
+    finally:
+        stop.set()
+        if clock_task is not None:
+            await clock_task
+
+
+async def run(a: argparse.Namespace) -> int:
     # A load generator must not be the bottleneck it measures. Generating the day (and, for a
     # window late in the day, rebuilding the state before it) and computing the manifest cost
     # more than publishing, so both happen here, before the publisher's pacing clock starts;
     # during the run it only sends. It also keeps the snapshot work from counting as lateness,
     # which would send a late window's first minutes at full speed.
     try:
-        msgs = list(src)
+        msgs, codec, day, params, warp = _prepared(a)
     except SourceError as e:
         # A user's file that cannot be replayed as it is: one line, exit 2, as the replay.
         print(f"error: {e}", file=sys.stderr)
@@ -145,36 +193,11 @@ async def run(a: argparse.Namespace) -> int:
     # Every full collection would walk the whole day held in msgs and stall the sends.
     freeze_startup_heap()
     midnight = midnight_ns(day) if codec == "itch" else 0
-    # The clock the scaler reads: true market time, however the feed is paced.
     clock_stats = ReplayStats()
-
-    def on_progress(st: ReplayStats) -> None:
-        clock = st.source_clock_ns
-        if warp is not None and clock:
-            clock = warp.unwarp(clock)
-        clock_stats.source_clock_ns = clock
-        if clock:
-            _emit({
-                "wall": time.time(), "market": (midnight + clock) / NS,
-                "msgs": st.source_messages, "records": st.records,
-            })  # fmt: skip
-
+    speed = None if a.speed == "max" else float(a.speed)
+    on_progress = _clock_reporter(warp, midnight, clock_stats)
     replayer = Replayer(a.bootstrap, a.topic, msgs, speed, day, on_progress, manifest=False)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, replayer.stop)
-    stop = asyncio.Event()
-    clock_task = None
-    if a.redis:
-        from ingest.replay.clock import publish_clock
-
-        clock_task = asyncio.create_task(publish_clock(a.redis, clock_stats, day, speed, stop))
-    try:
-        sent = await replayer.run()
-    finally:
-        stop.set()
-        if clock_task is not None:
-            await clock_task
+    sent = await _send(a, replayer, clock_stats, day)
     st = replayer.stats
     if replayer.interrupted:
         # Only what went out can be expected downstream.
