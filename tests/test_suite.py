@@ -19,6 +19,7 @@ from rich.console import Console
 
 from ingest.codecs.jsonfeed import decode_json
 from ingest.replay.spec import SourceSpec
+from scaler.lag import LagProbe
 from tickscale.loadtest.chaos import KINDS, SERVICE
 from tickscale.loadtest.feed import build_manifest
 from tickscale.loadtest.runner import LoadTest, parse_policy
@@ -247,8 +248,8 @@ async def test_sampler_counts_live_handler_processes_not_the_scalers_list(
         [sys.executable, "-c", "import time; time.sleep(600)", "tickscale", "handler"],
         env=os.environ | {"TICKSCALE_HANDLER_HANDLER_ID": f"handler-{fleet}-2"},
     )  # fmt: skip
-    sampler = Sampler(ts.bootstrap, ts.raw, ts.group, redis_url, "x", targets, ReplayClock(),
-                      fleet=fleet)  # fmt: skip
+    probe = LagProbe(ts.bootstrap, ts.raw, ts.group)
+    sampler = Sampler(probe, redis_url, "x", targets, ReplayClock(), fleet=fleet)
     await sampler.start()
 
     async def sample() -> Sample:

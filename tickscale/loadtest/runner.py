@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from scaler.lag import LagProbe
 from scaler.settings import ScalerSettings
 from tickscale.loadtest import chaos as chaos_mod
 from tickscale.loadtest import ledger as ledger_mod
@@ -208,7 +209,7 @@ class LoadTest:
         )
         ctx.scaler = self.scaler
         self.sampler = Sampler(
-            svc.bootstrap, n.raw, n.group, svc.redis_url, n.audit_stream,
+            LagProbe(svc.bootstrap, n.raw, n.group), svc.redis_url, n.audit_stream,
             self.out / "scaler" / "targets.json", self.clock, fleet=n.run_id,
         )  # fmt: skip
         sampling: asyncio.Task[None] | None = None

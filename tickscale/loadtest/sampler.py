@@ -123,11 +123,13 @@ def read_targets(path: Path) -> list[tuple[str, str]]:
 
 
 class Sampler:
+    """One sample a second of the run: lag from ``probe`` (the scaler's own measure), scale
+    events from the audit stream, handlers from the targets file, latency and counts from
+    the handlers' metrics."""
+
     def __init__(
         self,
-        bootstrap: str,
-        topic: str,
-        group: str,
+        probe: LagProbe,
         redis_url: str,
         audit_stream: str,
         targets_file: Path,
@@ -136,7 +138,7 @@ class Sampler:
         period_s: float = 1.0,
     ) -> None:
         self.fleet = fleet
-        self.probe = LagProbe(bootstrap, topic, group)
+        self.probe = probe
         self.redis_url = redis_url
         self.audit_stream = audit_stream
         self.targets_file = targets_file
