@@ -41,6 +41,7 @@ from tickscale.dashboards import (
     run_query,
 )
 from tickscale.localstack.net import free_port
+from tickscale.stack_secrets import make_secrets
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -249,10 +250,12 @@ class ComposeStack:
         self.project = f"tstest{uuid.uuid4().hex[:8]}"
         self.kafka_port, self.prom_port = free_port(), free_port()
         self.network = f"{self.project}-md"
+        # Its own password files, as `tickscale secrets` makes them for a user.
+        self.secrets_dir = tmp_path / f"secrets-{self.project}"
+        make_secrets(self.secrets_dir)
         settings = {
             "COMPOSE_PROJECT_NAME": self.project,
-            "REDIS_PASSWORD": uuid.uuid4().hex,
-            "GRAFANA_ADMIN_PASSWORD": uuid.uuid4().hex,
+            "SECRETS_DIR": str(self.secrets_dir),
             "KAFKA_EXTERNAL_PORT": str(self.kafka_port),
             "PROMETHEUS_PORT": str(self.prom_port),
             "TICKSCALE_NETWORK": self.network,
@@ -418,6 +421,8 @@ E2E_SETTINGS = {
     "SCALER_SESSION_MIN": f"pre_market=1,open={E2E_MAX_HANDLERS},close={E2E_MAX_HANDLERS}",
     "SCALER_SCALE_DOWN_WINDOW_S": "20",
 }
+# The stack's password files the handler tasks get as swarm secrets (compose/swarm.yml).
+SWARM_HANDLER_SECRETS = ("redis_password",)
 LEDGER_OK = "missing=0 duplicated=0 reordered=0 checksum_mismatch=0"
 
 
@@ -619,8 +624,13 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
     fleet = f"sw{uuid.uuid4().hex[:8]}"
     service = f"tickscale-handlers-{fleet}"
     stack = _compose_stack(
-        tmp_path, "swarm.yml", SCALER_NAME=fleet, SWARM_SERVICE=service, **E2E_SETTINGS
-    )
+        tmp_path, "swarm.yml", SCALER_NAME=fleet, SWARM_SERVICE=service,
+        SWARM_SECRET_PREFIX=fleet, **E2E_SETTINGS,
+    )  # fmt: skip
+    # The handlers' swarm secrets, made from the stack's files as compose/swarm.yml says.
+    swarm_secrets = [f"{fleet}-{n.replace('_', '-')}" for n in SWARM_HANDLER_SECRETS]
+    for name, file in zip(swarm_secrets, SWARM_HANDLER_SECRETS, strict=True):
+        docker("secret", "create", name, str(stack.secrets_dir / file))
     t0 = time.time()
     counts: list[int] = []  # running task containers, one sample a second
 
@@ -669,6 +679,7 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
             print(stack.logs())
             stack.run("down", "-v", "--remove-orphans", timeout=240)
         docker("service", "rm", service, check=False)
+        docker("secret", "rm", *swarm_secrets, check=False)
         if docker("network", "inspect", stack.network, check=False).returncode == 0:
             time.sleep(5)  # the service's tasks release the network as they go
             docker("network", "rm", stack.network, check=False)

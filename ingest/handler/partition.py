@@ -35,6 +35,7 @@ from core.constants import (
     HDR_DL_TOPIC,
     HDR_SEQ,
 )
+from core.secrets import kafka_auth
 from ingest import metrics
 from ingest.codecs.errors import DecodeError
 from ingest.handler.redis_sink import RedisSink, snapshot_key
@@ -246,6 +247,7 @@ class PartitionWorker:
     ) -> int:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **kafka_auth(),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

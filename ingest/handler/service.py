@@ -40,6 +40,7 @@ from aiokafka.errors import KafkaError
 
 from core.retry import retry_async
 from core.runtime import stop_on_signals
+from core.secrets import client_secrets
 from ingest import metrics
 from ingest.handler.commits import Committer
 from ingest.handler.fetch import Batches, group_consumer, out_partitions, top_up
@@ -114,7 +115,7 @@ class FeedHandler:
         PRODUCE_RETRIES.install()  # once per process; adding the same filter again is a no-op
         await self.probes.start()
         if s.redis_url:
-            self.sink = RedisSink(s.redis_url, s.handler_id)
+            self.sink = RedisSink(client_secrets().redis_url(s.redis_url), s.handler_id)
             await self.sink.start()
         outputs = Outputs(s.out_topic, await out_partitions(s), s.deadletter_topic)
         self.restorer = Restorer(s, outputs, self.sink, self.grace.event)

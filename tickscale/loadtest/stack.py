@@ -107,7 +107,9 @@ def compose_redis_url(env_file: Path) -> str:
     if not env_file.exists():
         raise RuntimeError(f"{env_file} not found: copy compose/.env.example to it (see README)")
     env = read_env_file(env_file)
-    password = env.get("REDIS_PASSWORD", "")
+    # The stack's password file (SECRETS_DIR, docs/security.md); the URL stays on this host.
+    pw_file = Path(env.get("SECRETS_DIR", "")) / "redis_password"
+    password = pw_file.read_text().strip() if env.get("SECRETS_DIR") and pw_file.exists() else ""
     ip = _compose_redis_ip(env.get("COMPOSE_PROJECT_NAME", "tickscale"))
     auth = f":{password}@" if password else ""
     return f"redis://{auth}{ip}:6379/0"
