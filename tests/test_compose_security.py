@@ -102,8 +102,8 @@ def test_passwords_are_secret_files_only(tmp_path: Path, variant: tuple[str, ...
     assert all(f"{secrets_dir}/{n}" in top for n in STACK_SECRETS), top
     services = _services(r.stdout)
     # The handlers' files: what the scaler mounts is exactly what its gate allows.
-    scaler = re.search(r"TICKSCALE_SCALER_HANDLER_SECRETS: (.*)", services["scaler"])
-    gate = re.search(r"TICKSCALE_GATE_SECRETS: (.*)", services["docker-gate"])
+    scaler = re.search(r"TICKSCALE_SCALER_HANDLER_SECRETS: ([^}]*)", services["scaler"])
+    gate = re.search(r"TICKSCALE_GATE_SECRETS: ([^}]*)", services["docker-gate"])
     assert scaler and gate and scaler.group(1) == gate.group(1), (scaler, gate)
     assert "tickscale_redis_password" in scaler.group(1)
 
@@ -142,3 +142,42 @@ def test_a_placeholder_password_file_stops_the_process_naming_it(
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the secret file {file}:"), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_kafka_authenticates_every_client_listener() -> None:
+    props = dict(
+        line.split("=", 1)
+        for line in (COMPOSE_DIR / "kafka" / "server.properties").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    protocols = dict(p.split(":") for p in props["listener.security.protocol.map"].split(","))
+    listeners = dict(
+        (lambda name, addr: (name, addr))(*x.split("://")) for x in props["listeners"].split(",")
+    )
+    # The one unauthenticated listener is the controller's, on the container's loopback.
+    assert {n for n, p in protocols.items() if p != "SASL_PLAINTEXT"} == {"CONTROLLER"}
+    assert listeners["CONTROLLER"].startswith("localhost:"), listeners
+    assert props["allow.everyone.if.no.acl.found"] == "false"
+    assert props["authorizer.class.name"].endswith("StandardAuthorizer")
+    assert not any("password=" in v for v in props.values()), props
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["main", "swarm"])
+def test_each_kafka_client_runs_as_its_own_principal(
+    tmp_path: Path, variant: tuple[str, ...]
+) -> None:
+    r = _config(tmp_path, variant, SECRETS_DIR=str(tmp_path / "secrets"))
+    assert r.returncode == 0, r.stderr
+    services = _services(r.stdout)
+    expected = {"topics": "admin", "replay": "replay", "scaler": "scaler", "verify": "verify"}
+    for service, principal in expected.items():
+        block = services[service]
+        assert f"TICKSCALE_KAFKA_USERNAME: {principal}" in block, block
+        # Its password file mounted as the file its settings read.
+        assert re.search(
+            rf"source: kafka_{principal}_password\n\s+target: tickscale_kafka_password", block
+        ), block
+    assert "TICKSCALE_SCALER_HANDLER_KAFKA_USERNAME: handler" in services["scaler"]
+    handler_files = re.search(r"TICKSCALE_SCALER_HANDLER_SECRETS: ([^}]*)", services["scaler"])
+    assert handler_files, services["scaler"]
+    assert re.search(r"kafka.handler.password", handler_files.group(1)), handler_files.group(1)

@@ -17,6 +17,12 @@ from pathlib import Path
 STACK_SECRETS = (
     "redis_password",
     "grafana_admin_password",
+    "kafka_admin_password",
+    "kafka_replay_password",
+    "kafka_handler_password",
+    "kafka_scaler_password",
+    "kafka_verify_password",
+    "kafka_loadtest_password",
 )
 
 
