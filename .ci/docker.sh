@@ -101,8 +101,8 @@ step "compose config"
 envf="$(mktemp)"
 trap 'rm -f "$envf"' EXIT
 cp compose/.env.example "$envf"
-# The example leaves the passwords empty on purpose (compose refuses them): any value will do here.
-printf 'REDIS_PASSWORD=%s\nGRAFANA_ADMIN_PASSWORD=%s\n' "$(date +%s%N)" "$(date +%s%N)" >>"$envf"
+# The example leaves SECRETS_DIR empty on purpose (compose refuses it): any folder will do here.
+printf 'SECRETS_DIR=%s\n' "$(dirname "$envf")/tickscale-secrets" >>"$envf"
 "${COMPOSE[@]}" -f compose/docker-compose.yml --env-file "$envf" config -q
 echo "compose/docker-compose.yml: valid"
 

@@ -12,6 +12,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
+from core.secrets import kafka_auth
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ async def ensure_topics(
         return
     topic_configs = {k: str(v) for k, v in (configs or {}).items()}
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, **kafka_auth(), request_timeout_ms=int(timeout_s * 1000)
     )
     await admin.start()
     try:

@@ -69,13 +69,22 @@ def _choices(annotation: Any) -> str:
     return ""
 
 
+def has_flag(field: FieldInfo) -> bool:
+    """A mapping (e.g. file name -> host path) has no flag: it is set by environment (JSON)."""
+    try:
+        _cli_type(field.annotation)
+    except TypeError:
+        return False
+    return True
+
+
 def options(model: type[BaseModel], exclude: Iterable[str] = ()) -> list[inspect.Parameter]:
-    """One keyword-only parameter per field of ``model``, each a typer option defaulting to
-    None (not given)."""
+    """One keyword-only parameter per field of ``model`` that has a flag, each a typer option
+    defaulting to None (not given)."""
     skip = set(exclude)
     params = []
     for name, field in model.model_fields.items():
-        if name in skip:
+        if name in skip or not has_flag(field):
             continue
         help_ = " ".join(p for p in (_choices(field.annotation), _help(field)) if p)
         typ = _cli_type(field.annotation)
@@ -146,6 +155,8 @@ def to_args(settings: BaseModel) -> list[str]:
     fields = type(settings).model_fields
     args: list[str] = []
     for name in sorted(settings.model_fields_set, key=list(fields).index):
+        if not has_flag(fields[name]):
+            continue  # a mapping: the child reads it from the environment it inherits
         value = getattr(settings, name)
         flag = flag_of(name, fields[name])
         if isinstance(value, bool):

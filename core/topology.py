@@ -6,6 +6,7 @@ import logging
 
 from core import constants as c
 from core.admin import ensure_topics
+from core.secrets import kafka_auth
 
 # md.raw must keep a whole day: a partition restored without a snapshot is
 # rebuilt by replaying it from the start. Its record timestamps are the broker's
@@ -72,7 +73,7 @@ async def _partition_ids(bootstrap: str, topics: list[str]) -> dict[str, list[in
     the first that does not exist."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth())
     await admin.start()
     try:
         descs = await admin.describe_topics(topics)

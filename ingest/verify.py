@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.secrets import kafka_auth
 from core.topology import partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest, ManifestBuilder
@@ -224,6 +225,7 @@ async def _read_topic(
     """
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **kafka_auth(),
         group_id=None,
         enable_auto_commit=False,
         isolation_level="read_committed",

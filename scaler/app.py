@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from core.http import HealthServer
+from core.secrets import client_secrets, without_redis_password
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, HandlerSpec
 from scaler.baseline import BaselineConfig, ReactiveBaseline
@@ -71,6 +72,14 @@ def make_decider(s: ScalerSettings) -> Decider:
     return Policy(policy_config(s), make_calendar(s))
 
 
+def handler_redis_url(s: ScalerSettings) -> str:
+    """Containers never get the password in their environment (``docker inspect`` shows it):
+    they read theirs from the secret file mounted for them (``handler_secrets``). Local
+    processes, the scaler's own children, get the URL as it is."""
+    url = s.handler_redis_url or s.redis_url
+    return url if s.backend == "process" else without_redis_password(url)
+
+
 def handler_spec(s: ScalerSettings) -> HandlerSpec:
     return HandlerSpec(
         bootstrap=s.handler_bootstrap or s.bootstrap,
@@ -78,7 +87,9 @@ def handler_spec(s: ScalerSettings) -> HandlerSpec:
         out_topic=s.out_topic,
         deadletter_topic=s.deadletter_topic,
         group=s.group,
-        redis_url=s.handler_redis_url or s.redis_url,
+        redis_url=handler_redis_url(s),
+        secrets=s.handler_secrets,
+        kafka_username=s.handler_kafka_username,
     )
 
 
@@ -121,7 +132,8 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
 
 async def build(s: ScalerSettings) -> Scaler:
     """A ready-to-start Scaler; raises StartupError naming what is wrong."""
-    redis = Redis.from_url(s.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    url = client_secrets().redis_url(s.redis_url)
+    redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
         await redis.ping()
     except (RedisError, OSError) as e:

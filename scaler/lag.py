@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from core.secrets import kafka_auth
 from scaler.signals import Ewma, PartitionLag, Snapshot
 
 log = logging.getLogger(__name__)
@@ -105,11 +106,12 @@ class LagProbe:
         self._last: tuple[float, int, int] | None = None  # time, sum(end), sum(committed)
 
     async def start(self) -> None:
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **kafka_auth())
         await self._admin.start()
         # No group: this consumer only reads offsets and, rarely, one record.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
+            **kafka_auth(),
             enable_auto_commit=False,
             max_partition_fetch_bytes=64 * 1024,
         )

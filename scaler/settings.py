@@ -7,6 +7,7 @@ backend, with the setting's name in the message.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Literal, Self
 
@@ -38,6 +39,15 @@ class ScalerSettings(BaseSettings):
     # address than the scaler does (unset: the scaler's own).
     handler_bootstrap: str | None = Field(None, description="Kafka as the handlers reach it")
     handler_redis_url: str | None = Field(None, description="Redis as the handlers reach it")
+    # The handlers' passwords, as files under /run/secrets in each handler (named as
+    # the handler's settings read them: tickscale_redis_password,
+    # tickscale_kafka_password) -> the host file (docker backend, bind-mounted
+    # read-only) or the swarm secret (swarm backend). Never copied into an environment.
+    # A mapping: set by environment only (JSON), it has no flag.
+    handler_secrets: dict[str, str] = Field(default_factory=dict)
+    handler_kafka_username: str | None = Field(
+        None, description="the handlers' SASL/SCRAM user (unset: PLAINTEXT)"
+    )
 
     # The loop.
     policy: Literal["tickscale", "reactive"] = Field("tickscale", description="scaling policy")
@@ -135,6 +145,14 @@ class ScalerSettings(BaseSettings):
     def _redis(cls, v: str) -> str:
         return check_redis_url(v)
 
+    @field_validator("handler_secrets")
+    @classmethod
+    def _handler_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, source in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not source:
+                raise ValueError(f"{name!r}: expected a file name and its source, got {source!r}")
+        return v
+
     @field_validator("calendar")
     @classmethod
     def _calendar(cls, v: str) -> str:
@@ -163,6 +181,14 @@ class ScalerSettings(BaseSettings):
 
         GuardConfig.parse(v)  # GuardError is a ValueError: named as this setting
         return v
+
+    @model_validator(mode="after")
+    def _secrets_on_the_host(self) -> Self:
+        # The engine resolves a bind's source, not the scaler's own filesystem.
+        relative = [s for s in self.handler_secrets.values() if not s.startswith("/")]
+        if self.backend == "docker" and relative:
+            raise ValueError(f"handler_secrets: host paths must be absolute, got {relative}")
+        return self
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:

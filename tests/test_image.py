@@ -41,6 +41,7 @@ from tickscale.dashboards import (
     run_query,
 )
 from tickscale.localstack.net import free_port
+from tickscale.stack_secrets import make_secrets
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -249,10 +250,12 @@ class ComposeStack:
         self.project = f"tstest{uuid.uuid4().hex[:8]}"
         self.kafka_port, self.prom_port = free_port(), free_port()
         self.network = f"{self.project}-md"
+        # Its own password files, as `tickscale secrets` makes them for a user.
+        self.secrets_dir = tmp_path / f"secrets-{self.project}"
+        make_secrets(self.secrets_dir)
         settings = {
             "COMPOSE_PROJECT_NAME": self.project,
-            "REDIS_PASSWORD": uuid.uuid4().hex,
-            "GRAFANA_ADMIN_PASSWORD": uuid.uuid4().hex,
+            "SECRETS_DIR": str(self.secrets_dir),
             "KAFKA_EXTERNAL_PORT": str(self.kafka_port),
             "PROMETHEUS_PORT": str(self.prom_port),
             "TICKSCALE_NETWORK": self.network,
@@ -279,6 +282,18 @@ class ComposeStack:
             "-p",
             self.project,
         ]
+
+    def client_env(self, principal: str) -> dict[str, str]:
+        """The environment of a host tool that reaches the stack's Kafka as ``principal``:
+        its password file of the stack's SECRETS_DIR as the tool's secret file."""
+        folder = self.secrets_dir.parent / f"client-{self.project}-{principal}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        (folder / "tickscale_kafka_password").write_text(
+            (self.secrets_dir / f"kafka_{principal}_password").read_text()
+        )
+        return self._environ | {
+            "TICKSCALE_SECRETS_DIR": str(folder), "TICKSCALE_KAFKA_USERNAME": principal,
+        }  # fmt: skip
 
     @property
     def prometheus(self) -> str:
@@ -393,6 +408,7 @@ def test_compose_stack_comes_up(image: dict, tmp_path: Path) -> None:
             text=True,
             timeout=120,
             check=False,
+            env=stack.client_env("admin"),
         )
         assert r2.returncode == 0, r2.stdout + r2.stderr
         ok = True
@@ -418,6 +434,39 @@ E2E_SETTINGS = {
     "SCALER_SESSION_MIN": f"pre_market=1,open={E2E_MAX_HANDLERS},close={E2E_MAX_HANDLERS}",
     "SCALER_SCALE_DOWN_WINDOW_S": "20",
 }
+# Run as a stack service (its principal): reads md.raw's partitions, then tries
+# to write a record into md.raw, which only User:replay may do.
+FORGE_RAW = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import TopicAuthorizationFailedError
+from core.secrets import kafka_auth
+
+async def main():
+    auth = kafka_auth()
+    c = AIOKafkaConsumer("md.raw", bootstrap_servers="kafka:9092", group_id=None, **auth)
+    await c.start()
+    parts = c.partitions_for_topic("md.raw")
+    await c.stop()
+    if not parts:
+        print("md.raw not readable")
+        return 1
+    p = AIOKafkaProducer(bootstrap_servers="kafka:9092", **auth)
+    await p.start()
+    try:
+        await p.send_and_wait("md.raw", b"forged")
+    except TopicAuthorizationFailedError:
+        print(f"as {auth['sasl_plain_username']}: md.raw readable, write refused")
+        return 0
+    finally:
+        await p.stop()
+    print("written", parts)
+    return 1
+
+sys.exit(asyncio.run(main()))
+"""
+# The stack's password files the handler tasks get as swarm secrets (compose/swarm.yml).
+SWARM_HANDLER_SECRETS = ("redis_password", "kafka_handler_password")
 LEDGER_OK = "missing=0 duplicated=0 reordered=0 checksum_mismatch=0"
 
 
@@ -435,6 +484,7 @@ def _assert_compose_ledger(stack: ComposeStack, replay: str, tmp_path: Path) -> 
             "--json", str(report),
         ],
         capture_output=True, text=True, timeout=300, check=False,
+        env=stack.client_env("verify"),
     )  # fmt: skip
     print(v.stdout[-1500:])
     lines = v.stdout.strip().splitlines()
@@ -525,6 +575,12 @@ def test_compose_stack_scales_handlers_end_to_end(image: dict, tmp_path: Path) -
         assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
         assert v.stdout.strip().splitlines()[-1] == LEDGER_OK, v.stdout[-3000:]
         done("verify in the stack")
+        # Inside the stack, User:verify reads md.raw but may not write a record into it.
+        probe = stack.run(
+            "run", "--rm", "--entrypoint", "python3", "verify", "-c", FORGE_RAW, timeout=180
+        )
+        assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+        assert "as verify: md.raw readable, write refused" in probe.stdout, probe.stdout
 
         # No replay clock, no load: handlers go once the window has passed.
         _wait("the scaler to remove handlers after the replay", lambda: handlers_now() < peak, 180)
@@ -619,8 +675,13 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
     fleet = f"sw{uuid.uuid4().hex[:8]}"
     service = f"tickscale-handlers-{fleet}"
     stack = _compose_stack(
-        tmp_path, "swarm.yml", SCALER_NAME=fleet, SWARM_SERVICE=service, **E2E_SETTINGS
-    )
+        tmp_path, "swarm.yml", SCALER_NAME=fleet, SWARM_SERVICE=service,
+        SWARM_SECRET_PREFIX=fleet, **E2E_SETTINGS,
+    )  # fmt: skip
+    # The handlers' swarm secrets, made from the stack's files as compose/swarm.yml says.
+    swarm_secrets = [f"{fleet}-{n.replace('_', '-')}" for n in SWARM_HANDLER_SECRETS]
+    for name, file in zip(swarm_secrets, SWARM_HANDLER_SECRETS, strict=True):
+        docker("secret", "create", name, str(stack.secrets_dir / file))
     t0 = time.time()
     counts: list[int] = []  # running task containers, one sample a second
 
@@ -669,6 +730,7 @@ def test_compose_swarm_variant_scales_a_service(image: dict, tmp_path: Path, swa
             print(stack.logs())
             stack.run("down", "-v", "--remove-orphans", timeout=240)
         docker("service", "rm", service, check=False)
+        docker("secret", "rm", *swarm_secrets, check=False)
         if docker("network", "inspect", stack.network, check=False).returncode == 0:
             time.sleep(5)  # the service's tasks release the network as they go
             docker("network", "rm", stack.network, check=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from core.cli_settings import load, options_from
 from ingest.handler.settings import HandlerSettings
@@ -59,6 +60,19 @@ def _main(
         stream=sys.stderr,
     )
     logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
+    from core.secrets import client_secrets
+
+    # Passwords are read once, here, so a placeholder stops every role before it starts.
+    try:
+        client_secrets()
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "kafka_username"
+        where = f"TICKSCALE_{name.upper()}"
+        if name.endswith("_password"):
+            where = f"the secret file tickscale_{name}"
+        typer.echo(f"error: {where}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
 
 
 # --- replay -------------------------------------------------------------------------------
@@ -254,6 +268,25 @@ def topics(
 
 
 # --- up -----------------------------------------------------------------------------------
+
+
+@app.command()
+def secrets(
+    folder: Annotated[Path, typer.Argument(help="the compose stack's SECRETS_DIR")],
+) -> None:
+    """Make the compose stack's password files that are missing, each a random value.
+
+    Existing files are kept: rotating one is editing it (docs/security.md).
+    """
+    from tickscale.stack_secrets import make_secrets
+
+    try:
+        made = make_secrets(folder.absolute())
+    except OSError as e:
+        raise _fail(str(folder), f"cannot write the password files there: {e}") from None
+    for name in made:
+        typer.echo(f"wrote {folder / name}")
+    typer.echo(f"SECRETS_DIR={folder.absolute()}")
 
 
 @app.command()

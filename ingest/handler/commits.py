@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from core.secrets import kafka_auth
 from ingest.handler.fencing import FencedProducer, GroupMetadata
 from ingest.handler.partition import Batch, PartitionWorker
 from ingest.handler.settings import HandlerSettings
@@ -37,11 +38,16 @@ class Committer:
         s = self.s
         if not s.eos:
             self.producer = AIOKafkaProducer(
-                bootstrap_servers=s.bootstrap, acks="all", enable_idempotence=True, linger_ms=2
+                bootstrap_servers=s.bootstrap,
+                **kafka_auth(),
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=2,
             )
         else:
             self.producer = FencedProducer(
                 bootstrap_servers=s.bootstrap,
+                **kafka_auth(),
                 transactional_id=self.txn_id,
                 enable_idempotence=True,
                 acks="all",

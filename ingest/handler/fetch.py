@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.secrets import kafka_auth
 from ingest.handler.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
     itself (the transactions carry the offsets)."""
     return AIOKafkaConsumer(
         bootstrap_servers=s.bootstrap,
+        **kafka_auth(),
         group_id=s.group,
         client_id=s.handler_id,
         enable_auto_commit=False,
@@ -40,7 +42,7 @@ def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
 
 async def out_partitions(s: HandlerSettings) -> int:
     """The output topic's partition count; RuntimeError naming it if it does not exist."""
-    probe = AIOKafkaProducer(bootstrap_servers=s.bootstrap)
+    probe = AIOKafkaProducer(bootstrap_servers=s.bootstrap, **kafka_auth())
     await probe.start()
     try:
         parts = await probe.partitions_for(s.out_topic)

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
+from core.secrets import kafka_auth
 from ingest import metrics
 from ingest.handler.partition import PartitionWorker, RestoreError, RestoreStopped
 from ingest.normalize import Normalizer
@@ -83,6 +84,7 @@ async def _replay(
 ) -> int:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
+        **kafka_auth(),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

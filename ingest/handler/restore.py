@@ -15,6 +15,7 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.secrets import kafka_auth
 from ingest import metrics
 from ingest.handler.fencing import Committed, Unstable, fetch_committed, stale_transactions
 from ingest.handler.incarnation import judge_committed, offset_metadata, topic_id
@@ -40,7 +41,7 @@ class Stopping(Exception):
 async def fence(bootstrap: str, txn_id: str) -> None:
     """Initialising a producer with ``txn_id`` aborts its open transaction and
     makes its current holder's next transactional request fail."""
-    p = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=txn_id)
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_auth(), transactional_id=txn_id)
     await p.start()
     await p.stop()
 

@@ -40,6 +40,7 @@ from aiokafka.errors import KafkaError
 
 from core.retry import retry_async
 from core.runtime import stop_on_signals
+from core.secrets import client_secrets
 from ingest import metrics
 from ingest.handler.commits import Committer
 from ingest.handler.fetch import Batches, group_consumer, out_partitions, top_up
@@ -115,7 +116,7 @@ class FeedHandler:
         metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:
-            self.sink = RedisSink(s.redis_url, s.handler_id)
+            self.sink = RedisSink(client_secrets().redis_url(s.redis_url), s.handler_id)
             await self.sink.start()
         outputs = Outputs(s.out_topic, await out_partitions(s), s.deadletter_topic)
         self.restorer = Restorer(s, outputs, self.sink, self.grace.event)

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.constants import REDIS_REPLAY_CLOCK
+from core.secrets import client_secrets
 from ingest.replay.publisher import ReplayStats
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ async def publish_clock(
     key: str = REDIS_REPLAY_CLOCK,
 ) -> None:
     """Write ``{date, clock_ns, wall, speed}`` every ``period_s`` until ``stop`` is set."""
-    redis = Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    redis = Redis.from_url(
+        client_secrets().redis_url(redis_url), socket_timeout=2, socket_connect_timeout=2
+    )
     warned = False
     try:
         while not stop.is_set():

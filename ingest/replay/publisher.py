@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from core.constants import HDR_BROADCAST, HDR_CODEC, HDR_DATE, HDR_SEQ
+from core.secrets import kafka_auth
 from ingest.codecs.errors import SourceError
 from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.keys import partition_for
@@ -158,6 +159,7 @@ class ReplayStats:
 def _producer(bootstrap: str, outage_deadline_s: float, batch_bytes: int) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
+        **kafka_auth(),
         acks="all",
         # Retries keep a batch's sequence numbers, so the broker stores it once
         # however often it is sent; idempotent batches are retried without end

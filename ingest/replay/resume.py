@@ -8,6 +8,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.constants import HDR_SEQ
+from core.secrets import kafka_auth
 from ingest.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manife
     since = prev.acked_at_ms - 60_000
     tps = [TopicPartition(topic, p) for p in range(n)]
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None
+        bootstrap_servers=bootstrap, **kafka_auth(), enable_auto_commit=False, group_id=None
     )
     await consumer.start()
     try:

@@ -83,6 +83,9 @@ class HandlerSpec:
     group: str
     redis_url: str | None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # File name under /run/secrets -> host file (docker) or swarm secret (swarm).
+    secrets: dict[str, str] = field(default_factory=dict)
+    kafka_username: str | None = None
 
     def env(self) -> dict[str, str]:
         env = {
@@ -94,6 +97,8 @@ class HandlerSpec:
         }
         if self.redis_url:
             env["TICKSCALE_HANDLER_REDIS_URL"] = self.redis_url
+        if self.kafka_username:
+            env["TICKSCALE_KAFKA_USERNAME"] = self.kafka_username
         env.update(self.extra_env)
         return env
 

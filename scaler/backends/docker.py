@@ -35,6 +35,7 @@ from docker.types import LogConfig
 from requests import RequestException
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
+from core.secrets import SECRETS_DIR
 from scaler.backends.base import (
     BackendError,
     BackendHealth,
@@ -392,6 +393,12 @@ class DockerBackend(EngineClient):
             "security_opt": ["no-new-privileges:true"],
             "log_config": _LOG_CONFIG,
         }
+        if self.spec.secrets:
+            # Each password one read-only file, the only mounts the gate lets through.
+            kwargs["volumes"] = {
+                src: {"bind": f"{SECRETS_DIR}/{name}", "mode": "ro"}
+                for name, src in self.spec.secrets.items()
+            }
         if self.network == "host":
             kwargs["network_mode"] = "host"
         elif self.network:

@@ -21,7 +21,7 @@ import time
 from typing import Any, TypeVar
 
 from docker.errors import APIError, NotFound
-from docker.types import Healthcheck, Resources, RestartPolicy, ServiceMode
+from docker.types import Healthcheck, Resources, RestartPolicy, SecretReference, ServiceMode
 
 from core.constants import LABEL_SCALER
 from core.retry import retry_sync
@@ -49,6 +49,8 @@ _STARTING = {"new", "pending", "assigned", "accepted", "ready", "preparing", "st
 _SCALE_RETRIES = 5
 # Beyond the stop grace period: Swarm's own lag between a task's exit and its state.
 _RETIRE_MARGIN_S = 15.0
+# The image's user (Dockerfile), owner of the secret files in a task.
+_UID = "10001"
 
 T = TypeVar("T")
 # One service runs one image, and Swarm picks which task to stop: a canary beside
@@ -233,6 +235,10 @@ class SwarmBackend(EngineClient, _OneImage):
             "log_driver": "json-file",
             "log_driver_options": {"max-size": "10m", "max-file": "3"},
         }
+        if self.spec.secrets:
+            kwargs["secrets"] = [
+                self._secret(file, name) for file, name in self.spec.secrets.items()
+            ]
         if host:
             kwargs["healthcheck"] = Healthcheck(test=["NONE"])
         if self.network:
@@ -246,6 +252,16 @@ class SwarmBackend(EngineClient, _OneImage):
             kwargs["resources"] = Resources(**resources)
         self.client.services.create(self.image, **kwargs)
         log.info("created swarm service %s (0 replicas)", self.service)
+
+    def _secret(self, file: str, name: str) -> SecretReference:
+        """The swarm secret ``name`` as /run/secrets/``file``, readable by the image's user only."""
+        try:
+            secret = self.client.secrets.get(name)
+        except NotFound as e:
+            raise BackendError(
+                f"handler_secrets: no swarm secret {name!r} (create it with `docker secret create`)"
+            ) from e
+        return SecretReference(secret.id, name, filename=file, uid=_UID, gid=_UID, mode=0o400)
 
     def _service(self) -> Any:
         svc = self._find()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import orjson
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
+from core.secrets import SECRETS_DIR
 from tickscale.gate.settings import GateSettings
 
 ROLE_HANDLER = "handler"
@@ -33,7 +34,7 @@ _HOST_CONFIG_FREE = {
 _HOST_CONFIG_NEVER = {"MaskedPaths", "ReadonlyPaths"}
 # ContainerSpec fields of a Swarm handler task that may be anything.
 _TASK_SPEC_FREE = {
-    "Image", "Labels", "Command", "Args", "Env", "Dir", "ReadOnly", "StopGracePeriod",
+    "Image", "Labels", "Command", "Args", "Env", "Dir", "ReadOnly", "StopGracePeriod", "Secrets",
     "StopSignal", "Healthcheck", "Init", "Hostname", "Isolation",
 }  # fmt: skip
 _TASK_TEMPLATE_FREE = {"ContainerSpec", "Resources", "RestartPolicy", "Placement", "LogDriver",
@@ -128,9 +129,14 @@ class Policy:
                 return Allow()  # the backend checks its image is there
         if method == "GET" and self.s.network and path == f"/networks/{self.s.network}":
             return Allow()
+        if self.s.mode == "swarm" and method == "GET" and path in self._secret_paths():
+            return Allow()  # metadata only: the engine never returns a secret's data
         if self.s.mode == "swarm":
             return self._swarm(method, path, body)
         return self._containers(method, path, body)
+
+    def _secret_paths(self) -> set[str]:
+        return {f"/secrets/{name}" for name in self.s.secrets.values()}
 
     # Containers ------------------------------------------------------------------------
 
@@ -167,14 +173,23 @@ class Policy:
         for key, value in host.items():
             if key in _HOST_CONFIG_NEVER and value is not None:
                 return Refuse(f"create: HostConfig.{key} may not be set")
-            if key in _HOST_CONFIG_FREE or key in ("networkmode", "securityopt"):
+            if key in _HOST_CONFIG_FREE or key in ("networkmode", "securityopt", "binds"):
                 continue
             if not _empty(value):
                 return Refuse(f"create: HostConfig.{key} may not be set (got {value!r})")
         for opt in host.get("securityopt") or []:
             if not str(opt).startswith("no-new-privileges"):
                 return Refuse(f"create: security option {opt!r} is not allowed")
-        if not _empty(doc.get("volumes")):
+        binds = host.get("binds") or []
+        secret_binds = {f"{src}:{SECRETS_DIR}/{n}:ro" for n, src in self.s.secrets.items()}
+        if not isinstance(binds, list) or not set(map(str, binds)) <= secret_binds:
+            return Refuse(
+                f"create: HostConfig.binds may only be the handler secrets {sorted(secret_binds)} "
+                f"(got {binds!r})"
+            )
+        volumes = doc.get("volumes") or {}
+        targets = {f"{SECRETS_DIR}/{name}" for name in self.s.secrets}
+        if not isinstance(volumes, dict) or not set(volumes) <= targets or any(volumes.values()):
             return Refuse("create: no volumes")
         return self._network(host.get("networkmode"), doc.get("networkingconfig"))
 
@@ -232,6 +247,11 @@ class Policy:
         for key, value in spec.items():
             if key not in _TASK_SPEC_FREE and not _empty(value):
                 return Refuse(f"service: ContainerSpec.{key} may not be set")
+        for ref in spec.get("secrets") or []:
+            file = (ref.get("file") or {}) if isinstance(ref, dict) else {}
+            name = ref.get("secretname") if isinstance(ref, dict) else None
+            if self.s.secrets.get(str(file.get("name"))) != name or name is None:
+                return Refuse(f"service: secret {ref!r} is not one of the handler secrets")
         for net in task.get("networks") or []:
             target = net.get("target") if isinstance(net, dict) else net
             ok = target == self.s.network or target in self.network_ids

@@ -22,6 +22,10 @@ class GateSettings(BaseSettings):
     # The one network handlers may join; host networking only when allowed.
     network: str | None = None
     allow_host_network: bool = False
+    # The scaler's handler_secrets: file name under /run/secrets -> host file (docker
+    # mode: the one bind mount allowed, read-only, at exactly that place) or swarm
+    # secret (swarm mode: the one secret a task may reference, under that name).
+    secrets: dict[str, str] = Field(default_factory=dict)
     # docker: the scaler's containers; swarm: its service; observe: read-only
     # listing of containers and networks (Prometheus' docker_sd).
     mode: Literal["docker", "swarm", "observe"] = "docker"

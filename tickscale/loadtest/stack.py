@@ -19,6 +19,7 @@ the process backend: handlers are child processes of the scaler, which the chaos
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from core.cli_settings import to_args
+from core.secrets import client_secrets
 from tickscale.localstack.net import HOST, free_port, port_open
 from tickscale.localstack.redis import RedisServer
 
@@ -108,10 +110,34 @@ def compose_redis_url(env_file: Path) -> str:
     if not env_file.exists():
         raise RuntimeError(f"{env_file} not found: copy compose/.env.example to it (see README)")
     env = read_env_file(env_file)
-    password = env.get("REDIS_PASSWORD", "")
+    # The stack's password file (SECRETS_DIR, docs/security.md); the URL stays on this host.
+    pw_file = Path(env.get("SECRETS_DIR", "")) / "redis_password"
+    password = pw_file.read_text().strip() if env.get("SECRETS_DIR") and pw_file.exists() else ""
     ip = _compose_redis_ip(env.get("COMPOSE_PROJECT_NAME", "tickscale"))
     auth = f":{password}@" if password else ""
     return f"redis://{auth}{ip}:6379/0"
+
+
+def use_compose_admin(env_file: Path, work_dir: Path) -> bool:
+    """Run this load test's Kafka clients (and its children's) as the stack's User:admin.
+
+    A load test on the compose stack makes topics, a group and handlers of its own,
+    which no scoped principal may (docs/security.md): it authenticates as admin, with
+    the admin password file of the stack's SECRETS_DIR copied into a private folder
+    as this process's secret file. False when the stack has no such file."""
+    env = read_env_file(env_file)
+    source = Path(env.get("SECRETS_DIR") or "/nonexistent") / "kafka_admin_password"
+    if not source.is_file():
+        return False
+    folder = work_dir / "secrets"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = folder / "tickscale_kafka_password"
+    target.write_text(source.read_text())
+    target.chmod(0o400)
+    os.environ["TICKSCALE_SECRETS_DIR"] = str(folder)
+    os.environ["TICKSCALE_KAFKA_USERNAME"] = "admin"
+    client_secrets.cache_clear()
+    return True
 
 
 def _compose_container(project: str, service: str) -> object:
@@ -218,6 +244,8 @@ class Services:
                 target,
             )
             env = read_env_file(compose_env) if compose_env.exists() else {}
+            if bootstrap is None and use_compose_admin(compose_env, work_dir):
+                svc.notes.append("Kafka as the stack's admin principal (SASL/SCRAM)")
             if redis_url is None:
                 with contextlib.suppress(RuntimeError):
                     svc.redis = ComposeService(

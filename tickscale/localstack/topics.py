@@ -19,6 +19,7 @@ from aiokafka.errors import (
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from core.admin import differing_configs, ensure_topics
+from core.secrets import kafka_auth
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ async def delete_topics(bootstrap: str, names: Iterable[str], timeout_s: float =
     if not names:
         return
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, **kafka_auth(), request_timeout_ms=int(timeout_s * 1000)
     )
     await admin.start()
     try:
@@ -54,7 +55,7 @@ async def delete_groups(
     out, so that is waited for up to ``busy_s`` before NonEmptyGroup is raised.
     """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, **kafka_auth(), request_timeout_ms=int(timeout_s * 1000)
     )
     await admin.start()
     try:
@@ -83,7 +84,7 @@ async def delete_groups(
 
 
 async def list_topics(bootstrap: str) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth())
     await admin.start()
     try:
         return list(await admin.list_topics())
