@@ -76,6 +76,73 @@ def scaler_cmd(args: argparse.Namespace, bootstrap: str, redis_url: str, topic: 
     return cmd
 
 
+async def _idle(probe: LagProbe, policy: str, log_name: str) -> Snapshot:
+    """Idle: the first handler joined and the group settled."""
+    deadline = time.monotonic() + 120
+    while True:
+        s = await measure(probe)
+        if s.members >= 1 and s.group_state == "Stable":
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{policy}: no handler joined; see {log_name}")
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(5)
+    return s
+
+
+async def _first_record(probe: LagProbe, rp: subprocess.Popen[bytes], ends0: int) -> float:
+    """When the first record of the load reached the broker (monotonic): the poll before
+    the first new offsets, so the figure errs long."""
+    t_step = before = time.monotonic()
+    while rp.poll() is None:
+        s = await measure(probe)
+        if sum(p.end_offset for p in s.partitions) > ends0:
+            return before
+        before = time.monotonic()
+        await asyncio.sleep(0.05)
+    return t_step
+
+
+async def _watch(
+    args: argparse.Namespace,
+    probe: LagProbe,
+    rp: subprocess.Popen[bytes],
+    policy: str,
+    t_step: float,
+    members0: int,
+) -> tuple[float | None, float | None, float | None, int]:
+    """After the step: (scale-up, drained, scale-down) seconds and the peak lag in messages."""
+    up_s: float | None = None
+    drained_s: float | None = None
+    down_s: float | None = None
+    peak = 0
+    last_committed = None
+    max_members = members0
+    seen: tuple[int, str, bool] | None = None
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        s = await measure(probe)
+        now = time.monotonic()
+        peak = max(peak, s.lag_msgs)
+        committed = sum(p.end_offset - p.lag for p in s.partitions)
+        consuming = last_committed is not None and committed > last_committed
+        last_committed = committed
+        max_members = max(max_members, s.members)
+        if args.timeline and (s.members, s.group_state, consuming) != seen:
+            seen = (s.members, s.group_state, consuming)
+            print(f"  {policy} +{now - t_step:6.2f}s {wall()} members={s.members} "
+                  f"state={s.group_state} consuming={consuming} lag={s.lag_msgs}")  # fmt: skip
+        if up_s is None and s.members > members0 and s.group_state == "Stable" and consuming:
+            up_s = now - t_step
+        if drained_s is None and rp.poll() is not None and s.lag_msgs == 0:
+            drained_s = now - t_step
+        if drained_s is not None and down_s is None and s.members < max_members:
+            down_s = now - t_step - drained_s
+            break
+        await asyncio.sleep(0.25)
+    return up_s, drained_s, down_s, peak
+
+
 async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy: str,
                work: Path) -> Reaction:  # fmt: skip
     suffix = f"{policy}-{int(time.time())}"
@@ -97,17 +164,7 @@ async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy:
     probe = LagProbe(bootstrap, raw, group)
     await probe.start()
     try:
-        # Idle: wait for the first handler to join and the group to settle.
-        deadline = time.monotonic() + 120
-        while True:
-            s = await measure(probe)
-            if s.members >= 1 and s.group_state == "Stable":
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{policy}: no handler joined; see {log.name}")
-            await asyncio.sleep(0.5)
-        await asyncio.sleep(5)
-        members0 = s.members
+        s = await _idle(probe, policy, log.name)
         ends0 = sum(p.end_offset for p in s.partitions)
         t_launch = time.monotonic()
         rp = subprocess.Popen(
@@ -120,44 +177,11 @@ async def step(args: argparse.Namespace, bootstrap: str, redis_url: str, policy:
         # The step is the first record of the load reaching the broker, not the feed
         # process's launch: the replay spends its first seconds starting and
         # generating the day, and the scaler cannot react to load not yet sent.
-        # The poll before the first new offsets is taken, so the figure errs long.
-        t_step = before = time.monotonic()
-        while rp.poll() is None:
-            s = await measure(probe)
-            if sum(p.end_offset for p in s.partitions) > ends0:
-                t_step = before
-                break
-            before = time.monotonic()
-            await asyncio.sleep(0.05)
+        t_step = await _first_record(probe, rp, ends0)
         if args.timeline:
             print(f"  {policy}: first load record {t_step - t_launch:.2f}s after the feed's launch "
                   f"({wall()})")  # fmt: skip
-        up_s = drained_s = down_s = None
-        peak = 0
-        last_committed = None
-        max_members = members0
-        seen: tuple[int, str, bool] | None = None
-        deadline = time.monotonic() + args.timeout
-        while time.monotonic() < deadline:
-            s = await measure(probe)
-            now = time.monotonic()
-            peak = max(peak, s.lag_msgs)
-            committed = sum(p.end_offset - p.lag for p in s.partitions)
-            consuming = last_committed is not None and committed > last_committed
-            last_committed = committed
-            max_members = max(max_members, s.members)
-            if args.timeline and (s.members, s.group_state, consuming) != seen:
-                seen = (s.members, s.group_state, consuming)
-                print(f"  {policy} +{now - t_step:6.2f}s {wall()} members={s.members} "
-                      f"state={s.group_state} consuming={consuming} lag={s.lag_msgs}")  # fmt: skip
-            if up_s is None and s.members > members0 and s.group_state == "Stable" and consuming:
-                up_s = now - t_step
-            if drained_s is None and rp.poll() is not None and s.lag_msgs == 0:
-                drained_s = now - t_step
-            if drained_s is not None and down_s is None and s.members < max_members:
-                down_s = now - t_step - drained_s
-                break
-            await asyncio.sleep(0.25)
+        up_s, drained_s, down_s, peak = await _watch(args, probe, rp, policy, t_step, s.members)
         rp.wait(60)
         return Reaction(policy, up_s, drained_s, down_s, peak, t_step - t_launch)
     finally:

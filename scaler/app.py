@@ -29,7 +29,7 @@ from scaler.lease import LeaderLease
 from scaler.policy import Policy, PolicyConfig
 from scaler.rollout import RolloutController
 from scaler.rollout_state import RolloutStore
-from scaler.service import Decider, Scaler
+from scaler.service import Decider, Scaler, ScalerParts
 from scaler.settings import ScalerSettings
 
 log = logging.getLogger("scaler")
@@ -114,19 +114,21 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
             name=s.name,
             parent_pid=s.handler_parent_pid,
         )
+    from scaler.backends.docker import ContainerShape
+
+    shape = ContainerShape(s.network, s.handler_cpus, s.handler_mem_mb)
     if s.backend == "docker":
         from scaler.backends.docker import DockerBackend
 
         return DockerBackend(
-            spec, image=s.image, name=s.name, network=s.network, cpus=s.handler_cpus,
-            mem_mb=s.handler_mem_mb, stop_grace_s=s.stop_grace_s, docker_host=s.docker_host,
+            spec, image=s.image, name=s.name, shape=shape, stop_grace_s=s.stop_grace_s,
+            docker_host=s.docker_host,
         )  # fmt: skip
     from scaler.backends.swarm import SwarmBackend
 
     return SwarmBackend(
-        spec, image=s.image, service=s.swarm_service, name=s.name, network=s.network,
-        cpus=s.handler_cpus, mem_mb=s.handler_mem_mb, stop_grace_s=s.stop_grace_s,
-        docker_host=s.docker_host,
+        spec, image=s.image, service=s.swarm_service, name=s.name, shape=shape,
+        stop_grace_s=s.stop_grace_s, docker_host=s.docker_host,
     )  # fmt: skip
 
 
@@ -150,8 +152,7 @@ async def build(s: ScalerSettings) -> Scaler:
     await probe.stop()  # the scaler starts it again with the rest
     backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
     clock: MarketClock = ReplayClock(redis) if s.clock == "replay" else WallClock()
-    scaler = Scaler(
-        scaler_id=s.scaler_id,
+    parts = ScalerParts(
         backend=backend,
         decider=make_decider(s),
         probe=LagProbe(s.bootstrap, s.topic, s.group),
@@ -160,6 +161,10 @@ async def build(s: ScalerSettings) -> Scaler:
         audit=AuditLog(redis, f"{REDIS_SCALER_EVENTS}:{s.name}"),
         capacity=RedisCapacity(redis, s.fallback_capacity, hold_s=s.capacity_hold_s),
         clock=clock,
+    )
+    scaler = Scaler(
+        s.scaler_id,
+        parts,
         poll_s=s.poll_s,
         dry_run=s.dry_run,
         stop_handlers_on_exit=stop_handlers_on_exit(s),

@@ -235,6 +235,27 @@ class Policy:
         while self._targets and self._targets[0][0] < now - cfg.scale_down_window_s:
             self._targets.popleft()
 
+        desired, action, hold = self._step(snap, now, current, target, lo)
+        if current > hi and hold is None:
+            # Above the bound (max lowered, partitions shrank): correct at once.
+            desired, action = hi, "down"
+
+        inputs = snap.as_dict() | extra
+        expl = (
+            f"lag={snap.lag_msgs} msgs/{snap.lag_s:.1f}s rate={snap.ingest_rate:.0f}/s "
+            f"cap={extra['capacity_used']:.0f}/s/handler ({snap.capacity_source}) "
+            f"P={snap.partition_count} -> lag:{props['lag']} rate:{props['rate']} "
+            f"session:{props['session']}; {reason} wins, target {target}{capped}; "
+            f"{action} {current}->{desired}" + (f" (held: {hold})" if hold else "")
+        )
+        return Decision(now, current, desired, target, reason, action, hold, props, inputs, expl)
+
+    def _step(
+        self, snap: Snapshot, now: float, current: int, target: int, lo: int
+    ) -> tuple[int, str, str | None]:
+        """(desired, action, why held) on the way from ``current`` to ``target``: up at once,
+        down only once the window's highest target allows it and the last change settled."""
+        cfg = self.cfg
         desired, action, hold = current, "hold", None
         since = None if self.last_change is None else now - self.last_change
         if target != current:
@@ -257,7 +278,8 @@ class Policy:
                 desired, action = target, "up"
             else:
                 stable = max(t for _, t in self._targets)
-                full = now - self._first >= cfg.scale_down_window_s
+                # decide() sets the window's start before it asks for a step.
+                full = self._first is not None and now - self._first >= cfg.scale_down_window_s
                 if stable >= current or not full:
                     hold = "stabilising"
                 elif since is not None and since < cfg.scale_down_interval_s:
@@ -266,19 +288,7 @@ class Policy:
                     step = max(1, math.floor(current * cfg.scale_down_fraction))
                     desired = max(stable, current - step, lo)
                     action = "down" if desired < current else "hold"
-        if current > hi and hold is None:
-            # Above the bound (max lowered, partitions shrank): correct at once.
-            desired, action = hi, "down"
-
-        inputs = snap.as_dict() | extra
-        expl = (
-            f"lag={snap.lag_msgs} msgs/{snap.lag_s:.1f}s rate={snap.ingest_rate:.0f}/s "
-            f"cap={extra['capacity_used']:.0f}/s/handler ({snap.capacity_source}) "
-            f"P={snap.partition_count} -> lag:{props['lag']} rate:{props['rate']} "
-            f"session:{props['session']}; {reason} wins, target {target}{capped}; "
-            f"{action} {current}->{desired}" + (f" (held: {hold})" if hold else "")
-        )
-        return Decision(now, current, desired, target, reason, action, hold, props, inputs, expl)
+        return desired, action, hold
 
     def applied(self, decision: Decision) -> None:
         """The backend made ``decision``'s change: start the settle/join clock."""

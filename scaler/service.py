@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
@@ -45,6 +45,20 @@ class Decider(Protocol):
     def applied(self, decision: Decision) -> None: ...
 
 
+@dataclass(frozen=True)
+class ScalerParts:
+    """What a scaler is assembled from (see ``scaler.app.build``); it owns their lifecycle."""
+
+    backend: Backend
+    decider: Decider
+    probe: LagProbe
+    redis: Redis
+    lease: LeaderLease
+    audit: AuditLog
+    capacity: RedisCapacity
+    clock: MarketClock
+
+
 class Scaler:
     """Owns its probe, lease, backend and HTTP server; ``async with`` starts and stops them.
 
@@ -54,30 +68,23 @@ class Scaler:
 
     def __init__(
         self,
-        *,
         scaler_id: str,
-        backend: Backend,
-        decider: Decider,
-        probe: LagProbe,
-        redis: Redis,
-        lease: LeaderLease,
-        audit: AuditLog,
-        capacity: RedisCapacity,
-        clock: MarketClock,
+        parts: ScalerParts,
+        *,
         poll_s: float = 1.0,
         dry_run: bool = False,
         http: HealthServer | None = None,
         stop_handlers_on_exit: bool = False,
     ) -> None:
         self.scaler_id = scaler_id
-        self.backend = backend
-        self.decider = decider
-        self.probe = probe
-        self.redis = redis
-        self.lease = lease
-        self.audit = audit
-        self.capacity = capacity
-        self.clock = clock
+        self.backend = parts.backend
+        self.decider = parts.decider
+        self.probe = parts.probe
+        self.redis = parts.redis
+        self.lease = parts.lease
+        self.audit = parts.audit
+        self.capacity = parts.capacity
+        self.clock = parts.clock
         self.poll_s = poll_s
         self.dry_run = dry_run
         self.http = http

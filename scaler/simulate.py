@@ -43,8 +43,6 @@ def synthetic_day(
     symbols: int = 500,
     per_symbol: float = 4.0,
     seed: int = 1,
-    start_s: int = PRE_MARKET_START,
-    end_s: int = AFTER_HOURS_END,
     volume: float = 1.0,
     shift_s: int = 0,
     crash: tuple[int, float, float] | None = None,
@@ -59,6 +57,8 @@ def synthetic_day(
     :param shift_s: the day's shape runs this much later than the clock says.
     :param crash: (time, peak multiple, decay s): a flash crash no calendar knows.
     """
+    # The whole day the feed covers, pre-market to the end of after-hours.
+    start_s, end_s = PRE_MARKET_START, AFTER_HOURS_END
     rng = random.Random(seed)
     base = symbols * per_symbol * volume
     bursts_crash = [crash] if crash is not None else []

@@ -31,7 +31,7 @@ from docker.errors import APIError
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
-from scaler.backends.docker import LABEL_METRICS_PORT, DockerBackend
+from scaler.backends.docker import LABEL_METRICS_PORT, ContainerShape, DockerBackend
 from scaler.backends.swarm import SwarmBackend
 from tests.docker_utils import docker, engine_problem, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
@@ -164,11 +164,8 @@ async def make_backend(spec: HandlerSpec, fleet: str) -> AsyncIterator[MakeBacke
         args: dict[str, Any] = {
             "image": IMAGE,
             "name": fleet,
-            "network": "host",
-            "cpus": 0.5,
-            "mem_mb": 256,
+            "shape": ContainerShape("host", cpus=0.5, mem_mb=256, host_port_base=PORT_BASE),
             "stop_grace_s": 30.0,
-            "host_port_base": PORT_BASE,
         } | kw
         b = DockerBackend(spec, **args)
         made.append(b)
@@ -393,7 +390,11 @@ async def test_start_names_the_bad_setting(fleet: str) -> None:
         (DockerBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
         (SwarmBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
         (DockerBackend(spec, image=missing_image, name=fleet), "image", missing_image),
-        (DockerBackend(spec, image=IMAGE, network=f"no-{fleet}"), "network", f"no-{fleet}"),
+        (
+            DockerBackend(spec, image=IMAGE, shape=ContainerShape(f"no-{fleet}")),
+            "network",
+            f"no-{fleet}",
+        ),
     ]
     for backend, setting, detail in cases:
         with pytest.raises(BackendError) as err:
@@ -419,8 +420,8 @@ async def test_swarm_add_remove_change_running_tasks(
 ) -> None:
     service = f"tickscale-handlers-{fleet}"
     b = SwarmBackend(
-        spec, image=IMAGE, service=service, name=fleet, network="host",
-        cpus=0.5, mem_mb=256, stop_grace_s=15.0,
+        spec, image=IMAGE, service=service, name=fleet,
+        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=15.0,
     )  # fmt: skip
     try:
         await b.start()
@@ -445,7 +446,9 @@ async def test_swarm_add_remove_change_running_tasks(
         await wait_for("2 running tasks", lambda: running(2), within_s=120)
 
         # Another instance adopts the labelled service as it is.
-        again = SwarmBackend(spec, image=IMAGE, service=service, name=fleet, network="host")
+        again = SwarmBackend(
+            spec, image=IMAGE, service=service, name=fleet, shape=ContainerShape("host")
+        )
         await again.start()
         try:
             assert len(await again.list()) == 2

@@ -29,7 +29,7 @@ from docker.errors import APIError
 import docker as docker_sdk
 from core.constants import LABEL_ROLE, LABEL_SCALER, REDIS_HANDLER_STATS
 from scaler.backends.base import HandlerSpec
-from scaler.backends.docker import DockerBackend
+from scaler.backends.docker import ContainerShape, DockerBackend
 from tests.docker_utils import docker, engine_problem
 from tickscale.localstack.net import free_port
 from tickscale.localstack.redis import RedisServer
@@ -130,10 +130,8 @@ async def test_handler_reads_its_redis_password_from_a_secret_file(
         deadletter_topic=topics.deadletter, group=topics.group,
         redis_url=without_redis_password(with_pw), secrets={SECRET: str(secret_file)},
     )  # fmt: skip
-    backend = DockerBackend(
-        spec, image=IMAGE, name=fleet, network="host", cpus=0.5, mem_mb=256,
-        docker_host=gate, host_port_base=free_port(),
-    )  # fmt: skip
+    shape = ContainerShape("host", cpus=0.5, mem_mb=256, host_port_base=free_port())
+    backend = DockerBackend(spec, image=IMAGE, name=fleet, shape=shape, docker_host=gate)
     await backend.start()
     try:
         [cid] = await backend.add(1)

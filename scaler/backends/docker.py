@@ -26,6 +26,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -58,6 +59,25 @@ _SWARM_TASK_LABEL = "com.docker.swarm.task.id"
 _ENGINE_TIMEOUT_S = 30
 ENGINE_ERRORS = (DockerException, RequestException, OSError)
 _LOG_CONFIG = LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"})
+
+
+@dataclass(frozen=True)
+class ContainerShape:
+    """How each handler container is made, beside its image.
+
+    :param network: ``host`` runs handlers in the host's network namespace (each then needs
+        its own metrics port, from ``host_port_base`` up); any other value is a network the
+        containers join; None: the default bridge
+    :param cpus: CPUs per handler (None: unlimited)
+    :param mem_mb: memory per handler, MB (None: unlimited)
+    :param host_port_base: first metrics port tried with ``network="host"``
+    """
+
+    network: str | None = None
+    cpus: float | None = None
+    mem_mb: int | None = None
+    host_port_base: int = CONTAINER_METRICS_PORT
+
 
 T = TypeVar("T")
 
@@ -166,34 +186,18 @@ class DockerBackend(EngineClient):
     name = "docker"
 
     def __init__(
-        self,
-        spec: HandlerSpec,
-        *,
-        image: str,
-        name: str = "default",
-        network: str | None = None,
-        cpus: float | None = None,
-        mem_mb: int | None = None,
-        stop_grace_s: float = 30.0,
+        self, spec: HandlerSpec, *, image: str, name: str = "default",
+        shape: ContainerShape | None = None, stop_grace_s: float = 30.0,
         docker_host: str | None = None,
-        host_port_base: int = CONTAINER_METRICS_PORT,
-    ) -> None:
-        """
-        :param network: ``host`` runs handlers in the host's network namespace
-            (each then needs its own metrics port, from ``host_port_base`` up);
-            any other value is a network the containers join; None: the default bridge
-        :param host_port_base: first metrics port tried with ``network="host"``
-        """
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.image = image
         self.version = HandlerVersion(image, image=image)
         self.fleet = name
-        self.network = network
-        self.cpus = cpus
-        self.mem_mb = mem_mb
+        self.shape = shape or ContainerShape()
+        self.network = self.shape.network
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
-        self.host_port_base = host_port_base
         self.where = engine_address(docker_host)
         self._client: Any = None
         # Port allocation reads the engine, then creates: one add() at a time.
@@ -300,7 +304,7 @@ class DockerBackend(EngineClient):
             state = c.attrs.get("State") or {}
             status = state.get("Status", c.status)
             if status in ("exited", "dead"):
-                self._reap(c, state)
+                _reap(c, state)
                 continue
             if status == "running":
                 health = (state.get("Health") or {}).get("Status")
@@ -317,41 +321,12 @@ class DockerBackend(EngineClient):
         live.sort(key=lambda t: t[0])
         return [h for _, h in live]
 
-    def _reap(self, c: Any, state: dict[str, Any]) -> None:
-        why = f"exit code {state.get('ExitCode')}"
-        if state.get("OOMKilled"):
-            why += ", killed for memory"
-        if state.get("Error"):
-            why += f", {state['Error']}"
-        log.warning("handler container %s died (%s); removing it", c.name, why)
-        with contextlib.suppress(NotFound):
-            c.remove(force=True)
-
-    def _host_ports(self, n: int) -> builtins.list[int]:
-        """n metrics ports no other handler on this host uses (host networking only)."""
-        taken: set[int] = set()
-        every_handler = {"label": [f"{LABEL_ROLE}={ROLE_HANDLER}"]}
-        # Any fleet's handlers: they all share the host's ports.
-        for c in self.client.containers.list(all=True, filters=every_handler, ignore_removed=True):
-            port = (c.labels or {}).get(LABEL_METRICS_PORT, "")
-            if port.isdigit() and c.status not in ("exited", "dead"):
-                taken.add(int(port))
-        # Something else may listen there too; only checkable when the engine
-        # runs on this machine.
-        local = self.where.startswith(("unix://", "tcp://127.0.0.1:", "tcp://localhost:"))
-        ports: builtins.list[int] = []
-        port = self.host_port_base
-        while len(ports) < n:
-            if port > 65535:
-                raise BackendError(f"no free metrics port from {self.host_port_base} up")
-            if port not in taken and (not local or _port_free(port)):
-                ports.append(port)
-            port += 1
-        return ports
-
     def _add(self, n: int, version: HandlerVersion) -> builtins.list[str]:
         host = self.network == "host"
-        ports = self._host_ports(n) if host else [CONTAINER_METRICS_PORT] * n
+        base = self.shape.host_port_base
+        ports = (
+            _host_ports(self.client, self.where, base, n) if host else [CONTAINER_METRICS_PORT] * n
+        )
         created: builtins.list[tuple[Any, str]] = []
         # Created one after the other, so creation order (the age the scaler sees)
         # is the order of the returned ids.
@@ -374,39 +349,8 @@ class DockerBackend(EngineClient):
 
     def _create(self, port: int, version: HandlerVersion) -> tuple[Any, str]:
         name = f"tickscale-handler-{self.fleet}-{secrets.token_hex(4)}"
-        env = self.spec.env() | {
-            "TICKSCALE_HANDLER_HANDLER_ID": name,
-            "TICKSCALE_HANDLER_VERSION": version.name,
-            "TICKSCALE_HANDLER_METRICS_PORT": str(port),
-            # The image's HEALTHCHECK probes this one.
-            "TICKSCALE_METRICS_PORT": str(port),
-        }
-        kwargs: dict[str, Any] = {
-            "image": version.image,
-            "command": ["handler"],
-            "name": name,
-            "environment": env,
-            "labels": self._labels() | {LABEL_METRICS_PORT: str(port), LABEL_VERSION: version.name},
-            "restart_policy": {"Name": "no"},
-            "read_only": True,
-            "tmpfs": {"/tmp": ""},
-            "security_opt": ["no-new-privileges:true"],
-            "log_config": _LOG_CONFIG,
-        }
-        if self.spec.secrets:
-            # Each password one read-only file, the only mounts the gate lets through.
-            kwargs["volumes"] = {
-                src: {"bind": f"{SECRETS_DIR}/{name}", "mode": "ro"}
-                for name, src in self.spec.secrets.items()
-            }
-        if self.network == "host":
-            kwargs["network_mode"] = "host"
-        elif self.network:
-            kwargs["network"] = self.network
-        if self.cpus:
-            kwargs["nano_cpus"] = int(self.cpus * 1e9)
-        if self.mem_mb:
-            kwargs["mem_limit"] = f"{self.mem_mb}m"
+        labels = self._labels() | {LABEL_METRICS_PORT: str(port), LABEL_VERSION: version.name}
+        kwargs = _create_args(self.spec, self.shape, name, port, version) | {"labels": labels}
         # create + start rather than run(): run() pulls a missing image.
         try:
             return self.client.containers.create(**kwargs), name
@@ -466,3 +410,77 @@ class DockerBackend(EngineClient):
             f"Docker at {self.where}: {detail}",
             {k: str(v) for k, v in counts.items()} | {"engine": self.where},
         )
+
+
+def _reap(c: Any, state: dict[str, Any]) -> None:
+    """Remove a dead handler container, saying why it died."""
+    why = f"exit code {state.get('ExitCode')}"
+    if state.get("OOMKilled"):
+        why += ", killed for memory"
+    if state.get("Error"):
+        why += f", {state['Error']}"
+    log.warning("handler container %s died (%s); removing it", c.name, why)
+    with contextlib.suppress(NotFound):
+        c.remove(force=True)
+
+
+def _host_ports(client: Any, where: str, base: int, n: int) -> list[int]:
+    """n metrics ports no other handler on this host uses (host networking only)."""
+    taken: set[int] = set()
+    every_handler = {"label": [f"{LABEL_ROLE}={ROLE_HANDLER}"]}
+    # Any fleet's handlers: they all share the host's ports.
+    for c in client.containers.list(all=True, filters=every_handler, ignore_removed=True):
+        port = (c.labels or {}).get(LABEL_METRICS_PORT, "")
+        if port.isdigit() and c.status not in ("exited", "dead"):
+            taken.add(int(port))
+    # Something else may listen there too; only checkable when the engine
+    # runs on this machine.
+    local = where.startswith(("unix://", "tcp://127.0.0.1:", "tcp://localhost:"))
+    ports: list[int] = []
+    port = base
+    while len(ports) < n:
+        if port > 65535:
+            raise BackendError(f"no free metrics port from {base} up")
+        if port not in taken and (not local or _port_free(port)):
+            ports.append(port)
+        port += 1
+    return ports
+
+
+def _create_args(
+    spec: HandlerSpec, shape: ContainerShape, name: str, port: int, version: HandlerVersion
+) -> dict[str, Any]:
+    """The engine's create arguments for one handler container (its labels aside)."""
+    env = spec.env() | {
+        "TICKSCALE_HANDLER_HANDLER_ID": name,
+        "TICKSCALE_HANDLER_VERSION": version.name,
+        "TICKSCALE_HANDLER_METRICS_PORT": str(port),
+        # The image's HEALTHCHECK probes this one.
+        "TICKSCALE_METRICS_PORT": str(port),
+    }
+    kwargs: dict[str, Any] = {
+        "image": version.image,
+        "command": ["handler"],
+        "name": name,
+        "environment": env,
+        "restart_policy": {"Name": "no"},
+        "read_only": True,
+        "tmpfs": {"/tmp": ""},
+        "security_opt": ["no-new-privileges:true"],
+        "log_config": _LOG_CONFIG,
+    }
+    if spec.secrets:
+        # Each password one read-only file, the only mounts the gate lets through.
+        kwargs["volumes"] = {
+            src: {"bind": f"{SECRETS_DIR}/{file}", "mode": "ro"}
+            for file, src in spec.secrets.items()
+        }
+    if shape.network == "host":
+        kwargs["network_mode"] = "host"
+    elif shape.network:
+        kwargs["network"] = shape.network
+    if shape.cpus:
+        kwargs["nano_cpus"] = int(shape.cpus * 1e9)
+    if shape.mem_mb:
+        kwargs["mem_limit"] = f"{shape.mem_mb}m"
+    return kwargs

@@ -35,6 +35,7 @@ from scaler.backends.base import (
 from scaler.backends.docker import (
     CONTAINER_METRICS_PORT,
     LABEL_METRICS_PORT,
+    ContainerShape,
     EngineClient,
     check_image,
     connect,
@@ -90,19 +91,18 @@ class SwarmBackend(EngineClient, _OneImage):
         image: str,
         service: str = "tickscale-handlers",
         name: str = "default",
-        network: str | None = None,
-        cpus: float | None = None,
-        mem_mb: int | None = None,
+        shape: ContainerShape | None = None,
         stop_grace_s: float = 30.0,
         docker_host: str | None = None,
     ) -> None:
+        """:param shape: the tasks' network and limits (its host_port_base is unused: a
+        service's tasks share one metrics port in their own namespaces)"""
         self.spec = spec
         self.image = image
         self.service = service
         self.fleet = name
-        self.network = network
-        self.cpus = cpus
-        self.mem_mb = mem_mb
+        self.shape = shape or ContainerShape()
+        self.network = self.shape.network
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
         self.version = HandlerVersion(image, image=image)
@@ -175,18 +175,7 @@ class SwarmBackend(EngineClient, _OneImage):
             )
 
     def _check_network(self) -> None:
-        if self.network is None or self.network == "host":
-            return
-        try:
-            net = self.client.networks.get(self.network)
-        except NotFound as e:
-            raise BackendError(f"network: no network {self.network!r} on {self.where}") from e
-        driver, scope = net.attrs.get("Driver"), net.attrs.get("Scope")
-        if driver != "overlay" or scope != "swarm":
-            raise BackendError(
-                f"network: {self.network!r} is a {driver}/{scope} network; a swarm service "
-                "needs an overlay network (or host)"
-            )
+        _check_overlay(self.client, self.network, self.where)
 
     def _find(self) -> Any | None:
         # The name filter matches prefixes too.
@@ -244,10 +233,10 @@ class SwarmBackend(EngineClient, _OneImage):
         if self.network:
             kwargs["networks"] = [self.network]
         resources: dict[str, int] = {}
-        if self.cpus:
-            resources["cpu_limit"] = int(self.cpus * 1e9)
-        if self.mem_mb:
-            resources["mem_limit"] = self.mem_mb * 1024 * 1024
+        if self.shape.cpus:
+            resources["cpu_limit"] = int(self.shape.cpus * 1e9)
+        if self.shape.mem_mb:
+            resources["mem_limit"] = self.shape.mem_mb * 1024 * 1024
         if resources:
             kwargs["resources"] = Resources(**resources)
         self.client.services.create(self.image, **kwargs)
@@ -337,4 +326,20 @@ class SwarmBackend(EngineClient, _OneImage):
                 "starting": str(len(tasks) - running),
                 "engine": self.where,
             },
+        )
+
+
+def _check_overlay(client: Any, network: str | None, where: str) -> None:
+    """A service's network must be an overlay (or the host's); BackendError otherwise."""
+    if network is None or network == "host":
+        return
+    try:
+        net = client.networks.get(network)
+    except NotFound as e:
+        raise BackendError(f"network: no network {network!r} on {where}") from e
+    driver, scope = net.attrs.get("Driver"), net.attrs.get("Scope")
+    if driver != "overlay" or scope != "swarm":
+        raise BackendError(
+            f"network: {network!r} is a {driver}/{scope} network; a swarm service "
+            "needs an overlay network (or host)"
         )

@@ -125,6 +125,23 @@ class LoadTestConfig:
     services: Services | None = None
 
 
+def _scaler_settings(cfg: LoadTestConfig, svc: Services, out: Path) -> ScalerSettings:
+    """The run's scaler: the policy under test on the run's services, sessions by the
+    replayed day's clock."""
+    p = cfg.policy
+    sessions: dict[str, Any] = {}
+    if p.calendar != "none":
+        sessions = {"clock": "replay", "session_min": cfg.session_min, "lead_s": cfg.lead_s}
+    return ScalerSettings(
+        backend="process", bootstrap=svc.bootstrap, redis_url=svc.redis_url,
+        policy=p.scaler_policy, min_handlers=p.min_handlers, max_handlers=p.max_handlers,
+        calendar=p.calendar, lag_target_s=cfg.lag_target_s,
+        scale_down_window_s=cfg.scale_down_window_s, poll_s=1.0, metrics_port=free_port(),
+        handler_base_port=free_port_block(p.max_handlers + 2), state_dir=str(out / "scaler"),
+        **sessions,
+    )  # fmt: skip
+
+
 class LoadTest:
     def __init__(self, cfg: LoadTestConfig, console: Console) -> None:
         self.cfg = cfg
@@ -234,20 +251,8 @@ class LoadTest:
             self.scaler.stop()
 
     def _scaler_command(self) -> list[str]:
-        cfg, svc, p = self.cfg, self.services, self.cfg.policy
-        assert svc is not None
-        sessions: dict[str, Any] = {}
-        if p.calendar != "none":
-            sessions = {"clock": "replay", "session_min": cfg.session_min, "lead_s": cfg.lead_s}
-        settings = ScalerSettings(
-            backend="process", bootstrap=svc.bootstrap, redis_url=svc.redis_url,
-            policy=p.scaler_policy, min_handlers=p.min_handlers, max_handlers=p.max_handlers,
-            calendar=p.calendar, lag_target_s=cfg.lag_target_s,
-            scale_down_window_s=cfg.scale_down_window_s, poll_s=1.0, metrics_port=free_port(),
-            handler_base_port=free_port_block(p.max_handlers + 2),
-            state_dir=str(self.out / "scaler"), **sessions,
-        )  # fmt: skip
-        return scaler_command(self.names, settings)
+        assert self.services is not None
+        return scaler_command(self.names, _scaler_settings(self.cfg, self.services, self.out))
 
     async def _wait_fleet(self) -> None:
         """Until the scaler's first handlers have joined: start-up is not part of the test."""

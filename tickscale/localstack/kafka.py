@@ -293,8 +293,7 @@ class KafkaBroker(LocalService):
         port: int = 0,
         controller_port: int = 0,
         config: Mapping[str, object] | None = None,
-        heap: str = DEFAULT_HEAP,
-        young: str = DEFAULT_YOUNG,
+        heap: tuple[str, str] = (DEFAULT_HEAP, DEFAULT_YOUNG),
         dist: KafkaDist | None = None,
         start_timeout: float = 90.0,
     ) -> None:
@@ -303,8 +302,8 @@ class KafkaBroker(LocalService):
         while self.controller_port == self.port:
             self.controller_port = free_port(host)
         self.config: dict[str, object] = dict(config or {})
-        self.heap = heap
-        self.young = young
+        # (whole heap, young generation), as the JVM's -Xmx/-Xms and -Xmn take them.
+        self.heap, self.young = heap
         self._dist = dist
         self.start_timeout = start_timeout
 
@@ -589,8 +588,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         data_dir,
         port=args.port,
         controller_port=args.controller_port,
-        heap=args.heap,
-        young=args.young,
+        heap=(args.heap, args.young),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
