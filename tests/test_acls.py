@@ -20,6 +20,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
+from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
 from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker
@@ -189,3 +190,37 @@ async def test_a_wrong_password_is_not_let_in(broker: dict, topics: None) -> Non
     with pytest.raises(KafkaError):
         await p.start()
     await p.stop()
+
+
+async def test_the_load_test_runs_a_day_of_its_own_and_nothing_else(
+    broker: dict, topics: None
+) -> None:
+    """User:loadtest makes, uses and deletes its run's topics, group and transactional ids
+    (named lt-...), and may not make or delete anything else."""
+    run = f"lt-{uuid.uuid4().hex[:6]}"
+    raw, ticks, group = f"{run}.md.raw", f"{run}.md.ticks", f"{run}.feed-handlers"
+    a = AIOKafkaAdminClient(**auth(broker, "loadtest"))
+    await a.start()
+    try:
+        made = await a.create_topics([NewTopic(raw, 1, 1), NewTopic(ticks, 1, 1)])
+        assert all(code == 0 for _, code, *_ in made.topic_errors), made
+        await produce(broker, "loadtest", raw)  # its feed
+        assert await read_one(broker, "loadtest", raw, group) == b"x"  # its handlers
+        await produce(broker, "loadtest", ticks, transactional_id=f"tickscale.{group}.h")
+        node = await a.find_coordinator(group)
+        deleted = await a._send_request_to_node(node, DeleteGroupsRequest([group]))
+        assert dict((g[0], g[1]) for g in deleted.results)[group] == 0, deleted
+        resp = await a.delete_topics([raw, ticks])
+        assert all(code == 0 for _, code in resp.topic_error_codes), resp
+        created = await a.create_topics([NewTopic("md.other", 1, 1)])
+        assert all(code != 0 for _, code, *_ in created.topic_errors), created
+    finally:
+        await a.close()
+    await refused(produce(broker, "loadtest", RAW_TOPIC), TopicAuthorizationFailedError)
+    await refused(
+        produce(broker, "loadtest", TICKS_TOPIC, transactional_id=f"tickscale.{HANDLER_GROUP}.h"),
+        TransactionalIdAuthorizationFailed,
+    )
+    await refused(
+        read_one(broker, "loadtest", RAW_TOPIC, HANDLER_GROUP), GroupAuthorizationFailedError
+    )

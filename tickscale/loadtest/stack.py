@@ -118,15 +118,16 @@ def compose_redis_url(env_file: Path) -> str:
     return f"redis://{auth}{ip}:6379/0"
 
 
-def use_compose_admin(env_file: Path, work_dir: Path) -> bool:
-    """Run this load test's Kafka clients (and its children's) as the stack's User:admin.
+def use_compose_principal(env_file: Path, work_dir: Path) -> bool:
+    """Run this load test's Kafka clients (and its children's) as the stack's User:loadtest.
 
-    A load test on the compose stack makes topics, a group and handlers of its own,
-    which no scoped principal may (docs/security.md): it authenticates as admin, with
-    the admin password file of the stack's SECRETS_DIR copied into a private folder
-    as this process's secret file. False when the stack has no such file."""
+    A load test on the compose stack makes topics, a group and handlers of its own, all named
+    after the run (``lt-...``): User:loadtest may make, use and delete exactly those, and read
+    the stack's topics (compose/kafka/acls.txt). Its password file, from the stack's
+    SECRETS_DIR, is copied into a private folder as this process's secret file. False when
+    the stack has no such file."""
     env = read_env_file(env_file)
-    source = Path(env.get("SECRETS_DIR") or "/nonexistent") / "kafka_admin_password"
+    source = Path(env.get("SECRETS_DIR") or "/nonexistent") / "kafka_loadtest_password"
     if not source.is_file():
         return False
     folder = work_dir / "secrets"
@@ -135,7 +136,7 @@ def use_compose_admin(env_file: Path, work_dir: Path) -> bool:
     target.write_text(source.read_text())
     target.chmod(0o400)
     os.environ["TICKSCALE_SECRETS_DIR"] = str(folder)
-    os.environ["TICKSCALE_KAFKA_USERNAME"] = "admin"
+    os.environ["TICKSCALE_KAFKA_USERNAME"] = "loadtest"
     client_secrets.cache_clear()
     return True
 
@@ -244,8 +245,8 @@ class Services:
                 target,
             )
             env = read_env_file(compose_env) if compose_env.exists() else {}
-            if bootstrap is None and use_compose_admin(compose_env, work_dir):
-                svc.notes.append("Kafka as the stack's admin principal (SASL/SCRAM)")
+            if bootstrap is None and use_compose_principal(compose_env, work_dir):
+                svc.notes.append("Kafka as the stack's loadtest principal (SASL/SCRAM)")
             if redis_url is None:
                 with contextlib.suppress(RuntimeError):
                     svc.redis = ComposeService(
