@@ -18,6 +18,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from scaler import metrics as m
 from scaler.policy import Decision
 
 log = logging.getLogger("scaler.audit")
@@ -62,6 +63,7 @@ class AuditLog:
             "rollout": rollout_id, "event": event, "version": version, "reason": reason,
             "detail": orjson.dumps(detail or {}).decode(),
         }  # fmt: skip
+        m.ROLLOUT_EVENTS.labels(event).inc()
         log.info("rollout %s of %s: %s%s %s", rollout_id, version, event,
                  f" ({reason})" if reason else "", detail or "")  # fmt: skip
         await self._add(entry)

@@ -43,6 +43,22 @@ DECISIONS = Counter(
 SCALE_EVENTS = Counter(
     "tickscale_scaler_scale_events_total", "Handler count changes made", ["reason", "direction"]
 )
+ROLLOUT_EVENTS = Counter(
+    "tickscale_scaler_rollout_events_total", "Handler rollout steps, by event", ["event"]
+)
+# Each at 0 from the start: a step's first increment must show as an increase (the
+# dashboards' rollout annotation), which a series born at 1 would not.
+for _event in (
+    "canary",
+    "window",
+    "passed",
+    "step",
+    "promoted",
+    "rolling_back",
+    "rolled_back",
+    "rejected",
+):
+    ROLLOUT_EVENTS.labels(_event)
 BACKEND_ERRORS = Counter(
     "tickscale_scaler_backend_errors_total", "Backend calls that failed", ["op"]
 )

@@ -128,6 +128,11 @@ async def test_promote_a_good_version_roll_back_a_faulty_one_ledger_exact(
         ], steps  # fmt: skip
         promoted = events[[e["event"] for e in events].index("passed")]
         assert promoted["detail"]["canary"]["records"] >= 50
+        # The steps the dashboards' rollout annotation shows, as the scaler exports them.
+        exported = sc.metrics()
+        for event, times in (("canary", 2), ("promoted", 1), ("rolled_back", 1)):
+            line = f'tickscale_scaler_rollout_events_total{{event="{event}"}} {float(times)}'
+            assert line in exported, [ln for ln in exported.splitlines() if "rollout" in ln]
     finally:
         if rp is not None and rp.poll() is None:
             rp.kill()
