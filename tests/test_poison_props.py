@@ -346,7 +346,7 @@ def test_restore_replay_fails_the_same_records_the_same_way(records: list[Any], 
 
     replayed = _worker()
     for rec in records[:split]:
-        replayed._apply(rec, 0, [], silent=True)
+        replayed.apply(rec, 0, [], silent=True)
     replayed.committed = split
     tail2 = replayed.transform(records[split:]) if split < len(records) else None
 
