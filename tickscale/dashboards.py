@@ -32,6 +32,13 @@ BUILTINS: dict[str, str] = {
     "__range_s": "3600",
 }
 
+# Queries that have data only when an event happens, with the event: a run
+# without it may find them empty (tests/test_rollout.py checks the rollout steps
+# are exported). Each must still run without error.
+EVENT_ONLY: dict[tuple[str, str], str] = {
+    ("overview", 'annotation "Rollouts"'): "a handler rollout",
+}
+
 _MATCHER_VAR = re.compile(r'(=~|=)"(?:\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\])"')
 # A leading digit is not a variable: "$1" is a label_replace() back-reference.
 _BARE_VAR = re.compile(r"\$\{([A-Za-z_]\w*)(?::\w+)?\}|\$([A-Za-z_]\w*)|\[\[([A-Za-z_]\w*)\]\]")
