@@ -146,33 +146,26 @@ class ProcessBackend:
     async def remove(self, n: int) -> builtins.list[str]:
         if n <= 0:
             return []
-        async with self._lock:
-            victims: builtins.list[Entry] = []
-
-            def take(r: Record) -> None:
-                youngest = sorted(r.handlers, key=lambda h: -h.started_at)[:n]
-                for h in youngest:
-                    # Signalled before the record forgets it: a scaler that dies
-                    # right after leaves a handler that drains and exits anyway.
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(h.pid, signal.SIGTERM)
-                victims.extend(youngest)
-                r.handlers = [h for h in r.handlers if h not in youngest]
-
-            await asyncio.to_thread(self._update, take)
-        await asyncio.gather(*(self._wait_stopped(h) for h in victims))
-        return [str(h.pid) for h in victims]
+        return await self._stop(lambda hs: sorted(hs, key=lambda h: -h.started_at)[:n])
 
     async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
-        if not ids:
-            return []
         wanted = set(ids)
+        if not wanted:
+            return []
+        return await self._stop(lambda hs: [h for h in hs if str(h.pid) in wanted])
+
+    async def _stop(
+        self, choose: Callable[[builtins.list[Entry]], builtins.list[Entry]]
+    ) -> builtins.list[str]:
+        """SIGTERM the handlers ``choose`` picks from the record and wait until they exit."""
         async with self._lock:
             victims: builtins.list[Entry] = []
 
             def take(r: Record) -> None:
-                chosen = [h for h in r.handlers if str(h.pid) in wanted]
+                chosen = choose(r.handlers)
                 for h in chosen:
+                    # Signalled before the record forgets it: a scaler that dies
+                    # right after leaves a handler that drains and exits anyway.
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(h.pid, signal.SIGTERM)
                 victims.extend(chosen)

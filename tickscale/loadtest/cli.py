@@ -8,8 +8,9 @@ Of a suite: 0 when every case passes, 1 otherwise, 2 for invalid options.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,6 +28,21 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _finish(call: Callable[[], int], console: Console, *also: type[Exception]) -> NoReturn:
+    """Exit with the run's status. Set-up failures (a broker not starting, a compose stack
+    absent) are findings, not bugs: one line and status 1; Ctrl-C is status 130."""
+    failures: tuple[type[Exception], ...] = (RuntimeError, TimeoutError, OSError, *also)
+    try:
+        rc = call()
+    except failures as e:
+        console.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+    raise typer.Exit(rc)
 
 
 def _bad(param: str, msg: str) -> typer.BadParameter:
@@ -53,16 +69,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     console = Console(stderr=True)
     # A CI job's timeout or a closed terminal must not leave the run's stack behind.
     sigterm_and_sighup_as_ctrl_c()
-    try:
-        rc, _ = run_loadtest(cfg, console)
-    except (RunError, RuntimeError, TimeoutError, OSError) as e:
-        # Set-up failures (broker not starting, compose stack absent) are findings, not bugs.
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        raise typer.Exit(130) from None
-    raise typer.Exit(rc)
+    _finish(lambda: run_loadtest(cfg, console)[0], console, RunError)
 
 
 def _check_source(s: LoadTestSettings) -> None:
@@ -146,15 +153,7 @@ def _run_suite(name: str, only: str | None, out: Path | None, json_out: Path | N
     console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
     sigterm_and_sighup_as_ctrl_c()
     out_dir = out or Path(".local/loadtest") / f"suite-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        rc, _ = run_suite(name, cases, out_dir, console, json_out)
-    except (RuntimeError, TimeoutError, OSError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        raise typer.Exit(130) from None
-    raise typer.Exit(rc)
+    _finish(lambda: run_suite(name, cases, out_dir, console, json_out)[0], console)
 
 
 @app.command()
