@@ -172,6 +172,6 @@ async def build(s: ScalerSettings) -> Scaler:
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
     scaler.rollout = RolloutController(
         backend=backend, redis=redis, store=RolloutStore(redis, s.name), audit=scaler.audit,
-        scaler_id=s.scaler_id, guard=GuardConfig.parse(s.rollout_guard),
+        scaler_id=s.scaler_id, guard=GuardConfig.parse(s.rollout_guard), group=parts.probe,
     )  # fmt: skip
     return scaler

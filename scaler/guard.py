@@ -55,6 +55,8 @@ class GuardConfig:
     lag_slack: float = 5000.0
     restarts: int = 0
     step_s: float = 5.0  # wall seconds between promotion steps, after the new one is up
+    join_s: float = 60.0  # wall seconds for a new handler to join before the one it
+    # replaces is stopped (scaler.handover); past them, that one keeps running
 
     @classmethod
     def parse(cls, text: str, base: GuardConfig | None = None) -> GuardConfig:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 class GroupInfo:
     state: str  # Empty, Stable, PreparingRebalance, CompletingRebalance, Dead
     members: int
+    clients: frozenset[str] = frozenset()  # the members' client ids (handlers: their names)
 
 
 class _EndHistory:
@@ -145,7 +146,8 @@ class LagProbe:
         for r in resp:
             for g in r.to_object()["groups"]:
                 if g["group"] == self.group:
-                    return GroupInfo(str(g["state"]), len(g["members"]))
+                    ids = frozenset(str(m["client_id"]) for m in g["members"])
+                    return GroupInfo(str(g["state"]), len(g["members"]), ids)
         return GroupInfo("Dead", 0)
 
     async def committed(self) -> dict[int, int]:

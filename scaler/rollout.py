@@ -3,16 +3,20 @@
 The leading scaler calls ``step`` once a poll, before it scales. Each call reads
 the state from Redis (``rollout_state``), so a scaler that took over, or was
 restarted, mid-rollout carries on with it. One call makes at most one change
-to the fleet:
+to the fleet, and a change that replaces a handler is one rebalance
+(``scaler.handover``): the new handler starts first, and the old one gets its
+SIGTERM (it drains and commits) only once the new one's join has opened a
+rebalance, so it leaves in that same one; the change may span several polls,
+during which the policy leaves the fleet alone:
 
 - a request starts one canary of the new version, in the slot of the
-  youngest old handler (the two change in one rebalance); beside a fleet of one
-  it runs as an extra, so there is a current version to compare it with;
+  youngest old handler; beside a fleet of one it runs as an extra, so there is
+  a current version to compare it with;
 - while the canary runs, the guard (``scaler.guard``) compares it with the
   current version; past its window within the thresholds, the rollout promotes,
   outside any, it rolls back at once;
-- promotion replaces one old handler a step (SIGTERM, so it drains and commits
-  before it leaves), once the last new one reports, until none is left;
+- promotion replaces one old handler a step, once the last new one reports,
+  until none is left;
 - rolling back stops every handler of the new version and starts as many old
   ones in their place, in one step.
 
@@ -34,6 +38,7 @@ from redis.asyncio import Redis
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, BackendError, HandlerInstance, HandlerVersion
 from scaler.guard import Figures, GuardConfig, GuardError, judge, read_figures
+from scaler.handover import GroupReader, Handover, Pending
 from scaler.rollout_state import RolloutRequest, RolloutState, RolloutStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +47,10 @@ log = logging.getLogger(__name__)
 class RolloutController:
     def __init__(
         self, *, backend: Backend, redis: Redis, store: RolloutStore, audit: AuditLog,
-        scaler_id: str, guard: GuardConfig,
+        scaler_id: str, guard: GuardConfig, group: GroupReader,
     ) -> None:  # fmt: skip
         self.backend = backend
+        self.handover = Handover(backend, group)
         self.redis = redis
         self.store = store
         self.audit = audit
@@ -73,7 +79,8 @@ class RolloutController:
     # The loop's entry point ---------------------------------------------------------
 
     async def step(self, instances: builtins.list[HandlerInstance], market_s: float) -> bool:
-        """Advance the rollout by at most one change; True if the fleet changed."""
+        """Advance the rollout by at most one change; True if the fleet changed or is
+        changing (the policy then waits for the next poll)."""
         st = await self.store.load()
         self._sync(st)
         abort = await self.store.take_abort()
@@ -82,6 +89,8 @@ class RolloutController:
             return await self._begin(st, req, instances) if req else False
         if abort and st.phase != "rolling_back":
             await self._fail(st, "aborted by hand (tickscale rollout --abort)")
+        if st.handover and st.phase != "rolling_back":
+            return await self._hand_over(st, instances)
         if st.phase == "canary":
             return await self._watch(st, instances, market_s)
         if st.phase == "promoting":
@@ -112,7 +121,7 @@ class RolloutController:
         self, st: RolloutState, req: RolloutRequest, instances: builtins.list[HandlerInstance]
     ) -> bool:
         v, cur = req.version, self.backend.version
-        why = self._refuse(v, cur, instances)
+        why = _refuse(self.backend.name, v, cur, instances)
         try:
             guard = GuardConfig.parse(req.guard, self.guard)
         except GuardError as e:
@@ -129,31 +138,20 @@ class RolloutController:
         self.state = new
         slot = [] if new.extra else [old[-1].id]
         try:
-            ids, _ = await asyncio.gather(self.backend.add(1, v), self.backend.remove_ids(slot))
+            ids = await self.backend.add(1, v)
         except BackendError as e:
             await self._fail(new, f"the canary could not start: {e}")
             return True
         new.canary_id = ids[0] if ids else None
+        if slot and ids:  # the slot's handler leaves once the canary has joined
+            new.handover = Pending(ids, slot, time.time(), "canary").to_dict()
         await self.store.save(new)
         detail = {"canary": new.canary_id, "replaced": slot, "fleet": len(instances),
                   "from": cur.name, "guard": guard.to_dict()}  # fmt: skip
-        await self._event(new, "canary", "one handler of the new version joined", detail)
+        await self._event(new, "canary", "one handler of the new version started", detail)
+        if new.handover:
+            await self._hand_over(new, await self.backend.list())
         return True
-
-    def _refuse(
-        self, v: HandlerVersion, cur: HandlerVersion, instances: builtins.list[HandlerInstance]
-    ) -> str:
-        if v.name == cur.name:
-            return f"the handlers already run {v.name}"
-        if self.backend.name == "process" and not v.command:
-            return "the process backend rolls out a command line (--command), not an image"
-        if self.backend.name != "process" and not v.image:
-            return f"the {self.backend.name} backend rolls out an image (--image)"
-        if self.backend.name == "swarm":
-            return "the swarm backend runs one service of one image; use the docker backend"
-        if not instances:
-            return "no handlers are running to compare the canary with"
-        return ""
 
     async def _watch(
         self, st: RolloutState, instances: builtins.list[HandlerInstance], market_s: float
@@ -232,25 +230,43 @@ class RolloutController:
         victim = old[-1]
         # Beside a fleet of one, the canary was an extra: the last old one goes unreplaced.
         n_add = 0 if st.extra and len(old) == 1 else 1
-        target_v = HandlerVersion.from_dict(st.target or {})
-        await asyncio.gather(
-            self.backend.add(n_add, target_v), self.backend.remove_ids([victim.id])
-        )
         st.last_step_wall = time.time()
+        if n_add:  # the victim leaves once the new one has joined
+            ids = await self.backend.add(n_add, HandlerVersion.from_dict(st.target or {}))
+            st.handover = Pending(ids, [victim.id], time.time()).to_dict()
+        else:  # a leave alone is one rebalance
+            await self.backend.remove_ids([victim.id])
         await self.store.save(st)
-        detail = {"stopped": victim.name, "started": n_add, "old_left": len(old) - 1}
-        await self._event(st, "step", f"replaced {victim.name}", detail)
+        detail = {"stopping": victim.name, "started": n_add, "old_left": len(old) - 1}
+        await self._event(st, "step", f"replacing {victim.name}", detail)
+        if st.handover:
+            await self._hand_over(st, await self.backend.list())
+        return True
+
+    async def _hand_over(self, st: RolloutState, instances: builtins.list[HandlerInstance]) -> bool:
+        """Follow the change under way; once it is over, the rollout goes on."""
+        p = Pending.from_dict(st.handover or {})
+        join_s = float(st.guard.get("join_s", self.guard.join_s))
+        out = await self.handover.advance(p, instances, join_s)
+        if out is not None:
+            st.handover = None
+            # A canary whose slot's handler stayed runs beside it, as an extra.
+            st.extra = st.extra or (not out.joined and p.what == "canary")
+            await self.store.save(st)
         return True
 
     async def _roll_back(self, st: RolloutState, instances: builtins.list[HandlerInstance]) -> bool:
         target = self._target_name()
         new = [i for i in instances if i.version == target]
-        n_old = max(0, len(new) - (1 if st.extra else 0))
+        self.handover.cancel()  # a handler still waiting for its replacement stays
+        waiting = Pending.from_dict(st.handover).old if st.handover else []
+        kept = len({i.id for i in instances} & set(waiting))
+        n_old = max(0, len(new) - (1 if st.extra else 0) - kept)
         await asyncio.gather(
             self.backend.add(n_old, self.backend.version),
             self.backend.remove_ids([i.id for i in new]),
         )
-        st.phase, st.outcome = "done", "rolled_back"
+        st.phase, st.outcome, st.handover = "done", "rolled_back", None
         await self.store.save(st)
         detail = {"stopped": [i.name for i in new], "started": n_old}
         await self._event(st, "rolled_back", st.reason, detail)
@@ -274,3 +290,19 @@ class RolloutController:
 
     def _target_name(self) -> str:
         return str((self.state.target or {}).get("name", ""))
+
+
+def _refuse(
+    backend: str, v: HandlerVersion, cur: HandlerVersion, instances: builtins.list[HandlerInstance]
+) -> str:
+    if v.name == cur.name:
+        return f"the handlers already run {v.name}"
+    if backend == "process" and not v.command:
+        return "the process backend rolls out a command line (--command), not an image"
+    if backend != "process" and not v.image:
+        return f"the {backend} backend rolls out an image (--image)"
+    if backend == "swarm":
+        return "the swarm backend runs one service of one image; use the docker backend"
+    if not instances:
+        return "no handlers are running to compare the canary with"
+    return ""

@@ -49,6 +49,7 @@ class RolloutState:
     window_wall: float = 0.0
     baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures at the window
     last_step_wall: float = 0.0
+    handover: dict[str, Any] | None = None  # the change under way (handover.Pending)
     outcome: str = ""  # promoted | rolled_back
     reason: str = ""
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,14 @@ from redis.asyncio import Redis
 
 from core.constants import REDIS_SCALER_EVENTS
 from scaler.audit import read_events
+from scaler.backends.base import HandlerSpec, HandlerVersion
+from scaler.backends.process import ProcessBackend
 from scaler.guard import Figures, GuardConfig, GuardError, judge
+from scaler.handover import Handover, Outcome, Pending
+from scaler.lag import LagProbe
 from tests.pipeline_utils import start_replay, summary
 from tests.test_scaler import ScalerProc
+from tickscale.localstack.net import free_port
 from tickscale.localstack.topics import TopicSet
 
 GOOD = shlex.join([sys.executable, "-m", "tickscale", "handler"])
@@ -191,6 +198,96 @@ async def test_a_restarted_scaler_resumes_the_rollout_and_abort_rolls_it_back(
             sc.proc.kill()
         if sc2 is not None:
             assert sc2.stop() == 0, sc2.log()[-3000:]
+
+
+def _assignments_since(tmp: Path, name: str, t0: float) -> dict[int, int]:
+    """How often each handler of the fleet, by serial, was handed partitions from ``t0``
+    on: every rebalance it took part in (its log says ``assigned [...]`` each time)."""
+    out: dict[int, int] = {}
+    for f in (tmp / "scaler" / "logs").glob(f"handler-{name}-*.log"):
+        stamps = re.findall(r"^(\S+ \S+) INFO ingest\.handler\.service: assigned \[",
+                            f.read_text(errors="replace"), re.M)  # fmt: skip
+        when = [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").timestamp() for t in stamps]
+        out[int(f.stem.rsplit("-", 1)[1])] = sum(1 for t in when if t >= t0)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topics", [6], indirect=True)
+async def test_each_rollout_step_is_one_rebalance(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """A fleet pinned at three is replaced during a replay. The canary's start and each
+    promotion step are one rebalance each: the new handler joins and the old one leaves
+    in the same generation. So from the rollout's start, every handler was handed its
+    partitions once per change it lived through, and the ledger stays exact."""
+    name = f"s{os.getpid()}{int(time.time()) % 100000}"
+    sc = ScalerProc(
+        topics, redis_url, tmp_path, "--name", name, "--min-handlers", "3",
+        "--max-handlers", "3", "--calendar", "none",
+    )  # fmt: skip
+    rp = None
+    try:
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_group_members",
+                                lambda v: v == 3, 60)  # fmt: skip
+        manifest = tmp_path / "manifest.json"
+        rp = start_replay(topics, manifest, tmp_path / "replay.log", "--symbols", "20",
+                          "--from", "09:30", "--to", "10:15", "--speed", "30")  # fmt: skip
+        await asyncio.sleep(5)  # the fleet's own start settles first
+        t0 = time.time()
+        good = await asyncio.to_thread(
+            _rollout, topics, redis_url, name, "--command", GOOD, "--version", "v2",
+            "--guard", GUARD,
+        )  # fmt: skip
+        assert good.returncode == 0, good.stdout + good.stderr + sc.log()[-3000:]
+        assert _fleet(tmp_path, name) == ["v2", "v2", "v2"]
+        await asyncio.sleep(5)  # the last new handler is handed its partitions
+        seen = _assignments_since(tmp_path, name, t0)
+        # Handlers 1-3 ran the old version (3 made way for the canary, 2 went at the first
+        # step, 1 at the second); 4 is the canary, 5 and 6 came with the two steps.
+        # Two rebalances a change would show as more (the leave, then the join).
+        assert seen == {1: 2, 2: 1, 3: 0, 4: 3, 5: 2, 6: 1}, (seen, sc.log()[-4000:])
+        assert await asyncio.to_thread(rp.wait, 300) == 0
+        assert await _verify_ticks(topics, manifest) == {
+            "missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0,
+        }  # fmt: skip
+    finally:
+        if rp is not None and rp.poll() is None:
+            rp.kill()
+        assert sc.stop() == 0, sc.log()[-3000:]
+
+
+@pytest.mark.parametrize("topics", [2], indirect=True)
+async def test_a_handler_that_never_joins_does_not_cost_the_one_it_replaces(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """The new process runs but never joins the group (a broken version): past join_s the
+    old one is left running; a new one that exits gives the step up at once."""
+    spec = HandlerSpec(topics.bootstrap, topics.raw, topics.ticks, topics.deadletter,
+                       topics.group, None)  # fmt: skip
+    backend = ProcessBackend(spec, base_port=free_port(), state_dir=tmp_path, stop_grace_s=5)
+    await backend.start()
+    mute = HandlerVersion("mute", command=(sys.executable, "-c", "import time; time.sleep(60)"))
+    try:
+        old = await backend.add(1, mute)
+        new = await backend.add(1, mute)
+        async with LagProbe(topics.bootstrap, topics.raw, topics.group) as probe:
+            ho = Handover(backend, probe)
+            p = Pending(new, old, time.time())
+            out = None
+            deadline = time.monotonic() + 30
+            while out is None:
+                assert time.monotonic() < deadline
+                out = await ho.advance(p, await backend.list(), join_s=2)
+                await asyncio.sleep(0.2)
+            assert out == Outcome(False, "the new handler did not join within 2s")
+            assert {i.id for i in await backend.list()} == set(old + new)
+            await backend.remove_ids(new)
+            again = await ho.advance(Pending(new, old, time.time()), await backend.list(), 60)
+            assert again == Outcome(False, "the new handler exited before it joined")
+            assert [i.id for i in await backend.list()] == old
+    finally:
+        await backend.remove(len(await backend.list()))
 
 
 def test_the_gate_admits_the_rollout_images_it_is_given_and_no_other() -> None:

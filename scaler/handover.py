@@ -1,0 +1,150 @@
+"""One rollout change, one rebalance: the new handler joins, then the old one leaves.
+
+Handlers are classic-protocol (eager) members of one consumer group. A join or
+a leave opens a rebalance (the group goes to PreparingRebalance); it collects
+members until every member of the last generation has rejoined or left, then
+completes one new generation. Members learn of it on their next heartbeat and
+rejoin at once, and a member that has rejoined cannot leave before that
+generation completes: its leave is then a second rebalance.
+
+So a change that starts a handler and stops another at the same moment
+rebalances twice (the old one drains and leaves long before the new one has
+started and joined) and runs a handler short in between. Instead, the new one
+is started first, and the old one gets its SIGTERM the moment the group shows
+the new member in PreparingRebalance: it drains, commits and leaves while that
+rebalance still collects members, and the generation that completes has the
+new one and not the old. The group is read with the scaler's own admin client
+(``LagProbe.group_info``), a few times a second, by a task beside the scaler's
+loop, which itself never waits for the join. It is a race still: the old one
+must leave before its own next heartbeat tells it of the rebalance (it would
+rejoin first); its drain takes a fraction of the heartbeat interval.
+
+A handler that never joins (crashed, broken image) does not cost the one it
+was to replace: past ``join_s`` the old one keeps running and the change is
+given up; the rollout's guard and its ``max_wait_s`` take it from there. The
+pending change lives in the rollout's state in Redis (``Pending``), so a scaler
+restarted mid-change resumes the watch, or finds it done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from aiokafka.errors import KafkaError
+
+from scaler.backends.base import Backend, BackendError, HandlerInstance
+from scaler.lag import GroupInfo
+
+log = logging.getLogger(__name__)
+
+JOINING = "PreparingRebalance"  # the join phase: a leave now is part of the same rebalance
+
+
+class GroupReader(Protocol):
+    async def group_info(self) -> GroupInfo: ...
+
+
+@dataclass
+class Pending:
+    """A change under way: ``new`` (backend ids) started, ``old`` to stop once they joined."""
+
+    new: list[str]
+    old: list[str]
+    since: float  # wall time the new ones were started
+    what: str = "step"  # canary | step (for the log)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pending:
+        return cls(list(d["new"]), list(d["old"]), float(d["since"]), str(d.get("what", "step")))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    joined: bool  # the new ones joined and the old ones were stopped
+    detail: str
+
+
+class Handover:
+    """Runs the watch of one pending change at a time; ``advance`` is called once a poll.
+
+    :param poll_s: how often the group is read while a join is awaited; the old
+        handler's drain must start well within the others' heartbeat interval.
+    """
+
+    def __init__(self, backend: Backend, group: GroupReader, poll_s: float = 0.02) -> None:
+        self.backend = backend
+        self.group = group
+        self.poll_s = poll_s
+        self._task: asyncio.Task[Outcome] | None = None
+        self._for: Pending | None = None
+
+    async def advance(
+        self, p: Pending, instances: builtins.list[HandlerInstance], join_s: float
+    ) -> Outcome | None:
+        """The change's outcome once it is over, None while it waits for the join."""
+        out = await self._advance(p, instances, join_s)
+        if out is not None and out.joined:
+            log.info("handover (%s): %s replaced %s", p.what, out.detail, p.old)
+        elif out is not None:
+            log.warning("handover (%s): %s kept running: %s", p.what, p.old, out.detail)
+        return out
+
+    async def _advance(
+        self, p: Pending, instances: builtins.list[HandlerInstance], join_s: float
+    ) -> Outcome | None:
+        task = self._task if self._for == p else None
+        if task is not None:
+            if not task.done():
+                return None
+            self._task = self._for = None
+            try:
+                return task.result()
+            except (KafkaError, BackendError, OSError) as e:
+                log.warning("handover of %s: %r; stopping the old handler(s) anyway", p.old, e)
+                await self.backend.remove_ids(p.old)
+                return Outcome(True, f"stopped after an error: {e}")
+        self.cancel()
+        live = {i.id for i in instances}
+        if not any(i in live for i in p.old):
+            return Outcome(True, "the old handler(s) are gone")
+        names = frozenset(i.name for i in instances if i.id in p.new)
+        if not names:
+            return Outcome(False, "the new handler exited before it joined")
+        deadline = p.since + join_s
+        if time.time() > deadline:
+            return Outcome(False, f"the new handler did not join within {join_s:g}s")
+        self._for = p
+        self._task = asyncio.create_task(self._watch(names, p.old, deadline, join_s))
+        return None
+
+    def cancel(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = self._for = None
+
+    async def _watch(
+        self, names: frozenset[str], old: list[str], deadline: float, join_s: float
+    ) -> Outcome:
+        while time.time() < deadline:
+            info = None
+            with contextlib.suppress(KafkaError):
+                info = await self.group.group_info()
+            if info is not None and names <= info.clients:
+                t0 = time.monotonic()
+                await self.backend.remove_ids(old)
+                if info.state == JOINING:
+                    how = "in the rebalance the new one's join opened"
+                else:  # joined and settled before it was seen: one rebalance more
+                    how = f"late, after the new one's join had completed ({info.state})"
+                return Outcome(True, f"{how}; drained in {time.monotonic() - t0:.1f}s")
+            await asyncio.sleep(self.poll_s)
+        return Outcome(False, f"the new handler did not join within {join_s:g}s")
