@@ -8,6 +8,7 @@ backend unreachable (docker_host, image, ...).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from aiokafka.errors import KafkaError
@@ -23,10 +24,12 @@ from scaler.baseline import BaselineConfig, ReactiveBaseline
 from scaler.calendar import SessionCalendar, parse_session_min
 from scaler.capacity import RedisCapacity
 from scaler.clock import MarketClock, ReplayClock, WallClock
+from scaler.floors import LearnedFloors
 from scaler.guard import GuardConfig
 from scaler.lag import LagProbe
 from scaler.lease import LeaderLease
 from scaler.policy import Policy, PolicyConfig
+from scaler.rate_history import RateHistory
 from scaler.rollout import RolloutController
 from scaler.rollout_state import RolloutStore
 from scaler.service import Decider, Scaler, ScalerParts
@@ -64,12 +67,18 @@ def make_calendar(s: ScalerSettings) -> SessionCalendar | None:
     return SessionCalendar(s.calendar, parse_session_min(s.session_min), s.lead_s)
 
 
-def make_decider(s: ScalerSettings) -> Decider:
+def make_floors(s: ScalerSettings) -> LearnedFloors | None:
+    if s.policy == "reactive" or s.calendar == "none" or not s.learn_floors:
+        return None
+    return LearnedFloors(days=s.floor_days, min_days=s.floor_min_days)
+
+
+def make_decider(s: ScalerSettings, floors: LearnedFloors | None = None) -> Decider:
     if s.policy == "reactive":
         return ReactiveBaseline(
             BaselineConfig(min_replicas=max(s.min_handlers, 1), max_replicas=s.max_handlers)
         )
-    return Policy(policy_config(s), make_calendar(s))
+    return Policy(policy_config(s), make_calendar(s), floors)
 
 
 def handler_redis_url(s: ScalerSettings) -> str:
@@ -152,9 +161,14 @@ async def build(s: ScalerSettings) -> Scaler:
     await probe.stop()  # the scaler starts it again with the rest
     backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
     clock: MarketClock = ReplayClock(redis) if s.clock == "replay" else WallClock()
+    floors = make_floors(s)
+    rates = None
+    if floors is not None:
+        rates = RateHistory(redis, s.name, floors, f"{int(time.time())}-{s.scaler_id}")
+        await rates.load()
     parts = ScalerParts(
         backend=backend,
-        decider=make_decider(s),
+        decider=make_decider(s, floors),
         probe=LagProbe(s.bootstrap, s.topic, s.group),
         redis=redis,
         lease=LeaderLease(redis, f"{REDIS_SCALER_LEASE}:{s.name}", s.scaler_id, s.lease_ttl_s),
@@ -169,6 +183,7 @@ async def build(s: ScalerSettings) -> Scaler:
         dry_run=s.dry_run,
         stop_handlers_on_exit=stop_handlers_on_exit(s),
     )
+    scaler.rates = rates
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
     scaler.rollout = RolloutController(
         backend=backend, redis=redis, store=RolloutStore(redis, s.name), audit=scaler.audit,

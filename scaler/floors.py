@@ -13,6 +13,7 @@ floor: the reactive signals carry them.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,8 +43,18 @@ class LearnedFloors:
     quantile: float = 0.8
     scale_window_s: float = 1800.0
     scale_bounds: tuple[float, float] = (0.2, 3.0)
+    # Earlier days needed before the floors are trusted over the static ones.
+    min_days: int = 1
     history: dict[tuple[str, int], deque[float]] = field(default_factory=dict)
+    # Days learned so far (each ``learn`` or ``learn_means`` call is one).
+    days_seen: int = 0
     _recent: deque[tuple[float, float, float]] = field(default_factory=deque)
+    # Observed rates per (day, bucket), [sum, count], until taken for the history.
+    _today: dict[tuple[dt.date, str, int], list[float]] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.days_seen >= self.min_days and bool(self.history)
 
     def learn(self, info: DayInfo, start_s: int, rates: Sequence[float]) -> None:
         """Add one finished day (``rates`` per second from ``start_s``) to the history."""
@@ -54,8 +65,13 @@ class LearnedFloors:
             acc = sums.setdefault(bucket(start_s + i, info), [0.0, 0.0])
             acc[0] += r
             acc[1] += 1
-        for key, (total, n) in sums.items():
-            self.history.setdefault(key, deque(maxlen=self.days)).append(total / n)
+        self.learn_means({key: total / n for key, (total, n) in sums.items()})
+
+    def learn_means(self, means: dict[tuple[str, int], float]) -> None:
+        """Add one earlier day (or part of one) as its mean rate per bucket."""
+        for key, mean in means.items():
+            self.history.setdefault(key, deque(maxlen=self.days)).append(mean)
+        self.days_seen += 1
 
     def expected(self, t: float, info: DayInfo) -> float:
         h = self.history.get(bucket(t, info))
@@ -68,9 +84,18 @@ class LearnedFloors:
         """Today's ingest at ``t``: keeps the observed/expected scale current."""
         if not info.is_session:
             return
+        acc = self._today.setdefault((info.date, *bucket(t, info)), [0.0, 0.0])
+        acc[0] += ingest_rate
+        acc[1] += 1
         self._recent.append((t, ingest_rate, self.expected(t, info)))
         while self._recent and self._recent[0][0] < t - self.scale_window_s:
             self._recent.popleft()
+
+    def take_today(self) -> dict[tuple[dt.date, str, int], tuple[float, int]]:
+        """Observations since the last call, (sum, count) per (day, bucket), for keeping."""
+        taken = {k: (v[0], int(v[1])) for k, v in self._today.items()}
+        self._today.clear()
+        return taken
 
     def scale(self) -> float:
         obs = sum(o for _, o, _ in self._recent)
@@ -82,7 +107,7 @@ class LearnedFloors:
 
     def rate_ahead(self, t: float, info: DayInfo, lead_s: float) -> float:
         """The highest expected rate from ``t`` to ``t + lead_s``, scaled to today."""
-        if not info.is_session or not self.history:
+        if not info.is_session or not self.ready:
             return 0.0
         step = BUCKET_S
         points = [t + k * step for k in range(int(lead_s // step) + 1)] + [t + lead_s]

@@ -179,14 +179,17 @@ class Policy:
         # join); on a replayed day that is lead * speed of market time.
         lead = self.calendar.lead_s * snap.market_speed
         if self.floors is not None:
+            # Observed whether or not the history is ready: today is a later day's history.
             _, info = self.calendar.session(when)
             t = when - self.calendar.local_midnight(info.date)
             self.floors.observe(t, info, snap.ingest_rate)
-            rate = self.floors.rate_ahead(t, info, lead)
-            extra["session_rate"] = round(rate, 1)
-            extra["floor_scale"] = round(self.floors.scale(), 2)
-            rate_n = handlers_for(rate * (1 + self.cfg.headroom), cap, snap.partition_count, limit)
-            return rate_n
+            if self.floors.ready:
+                rate = self.floors.rate_ahead(t, info, lead)
+                extra["session_rate"] = round(rate, 1)
+                extra["floor_scale"] = round(self.floors.scale(), 2)
+                return handlers_for(
+                    rate * (1 + self.cfg.headroom), cap, snap.partition_count, limit
+                )
         fl = self.calendar.floor(when, lead)
         extra["session"] = fl.session.value
         extra["session_now"] = fl.now_session.value

@@ -31,6 +31,7 @@ from scaler.clock import MarketClock
 from scaler.lag import LagProbe
 from scaler.lease import LeaderLease
 from scaler.policy import Decision
+from scaler.rate_history import RateHistory
 from scaler.rollout import RolloutController
 from scaler.signals import Snapshot
 
@@ -90,6 +91,8 @@ class Scaler:
         self.http = http
         self.stop_handlers_on_exit = stop_handlers_on_exit
         self.rollout: RolloutController | None = None  # set by the assembler (scaler.app)
+        # Keeps the learned floors' observations for later days (set by the assembler).
+        self.rates: RateHistory | None = None
         self.last: Decision | None = None
         self._stop = asyncio.Event()
         self._started = False
@@ -195,6 +198,11 @@ class Scaler:
         self._export(snap, d, current)
         leader = self.lease.is_leader
         m.LEADER.set(1 if leader else 0)
+        if self.rates is not None:
+            if leader and not self.dry_run:
+                await self.rates.flush()
+            else:
+                self.rates.floors.take_today()  # only the leader's day is kept
         if self.rollout is not None and leader and not self.dry_run:
             market = snap.market_time if snap.market_known and snap.market_time else now
             if await self.rollout.step(instances, market):

@@ -98,6 +98,14 @@ class ScalerSettings(BaseSettings):
     calendar: str = Field("XNYS", description="XNYS, XNAS, ... or none")
     session_min: str = Field("", description="e.g. open=8,close=4,midday=1")
     lead_s: float = Field(120.0, ge=0, description="pre-scale this long before a session")
+    # Session floors learned from earlier days' rates at the same minute (kept in
+    # Redis, scaler.rate_history) replace the static session_min ones once
+    # floor_min_days days are known; off, session_min alone.
+    learn_floors: bool = Field(True, description="learn session floors from earlier days")
+    floor_days: int = Field(20, ge=1, description="earlier days the learned floors remember")
+    floor_min_days: int = Field(
+        3, ge=1, description="earlier days needed before learned floors replace session_min"
+    )
     # "wall": sessions follow the real clock; "replay": they follow the clock the
     # replay feed publishes in Redis, so a day replayed at 60x pre-scales for its
     # own open rather than for today's.
