@@ -161,6 +161,17 @@ async def read_figures(redis: Redis, names: list[str]) -> dict[str, dict[str, An
     return out
 
 
+def enough_records(cfg: GuardConfig, canary: Figures, current: Figures) -> bool:
+    """Both sides need ``min_records`` before any verdict: a current side still at zero
+    (its handlers report once a second, and a window can be a second old) would make a
+    single dead letter of the canary's look like a regression. A current side that owns
+    no partition (a fleet of one, or more handlers than partitions) is empty, and the
+    canary is judged against the margins alone."""
+    if canary.records < cfg.min_records:
+        return False
+    return current.assigned == 0 or current.records >= cfg.min_records
+
+
 def judge(
     cfg: GuardConfig, canary: Figures, current: Figures, restarts: int, final: bool = True
 ) -> str | None:

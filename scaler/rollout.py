@@ -37,7 +37,7 @@ from redis.asyncio import Redis
 
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, BackendError, HandlerInstance, HandlerVersion
-from scaler.guard import Figures, GuardConfig, GuardError, judge, read_figures
+from scaler.guard import Figures, GuardConfig, GuardError, enough_records, judge, read_figures
 from scaler.handover import GroupReader, Handover, Pending
 from scaler.rollout_state import RolloutRequest, RolloutState, RolloutStore
 
@@ -180,7 +180,7 @@ class RolloutController:
             if i.name in figs:
                 o.add(figs[i.name], st.baseline.get(i.name))
         done = market_s - st.window_market >= cfg.window_s
-        enough = c.records >= cfg.min_records
+        enough = enough_records(cfg, c, o)
         why = judge(cfg, c, o, 0, final=done) if enough else None
         detail: dict[str, Any] = {"canary": c.summary(), "current": o.summary()}
         if why:
@@ -188,7 +188,12 @@ class RolloutController:
             return await self._roll_back(st, instances)
         if not done or not enough:
             if now - st.window_wall > cfg.max_wait_s:
-                await self._fail(st, f"too few records for a verdict: {c.records:.0f}", detail)
+                await self._fail(
+                    st,
+                    f"too few records for a verdict: canary {c.records:.0f}, current "
+                    f"{o.records:.0f} (min_records {cfg.min_records})",
+                    detail,
+                )
                 return await self._roll_back(st, instances)
             return False
         st.phase = "promoting"

@@ -300,14 +300,18 @@ class ComposeStack:
     def prometheus(self) -> str:
         return f"http://127.0.0.1:{self.prom_port}"
 
-    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        self, *args: str, timeout: float = 300, shell_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        """:param shell_env: variables set in the shell compose runs in, as a user sets
+        one for one command (compose substitutes them before its env file's)"""
         return subprocess.run(
             [*self._base, *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            env=self._environ,
+            env=self._environ | (shell_env or {}),
         )
 
     def cid(self, service: str) -> str:

@@ -21,7 +21,7 @@ from core.constants import REDIS_SCALER_EVENTS
 from scaler.audit import read_events
 from scaler.backends.base import HandlerSpec, HandlerVersion
 from scaler.backends.process import ProcessBackend
-from scaler.guard import Figures, GuardConfig, GuardError, judge
+from scaler.guard import Figures, GuardConfig, GuardError, enough_records, judge
 from scaler.handover import Handover, Outcome, Pending
 from scaler.lag import LagProbe
 from tests.pipeline_utils import start_replay, summary
@@ -61,6 +61,28 @@ def test_guard_compares_the_canary_with_the_current_version() -> None:
     windowed = Figures()
     windowed.add({"records": 10_000, "deadletters": 5}, base)
     assert (windowed.records, windowed.deadletters) == (1_000, 0)
+
+
+def test_no_verdict_before_both_sides_have_records() -> None:
+    """Seen on the compose stack: a second into the window the canary had 966 records and
+    one dead letter of a feed that has some anyway, the current side none yet; judged then,
+    the canary was rolled back for 1.04 dead letters per 1,000 against 0."""
+    cfg = GuardConfig()
+    canary, current = Figures(), Figures()
+    canary.add({"records": 966, "deadletters": 1, "assigned": 4}, None)
+    current.add({"records": 0, "assigned": 8}, None)
+    assert "deadletters" in (judge(cfg, canary, current, 0, final=False) or "")
+    assert not enough_records(cfg, canary, current)
+    current.add({"records": 1_900, "deadletters": 4}, None)  # the same feed, 2 per 1,000
+    assert enough_records(cfg, canary, current)
+    assert judge(cfg, canary, current, 0, final=False) is None
+    # No partition on the current side: the canary alone, against the margins.
+    alone = Figures()
+    alone.add({"records": 0, "assigned": 0}, None)
+    assert enough_records(cfg, canary, alone)
+    few = Figures()
+    few.add({"records": cfg.min_records - 1, "assigned": 4}, None)
+    assert not enough_records(cfg, few, current)
 
 
 def _rollout(

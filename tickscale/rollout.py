@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
+from core.secrets import client_secrets
 
 
 def _fail(msg: str) -> None:
@@ -92,7 +93,11 @@ def _scaler_defaults(redis_url: str | None, name: str | None) -> tuple[str, str]
 async def _run(url: str, fleet: str, req: Any, follow_s: float) -> int:
     from scaler.rollout_state import RolloutStore
 
-    redis = Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    # The scaler's Redis with this process's password file, as the scaler itself reaches it
+    # (the stack's Redis wants it; the url shown in errors stays without it).
+    redis = Redis.from_url(
+        client_secrets().redis_url(url), socket_timeout=10, socket_connect_timeout=5
+    )
     try:
         store = RolloutStore(redis, fleet)
         st = await store.load()
