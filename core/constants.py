@@ -44,3 +44,8 @@ LABEL_SCALER = "io.tickscale.scaler"
 # second while a replay runs, so a scaler with clock=replay follows the replayed
 # day's sessions instead of today's.
 REDIS_REPLAY_CLOCK = REDIS_PREFIX + "replay:clock"
+# A handler's stats field naming the signal that makes it leave the group at the next
+# rebalance instead of rejoining (a rollout step's one-rebalance handover); absent in
+# handlers that predate it, which the scaler then only stops.
+LEAVE_SIGNAL_FIELD = "leave_signal"
+LEAVE_SIGNAL = "SIGUSR1"

@@ -15,9 +15,14 @@ the new member in PreparingRebalance: it drains, commits and leaves while that
 rebalance still collects members, and the generation that completes has the
 new one and not the old. The group is read with the scaler's own admin client
 (``LagProbe.group_info``), a few times a second, by a task beside the scaler's
-loop, which itself never waits for the join. It is a race still: the old one
+loop, which itself never waits for the join. That alone is a race: the old one
 must leave before its own next heartbeat tells it of the rebalance (it would
-rejoin first); its drain takes a fraction of the heartbeat interval.
+rejoin first, and its leave be a second rebalance). So, before the new one is
+started, the old one is told (``announce``: LEAVE_SIGNAL, to handlers whose
+stats say they understand it) to leave at the next rebalance instead of
+rejoining (``ingest.handler.group_exit``): whichever comes first, its
+heartbeat or the SIGTERM, it never rejoins. Handlers of versions before that,
+and backends that cannot signal one handler (Swarm), keep the race.
 
 A handler that never joins (crashed, broken image) does not cost the one it
 was to replace: past ``join_s`` the old one keeps running and the change is
@@ -33,11 +38,13 @@ import builtins
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from aiokafka.errors import KafkaError
+from redis.asyncio import Redis
 
+from core.constants import LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD, REDIS_HANDLER_STATS
 from scaler.backends.base import Backend, BackendError, HandlerInstance
 from scaler.lag import GroupInfo
 
@@ -58,13 +65,44 @@ class Pending:
     old: list[str]
     since: float  # wall time the new ones were started
     what: str = "step"  # canary | step (for the log)
+    announced: list[str] = field(default_factory=list)  # old ones told to leave (announce)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pending:
-        return cls(list(d["new"]), list(d["old"]), float(d["since"]), str(d.get("what", "step")))
+        return cls(
+            list(d["new"]), list(d["old"]), float(d["since"]), str(d.get("what", "step")),
+            list(d.get("announced", [])),
+        )  # fmt: skip
+
+
+async def announce(
+    backend: Backend, redis: Redis, old: builtins.list[HandlerInstance]
+) -> builtins.list[str]:
+    """Tell the old handlers that understand it (their stats name LEAVE_SIGNAL) that their
+    replacement is starting, before it starts: each then leaves the group in the
+    rebalance the new one's join opens, instead of rejoining it, whoever wins the race
+    between its heartbeat and the SIGTERM below. Older handlers are only stopped."""
+    if not old:
+        return []
+    async with redis.pipeline(transaction=False) as p:
+        for h in old:
+            p.hget(REDIS_HANDLER_STATS + h.name, LEAVE_SIGNAL_FIELD)
+        said = await p.execute()
+    able = [h.id for h, v in zip(old, said, strict=True) if _text(v) == LEAVE_SIGNAL]
+    if not able:
+        return []
+    try:
+        return await backend.announce_replacement(able)
+    except BackendError as e:
+        log.warning("could not announce the replacement of %s (%s); they will be stopped", able, e)
+        return []
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v or "")
 
 
 @dataclass(frozen=True)
@@ -117,13 +155,14 @@ class Handover:
         if not any(i in live for i in p.old):
             return Outcome(True, "the old handler(s) are gone")
         names = frozenset(i.name for i in instances if i.id in p.new)
+        olds = frozenset(i.name for i in instances if i.id in p.old)
         if not names:
             return Outcome(False, "the new handler exited before it joined")
         deadline = p.since + join_s
         if time.time() > deadline:
             return Outcome(False, f"the new handler did not join within {join_s:g}s")
         self._for = p
-        self._task = asyncio.create_task(self._watch(names, p.old, deadline, join_s))
+        self._task = asyncio.create_task(self._watch(names, olds, p.old, deadline, join_s))
         return None
 
     def cancel(self) -> None:
@@ -132,7 +171,12 @@ class Handover:
         self._task = self._for = None
 
     async def _watch(
-        self, names: frozenset[str], old: list[str], deadline: float, join_s: float
+        self,
+        names: frozenset[str],
+        olds: frozenset[str],
+        old: list[str],
+        deadline: float,
+        join_s: float,
     ) -> Outcome:
         while time.time() < deadline:
             info = None
@@ -140,8 +184,11 @@ class Handover:
                 info = await self.group.group_info()
             if info is not None and names <= info.clients:
                 t0 = time.monotonic()
+                left = not (olds & info.clients)  # announced, it left without being stopped
                 await self.backend.remove_ids(old)
-                if info.state == JOINING:
+                if left:
+                    how = "in the rebalance the new one's join opened, the old one left itself"
+                elif info.state == JOINING:
                     how = "in the rebalance the new one's join opened"
                 else:  # joined and settled before it was seen: one rebalance more
                     how = f"late, after the new one's join had completed ({info.state})"

@@ -38,7 +38,7 @@ from redis.asyncio import Redis
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, BackendError, HandlerInstance, HandlerVersion
 from scaler.guard import Figures, GuardConfig, GuardError, enough_records, judge, read_figures
-from scaler.handover import GroupReader, Handover, Pending
+from scaler.handover import GroupReader, Handover, Pending, announce
 from scaler.rollout_state import RolloutRequest, RolloutState, RolloutStore
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class RolloutController:
         await self.store.save(new)  # first: a scaler dying right after finds the canary
         self.state = new
         slot = [] if new.extra else [old[-1].id]
+        told = await announce(self.backend, self.redis, old[-1:] if slot else [])
         try:
             ids = await self.backend.add(1, v)
         except BackendError as e:
@@ -144,7 +145,7 @@ class RolloutController:
             return True
         new.canary_id = ids[0] if ids else None
         if slot and ids:  # the slot's handler leaves once the canary has joined
-            new.handover = Pending(ids, slot, time.time(), "canary").to_dict()
+            new.handover = Pending(ids, slot, time.time(), "canary", told).to_dict()
         await self.store.save(new)
         detail = {"canary": new.canary_id, "replaced": slot, "fleet": len(instances),
                   "from": cur.name, "guard": guard.to_dict()}  # fmt: skip
@@ -237,8 +238,9 @@ class RolloutController:
         n_add = 0 if st.extra and len(old) == 1 else 1
         st.last_step_wall = time.time()
         if n_add:  # the victim leaves once the new one has joined
+            told = await announce(self.backend, self.redis, [victim])
             ids = await self.backend.add(n_add, HandlerVersion.from_dict(st.target or {}))
-            st.handover = Pending(ids, [victim.id], time.time()).to_dict()
+            st.handover = Pending(ids, [victim.id], time.time(), "step", told).to_dict()
         else:  # a leave alone is one rebalance
             await self.backend.remove_ids([victim.id])
         await self.store.save(st)

@@ -49,7 +49,14 @@ class Snapshot:
 class RedisSink:
     """Batched, failure-tolerant writer of snapshots, last ticks and stats."""
 
-    def __init__(self, url: str, handler_id: str, flush_interval_s: float = 0.1) -> None:
+    def __init__(
+        self,
+        url: str,
+        handler_id: str,
+        flush_interval_s: float = 0.1,
+        static: dict[str, str] | None = None,
+    ) -> None:
+        """:param static: fields written with every stats report (what the handler can do)"""
         # Short timeouts: a hung Redis must not stall snapshot restore for long.
         self._r = aioredis.Redis.from_url(
             url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
@@ -62,6 +69,7 @@ class RedisSink:
         self._topic_ids: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
         self._stats: dict[str, float] = {"messages": 0, "busy_s": 0.0}
+        self._static = dict(static or {})
         self._last_stats = 0.0
         self.healthy = True
 
@@ -152,7 +160,12 @@ class RedisSink:
                     )
                 if send_stats:
                     sk = REDIS_HANDLER_STATS + self.handler_id
-                    stats: dict[Any, Any] = {**self._stats, **metrics.guard_figures(), "ts": now}
+                    stats: dict[Any, Any] = {
+                        **self._static,
+                        **self._stats,
+                        **metrics.guard_figures(),
+                        "ts": now,
+                    }
                     p.hset(sk, mapping=stats)
                     p.expire(sk, HANDLER_STATS_TTL_S)
                 await p.execute()

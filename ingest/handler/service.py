@@ -32,12 +32,14 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.constants import LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
 from core.retry import retry_async
 from core.runtime import stop_on_signals
 from core.secrets import client_secrets
@@ -45,6 +47,7 @@ from ingest import metrics
 from ingest.handler.commits import Committer
 from ingest.handler.fetch import Batches, group_consumer, out_partitions, top_up
 from ingest.handler.grace import StopGrace
+from ingest.handler.group_exit import leave_mid_rebalance
 from ingest.handler.partition import Outputs, PartitionWorker
 from ingest.handler.probes import Probes
 from ingest.handler.recovery import Recovery
@@ -56,6 +59,11 @@ from ingest.handler.settings import HandlerSettings
 log = logging.getLogger(__name__)
 
 __all__ = ["FeedHandler", "transactional_id"]
+
+# "You are being replaced" (a rollout step): sent by the scaler before it starts the
+# replacement. A handler that has not seen a rebalance this long after forgets it.
+REPLACED_SIGNAL = signal.Signals[LEAVE_SIGNAL]
+REPLACED_WINDOW_S = 120.0
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -96,6 +104,11 @@ class FeedHandler:
         self.cpu_s = 0.0
         self.batches = 0
         self.rebalances = 0  # revocations seen; a poll across one holds stale records
+        # Set by SIGUSR1 (a rollout step is starting this handler's replacement): at the
+        # next rebalance, within REPLACED_WINDOW_S, leave the group instead of rejoining.
+        self.replaced_at: float | None = None
+        self.left_mid_rebalance = False
+        self._consumer_closing = asyncio.Event()  # consumer.stop() has begun (group_exit.py)
         self.recovery = Recovery(self, settings.poison_after)
 
     async def __aenter__(self) -> FeedHandler:
@@ -116,7 +129,12 @@ class FeedHandler:
         metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:
-            self.sink = RedisSink(client_secrets().redis_url(s.redis_url), s.handler_id)
+            # The scaler announces a replacement only to a handler that says it understands.
+            self.sink = RedisSink(
+                client_secrets().redis_url(s.redis_url),
+                s.handler_id,
+                static={LEAVE_SIGNAL_FIELD: REPLACED_SIGNAL.name},
+            )
             await self.sink.start()
         outputs = Outputs(s.out_topic, await out_partitions(s), s.deadletter_topic)
         self.restorer = Restorer(s, outputs, self.sink, self.grace.event)
@@ -130,8 +148,16 @@ class FeedHandler:
         """Start stopping: the handler is closed ``stop_grace_s`` from now at the latest."""
         self.grace.request()
 
+    def leave_at_next_rebalance(self) -> None:
+        """This handler is being replaced: its replacement's join will open a rebalance, and
+        in it this one leaves instead of rejoining, so the change is one rebalance."""
+        self.replaced_at = time.monotonic()
+        log.info("replacement announced: leaving the group at the next rebalance")
+
     def install_signal_handlers(self) -> None:
-        stop_on_signals(asyncio.get_running_loop(), self.request_stop)
+        loop = asyncio.get_running_loop()
+        stop_on_signals(loop, self.request_stop)
+        loop.add_signal_handler(REPLACED_SIGNAL, self.leave_at_next_rebalance)
 
     async def stop(self) -> None:
         """Commit or abort what is held, save snapshots, leave the group, close: each
@@ -155,7 +181,10 @@ class FeedHandler:
             await g.bounded("flush Redis", self.sink.flush())
         if self.consumer is not None:
             # Leaves the group; the revoke callback closes the partition producers.
-            await g.bounded("leave the group", self.consumer.stop(), KafkaError)
+            stopping = asyncio.ensure_future(self.consumer.stop())
+            await asyncio.sleep(0)  # consumer.stop() marks the coordinator closing at once
+            self._consumer_closing.set()  # a replaced handler's revoke callback may return
+            await g.bounded("leave the group", stopping, KafkaError)
             self.consumer = None
         for tp in list(self.workers):
             self.close_worker(tp)
@@ -190,6 +219,28 @@ class FeedHandler:
                 # an older snapshot.
                 await self.sink.flush()
         metrics.ASSIGNED.set(len(self.workers))
+        if self._replaced():
+            await self._leave_instead_of_rejoining()
+
+    def _replaced(self) -> bool:
+        return (
+            self.replaced_at is not None
+            and time.monotonic() - self.replaced_at < REPLACED_WINDOW_S
+            and not self.left_mid_rebalance
+        )
+
+    async def _leave_instead_of_rejoining(self) -> None:
+        """In the revoke callback, with the revoked partitions committed and saved: stop,
+        and once the consumer is closing (its coordinator then looks nothing up again),
+        leave and return (group_exit.py says why in that order)."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        self.left_mid_rebalance = True
+        self.request_stop()
+        await self._consumer_closing.wait()
+        await leave_mid_rebalance(consumer)
+        log.info("replaced: left the group at this rebalance instead of rejoining")
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         metrics.REBALANCES.inc()

@@ -137,6 +137,12 @@ class Backend(Protocol):
         """Stop these handlers (SIGTERM and the grace period, together); return their ids."""
         ...
 
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        """Tell these handlers their replacement is starting (LEAVE_SIGNAL): each leaves
+        the group at the next rebalance instead of rejoining. Returns those told; a
+        backend that cannot address one handler returns none, and they are only stopped."""
+        ...
+
     def set_version(self, version: HandlerVersion) -> None:
         """Start handlers of ``version`` from now on (a promoted rollout)."""
         ...

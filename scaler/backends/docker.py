@@ -35,7 +35,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
 from requests import RequestException
 
-from core.constants import LABEL_ROLE, LABEL_SCALER
+from core.constants import LABEL_ROLE, LABEL_SCALER, LEAVE_SIGNAL
 from core.secrets import SECRETS_DIR
 from scaler.backends.base import (
     BackendError,
@@ -255,6 +255,17 @@ class DockerBackend(EngineClient):
     async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
         wanted = set(ids)
         return await self._stop_all([h for h in await self.list() if h.id in wanted])
+
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        return await self._call("announce a replacement", self._signal, ids, LEAVE_SIGNAL)
+
+    def _signal(self, ids: builtins.list[str], sig: str) -> builtins.list[str]:
+        told = []
+        for cid in ids:
+            with contextlib.suppress(NotFound):
+                self.client.containers.get(cid).kill(signal=sig)
+                told.append(cid)
+        return told
 
     async def _stop_all(self, victims: builtins.list[HandlerInstance]) -> builtins.list[str]:
         if not victims:

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.constants import LEAVE_SIGNAL
 from scaler.backends.base import (
     BackendError,
     BackendHealth,
@@ -153,6 +154,15 @@ class ProcessBackend:
         if not wanted:
             return []
         return await self._stop(lambda hs: [h for h in hs if str(h.pid) in wanted])
+
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        told = []
+        for h in await self.list():  # live ones only: a pid of the record that still runs
+            if h.id in ids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(h.id), signal.Signals[LEAVE_SIGNAL])
+                    told.append(h.id)
+        return told
 
     async def _stop(
         self, choose: Callable[[builtins.list[Entry]], builtins.list[Entry]]

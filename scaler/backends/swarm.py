@@ -79,6 +79,9 @@ class _OneImage:
     async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
         raise BackendError(_NO_ROLLOUT)
 
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        return []  # tasks are not addressed one by one here
+
 
 class SwarmBackend(EngineClient, _OneImage):
     name = "swarm"

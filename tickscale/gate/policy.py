@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 import orjson
 
-from core.constants import LABEL_ROLE, LABEL_SCALER
+from core.constants import LABEL_ROLE, LABEL_SCALER, LEAVE_SIGNAL
 from core.secrets import SECRETS_DIR
 from tickscale.gate.settings import GateSettings
 
@@ -116,7 +117,7 @@ class Policy:
         labels = labels or {}
         return labels.get(LABEL_ROLE) == ROLE_HANDLER and labels.get(LABEL_SCALER) == self.s.fleet
 
-    def decide(self, method: str, raw_path: str, body: bytes) -> Decision:
+    def decide(self, method: str, raw_path: str, body: bytes, query: str = "") -> Decision:
         path = _VERSION.sub("", raw_path, count=1)
         if method in ("GET", "HEAD") and path in ("/_ping", "/version"):
             return Allow()
@@ -133,24 +134,31 @@ class Policy:
             return Allow()  # metadata only: the engine never returns a secret's data
         if self.s.mode == "swarm":
             return self._swarm(method, path, body)
-        return self._containers(method, path, body)
+        return self._containers(method, path, body, query)
 
     def _secret_paths(self) -> set[str]:
         return {f"/secrets/{name}" for name in self.s.secrets.values()}
 
     # Containers ------------------------------------------------------------------------
 
-    def _containers(self, method: str, path: str, body: bytes) -> Decision:
+    def _containers(self, method: str, path: str, body: bytes, query: str = "") -> Decision:
         if method == "GET" and path == "/containers/json":
             return Allow()
         if method == "POST" and path == "/containers/create":
             return self._create(body)
-        m = re.fullmatch(r"/containers/([A-Za-z0-9_.-]+)(/json|/start|/stop)?", path)
+        m = re.fullmatch(r"/containers/([A-Za-z0-9_.-]+)(/json|/start|/stop|/kill)?", path)
         if m:
             action = m.group(2) or ""
             if (method, action) in (("GET", "/json"), ("POST", "/start"), ("POST", "/stop"),
                                     ("DELETE", "")):  # fmt: skip
                 return Owned("container", m.group(1))
+            if (method, action) == ("POST", "/kill"):
+                # Only the rollout's "you are being replaced" (the handler leaves the group
+                # at the next rebalance); a stop is /stop, with its grace period.
+                sig = parse_qs(query).get("signal", [""])
+                if sig == [LEAVE_SIGNAL]:
+                    return Owned("container", m.group(1))
+                return Refuse(f"kill: only signal={LEAVE_SIGNAL} (a handler's replacement)")
         return Refuse(f"{method} {path} is not a handler operation")
 
     def _create(self, body: bytes) -> Decision:

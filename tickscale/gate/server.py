@@ -81,9 +81,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(411, {"message": "tickscale gate: send a Content-Length"})
             return
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
         self.server.learn_network()
-        decision = self.server.policy.decide(self.command, path, body)
+        decision = self.server.policy.decide(self.command, parts.path, body, parts.query)
         target = self.path
         if isinstance(decision, Owned):
             owned = decision

@@ -1,0 +1,53 @@
+"""Leaving the group in the middle of a rebalance instead of rejoining it.
+
+A rollout step replaces one handler with another in one rebalance: the new
+handler's join opens it, and the handler it replaces must leave during it
+rather than rejoin. Told in advance (SIGUSR1, see ``FeedHandler``), the old
+handler leaves from its revoke callback, which aiokafka runs when it learns of
+the rebalance and before it sends its JoinGroup. aiokafka offers no public way
+to do that: its coordinator sends the JoinGroup as soon as the callback
+returns, whatever else happened meanwhile. So, from inside the callback:
+
+1. the caller first waits until ``consumer.stop()`` has begun: the coordinator
+   is then closing, and neither its loop nor its heartbeat looks the group's
+   coordinator up again once it is marked unknown (step 3);
+2. LeaveGroup is sent and awaited (the coordinator's own ``maybe_leave_group``,
+   which also forgets the member id and generation);
+3. the coordinator is marked unknown, so the JoinGroup that follows the
+   callback fails in the client instead of reaching the broker (a JoinGroup
+   without a member id would register a pending member, and a pending member
+   holds the whole rebalance until its session times out); the callback
+   returns at once, and the coordinator's loop, closing, ends.
+
+This reaches into aiokafka's coordinator (``_coordinator``), hence the pin to
+0.14.x in pyproject.toml beside ``fencing.py``; ``check_client`` fails loudly
+on any other version, and the rollout tests assert the one-rebalance outcome
+against the real broker.
+"""
+
+from __future__ import annotations
+
+import aiokafka
+from aiokafka import AIOKafkaConsumer
+
+SUPPORTED = "0.14."
+
+
+def check_client() -> None:
+    """Raise if aiokafka is not the version whose coordinator this module was written for."""
+    if not aiokafka.__version__.startswith(SUPPORTED):
+        raise RuntimeError(
+            f"ingest.handler.group_exit drives aiokafka {SUPPORTED}x's coordinator; "
+            f"aiokafka {aiokafka.__version__} is installed: review the module and its pin"
+        )
+
+
+async def leave_mid_rebalance(consumer: AIOKafkaConsumer) -> None:
+    """Steps 2 and 3 above: call from the revoke callback once the consumer is closing,
+    and return from the callback right after."""
+    check_client()
+    coordinator = consumer._coordinator
+    if coordinator is None:
+        return
+    await coordinator.maybe_leave_group()
+    coordinator.coordinator_dead()
