@@ -91,6 +91,7 @@ class Scaler:
         self.stop_handlers_on_exit = stop_handlers_on_exit
         self.rollout: RolloutController | None = None  # set by the assembler (scaler.app)
         self.last: Decision | None = None
+        self.snapshot: Snapshot | None = None  # the last poll's measurement
         self._stop = asyncio.Event()
         self._started = False
         self._measured = False
@@ -183,6 +184,7 @@ class Scaler:
 
     async def poll_once(self) -> Decision:
         snap = await self.measure()
+        self.snapshot = snap
         try:
             instances = await self.backend.list()
         except BackendError:
