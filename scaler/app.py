@@ -141,8 +141,12 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
     )  # fmt: skip
 
 
-async def build(s: ScalerSettings) -> Scaler:
-    """A ready-to-start Scaler; raises StartupError naming what is wrong."""
+async def build(s: ScalerSettings, backend: Backend | None = None) -> Scaler:
+    """A ready-to-start Scaler; raises StartupError naming what is wrong.
+
+    ``backend``: one the caller made instead of the settings' (``scaler.keda``'s reported
+    count). Such a scaler runs no rollouts: whoever runs its handlers replaces them.
+    """
     url = client_secrets().redis_url(s.redis_url)
     redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
     try:
@@ -159,7 +163,9 @@ async def build(s: ScalerSettings) -> Scaler:
         await redis.aclose()
         raise StartupError("bootstrap", f"cannot reach Kafka at {s.bootstrap}: {e}") from e
     await probe.stop()  # the scaler starts it again with the rest
-    backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
+    rollouts = backend is None
+    if backend is None:
+        backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
     clock: MarketClock = ReplayClock(redis) if s.clock == "replay" else WallClock()
     floors = make_floors(s)
     rates = None
@@ -185,6 +191,8 @@ async def build(s: ScalerSettings) -> Scaler:
     )
     scaler.rates = rates
     scaler.http = HealthServer(s.metrics_host, s.metrics_port, scaler.healthy, scaler.ready)
+    if not rollouts:
+        return scaler
     scaler.rollout = RolloutController(
         backend=backend, redis=redis, store=RolloutStore(redis, s.name), audit=scaler.audit,
         scaler_id=s.scaler_id, guard=GuardConfig.parse(s.rollout_guard), group=parts.probe,

@@ -54,6 +54,14 @@ def _fail(setting: str, msg: str) -> None:
 def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Run the scaler (settings also from TICKSCALE_SCALER_* variables; flags win)."""
     if ctx.invoked_subcommand is not None:
+        if given:  # the subcommand would run without them
+            name = next(iter(given))
+            flag = flag_of(name, ScalerSettings.model_fields[name])
+            typer.echo(
+                f"error: {flag} goes after the subcommand: tickscale scaler "
+                f"{ctx.invoked_subcommand} {flag} ...", err=True,
+            )  # fmt: skip
+            raise typer.Exit(2)
         return
     # Mounted under `tickscale`, nothing sets a context object: no hooks.
     hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
@@ -88,3 +96,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
 from scaler.sim.cli import simulate  # noqa: E402
 
 app.command()(simulate)
+# KEDA's external scaler: the same policy, reported to Kubernetes instead of applied.
+from scaler.keda.cli import keda  # noqa: E402
+
+app.command()(keda)

@@ -94,6 +94,7 @@ class Scaler:
         # Keeps the learned floors' observations for later days (set by the assembler).
         self.rates: RateHistory | None = None
         self.last: Decision | None = None
+        self.snapshot: Snapshot | None = None  # the last poll's measurement
         self._stop = asyncio.Event()
         self._started = False
         self._measured = False
@@ -186,6 +187,7 @@ class Scaler:
 
     async def poll_once(self) -> Decision:
         snap = await self.measure()
+        self.snapshot = snap
         try:
             instances = await self.backend.list()
         except BackendError:

@@ -91,6 +91,7 @@ IMAGE_MODULES = [
     "scaler.backends.docker",
     "scaler.backends.swarm",
     "scaler.backends.process",
+    "scaler.keda.app",
 ]
 
 
