@@ -67,6 +67,9 @@ class ReportedReplicas:
     async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
         return await self.remove(len(ids))
 
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        return []  # Kubernetes owns the pods: no rollouts here
+
     def set_version(self, version: HandlerVersion) -> None:
         self.version = version
 
