@@ -25,7 +25,7 @@ from tickscale.loadtest.feed import TimeWarp
 from tickscale.loadtest.latency import Histogram, parse_buckets
 from tickscale.loadtest.sampler import Sample
 from tickscale.loadtest.scenarios import PlanOptions, resolve
-from tickscale.loadtest.slo import recoveries
+from tickscale.loadtest.slo import lag_above, recoveries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -261,3 +261,12 @@ def test_sigterm_stops_the_run_and_everything_it_started(
         for pid in holding(out):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_lag_above_target_counts_the_seconds_spent_above_it() -> None:
+    lags = [0.5, 6.0, 8.0, 4.0, None, 7.0, 1.0]  # one sample a second
+    samples = [Sample(wall=100.0 + i, lag_s=v) for i, v in enumerate(lags)]
+    # Above 5 s from 101 to 103 and from 105 to 106; an unread lag counts as not above.
+    assert lag_above(samples, 5.0) == 3.0
+    assert lag_above(samples, 10.0) == 0.0
+    assert lag_above(samples[:1], 0.0) == 0.0

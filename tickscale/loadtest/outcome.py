@@ -17,7 +17,7 @@ from tickscale.loadtest import results
 from tickscale.loadtest.latency import Histogram
 from tickscale.loadtest.report import market_midnight, write_report
 from tickscale.loadtest.sampler import Sample
-from tickscale.loadtest.slo import cost, evaluate, lag_stats, recoveries, window
+from tickscale.loadtest.slo import cost, evaluate, lag_above, lag_stats, recoveries, window
 
 if TYPE_CHECKING:
     from tickscale.loadtest.runner import LoadTest
@@ -76,6 +76,7 @@ def build_result(
         "latency_observations": hist.count,
         "lag_p99_s": lag_p99,
         "lag_max_s": lag_max,
+        "lag_above_target_s": round(lag_above(samples, cfg.lag_target_s), 1),
         "recovery_s": max((x.recovery_s for x in recs if x.recovery_s is not None), default=None),
         "recoveries": [x.as_dict() for x in recs],
         "duration_s": round(c.duration_s, 3),

@@ -5,8 +5,8 @@ Top-level fields are flat so scripts and ``compare`` read them without knowing t
 ``ok``, ``ledger_ok``, ``slo_ok``, ``missing``, ``duplicated``, ``reordered``,
 ``checksum_mismatch``, ``ticks_read``, ``ticks_expected``, ``deadletters``,
 ``deadletters_expected``, ``latency_p50_s``, ``latency_p99_s``, ``latency_max_s``,
-``lag_p99_s``, ``lag_max_s``, ``recovery_s``, ``handler_seconds`` (live handler processes),
-``member_seconds`` (the group's members), ``peak_handlers``,
+``lag_p99_s``, ``lag_max_s``, ``lag_above_target_s``, ``recovery_s``, ``handler_seconds``
+(live handler processes), ``member_seconds`` (the group's members), ``peak_handlers``,
 ``fixed_peak_handler_seconds``, ``handler_seconds_ratio``, ``duration_s``, ...
 
 plus ``slo`` (each check), ``chaos`` (each drill), ``scale_events`` (the audit stream),
@@ -45,6 +45,7 @@ COMPARE_FIELDS: list[tuple[str, str, bool]] = [
     ("latency_max_s", "latency max, bucket bound (s)", True),
     ("lag_p99_s", "lag p99 (s)", True),
     ("lag_max_s", "lag max (s)", True),
+    ("lag_above_target_s", "lag above target (s)", True),
     ("recovery_s", "recovery (s)", True),
     ("duration_s", "duration (s)", True),
     ("handler_seconds", "handler-seconds", True),

@@ -20,6 +20,7 @@ A threshold of 0 turns its check off.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -65,6 +66,16 @@ def window(samples: Sequence[Sample], t0: float, t1: float) -> list[Sample]:
 def lag_stats(samples: Sequence[Sample]) -> tuple[float | None, float | None]:
     lags = [s.lag_s for s in samples if s.lag_s is not None]
     return percentile(lags, 0.99), (max(lags) if lags else None)
+
+
+def lag_above(samples: Sequence[Sample], target_s: float) -> float:
+    """Wall seconds the lag spent above ``target_s``: each interval between two samples
+    counts when the lag at its start was above (the simulator's lag-above-target)."""
+    total = 0.0
+    for a, b in itertools.pairwise(samples):
+        if a.lag_s is not None and a.lag_s > target_s:
+            total += b.wall - a.wall
+    return total
 
 
 @dataclass(frozen=True)
