@@ -9,7 +9,9 @@ the last line), 2 when refused or mistyped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import logging
 import shlex
 import sys
 import time
@@ -20,7 +22,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
+from core.retry import retry_async
 from core.secrets import client_secrets
+
+log = logging.getLogger(__name__)
 
 
 def _fail(msg: str) -> None:
@@ -139,7 +144,18 @@ async def _follow(redis: Redis, stream: str, rollout_id: str, since: str, follow
 
     deadline = time.monotonic() + follow_s
     while time.monotonic() < deadline:
-        got: Any = await redis.xread({stream: since}, block=1000, count=100)
+        # Following is only reading: a Redis that stalls or drops the connection for a few
+        # seconds (a busy machine) is waited out, not reported as the rollout's end.
+        got: Any = await retry_async(
+            functools.partial(redis.xread, {stream: since}, block=1000, count=100),
+            what="read the audit stream",
+            attempts=8,
+            first_s=0.5,
+            max_s=5.0,
+            retry_on=lambda e: isinstance(e, RedisError | OSError),
+            sleep=asyncio.sleep,
+            log=log,
+        )
         for _stream, entries in got or []:
             for rid, fields in entries:
                 since = rid.decode() if isinstance(rid, bytes) else str(rid)
