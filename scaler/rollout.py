@@ -308,8 +308,6 @@ def _refuse(
         return "the process backend rolls out a command line (--command), not an image"
     if backend != "process" and not v.image:
         return f"the {backend} backend rolls out an image (--image)"
-    if backend == "swarm":
-        return "the swarm backend runs one service of one image; use the docker backend"
     if not instances:
         return "no handlers are running to compare the canary with"
     return ""

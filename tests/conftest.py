@@ -190,6 +190,16 @@ async def topics(request: pytest.FixtureRequest, make_topics: MakeTopics) -> Top
 
 
 @pytest.fixture(scope="module")
+def rollout_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(good, faulty) second versions of the image under test (tests/rollout_utils.py)."""
+    from tests.rollout_utils import build_images
+
+    good, faulty = build_images(tmp_path_factory.mktemp("images"))
+    yield good, faulty
+    docker("rmi", "-f", good, faulty, check=False)
+
+
+@pytest.fixture(scope="module")
 def swarm() -> Iterator[None]:
     """This engine as a swarm manager: made a one-node swarm for the module if it was not
     one, and returned to its old state after."""

@@ -31,7 +31,12 @@ from docker.errors import APIError
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
 from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
-from scaler.backends.docker import LABEL_METRICS_PORT, ContainerShape, DockerBackend
+from scaler.backends.docker import (
+    LABEL_METRICS_PORT,
+    LABEL_VERSION,
+    ContainerShape,
+    DockerBackend,
+)
 from scaler.backends.swarm import SwarmBackend
 from tests.docker_utils import docker, engine_problem, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
@@ -427,7 +432,7 @@ async def test_swarm_add_remove_change_running_tasks(
         await b.start()
         svc = json.loads(docker("service", "inspect", service).stdout)[0]["Spec"]
         assert svc["Mode"]["Replicated"]["Replicas"] == 0
-        assert svc["Labels"] == {LABEL_ROLE: "handler", LABEL_SCALER: fleet}
+        assert svc["Labels"] == {LABEL_ROLE: "handler", LABEL_SCALER: fleet, LABEL_VERSION: IMAGE}
         assert svc["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == 15 * 10**9
         assert await b.list() == []
 

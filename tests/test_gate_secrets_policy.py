@@ -28,13 +28,13 @@ def policy() -> Policy:
     )
 
 
-def service(secrets: list[dict[str, Any]]) -> bytes:
+def service(secrets: list[dict[str, Any]], image: str = IMAGE) -> bytes:
     """A service create body as the docker SDK sends it for the swarm backend."""
     return orjson.dumps({
         "Name": "tickscale-handlers", "Labels": LABELS,
         "Mode": {"Replicated": {"Replicas": 0}},
         "TaskTemplate": {
-            "ContainerSpec": {"Image": IMAGE, "Labels": LABELS, "Args": ["handler"],
+            "ContainerSpec": {"Image": image, "Labels": LABELS, "Args": ["handler"],
                               "Secrets": secrets},
             "Networks": [{"Target": "md"}],
         },
@@ -72,3 +72,11 @@ def test_any_other_secret_reference_is_refused(secret: str, file: str) -> None:
 )  # fmt: skip
 def test_other_secret_calls_are_refused(method: str, path: str) -> None:
     assert isinstance(policy().decide(method, path, b"{}"), Refuse)
+
+
+def test_a_rollout_image_may_run_as_a_service_of_its_own_and_no_other_image() -> None:
+    gate = Policy(GateSettings(mode="swarm", image=IMAGE, fleet=FLEET, network="md",
+                               secrets=SECRETS, rollout_images="tickscale:v2"))  # fmt: skip
+    assert gate.decide("POST", "/v1.41/services/create", service([], "tickscale:v2")) == Allow()
+    refused = gate.decide("POST", "/v1.41/services/create", service([], "tickscale:v3"))
+    assert isinstance(refused, Refuse) and "tickscale:v3" in refused.reason, refused

@@ -119,7 +119,8 @@ class ScalerProc:
         raise AssertionError(f"{name}={v} after {timeout}s\n{self.log()[-4000:]}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # still readable after stop()
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:

@@ -1,13 +1,37 @@
-"""Handlers as the replicas of one Docker Swarm service.
+"""Handlers as the replicas of Docker Swarm services, one service per handler version.
 
-The scaler only changes the service's replica count; Swarm places the tasks,
-replaces crashed ones, and on scale-in picks the tasks to stop and sends them
-SIGTERM with the service's stop grace period. The service is created (with
-zero replicas) on first start and carries the scaler's labels; an existing
-service of that name without them is refused rather than taken over. A scaler
-that stops its handlers on exit scales the service to zero, waits for the
-tasks to drain and removes the service, which would otherwise keep its
-network in use.
+The scaler only changes replica counts; Swarm places the tasks, replaces
+crashed ones, and on scale-in picks the tasks to stop and sends them SIGTERM
+with the stop grace period. The fleet's service (``swarm_service``) is created
+with zero replicas on first start; every service carries the scaler's labels
+and ``io.tickscale.version``, and an existing service of that name without them
+is refused rather than taken over.
+
+Rollouts: a service runs one image, so a version other than the one the
+scaler was started with runs as a second service, ``<swarm_service>-<version
+slug>`` (``swarm_spec``), made from the same settings. ``list`` returns the
+tasks of all the fleet's services, each with its service's version, which is
+how the rollout controller tells canary from fleet; a restarted scaler finds
+them all by their labels. ``add`` grows the service of the version asked for
+(creating it) and returns the ids of the tasks Swarm made for it, so the
+handover can watch them join. A service scaled to zero that no longer runs the
+current version is removed once its tasks have gone: the old one after a
+promotion, the canary's after a rollback.
+
+``remove_ids`` cannot stop one particular task. Swarm has no call to remove a
+task of a replicated service: scaling down is the only way, and Swarm picks
+which tasks go. Stopping the task's container through the engine and lowering
+the replicas is two calls, never one: stopped first, Swarm sees the task fail
+and (restart policy ``any``) starts a replacement, or the scale-down that
+follows picks another task; lowered first, Swarm has already picked. So
+``remove_ids`` lowers each named task's *service* by the number of its tasks
+named, and Swarm stops that many of that service's tasks, not necessarily
+those ids. The rollout needs no more: what it stops is always "one handler of
+the old version" (or every handler of the canary's), and the one-rebalance
+handover depends on when the SIGTERM comes, not on which old task gets it. The
+cost: a scaler that dies between a handover's stop and the state's save, and
+finds the named old task still running, stops one old task more on resuming;
+the policy scales the fleet back up.
 
 A swarm spans machines, so the network must be an overlay (or ``host``).
 """
@@ -16,12 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import time
-from typing import Any, TypeVar
+from collections import Counter
+from typing import Any
 
 from docker.errors import APIError, NotFound
-from docker.types import Healthcheck, Resources, RestartPolicy, SecretReference, ServiceMode
 
 from core.constants import LABEL_SCALER
 from core.retry import retry_sync
@@ -33,8 +58,7 @@ from scaler.backends.base import (
     HandlerVersion,
 )
 from scaler.backends.docker import (
-    CONTAINER_METRICS_PORT,
-    LABEL_METRICS_PORT,
+    LABEL_VERSION,
     ContainerShape,
     EngineClient,
     check_image,
@@ -42,6 +66,7 @@ from scaler.backends.docker import (
     engine_address,
     parse_docker_time,
 )
+from scaler.backends.swarm_spec import secret_refs, service_args, service_name
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +75,9 @@ _STARTING = {"new", "pending", "assigned", "accepted", "ready", "preparing", "st
 _SCALE_RETRIES = 5
 # Beyond the stop grace period: Swarm's own lag between a task's exit and its state.
 _RETIRE_MARGIN_S = 15.0
-# The image's user (Dockerfile), owner of the secret files in a task.
-_UID = "10001"
-
-T = TypeVar("T")
-# One service runs one image, and Swarm picks which task to stop: a canary beside
-# the fleet needs handlers the scaler can address one by one.
-_NO_ROLLOUT = (
-    "rollout: the swarm backend runs every handler as one service of one image; "
-    "roll out with the docker or process backend"
-)
+# How long ``add`` waits for Swarm to make the tasks it asked for (they exist
+# long before they run; the handover needs their ids).
+_TASKS_WAIT_S = 15.0
 
 
 def _out_of_sequence(e: BaseException) -> bool:
@@ -67,23 +85,16 @@ def _out_of_sequence(e: BaseException) -> bool:
     return isinstance(e, APIError) and "out of sequence" in str(e)
 
 
-class _OneImage:
-    """A service runs one image: the Backend's version calls, refusing any other."""
-
-    image: str
-
-    def set_version(self, version: HandlerVersion) -> None:
-        if version.image != self.image:
-            raise BackendError(_NO_ROLLOUT)
-
-    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
-        raise BackendError(_NO_ROLLOUT)
-
-    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
-        return []  # tasks are not addressed one by one here
+def _replicas(svc: Any) -> int:
+    return int(svc.attrs["Spec"]["Mode"]["Replicated"].get("Replicas", 0))
 
 
-class SwarmBackend(EngineClient, _OneImage):
+def _service_of(task_name: str) -> str:
+    """A task's name is ``<service>.<slot>.<task id>``."""
+    return task_name.rsplit(".", 2)[0]
+
+
+class SwarmBackend(EngineClient):
     name = "swarm"
     kind = "Swarm"
 
@@ -108,10 +119,11 @@ class SwarmBackend(EngineClient, _OneImage):
         self.network = self.shape.network
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
-        self.version = HandlerVersion(image, image=image)
+        self.base = HandlerVersion(image, image=image)  # runs in the service named `service`
+        self.version = self.base
         self.where = engine_address(docker_host)
         self._client: Any = None
-        # Replica changes are read-modify-write on the service spec.
+        # Replica changes are read-modify-write on the service specs.
         self._lock = asyncio.Lock()
 
     # Lifecycle ------------------------------------------------------------------------
@@ -119,17 +131,19 @@ class SwarmBackend(EngineClient, _OneImage):
     async def start(self) -> None:
         self._client = await asyncio.to_thread(connect, self.docker_host)
         try:
-            await self._call("check the swarm", self._check_manager)
+            await self._call("check the swarm", _check_manager, self._client, self.where)
             await asyncio.to_thread(check_image, self._client, self.image, self.where)
-            await self._call("check the network", self._check_network)
+            await self._call(
+                "check the network", _check_overlay, self._client, self.network, self.where
+            )
             await self._call("create the service", self._ensure_service)
         except BaseException:
             await self.close()
             raise
 
     async def retire(self) -> None:
-        """Wait for the scaled-in tasks to drain, then remove the service: it holds the
-        overlay network, and removing it while tasks still run would kill them."""
+        """Wait for the scaled-in tasks to drain, then remove the services: they hold the
+        overlay network, and removing one while tasks still run would kill them."""
         deadline = time.monotonic() + self.stop_grace_s + _RETIRE_MARGIN_S
         while await self._call("list service tasks", self._running_tasks):
             if time.monotonic() > deadline:
@@ -138,7 +152,7 @@ class SwarmBackend(EngineClient, _OneImage):
                     f"{self.stop_grace_s + _RETIRE_MARGIN_S:.0f} s; service left in place"
                 )
             await asyncio.sleep(0.5)
-        await self._call("remove the service", self._remove_service)
+        await self._call("remove the services", self._remove_services)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -148,181 +162,179 @@ class SwarmBackend(EngineClient, _OneImage):
     # Backend --------------------------------------------------------------------------
 
     async def list(self) -> builtins.list[HandlerInstance]:
-        return await self._call("list service tasks", self._tasks)
+        async with self._lock:
+            return await self._call("list service tasks", self._list_and_reap)
+
+    def set_version(self, version: HandlerVersion) -> None:
+        if not version.image:
+            raise BackendError(f"image: version {version.name} names no image")
+        self.version = version
 
     async def add(self, n: int, version: HandlerVersion | None = None) -> builtins.list[str]:
-        if version is not None and version.image != self.image:
-            raise BackendError(_NO_ROLLOUT)
         if n <= 0:
             return []
+        version = version or self.version
+        if not version.image:
+            raise BackendError(f"image: version {version.name} names no image")
+        if version.image != self.image:
+            await self._call("check the image", check_image, self.client, version.image, self.where)
         async with self._lock:
-            old, new = await self._call("scale the service", self._scale_by, n)
-        return [f"{self.service}/replica-{k}" for k in range(old + 1, new + 1)]
+            return await self._call("scale the service", self._grow, version, n)
 
     async def remove(self, n: int) -> builtins.list[str]:
         if n <= 0:
             return []
         async with self._lock:
-            old, new = await self._call("scale the service", self._scale_by, -n)
-        return [f"{self.service}/replica-{k}" for k in range(old, new, -1)]
+            return await self._call("scale the service", self._shrink_any, n)
+
+    async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        """Lower each named task's service by its count of named tasks (Swarm picks which
+        of that service's tasks stop; see the module's docstring)."""
+        async with self._lock:
+            return await self._call("scale the service", self._shrink_ids, ids)
 
     # Engine side (worker threads) ------------------------------------------------------
 
-    def _check_manager(self) -> None:
-        swarm = self.client.info().get("Swarm") or {}
-        state = swarm.get("LocalNodeState", "?")
-        if state != "active" or not swarm.get("ControlAvailable"):
-            raise BackendError(
-                f"docker_host: the engine at {self.where} is not a swarm manager "
-                f"(swarm state {state!r}); point docker_host at a manager or use the docker backend"
-            )
+    async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
+        # No task can be signalled one by one (Swarm picks which one a scale-down stops), so a
+        # step here keeps the race between the old handler's heartbeat and its SIGTERM.
+        return []
 
-    def _check_network(self) -> None:
-        _check_overlay(self.client, self.network, self.where)
+    def _services(self) -> builtins.list[Any]:
+        """Every service labelled for this fleet, whatever its version."""
+        filters = {"label": [f"{k}={v}" for k, v in self._labels().items()]}
+        return list(self.client.services.list(filters=filters))
 
-    def _find(self) -> Any | None:
+    def _find(self, name: str) -> Any | None:
+        """The service ``name``, ours or not (BackendError if it is someone else's)."""
         # The name filter matches prefixes too.
-        for s in self.client.services.list(filters={"name": self.service}):
-            if s.name == self.service:
+        for s in self.client.services.list(filters={"name": name}):
+            if s.name == name:
+                labels = s.attrs["Spec"].get("Labels") or {}
+                if any(labels.get(k) != v for k, v in self._labels().items()):
+                    raise BackendError(
+                        f"swarm_service: service {name!r} exists but is not labelled "
+                        f"{LABEL_SCALER}={self.fleet}; refusing to take it over"
+                    )
+                if "Replicated" not in s.attrs["Spec"].get("Mode", {}):
+                    raise BackendError(f"swarm_service: {name!r} is not a replicated service")
                 return s
         return None
 
+    def _version_of(self, svc: Any) -> str:
+        # Services made before versions were labelled ran the scaler's image.
+        return str((svc.attrs["Spec"].get("Labels") or {}).get(LABEL_VERSION, self.base.name))
+
     def _ensure_service(self) -> None:
-        svc = self._find()
-        if svc is not None:
-            labels = svc.attrs["Spec"].get("Labels") or {}
-            if any(labels.get(k) != v for k, v in self._labels().items()):
-                raise BackendError(
-                    f"swarm_service: service {self.service!r} exists but is not labelled "
-                    f"{LABEL_SCALER}={self.fleet}; refusing to take it over"
-                )
-            if "Replicated" not in svc.attrs["Spec"].get("Mode", {}):
-                raise BackendError(f"swarm_service: {self.service!r} is not a replicated service")
-            n = self._replicas(svc)
-            log.info("swarm service %s exists (%d replicas); adopting it", self.service, n)
+        svc = self._find(self.service)
+        others = [s.name for s in self._services() if s.name != self.service]
+        if svc is not None or others:
+            log.info("swarm services of fleet %s exist (%s); adopting them", self.fleet,
+                     ", ".join(([self.service] if svc is not None else []) + others))  # fmt: skip
             return
-        host = self.network == "host"
-        env = self.spec.env() | {
-            # Service templates: each task gets its own handler id.
-            "TICKSCALE_HANDLER_HANDLER_ID": "{{.Task.Name}}",
-            # On the host network replicas on one node would fight over one
-            # port: any free port then, and no port-based health check.
-            "TICKSCALE_HANDLER_METRICS_PORT": "0" if host else str(CONTAINER_METRICS_PORT),
-            "TICKSCALE_METRICS_PORT": "0" if host else str(CONTAINER_METRICS_PORT),
-        }
-        kwargs: dict[str, Any] = {
-            "name": self.service,
-            # A service's "command" replaces the image ENTRYPOINT; args are its CMD.
-            "args": ["handler"],
-            "env": [f"{k}={v}" for k, v in env.items()],
-            "labels": self._labels(),
-            "container_labels": self._labels()
-            | ({} if host else {LABEL_METRICS_PORT: str(CONTAINER_METRICS_PORT)}),
-            "mode": ServiceMode("replicated", replicas=0),
-            "stop_grace_period": int(self.stop_grace_s * 1e9),
-            # Swarm keeps the replica count itself; the delay stops a crashing
-            # handler from spinning.
-            "restart_policy": RestartPolicy(condition="any", delay=int(5e9)),
-            "read_only": True,
-            "log_driver": "json-file",
-            "log_driver_options": {"max-size": "10m", "max-file": "3"},
-        }
+        self._create(self.service, self.base, 0)
+
+    def _create(self, name: str, version: HandlerVersion, replicas: int) -> Any:
+        kwargs = service_args(
+            self.spec, self.shape, name=name, version=version, labels=self._labels(),
+            replicas=replicas, stop_grace_s=self.stop_grace_s,
+        )  # fmt: skip
         if self.spec.secrets:
-            kwargs["secrets"] = [
-                self._secret(file, name) for file, name in self.spec.secrets.items()
-            ]
-        if host:
-            kwargs["healthcheck"] = Healthcheck(test=["NONE"])
-        if self.network:
-            kwargs["networks"] = [self.network]
-        resources: dict[str, int] = {}
-        if self.shape.cpus:
-            resources["cpu_limit"] = int(self.shape.cpus * 1e9)
-        if self.shape.mem_mb:
-            resources["mem_limit"] = self.shape.mem_mb * 1024 * 1024
-        if resources:
-            kwargs["resources"] = Resources(**resources)
-        self.client.services.create(self.image, **kwargs)
-        log.info("created swarm service %s (0 replicas)", self.service)
-
-    def _secret(self, file: str, name: str) -> SecretReference:
-        """The swarm secret ``name`` as /run/secrets/``file``, readable by the image's user only."""
-        try:
-            secret = self.client.secrets.get(name)
-        except NotFound as e:
-            raise BackendError(
-                f"handler_secrets: no swarm secret {name!r} (create it with `docker secret create`)"
-            ) from e
-        return SecretReference(secret.id, name, filename=file, uid=_UID, gid=_UID, mode=0o400)
-
-    def _service(self) -> Any:
-        svc = self._find()
-        if svc is None:
-            raise BackendError(f"swarm_service: service {self.service!r} has disappeared")
+            kwargs["secrets"] = secret_refs(self.client, self.spec.secrets)
+        svc = self.client.services.create(version.image, **kwargs)
+        log.info("created swarm service %s (%s, %d replicas)", name, version.name, replicas)
         return svc
 
-    @staticmethod
-    def _replicas(svc: Any) -> int:
-        return int(svc.attrs["Spec"]["Mode"]["Replicated"].get("Replicas", 0))
+    def _grow(self, version: HandlerVersion, n: int) -> builtins.list[str]:
+        """Scale ``version``'s service up by n (creating it); the ids of its new tasks."""
+        name = service_name(self.service, version, self.base.name)
+        svc = self._find(name)
+        if svc is None:
+            before: set[str] = set()
+            svc = self._create(name, version, n)
+        else:
+            before = {t["ID"] for t in svc.tasks()}
+            self._scale_by(name, n)
+        deadline = time.monotonic() + _TASKS_WAIT_S
+        while True:
+            new = [t for t in svc.tasks(filters={"desired-state": "running"})
+                   if t["ID"] not in before]  # fmt: skip
+            if len(new) >= n or time.monotonic() > deadline:
+                new.sort(key=lambda t: parse_docker_time(t.get("CreatedAt")))
+                return [t["ID"] for t in new[:n]]
+            time.sleep(0.1)
 
-    def _scale_by(self, delta: int) -> tuple[int, int]:
+    def _shrink_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
+        wanted = set(ids)
+        named = [h for h in self._tasks() if h.id in wanted]
+        for svc, k in Counter(_service_of(h.name) for h in named).items():
+            self._scale_by(svc, -k)
+        return [h.id for h in named]
+
+    def _shrink_any(self, n: int) -> builtins.list[str]:
+        """n fewer replicas, from services of other versions first (a rollout's leftovers)."""
+        current = service_name(self.service, self.version, self.base.name)
+        stopped: builtins.list[str] = []
+        for svc in sorted(self._services(), key=lambda s: s.name == current):
+            k = min(n - len(stopped), _replicas(svc))
+            if k > 0:
+                old, new = self._scale_by(svc.name, -k)
+                stopped += [f"{svc.name}/replica-{r}" for r in range(old, new, -1)]
+        return stopped
+
+    def _scale_by(self, name: str, delta: int) -> tuple[int, int]:
         return retry_sync(
-            lambda: self._scale_once(delta), what=f"update swarm service {self.service}",
+            lambda: self._scale_once(name, delta), what=f"update swarm service {name}",
             attempts=_SCALE_RETRIES, first_s=0.05, max_s=1.0, retry_on=_out_of_sequence, log=log,
         )  # fmt: skip
 
-    def _scale_once(self, delta: int) -> tuple[int, int]:
-        svc = self._service()
-        old = self._replicas(svc)
+    def _scale_once(self, name: str, delta: int) -> tuple[int, int]:
+        svc = self._find(name)
+        if svc is None:
+            raise BackendError(f"swarm_service: service {name!r} has disappeared")
+        old = _replicas(svc)
         new = max(old + delta, 0)
         if new == old:
             return old, new
         svc.scale(new)
-        log.info("swarm service %s: replicas %d -> %d", self.service, old, new)
+        log.info("swarm service %s: replicas %d -> %d", name, old, new)
         return old, new
 
     def _running_tasks(self) -> int:
-        """Tasks whose containers may still run, whatever their desired state."""
-        svc = self._find()
-        if svc is None:
-            return 0
-        live = _STARTING | {"running"}
-        return sum(1 for t in svc.tasks() if (t.get("Status") or {}).get("State") in live)
+        return sum(_live(s) for s in self._services())
 
-    def _remove_service(self) -> None:
-        svc = self._find()
-        if svc is not None:
-            svc.remove()
-            log.info("removed swarm service %s", self.service)
+    def _remove_services(self) -> None:
+        for svc in self._services():
+            with _gone():
+                svc.remove()
+            log.info("removed swarm service %s", svc.name)
+
+    def _list_and_reap(self) -> builtins.list[HandlerInstance]:
+        """The tasks; and a service of another version, scaled to zero and drained
+        (the old one after a promotion, a rolled-back canary's), is removed."""
+        current = service_name(self.service, self.version, self.base.name)
+        for svc in self._services():
+            if svc.name != current and _replicas(svc) == 0 and not _live(svc):
+                with _gone():
+                    svc.remove()
+                log.info("removed swarm service %s (%s, drained)", svc.name, self._version_of(svc))
+        return self._tasks()
 
     def _tasks(self) -> builtins.list[HandlerInstance]:
-        svc = self._service()
-        live: builtins.list[tuple[float, HandlerInstance]] = []
-        for t in svc.tasks(filters={"desired-state": "running"}):
-            status = t.get("Status") or {}
-            state = status.get("State", "")
-            if state == "running":
-                shown = "running"
-            elif state in _STARTING:
-                shown = "starting"
-            else:  # failed, rejected, shutdown...: Swarm replaces it
-                continue
-            created = parse_docker_time(t.get("CreatedAt"))
-            started = parse_docker_time(status.get("Timestamp")) or created
-            name = f"{self.service}.{t.get('Slot', '?')}"
-            live.append((created, HandlerInstance(t["ID"], name, shown, started)))
+        live = [x for svc in self._services() for x in _tasks_of(svc, self._version_of(svc))]
         live.sort(key=lambda x: x[0])
         return [h for _, h in live]
 
     def _health(self) -> BackendHealth:
         self.client.ping()
-        svc = self._service()
+        services = self._services()
         tasks = self._tasks()
         running = sum(1 for t in tasks if t.state == "running")
-        replicas = self._replicas(svc)
+        replicas = sum(_replicas(s) for s in services)
+        names = ", ".join(s.name for s in services) or self.service
         return BackendHealth(
             True,
-            f"Swarm service {self.service}: {running}/{replicas} replicas running",
+            f"Swarm service {names}: {running}/{replicas} replicas running",
             {
                 "replicas": str(replicas),
                 "running": str(running),
@@ -330,6 +342,47 @@ class SwarmBackend(EngineClient, _OneImage):
                 "engine": self.where,
             },
         )
+
+
+def _check_manager(client: Any, where: str) -> None:
+    swarm = client.info().get("Swarm") or {}
+    state = swarm.get("LocalNodeState", "?")
+    if state != "active" or not swarm.get("ControlAvailable"):
+        raise BackendError(
+            f"docker_host: the engine at {where} is not a swarm manager "
+            f"(swarm state {state!r}); point docker_host at a manager or use the docker backend"
+        )
+
+
+def _live(svc: Any) -> int:
+    """Tasks whose containers may still run, whatever their desired state."""
+    live = _STARTING | {"running"}
+    return sum(1 for t in svc.tasks() if (t.get("Status") or {}).get("State") in live)
+
+
+def _tasks_of(svc: Any, version: str) -> builtins.list[tuple[float, HandlerInstance]]:
+    """(creation time, handler) of each task of ``svc`` meant to run."""
+    out = []
+    for t in svc.tasks(filters={"desired-state": "running"}):
+        status = t.get("Status") or {}
+        state = status.get("State", "")
+        if state == "running":
+            shown = "running"
+        elif state in _STARTING:
+            shown = "starting"
+        else:  # failed, rejected, shutdown...: Swarm replaces it
+            continue
+        created = parse_docker_time(t.get("CreatedAt"))
+        started = parse_docker_time(status.get("Timestamp")) or created
+        # The handler's id ({{.Task.Name}}): its group client id and figures key.
+        name = f"{svc.name}.{t.get('Slot', '?')}.{t['ID']}"
+        out.append((created, HandlerInstance(t["ID"], name, shown, started, version)))
+    return out
+
+
+def _gone() -> contextlib.suppress:
+    """A service removed meanwhile (by another scaler's reap) is what we wanted."""
+    return contextlib.suppress(NotFound)
 
 
 def _check_overlay(client: Any, network: str | None, where: str) -> None:

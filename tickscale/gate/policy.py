@@ -248,7 +248,7 @@ class Policy:
                 return Refuse(f"service: TaskTemplate.{key} may not be set")
         spec = task.get("containerspec") or {}
         image = str(spec.get("image", "")).split("@", 1)[0]
-        if image != self.s.image:
+        if image not in self.s.images:  # a rollout's version runs as a service of its own
             return Refuse(f"service: image {spec.get('image')!r} is not {self.s.image!r}")
         if not self.labels_ok(spec.get("labels")):
             return Refuse("service: ContainerSpec labels must name this fleet")

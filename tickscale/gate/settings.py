@@ -15,8 +15,8 @@ class GateSettings(BaseSettings):
     # labelled for this fleet (the scaler's TICKSCALE_SCALER_NAME).
     # Unused in observe mode, which creates nothing.
     image: str = Field("", description="the only image containers may run")
-    # Docker mode: further images handler containers may run, comma-separated, so a
-    # handler rollout (tickscale rollout --image) can start its canary and fleet.
+    # Further images handler containers (swarm: services) may run, comma-separated, so
+    # a handler rollout (tickscale rollout --image) can start its canary and fleet.
     rollout_images: str = Field("", description="other handler images allowed, a,b,...")
     fleet: str = Field("default", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
     # The one network handlers may join; host networking only when allowed.
