@@ -24,6 +24,9 @@ rejoining (``ingest.handler.group_exit``): whichever comes first, its
 heartbeat or the SIGTERM, it never rejoins. Handlers of versions before that,
 and backends that cannot signal one handler (Swarm), keep the race.
 
+A change is over once the rebalance has completed (the group Stable, with the
+new members and without the old), so the next one never joins into it.
+
 A handler that never joins (crashed, broken image) does not cost the one it
 was to replace: past ``join_s`` the old one keeps running and the change is
 given up; the rollout's guard and its ``max_wait_s`` take it from there. The
@@ -51,6 +54,9 @@ from scaler.lag import GroupInfo
 log = logging.getLogger(__name__)
 
 JOINING = "PreparingRebalance"  # the join phase: a leave now is part of the same rebalance
+STABLE = "Stable"  # the rebalance completed: every member has its partitions
+SETTLE_S = 30.0  # longest wait for that before the next change starts anyway
+SETTLE_POLL_S = 0.1
 
 
 class GroupReader(Protocol):
@@ -192,6 +198,28 @@ class Handover:
                     how = "in the rebalance the new one's join opened"
                 else:  # joined and settled before it was seen: one rebalance more
                     how = f"late, after the new one's join had completed ({info.state})"
-                return Outcome(True, f"{how}; drained in {time.monotonic() - t0:.1f}s")
+                drained = time.monotonic() - t0
+                settled = await self._settled(names, olds)
+                return Outcome(True, f"{how}; drained in {drained:.1f}s; {settled}")
             await asyncio.sleep(self.poll_s)
         return Outcome(False, f"the new handler did not join within {join_s:g}s")
+
+    async def _settled(self, names: frozenset[str], olds: frozenset[str]) -> str:
+        """Wait for the change's rebalance to complete before the next change starts: a
+        join while it still collects members would fold two changes into one generation,
+        and the next handover would take the rebalance under way for its own."""
+        t0 = time.monotonic()
+        while (waited := time.monotonic() - t0) < SETTLE_S:
+            info = None
+            with contextlib.suppress(KafkaError):
+                info = await self.group.group_info()
+            if (
+                info is not None
+                and info.state == STABLE
+                and names <= info.clients
+                and not (olds & info.clients)
+            ):
+                return f"group stable {waited:.1f}s later"
+            await asyncio.sleep(SETTLE_POLL_S)
+        log.warning("handover: the group is not stable %gs after the change; going on", SETTLE_S)
+        return f"group not stable after {SETTLE_S:g}s"
