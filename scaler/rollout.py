@@ -44,6 +44,9 @@ from scaler.rollout_state import RolloutRequest, RolloutState, RolloutStore
 log = logging.getLogger(__name__)
 
 
+Detail = dict[str, Any] | None  # an audit event's figures
+
+
 class RolloutController:
     def __init__(
         self, *, backend: Backend, redis: Redis, store: RolloutStore, audit: AuditLog,
@@ -100,7 +103,7 @@ class RolloutController:
     def victims(self, instances: builtins.list[HandlerInstance], n: int) -> builtins.list[str]:
         """Whom scale-in stops during a rollout: old handlers, youngest first, never the
         canary nor the last old one while the canary runs; new ones last."""
-        target = self._target_name()
+        target = self.state.target_name
         old = [i for i in instances if i.version != target][::-1]
         new = [i for i in instances if i.version == target][::-1]
         if self.state.phase == "canary":
@@ -158,7 +161,7 @@ class RolloutController:
         self, st: RolloutState, instances: builtins.list[HandlerInstance], market_s: float
     ) -> bool:
         cfg = GuardConfig(**st.guard)  # type: ignore[arg-type]
-        target = self._target_name()
+        target = self.state.target_name
         canary = next((i for i in instances if i.id == st.canary_id), None)
         if canary is None:
             canary = next((i for i in instances if i.version == target), None)
@@ -219,7 +222,7 @@ class RolloutController:
         return False
 
     async def _promote(self, st: RolloutState, instances: builtins.list[HandlerInstance]) -> bool:
-        target = self._target_name()
+        target = self.state.target_name
         old = [i for i in instances if i.version != target]
         new = [i for i in instances if i.version == target]
         if not old:
@@ -263,7 +266,7 @@ class RolloutController:
         return True
 
     async def _roll_back(self, st: RolloutState, instances: builtins.list[HandlerInstance]) -> bool:
-        target = self._target_name()
+        target = self.state.target_name
         new = [i for i in instances if i.version == target]
         self.handover.cancel()  # a handler still waiting for its replacement stays
         waiting = Pending.from_dict(st.handover).old if st.handover else []
@@ -279,9 +282,7 @@ class RolloutController:
         await self._event(st, "rolled_back", st.reason, detail)
         return bool(new) or n_old > 0
 
-    async def _fail(
-        self, st: RolloutState, reason: str, detail: dict[str, Any] | None = None
-    ) -> None:
+    async def _fail(self, st: RolloutState, reason: str, detail: Detail = None) -> None:
         """Enter rolling_back: from now on new handlers are of the previous version."""
         prev = st.version("previous")
         if prev is not None:
@@ -290,13 +291,9 @@ class RolloutController:
         await self.store.save(st)
         await self._event(st, "rolling_back", reason, detail)
 
-    async def _event(
-        self, st: RolloutState, event: str, reason: str, detail: dict[str, Any] | None = None
-    ) -> None:
-        await self.audit.rollout(self.scaler_id, st.id, event, self._target_name(), reason, detail)
-
-    def _target_name(self) -> str:
-        return str((self.state.target or {}).get("name", ""))
+    async def _event(self, st: RolloutState, event: str, why: str, detail: Detail = None) -> None:
+        name = self.state.target_name
+        await self.audit.rollout(self.scaler_id, st.id, event, name, why, detail)
 
 
 def _refuse(

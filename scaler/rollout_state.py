@@ -61,6 +61,10 @@ class RolloutState:
         d = getattr(self, which)
         return HandlerVersion.from_dict(d) if d else None
 
+    @property
+    def target_name(self) -> str:
+        return str((self.target or {}).get("name", ""))
+
 
 @dataclass(frozen=True)
 class RolloutRequest:

@@ -55,7 +55,7 @@ async def test_a_replaced_handler_leaves_in_its_replacements_rebalance(
     async with FeedHandler(s) as old:
         run = asyncio.create_task(old.run())
         await _until("the old handler's partitions", lambda: len(old.workers) == PARTITIONS, 60)
-        old.leave_at_next_rebalance()
+        old.replacement.announce()
         new.subscribe([ts.raw], listener=seen)
         await new.start()
         try:
@@ -68,7 +68,7 @@ async def test_a_replaced_handler_leaves_in_its_replacements_rebalance(
             # It stops by itself: nobody asked run() to end.
             await asyncio.wait_for(asyncio.shield(run), 60)
             await poll
-            assert old.left_mid_rebalance
+            assert old.replacement.left
             await _until("the new member's assignment", lambda: seen.assigned, 30)
             # Longer than a heartbeat interval (3 s): a second rebalance would show by then.
             for _ in range(25):

@@ -205,4 +205,4 @@ async def test_records_polled_during_a_slow_restore_are_processed_once(
         50,
         "missing=0 duplicated=0 reordered=0 checksum_mismatch=0",
     )
-    assert h.messages == 50
+    assert h.meter.messages == 50

@@ -27,8 +27,15 @@ against the real broker.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
 import aiokafka
 from aiokafka import AIOKafkaConsumer
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = "0.14."
 
@@ -51,3 +58,36 @@ async def leave_mid_rebalance(consumer: AIOKafkaConsumer) -> None:
         return
     await coordinator.maybe_leave_group()
     coordinator.coordinator_dead()
+
+
+class Replacement:
+    """A rollout's "your replacement is coming" (SIGUSR1, sent before the scaler starts
+    it): at the next rebalance, the handler leaves instead of rejoining, so the change is
+    one rebalance. A handler that sees no rebalance within ``WINDOW_S`` forgets it."""
+
+    WINDOW_S = 120.0
+
+    def __init__(self) -> None:
+        self.announced_at: float | None = None
+        self.left = False
+        self.consumer_closing = asyncio.Event()  # consumer.stop() has begun (step 1)
+
+    def announce(self) -> None:
+        self.announced_at = time.monotonic()
+        log.info("replacement announced: leaving the group at the next rebalance")
+
+    def due(self) -> bool:
+        return (
+            self.announced_at is not None
+            and time.monotonic() - self.announced_at < self.WINDOW_S
+            and not self.left
+        )
+
+    async def leave(self, consumer: AIOKafkaConsumer, request_stop: Callable[[], None]) -> None:
+        """From the revoke callback, with the revoked partitions committed and saved: stop,
+        and once the consumer is closing, leave and return (the order the module explains)."""
+        self.left = True
+        request_stop()
+        await self.consumer_closing.wait()
+        await leave_mid_rebalance(consumer)
+        log.info("replaced: left the group at this rebalance instead of rejoining")

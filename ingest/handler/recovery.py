@@ -68,7 +68,7 @@ class Recovery:
         done = time.time()
         for b in work:
             b.worker.committed_batch(b, done)
-            self.h.messages += len(b.records)
+            self.h.meter.messages += len(b.records)
             self._poison.committed(b.worker.tp, b.next_offset)
             if b.worker.one_at_a_time:
                 # The poll's later records were dropped from the batch: fetch them again.

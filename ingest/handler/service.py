@@ -47,7 +47,7 @@ from ingest import metrics
 from ingest.handler.commits import Committer
 from ingest.handler.fetch import Batches, group_consumer, out_partitions, top_up
 from ingest.handler.grace import StopGrace
-from ingest.handler.group_exit import leave_mid_rebalance
+from ingest.handler.group_exit import Replacement
 from ingest.handler.partition import Outputs, PartitionWorker
 from ingest.handler.probes import Probes
 from ingest.handler.recovery import Recovery
@@ -55,15 +55,15 @@ from ingest.handler.redis_sink import RedisSink
 from ingest.handler.restore import Restorer, fence, transactional_id
 from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
+from ingest.handler.work_meter import WorkMeter
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FeedHandler", "transactional_id"]
 
 # "You are being replaced" (a rollout step): sent by the scaler before it starts the
-# replacement. A handler that has not seen a rebalance this long after forgets it.
+# replacement (group_exit.Replacement).
 REPLACED_SIGNAL = signal.Signals[LEAVE_SIGNAL]
-REPLACED_WINDOW_S = 120.0
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -97,18 +97,9 @@ class FeedHandler:
         self.restorer: Restorer | None = None  # once the output topic is known
         self.committer = Committer(settings, self.txn_id, self._offset_metadata)
         self._lock = asyncio.Lock()  # a poll's commit, a rebalance and a stop take turns
-        self.messages = 0
-        self.busy_s = 0.0
-        # The scaler's capacity model separates the two parts of a busy second: CPU
-        # (grows with the messages) and waits on the broker (grows with the batches).
-        self.cpu_s = 0.0
-        self.batches = 0
+        self.meter = WorkMeter()  # for the scaler's capacity model
         self.rebalances = 0  # revocations seen; a poll across one holds stale records
-        # Set by SIGUSR1 (a rollout step is starting this handler's replacement): at the
-        # next rebalance, within REPLACED_WINDOW_S, leave the group instead of rejoining.
-        self.replaced_at: float | None = None
-        self.left_mid_rebalance = False
-        self._consumer_closing = asyncio.Event()  # consumer.stop() has begun (group_exit.py)
+        self.replacement = Replacement()  # SIGUSR1: leave at the next rebalance
         self.recovery = Recovery(self, settings.poison_after)
 
     async def __aenter__(self) -> FeedHandler:
@@ -148,16 +139,10 @@ class FeedHandler:
         """Start stopping: the handler is closed ``stop_grace_s`` from now at the latest."""
         self.grace.request()
 
-    def leave_at_next_rebalance(self) -> None:
-        """This handler is being replaced: its replacement's join will open a rebalance, and
-        in it this one leaves instead of rejoining, so the change is one rebalance."""
-        self.replaced_at = time.monotonic()
-        log.info("replacement announced: leaving the group at the next rebalance")
-
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         stop_on_signals(loop, self.request_stop)
-        loop.add_signal_handler(REPLACED_SIGNAL, self.leave_at_next_rebalance)
+        loop.add_signal_handler(REPLACED_SIGNAL, self.replacement.announce)
 
     async def stop(self) -> None:
         """Commit or abort what is held, save snapshots, leave the group, close: each
@@ -183,7 +168,7 @@ class FeedHandler:
             # Leaves the group; the revoke callback closes the partition producers.
             stopping = asyncio.ensure_future(self.consumer.stop())
             await asyncio.sleep(0)  # consumer.stop() marks the coordinator closing at once
-            self._consumer_closing.set()  # a replaced handler's revoke callback may return
+            self.replacement.consumer_closing.set()  # a replaced handler's callback may return
             await g.bounded("leave the group", stopping, KafkaError)
             self.consumer = None
         for tp in list(self.workers):
@@ -201,7 +186,7 @@ class FeedHandler:
             await g.bounded("close Redis", self.sink.stop())
             self.sink = None
         await self.probes.stop()
-        log.info("handler %s stopped after %d messages", self.s.handler_id, self.messages)
+        log.info("handler %s stopped after %d messages", self.s.handler_id, self.meter.messages)
 
     # Rebalance callbacks --------------------------------------------------------------------
 
@@ -219,28 +204,8 @@ class FeedHandler:
                 # an older snapshot.
                 await self.sink.flush()
         metrics.ASSIGNED.set(len(self.workers))
-        if self._replaced():
-            await self._leave_instead_of_rejoining()
-
-    def _replaced(self) -> bool:
-        return (
-            self.replaced_at is not None
-            and time.monotonic() - self.replaced_at < REPLACED_WINDOW_S
-            and not self.left_mid_rebalance
-        )
-
-    async def _leave_instead_of_rejoining(self) -> None:
-        """In the revoke callback, with the revoked partitions committed and saved: stop,
-        and once the consumer is closing (its coordinator then looks nothing up again),
-        leave and return (group_exit.py says why in that order)."""
-        consumer = self.consumer
-        if consumer is None:
-            return
-        self.left_mid_rebalance = True
-        self.request_stop()
-        await self._consumer_closing.wait()
-        await leave_mid_rebalance(consumer)
-        log.info("replaced: left the group at this rebalance instead of rejoining")
+        if self.replacement.due() and self.consumer is not None:
+            await self.replacement.leave(self.consumer, self.request_stop)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         metrics.REBALANCES.inc()
@@ -308,9 +273,7 @@ class FeedHandler:
             if batches and self.s.fetch_topup_ms:
                 batches = await self._top_up(consumer, batches)
             if batches:
-                async with self._lock:
-                    t0 = time.monotonic()
-                    c0 = time.process_time()
+                async with self._lock, self.meter.batch():
                     work = [
                         b
                         for tp, records in batches.items()
@@ -320,11 +283,6 @@ class FeedHandler:
                     ]  # a missing worker was revoked while the fetch was in flight
                     if work:
                         await self.recovery.commit(work)
-                    dt = time.monotonic() - t0
-                    self.busy_s += dt
-                    self.cpu_s += time.process_time() - c0
-                    self.batches += 1
-                    metrics.BUSY.inc(dt)
             now = time.monotonic()
             if now - last_stats >= 1.0:
                 last_stats = now
@@ -366,4 +324,5 @@ class FeedHandler:
             if hw is not None:
                 metrics.PARTITION_LAG.labels(str(tp.partition)).set(max(0, hw - w.committed))
         if self.sink is not None:
-            self.sink.stats(self.messages, self.busy_s, self.cpu_s, self.batches, self.s.max_batch)
+            m = self.meter
+            self.sink.stats(m.messages, m.busy_s, m.cpu_s, m.batches, self.s.max_batch)
