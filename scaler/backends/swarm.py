@@ -193,12 +193,12 @@ class SwarmBackend(EngineClient):
         async with self._lock:
             return await self._call("scale the service", self._shrink_ids, ids)
 
-    # Engine side (worker threads) ------------------------------------------------------
-
     async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
         # No task can be signalled one by one (Swarm picks which one a scale-down stops), so a
         # step here keeps the race between the old handler's heartbeat and its SIGTERM.
         return []
+
+    # Engine side (worker threads) ------------------------------------------------------
 
     def _services(self) -> builtins.list[Any]:
         """Every service labelled for this fleet, whatever its version."""
