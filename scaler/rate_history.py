@@ -22,6 +22,7 @@ from collections import defaultdict
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.constants import REDIS_PREFIX
 from scaler.floors import LearnedFloors
@@ -84,7 +85,12 @@ class RateHistory:
         pipe.zremrangebyscore(self.index, "-inf", now - self.keep_s)
         pipe.zremrangebyrank(self.index, 0, -4 * self.floors.days - 1)
         pipe.expire(self.index, int(self.keep_s))
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as e:
+            # A lost poll's worth of rates only thins a mean; the poll goes on (lease, rollout).
+            log.warning("rate history: could not write %d bucket(s): %s", len(taken), e)
+            return 0
         return len(taken)
 
 

@@ -15,6 +15,7 @@ from scaler.floors import LearnedFloors
 from scaler.policy import Policy, PolicyConfig, handlers_for
 from scaler.rate_history import KEY, RateHistory, _means
 from scaler.signals import Snapshot
+from tickscale.localstack.net import free_port
 
 CAL = SessionCalendar("XNYS", parse_session_min("open=2,midday=1"), lead_s=120)
 CFG = PolicyConfig(min_handlers=1, max_handlers=12)
@@ -122,3 +123,15 @@ async def test_only_the_newest_days_are_remembered(redis: Redis) -> None:
 def test_fields_written_by_something_else_are_ignored() -> None:
     fields = {b"o:3:sum": b"30", b"o:3:n": b"3", b"junk": b"x", b"o:x:sum": b"1", b"c:-2:n": b"0"}
     assert _means(fields) == {("o", 3): 10.0}
+
+
+async def test_a_redis_that_cannot_be_reached_costs_a_flush_not_the_poll() -> None:
+    """The rate history is kept by the scaler's poll: a Redis refusing connections makes
+    the write fail, logged, and the poll (lease, rollout) goes on."""
+    gone = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    floors = LearnedFloors()
+    floors.observe(OPEN + 30, CAL.day(TODAY), 900.0)
+    try:
+        assert await RateHistory(gone, "f", floors, "run").flush() == 0
+    finally:
+        await gone.aclose()
