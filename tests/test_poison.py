@@ -325,7 +325,7 @@ async def _run_until(s: HandlerSettings, messages: int, within_s: float = 120) -
         run = asyncio.create_task(h.run())
         try:
             async with asyncio.timeout(within_s):
-                while h.messages < messages:
+                while h.meter.messages < messages:
                     assert not run.done(), run
                     await asyncio.sleep(0.2)
         finally:
