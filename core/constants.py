@@ -49,3 +49,8 @@ REDIS_REPLAY_CLOCK = REDIS_PREFIX + "replay:clock"
 # handlers that predate it, which the scaler then only stops.
 LEAVE_SIGNAL_FIELD = "leave_signal"
 LEAVE_SIGNAL = "SIGUSR1"
+# The same announcement through Redis, for backends that cannot signal one handler (a
+# Swarm task): the scaler sets REDIS_HANDLER_LEAVE + handler id, the handler reads it
+# with its stats each second. Handlers that read it say so in LEAVE_KEY_FIELD.
+REDIS_HANDLER_LEAVE = REDIS_PREFIX + "handler-leave:"
+LEAVE_KEY_FIELD = "leave_key"

@@ -21,8 +21,13 @@ rejoin first, and its leave be a second rebalance). So, before the new one is
 started, the old one is told (``announce``: LEAVE_SIGNAL, to handlers whose
 stats say they understand it) to leave at the next rebalance instead of
 rejoining (``ingest.handler.group_exit``): whichever comes first, its
-heartbeat or the SIGTERM, it never rejoins. Handlers of versions before that,
-and backends that cannot signal one handler (Swarm), keep the race.
+heartbeat or the SIGTERM, it never rejoins. Where the backend cannot signal one
+handler (a Swarm task may run on another node) it is told through Redis, its
+leave key, which it reads with its stats each second. Swarm cannot stop a
+chosen task either: a scale-down stops one Swarm picks, preferring a task that
+is not running. So there the handover waits for the told handler to leave and
+exit by itself, then lowers the service, which takes the exited task's slot
+before Swarm restarts it. Handlers of versions before all this keep the race.
 
 A change is over once the rebalance has completed (the group Stable, with the
 new members and without the old), so the next one never joins into it.
@@ -47,7 +52,13 @@ from typing import Any, Protocol
 from aiokafka.errors import KafkaError
 from redis.asyncio import Redis
 
-from core.constants import LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD, REDIS_HANDLER_STATS
+from core.constants import (
+    LEAVE_KEY_FIELD,
+    LEAVE_SIGNAL,
+    LEAVE_SIGNAL_FIELD,
+    REDIS_HANDLER_LEAVE,
+    REDIS_HANDLER_STATS,
+)
 from scaler.backends.base import Backend, BackendError, HandlerInstance
 from scaler.lag import GroupInfo
 
@@ -57,6 +68,11 @@ JOINING = "PreparingRebalance"  # the join phase: a leave now is part of the sam
 STABLE = "Stable"  # the rebalance completed: every member has its partitions
 SETTLE_S = 30.0  # longest wait for that before the next change starts anyway
 SETTLE_POLL_S = 0.1
+# A leave key not read by then is stale (a handler forgets an announcement after 120 s).
+LEAVE_KEY_TTL_S = 120.0
+# Where the platform picks what a scale-down stops: longest wait for a told handler to
+# leave and exit on its own, so that the scale-down takes its slot and no running one.
+EXIT_WAIT_S = 30.0
 
 
 class GroupReader(Protocol):
@@ -87,24 +103,34 @@ class Pending:
 async def announce(
     backend: Backend, redis: Redis, old: builtins.list[HandlerInstance]
 ) -> builtins.list[str]:
-    """Tell the old handlers that understand it (their stats name LEAVE_SIGNAL) that their
-    replacement is starting, before it starts: each then leaves the group in the
-    rebalance the new one's join opens, instead of rejoining it, whoever wins the race
-    between its heartbeat and the SIGTERM below. Older handlers are only stopped."""
+    """Tell the old handlers that understand it that their replacement is starting, before
+    it starts: each then leaves the group in the rebalance the new one's join opens,
+    instead of rejoining it, whoever wins the race between its heartbeat and the SIGTERM
+    below. By LEAVE_SIGNAL where the backend can signal one handler, else by its leave
+    key in Redis (read with its stats each second, well before the new one has joined).
+    Older handlers (their stats name neither) are only stopped."""
     if not old:
         return []
     async with redis.pipeline(transaction=False) as p:
         for h in old:
-            p.hget(REDIS_HANDLER_STATS + h.name, LEAVE_SIGNAL_FIELD)
+            p.hmget(REDIS_HANDLER_STATS + h.name, [LEAVE_SIGNAL_FIELD, LEAVE_KEY_FIELD])
         said = await p.execute()
-    able = [h.id for h, v in zip(old, said, strict=True) if _text(v) == LEAVE_SIGNAL]
-    if not able:
-        return []
-    try:
-        return await backend.announce_replacement(able)
-    except BackendError as e:
-        log.warning("could not announce the replacement of %s (%s); they will be stopped", able, e)
-        return []
+    by_signal = [h.id for h, (sig, _) in zip(old, said, strict=True) if _text(sig) == LEAVE_SIGNAL]
+    told: builtins.list[str] = []
+    if by_signal:
+        try:
+            told = await backend.announce_replacement(by_signal)
+        except BackendError as e:
+            log.warning("could not signal %s (%s); telling them through Redis", by_signal, e)
+    by_key = [h for h, (_, key) in zip(old, said, strict=True)
+              if h.id not in told and _text(key) == "1"]  # fmt: skip
+    if by_key:
+        async with redis.pipeline(transaction=False) as p:
+            for h in by_key:
+                p.set(REDIS_HANDLER_LEAVE + h.name, "1", ex=int(LEAVE_KEY_TTL_S))
+            await p.execute()
+        told += [h.id for h in by_key]
+    return told
 
 
 def _text(v: object) -> str:
@@ -168,7 +194,8 @@ class Handover:
         if time.time() > deadline:
             return Outcome(False, f"the new handler did not join within {join_s:g}s")
         self._for = p
-        self._task = asyncio.create_task(self._watch(names, olds, p.old, deadline, join_s))
+        told = set(p.old) <= set(p.announced)
+        self._task = asyncio.create_task(self._watch(names, olds, p.old, deadline, join_s, told))
         return None
 
     def cancel(self) -> None:
@@ -183,6 +210,7 @@ class Handover:
         old: list[str],
         deadline: float,
         join_s: float,
+        told: bool = False,
     ) -> Outcome:
         while time.time() < deadline:
             info = None
@@ -191,6 +219,8 @@ class Handover:
             if info is not None and names <= info.clients:
                 t0 = time.monotonic()
                 left = not (olds & info.clients)  # announced, it left without being stopped
+                if told and not self.backend.stops_chosen:
+                    await self._exited(old)
                 await self.backend.remove_ids(old)
                 if left:
                     how = "in the rebalance the new one's join opened, the old one left itself"
@@ -203,6 +233,17 @@ class Handover:
                 return Outcome(True, f"{how}; drained in {drained:.1f}s; {settled}")
             await asyncio.sleep(self.poll_s)
         return Outcome(False, f"the new handler did not join within {join_s:g}s")
+
+    async def _exited(self, old: list[str]) -> None:
+        """Wait for the told handlers to leave the group and exit by themselves (at their
+        next heartbeat), so that the scale-down that follows takes their slots."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < EXIT_WAIT_S:
+            with contextlib.suppress(BackendError):
+                if not set(old) & {i.id for i in await self.backend.list()}:
+                    return
+            await asyncio.sleep(SETTLE_POLL_S)
+        log.warning("handover: %s still running %gs after the new one joined", old, EXIT_WAIT_S)
 
     async def _settled(self, names: frozenset[str], olds: frozenset[str]) -> str:
         """Wait for the change's rebalance to complete before the next change starts: a

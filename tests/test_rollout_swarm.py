@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
@@ -89,6 +90,11 @@ async def test_swarm_rollout_promotes_across_a_restart_and_rolls_back_the_faulty
             lambda: _versions(name), restart_in_the_canary,
         )  # fmt: skip
         assert len(procs) == 2
+        both = procs[0].log() + procs[1].log()
+        # Each old task, told through Redis, left and exited by itself before its service
+        # was scaled down (scaler.handover), so the scale-down took its slot.
+        assert "after the new one joined" not in both, both[-4000:]
+        assert re.findall(r"handover \((?:canary|step)\): in the rebalance", both), both[-4000:]
         log = procs[1].log()
         assert "adopting them" in log and good_service in log, log[-3000:]
         # The old service went after the promotion, the faulty canary's after its rollback.

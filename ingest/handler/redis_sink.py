@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from redis.exceptions import RedisError
 from core.constants import (
     HANDLER_STATS_TTL_S,
     REDIS_BOOK_SNAPSHOT,
+    REDIS_HANDLER_LEAVE,
     REDIS_HANDLER_STATS,
     REDIS_LAST_QUOTE,
     REDIS_LAST_TRADE,
@@ -55,8 +57,11 @@ class RedisSink:
         handler_id: str,
         flush_interval_s: float = 0.1,
         static: dict[str, str] | None = None,
+        on_leave: Callable[[], None] | None = None,
     ) -> None:
-        """:param static: fields written with every stats report (what the handler can do)"""
+        """:param static: fields written with every stats report (what the handler can do)
+        :param on_leave: called once the scaler has set this handler's leave key (read
+            with each stats report): its replacement is starting"""
         # Short timeouts: a hung Redis must not stall snapshot restore for long.
         self._r = aioredis.Redis.from_url(
             url, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0
@@ -70,6 +75,7 @@ class RedisSink:
         self._task: asyncio.Task[None] | None = None
         self._stats: dict[str, float] = {"messages": 0, "busy_s": 0.0}
         self._static = dict(static or {})
+        self._on_leave = on_leave
         self._last_stats = 0.0
         self.healthy = True
 
@@ -168,7 +174,11 @@ class RedisSink:
                     }
                     p.hset(sk, mapping=stats)
                     p.expire(sk, HANDLER_STATS_TTL_S)
-                await p.execute()
+                    if self._on_leave is not None:
+                        p.getdel(REDIS_HANDLER_LEAVE + self.handler_id)
+                done = await p.execute()
+            if send_stats and self._on_leave is not None and done[-1]:
+                self._on_leave()
             if send_stats:
                 self._last_stats = now
             if not self.healthy:

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from core.constants import LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
+from core.constants import LEAVE_KEY_FIELD, LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
 from core.retry import retry_async
 from core.runtime import stop_on_signals
 from core.secrets import client_secrets
@@ -120,11 +120,13 @@ class FeedHandler:
         metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:
-            # The scaler announces a replacement only to a handler that says it understands.
+            # The scaler announces a replacement (by signal, or by Redis where it cannot
+            # signal one handler) only to a handler that says it understands.
             self.sink = RedisSink(
                 client_secrets().redis_url(s.redis_url),
                 s.handler_id,
-                static={LEAVE_SIGNAL_FIELD: REPLACED_SIGNAL.name},
+                static={LEAVE_SIGNAL_FIELD: REPLACED_SIGNAL.name, LEAVE_KEY_FIELD: "1"},
+                on_leave=self.replacement.announce,
             )
             await self.sink.start()
         outputs = Outputs(s.out_topic, await out_partitions(s), s.deadletter_topic)

@@ -113,6 +113,8 @@ class Backend(Protocol):
 
     name: str
     version: HandlerVersion  # what ``add`` starts unless told otherwise
+    # remove_ids stops the handlers named; False: the platform picks (a Swarm scale-down)
+    stops_chosen: bool
 
     async def start(self) -> None:
         """Connect and check access; raise BackendError naming the setting on failure."""
@@ -139,8 +141,8 @@ class Backend(Protocol):
 
     async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
         """Tell these handlers their replacement is starting (LEAVE_SIGNAL): each leaves
-        the group at the next rebalance instead of rejoining. Returns those told; a
-        backend that cannot address one handler returns none, and they are only stopped."""
+        the group at the next rebalance instead of rejoining. Returns those told; those
+        a backend cannot signal are told through Redis (``scaler.handover.announce``)."""
         ...
 
     def set_version(self, version: HandlerVersion) -> None:

@@ -184,6 +184,7 @@ class EngineClient:
 
 class DockerBackend(EngineClient):
     name = "docker"
+    stops_chosen = True
 
     def __init__(
         self, spec: HandlerSpec, *, image: str, name: str = "default",

@@ -53,6 +53,7 @@ _POLL_S = 0.2  # how often a stopping handler's pid is checked
 
 class ProcessBackend:
     name = "process"
+    stops_chosen = True
 
     def __init__(
         self,

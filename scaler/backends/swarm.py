@@ -20,18 +20,20 @@ promotion, the canary's after a rollback.
 
 ``remove_ids`` cannot stop one particular task. Swarm has no call to remove a
 task of a replicated service: scaling down is the only way, and Swarm picks
-which tasks go. Stopping the task's container through the engine and lowering
-the replicas is two calls, never one: stopped first, Swarm sees the task fail
-and (restart policy ``any``) starts a replacement, or the scale-down that
-follows picks another task; lowered first, Swarm has already picked. So
+which tasks go, preferring tasks that are not running. Stopping the task's
+container through the engine and lowering the replicas is two calls, never
+one: stopped first, Swarm sees the task fail and (restart policy ``any``, 5 s
+delay) starts a replacement; lowered first, Swarm has already picked. So
 ``remove_ids`` lowers each named task's *service* by the number of its tasks
-named, and Swarm stops that many of that service's tasks, not necessarily
-those ids. The rollout needs no more: what it stops is always "one handler of
-the old version" (or every handler of the canary's), and the one-rebalance
-handover depends on when the SIGTERM comes, not on which old task gets it. The
-cost: a scaler that dies between a handover's stop and the state's save, and
-finds the named old task still running, stops one old task more on resuming;
-the policy scales the fleet back up.
+named, counting a named task that has already exited (its slot is still the
+service's). A rollout step uses that: the old task, told through Redis, leaves
+the group and exits by itself, and the handover lowers its service only then
+(``scaler.handover``), so the scale-down takes the exited task's slot, not a
+running one. Elsewhere (the policy scaling in during a rollout, a rollback)
+any task of the service will do. The cost: a scaler that dies between a
+handover's stop and the state's save, and finds the named old task still
+running, stops one old task more on resuming; the policy scales the fleet back
+up.
 
 A swarm spans machines, so the network must be an overlay (or ``host``).
 """
@@ -97,6 +99,8 @@ def _service_of(task_name: str) -> str:
 class SwarmBackend(EngineClient):
     name = "swarm"
     kind = "Swarm"
+    # A scale-down stops a task Swarm picks (one not running first), never a chosen one.
+    stops_chosen = False
 
     def __init__(
         self,
@@ -194,8 +198,8 @@ class SwarmBackend(EngineClient):
             return await self._call("scale the service", self._shrink_ids, ids)
 
     async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:
-        # No task can be signalled one by one (Swarm picks which one a scale-down stops), so a
-        # step here keeps the race between the old handler's heartbeat and its SIGTERM.
+        # A task's container may be on another node: the announcement goes through Redis
+        # (scaler.handover), and the handover waits for the told task to exit.
         return []
 
     # Engine side (worker threads) ------------------------------------------------------
@@ -267,9 +271,21 @@ class SwarmBackend(EngineClient):
     def _shrink_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
         wanted = set(ids)
         named = [h for h in self._tasks() if h.id in wanted]
-        for svc, k in Counter(_service_of(h.name) for h in named).items():
+        per = Counter(_service_of(h.name) for h in named)
+        # A named task no longer listed has exited on its own (a replaced handler leaves
+        # and exits): its slot is still its service's, and Swarm would start it again.
+        # Lowering the service takes that slot, which Swarm prefers to a running one.
+        gone = sorted(wanted - {h.id for h in named})
+        ours = {svc.id: svc.name for svc in self._services()} if gone else {}
+        exited = []
+        for tid in gone:
+            for t in self.client.api.tasks(filters={"id": tid}):
+                if t.get("ServiceID") in ours and t["ID"] == tid:
+                    per[ours[t["ServiceID"]]] += 1
+                    exited.append(tid)
+        for svc, k in per.items():
             self._scale_by(svc, -k)
-        return [h.id for h in named]
+        return [h.id for h in named] + exited
 
     def _shrink_any(self, n: int) -> builtins.list[str]:
         """n fewer replicas, from services of other versions first (a rollout's leftovers)."""

@@ -30,6 +30,7 @@ class ReportedReplicas:
     """
 
     name = "keda"
+    stops_chosen = False
 
     def __init__(self) -> None:
         self.members: Callable[[], Awaitable[int]] | None = None
