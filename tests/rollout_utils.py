@@ -20,8 +20,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core.constants import REDIS_SCALER_EVENTS
+from core.constants import LABEL_SCALER, REDIS_SCALER_EVENTS
 from scaler.audit import read_events
+from scaler.backends.docker import LABEL_VERSION
 from tests.docker_utils import docker, engine_problem
 from tests.pipeline_utils import start_replay
 from tests.test_rollout import GUARD, _rollout, _verify_ticks
@@ -54,6 +55,13 @@ def build_images(ctx: Path) -> tuple[str, str]:
     for name, file in ((good, "good.Dockerfile"), (faulty, "faulty.Dockerfile")):
         docker("build", "-q", "-t", name, "-f", str(ctx / file), str(ctx), timeout=300)
     return good, faulty
+
+
+def running_versions(fleet: str) -> list[str]:
+    """The versions of the fleet's running handler containers (Swarm tasks included)."""
+    out = docker("ps", "--filter", f"label={LABEL_SCALER}={fleet}", "--format",
+                 f'{{{{.Label "{LABEL_VERSION}"}}}}').stdout  # fmt: skip
+    return sorted(out.split())
 
 
 def wait_until(what: str, pred: Callable[[], bool], within_s: float) -> None:

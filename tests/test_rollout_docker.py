@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.constants import LABEL_SCALER
-from scaler.backends.docker import LABEL_VERSION
 from tests.docker_utils import docker
-from tests.rollout_utils import IMAGE, image_problem, promote_then_roll_back
+from tests.rollout_utils import IMAGE, image_problem, promote_then_roll_back, running_versions
 from tests.test_scaler import ScalerProc
 from tickscale.localstack.topics import TopicSet
 
@@ -22,12 +21,6 @@ if _PROBLEM:
     pytest.skip(f"needs a Docker engine: {_PROBLEM}", allow_module_level=True)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-def _versions(fleet: str) -> list[str]:
-    out = docker("ps", "--filter", f"label={LABEL_SCALER}={fleet}", "--format",
-                 f'{{{{.Label "{LABEL_VERSION}"}}}}').stdout  # fmt: skip
-    return sorted(out.split())
 
 
 async def test_docker_rollout_promotes_the_good_image_and_rolls_back_the_faulty_one(
@@ -43,7 +36,7 @@ async def test_docker_rollout_promotes_the_good_image_and_rolls_back_the_faulty_
     )  # fmt: skip
     try:
         await promote_then_roll_back(
-            sc, topics, redis_url, tmp_path, name, rollout_images, lambda: _versions(name)
+            sc, topics, redis_url, tmp_path, name, rollout_images, lambda: running_versions(name)
         )
     finally:
         rc = sc.stop()

@@ -19,7 +19,6 @@ import pytest
 
 from core.constants import LABEL_SCALER
 from scaler.backends.base import HandlerVersion
-from scaler.backends.docker import LABEL_VERSION
 from scaler.backends.swarm_spec import service_name
 from tests.docker_utils import docker
 from tests.rollout_utils import (
@@ -27,6 +26,7 @@ from tests.rollout_utils import (
     image_problem,
     promote_then_roll_back,
     rollout_events,
+    running_versions,
     wait_until,
 )
 from tests.test_scaler import ScalerProc
@@ -37,13 +37,6 @@ if _PROBLEM:
     pytest.skip(f"needs a Docker engine: {_PROBLEM}", allow_module_level=True)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-def _versions(fleet: str) -> list[str]:
-    """The versions of the fleet's running task containers."""
-    out = docker("ps", "--filter", f"label={LABEL_SCALER}={fleet}", "--format",
-                 f'{{{{.Label "{LABEL_VERSION}"}}}}').stdout  # fmt: skip
-    return sorted(out.split())
 
 
 def _services(fleet: str) -> list[str]:
@@ -87,7 +80,7 @@ async def test_swarm_rollout_promotes_across_a_restart_and_rolls_back_the_faulty
     try:
         await promote_then_roll_back(
             procs[0], topics, redis_url, tmp_path, name, rollout_images,
-            lambda: _versions(name), restart_in_the_canary,
+            lambda: running_versions(name), restart_in_the_canary,
         )  # fmt: skip
         assert len(procs) == 2
         both = procs[0].log() + procs[1].log()
@@ -100,7 +93,7 @@ async def test_swarm_rollout_promotes_across_a_restart_and_rolls_back_the_faulty
         # The old service went after the promotion, the faulty canary's after its rollback.
         await asyncio.to_thread(wait_until, f"only {good_service} left",
                                 lambda: _services(name) == [good_service], 60)  # fmt: skip
-        assert faulty not in " ".join(_versions(name))
+        assert faulty not in " ".join(running_versions(name))
     finally:
         rcs = [p.stop() for p in procs]
         left = _services(name)
