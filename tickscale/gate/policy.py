@@ -249,7 +249,8 @@ class Policy:
         spec = task.get("containerspec") or {}
         image = str(spec.get("image", "")).split("@", 1)[0]
         if image not in self.s.images:  # a rollout's version runs as a service of its own
-            return Refuse(f"service: image {spec.get('image')!r} is not {self.s.image!r}")
+            allowed = ", ".join(sorted(self.s.images))
+            return Refuse(f"service: image {spec.get('image')!r} is not one of {allowed}")
         if not self.labels_ok(spec.get("labels")):
             return Refuse("service: ContainerSpec labels must name this fleet")
         for key, value in spec.items():
