@@ -9,7 +9,8 @@ from aiokafka import TopicPartition
 from aiokafka.errors import NotEnoughReplicasError, NotLeaderForPartitionError
 from prometheus_client import REGISTRY
 
-from ingest.handler.retry_log import _RETRY_MSG, SENDER_LOGGER, ProduceRetries
+from core.aiokafka_internals import PRODUCE_RETRY_MSG, SENDER_LOGGER
+from ingest.handler.retry_log import ProduceRetries
 
 
 def _retries(error: str) -> float:
@@ -30,12 +31,12 @@ def test_one_report_a_minute_with_every_retry_counted(caplog: pytest.LogCaptureF
     try:
         with caplog.at_level(logging.WARNING, logger=SENDER_LOGGER):
             for _ in range(5):  # the first is reported at once
-                log.warning(_RETRY_MSG, tp, NotEnoughReplicasError)
+                log.warning(PRODUCE_RETRY_MSG, tp, NotEnoughReplicasError)
                 now[0] += 1
-            log.warning(_RETRY_MSG, tp, NotLeaderForPartitionError())  # an instance, too
+            log.warning(PRODUCE_RETRY_MSG, tp, NotLeaderForPartitionError())  # an instance, too
             log.warning("Got error produce response: %s", "connection lost")  # not a retry
             now[0] += 60
-            log.warning(_RETRY_MSG, tp, NotEnoughReplicasError)
+            log.warning(PRODUCE_RETRY_MSG, tp, NotEnoughReplicasError)
     finally:
         log.filters[:] = installed
     assert [r.getMessage() for r in caplog.records] == [

@@ -86,7 +86,7 @@ class Committer:
     def detach(self) -> tuple[AIOKafkaProducer | None, bool]:
         """The producer, handed over for closing, and whether it holds an open transaction."""
         p, self.producer = self.producer, None
-        open_txn = isinstance(p, FencedProducer) and p._txn_manager.is_in_transaction()
+        open_txn = isinstance(p, FencedProducer) and p.in_transaction()
         return p, open_txn
 
     async def commit(self, consumer: AIOKafkaConsumer, group: str, work: list[Batch]) -> None:

@@ -19,10 +19,10 @@ returns, whatever else happened meanwhile. So, from inside the callback:
    holds the whole rebalance until its session times out); the callback
    returns at once, and the coordinator's loop, closing, ends.
 
-This reaches into aiokafka's coordinator (``_coordinator``), hence the pin to
-0.14.x in pyproject.toml beside ``fencing.py``; ``check_client`` fails loudly
-on any other version, and the rollout tests assert the one-rebalance outcome
-against the real broker.
+Steps 2 and 3 reach into aiokafka's coordinator, so they live in
+``core/aiokafka_internals.py`` (``leave_group_now``), the one module pinned to
+aiokafka 0.14.x; the rollout tests assert the one-rebalance outcome against the
+real broker.
 """
 
 from __future__ import annotations
@@ -32,32 +32,18 @@ import logging
 import time
 from collections.abc import Callable
 
-import aiokafka
 from aiokafka import AIOKafkaConsumer
 
+from core.aiokafka_internals import check_version, leave_group_now
+
 log = logging.getLogger(__name__)
-
-SUPPORTED = "0.14."
-
-
-def check_client() -> None:
-    """Raise if aiokafka is not the version whose coordinator this module was written for."""
-    if not aiokafka.__version__.startswith(SUPPORTED):
-        raise RuntimeError(
-            f"ingest.handler.group_exit drives aiokafka {SUPPORTED}x's coordinator; "
-            f"aiokafka {aiokafka.__version__} is installed: review the module and its pin"
-        )
 
 
 async def leave_mid_rebalance(consumer: AIOKafkaConsumer) -> None:
     """Steps 2 and 3 above: call from the revoke callback once the consumer is closing,
     and return from the callback right after."""
-    check_client()
-    coordinator = consumer._coordinator
-    if coordinator is None:
-        return
-    await coordinator.maybe_leave_group()
-    coordinator.coordinator_dead()
+    check_version()
+    await leave_group_now(consumer)
 
 
 class Replacement:

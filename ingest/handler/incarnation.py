@@ -7,8 +7,8 @@ offset. Kafka gives every topic a fresh id when it is created (KIP-516); the
 handler stamps that id on everything it keeps (the transaction's offset-commit
 metadata, each snapshot) and, on restore, ignores state stamped with another.
 
-aiokafka 0.14 speaks Metadata up to v5, which has no topic id, so the v12
-request is defined here on its protocol layer (as fencing.py does for its own).
+aiokafka 0.14 speaks Metadata up to v5, which has no topic id; the v12 request
+lives in ``core/aiokafka_internals.py``.
 """
 
 from __future__ import annotations
@@ -16,116 +16,14 @@ from __future__ import annotations
 import base64
 import logging
 from dataclasses import dataclass
-from io import BytesIO
-from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, for_code
-from aiokafka.protocol.abstract import AbstractType
-from aiokafka.protocol.api import Request, RequestStruct, Response
-from aiokafka.protocol.types import (
-    Boolean,
-    CompactArray,
-    CompactString,
-    Int16,
-    Int32,
-    Schema,
-    TaggedFields,
-)
+from aiokafka.errors import IncompatibleBrokerVersion
+
+from core.aiokafka_internals import raw_topic_id
 
 log = logging.getLogger(__name__)
-
-_ZERO_UUID = bytes(16)
-
-
-class Uuid(AbstractType[bytes]):
-    """Kafka's UUID wire type: 16 raw bytes."""
-
-    @classmethod
-    def encode(cls, value: bytes) -> bytes:
-        assert len(value) == 16
-        return value
-
-    @classmethod
-    def decode(cls, data: BytesIO) -> bytes:
-        value = data.read(16)
-        if len(value) != 16:
-            raise ValueError("Buffer underrun decoding a UUID")
-        return value
-
-
-class MetadataResponse_v12(Response):
-    API_KEY = 3
-    API_VERSION = 12
-    SCHEMA = Schema(
-        ("throttle_time_ms", Int32),
-        (
-            "brokers",
-            CompactArray(
-                ("node_id", Int32),
-                ("host", CompactString("utf-8")),
-                ("port", Int32),
-                ("rack", CompactString("utf-8")),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("cluster_id", CompactString("utf-8")),
-        ("controller_id", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("error_code", Int16),
-                ("name", CompactString("utf-8")),
-                ("topic_id", Uuid),
-                ("is_internal", Boolean),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("error_code", Int16),
-                        ("partition_index", Int32),
-                        ("leader_id", Int32),
-                        ("leader_epoch", Int32),
-                        ("replica_nodes", CompactArray(Int32)),
-                        ("isr_nodes", CompactArray(Int32)),
-                        ("offline_replicas", CompactArray(Int32)),
-                        ("tags", TaggedFields),
-                    ),
-                ),
-                ("topic_authorized_operations", Int32),
-                ("tags", TaggedFields),
-            ),
-        ),
-        ("tags", TaggedFields),
-    )
-
-
-class MetadataRequest_v12(RequestStruct):
-    FLEXIBLE_VERSION = True
-    API_KEY = 3
-    API_VERSION = 12
-    RESPONSE_TYPE = MetadataResponse_v12
-    SCHEMA = Schema(
-        (
-            "topics",
-            CompactArray(
-                ("topic_id", Uuid), ("name", CompactString("utf-8")), ("tags", TaggedFields)
-            ),
-        ),
-        ("allow_auto_topic_creation", Boolean),
-        ("include_topic_authorized_operations", Boolean),
-        ("tags", TaggedFields),
-    )
-
-
-class TopicMetadataV12(Request[MetadataRequest_v12]):
-    API_KEY = 3
-
-    def __init__(self, topic: str) -> None:
-        self._topic = topic
-
-    def build(self, request_struct_class: type[MetadataRequest_v12]) -> MetadataRequest_v12:
-        return request_struct_class([(_ZERO_UUID, self._topic, {})], False, False, {})
 
 
 def format_topic_id(raw: bytes) -> str:
@@ -135,23 +33,12 @@ def format_topic_id(raw: bytes) -> str:
 
 async def topic_id(consumer: AIOKafkaConsumer, topic: str) -> str | None:
     """The topic's id, or None where the broker predates topic ids (Metadata v12)."""
-    client = consumer._client
-    node_id = client.get_random_node()
-    if node_id is None:
-        await client.force_metadata_update()
-        node_id = client.get_random_node()
     try:
-        resp: Any = await client.send(node_id, TopicMetadataV12(topic))
+        raw = await raw_topic_id(consumer, topic)
     except (IncompatibleBrokerVersion, NotImplementedError) as e:
         log.warning("the broker gives no topic ids (%s): state is checked by offset only", e)
         return None
-    for code, name, raw_id, *_ in resp.topics:
-        if name != topic:
-            continue
-        if code:
-            raise for_code(code)(f"metadata of topic {topic!r}")
-        return None if raw_id == _ZERO_UUID else format_topic_id(raw_id)
-    raise KafkaError(f"no metadata for topic {topic!r}")
+    return None if raw is None else format_topic_id(raw)
 
 
 # Offset-commit metadata ----------------------------------------------------------------------

@@ -16,11 +16,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from core.aiokafka_internals import PRODUCE_RETRY_MSG, SENDER_LOGGER
 from ingest import metrics
-
-SENDER_LOGGER = "aiokafka.producer.sender"
-# aiokafka 0.14's message for a retried partition of a produce request.
-_RETRY_MSG = "Got error produce response on topic-partition %s, retrying. Error: %s"
 
 
 def _error_name(err: object) -> str:
@@ -42,7 +39,7 @@ class ProduceRetries(logging.Filter):
         logging.getLogger(SENDER_LOGGER).addFilter(self)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != _RETRY_MSG or not isinstance(record.args, tuple):
+        if record.msg != PRODUCE_RETRY_MSG or not isinstance(record.args, tuple):
             return True
         tp, err = record.args
         name = _error_name(err)

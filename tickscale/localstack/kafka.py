@@ -18,8 +18,6 @@ import fcntl
 import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from tickscale.localstack import proc as _proc
 from tickscale.localstack.net import HOST, free_port, port_open
@@ -213,44 +214,19 @@ def _probe_metadata(host: str, port: int, node_id: int, timeout: float = 2.0) ->
     """True once the broker serves a Metadata response that lists ``node_id``.
 
     An open port is not enough: in KRaft the broker only lists itself after the
-    controller has unfenced it, and only then can topics be created. This is a
-    hand-rolled Metadata v4 request (supported from 1.0 through 4.x) so the
-    check is synchronous and does not need an event loop.
+    controller has unfenced it, and only then can topics be created. librdkafka's
+    admin client asks synchronously, so the check needs no event loop.
     """
-    client_id = b"tickscale-probe"
-    # Header v1: api_key, api_version, correlation_id, client_id; body v4:
-    # topics (empty array = no topics, just brokers), allow_auto_topic_creation.
-    body = struct.pack(">hhih", 3, 4, 1, len(client_id)) + client_id + struct.pack(">ib", 0, 0)
+    admin = AdminClient({
+        "bootstrap.servers": f"{host}:{port}",
+        "socket.timeout.ms": int(timeout * 1000),
+        "log_level": 0,  # a broker still starting is expected, not worth a log line
+    })  # fmt: skip
     try:
-        with socket.create_connection((host, port), timeout=timeout) as s:
-            s.sendall(struct.pack(">i", len(body)) + body)
-            (size,) = struct.unpack(">i", _recv_exact(s, 4))
-            payload = _recv_exact(s, size)
-    except (OSError, ConnectionError):
+        brokers = admin.list_topics(timeout=timeout).brokers
+    except KafkaException:
         return False
-    # correlation_id, throttle_time_ms, then the brokers array.
-    _corr, _throttle, n_brokers = struct.unpack_from(">iii", payload, 0)
-    off = 12
-    for _ in range(n_brokers):
-        (nid,) = struct.unpack_from(">i", payload, off)
-        if nid == node_id:
-            return True
-        off += 4
-        (hlen,) = struct.unpack_from(">h", payload, off)
-        off += 2 + hlen + 4  # host, port
-        (rlen,) = struct.unpack_from(">h", payload, off)
-        off += 2 + max(rlen, 0)  # nullable rack
-    return False
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("broker closed the connection")
-        buf += chunk
-    return bytes(buf)
+    return node_id in brokers
 
 
 # log4j2's own properties format: built into log4j-core, so no YAML/XML parser

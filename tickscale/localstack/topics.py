@@ -16,9 +16,9 @@ from aiokafka.errors import (
     UnknownTopicOrPartitionError,
     for_code,
 )
-from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from core.admin import differing_configs, ensure_topics
+from core.aiokafka_internals import delete_group
 from core.secrets import kafka_auth
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ async def delete_groups(
             while True:
                 try:
                     # A fresh broker has no coordinator until its offsets topic exists.
-                    node = await admin.find_coordinator(group)
-                    resp = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))
-                    code = dict((g[0], g[1]) for g in resp.results)[group]
+                    code = await delete_group(admin, group)
                     err = for_code(code) if code else None
                 except KafkaError as e:
                     err = type(e)
