@@ -17,6 +17,10 @@ Live, per policy (ours, then the KEDA+HPA model), on a fresh topic and group:
 Offline (``scaler.simulate``): a whole synthetic day through both policies:
 handler-seconds, seconds above the lag target, peak lag at the open.
 
+Rebalances (``bench/rebalance.py``): real handler processes on 24 partitions, added
+and stopped one at a time; per event the whole group's pause, a moved partition's
+longest stall and, for a new handler, join -> consuming (goal 2 s).
+
 Goals (from the project's issue): a new handler consuming within 10 s of the
 step with the docker backend; with pre-scaling, lag at the synthetic open
 under the target; handler-seconds within 110% of the baseline's while
@@ -35,9 +39,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from bench import rebalance
 from bench.results import write_result
 from core.topology import create_topics
 from scaler.calendar import SessionCalendar
@@ -245,8 +251,10 @@ def offline(args: argparse.Namespace) -> dict[str, float]:
             "backtest_open_peak_lag_s_reactive": round(op_b, 2)}  # fmt: skip
 
 
-def record(args: argparse.Namespace, sim: dict[str, float], live: list[Reaction]) -> None:
-    """The run's result file: the backtest's figures and ratios, and each live step's."""
+def record(args: argparse.Namespace, sim: dict[str, float], live: list[Reaction],
+           rebalances: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """The run's result file: the backtest's figures and ratios, each live step's and the
+    rebalances'."""
     figures: dict[str, float | None] = {k: round(v, 2) for k, v in sim.items()}
     ratios: dict[str, float | None] = {}
     for key in ("handler_seconds", "lag_above_target_s", "peak_lag_s", "scale_events"):
@@ -256,7 +264,17 @@ def record(args: argparse.Namespace, sim: dict[str, float], live: list[Reaction]
     for r in live:
         figures[f"live_up_s_{r.policy}"] = None if r.up_s is None else round(r.up_s, 2)
         figures[f"live_down_s_{r.policy}"] = None if r.down_s is None else round(r.down_s, 2)
-    extra = {"backend": None if args.offline_only else args.backend, "params": vars(args)}
+    if rebalances is not None:
+        events = rebalances["events"]
+        figures["rebalance_pause_max_s"] = max(e["pause_s"] for e in events)
+        figures["rebalance_moved_stall_max_s"] = max(e["stall_s"] for e in events)
+        figures["rebalance_join_to_consume_max_s"] = rebalances["join_to_consume_worst_s"]
+        figures["rebalance_steady_gap_s"] = rebalances["steady_gap_s"]
+    extra: dict[str, Any] = {
+        "backend": None if args.offline_only else args.backend,
+        "params": vars(args),
+        "rebalances": rebalances,
+    }
     print(f"result: {write_result('scaler', figures, ratios, extra)}")
 
 
@@ -269,8 +287,14 @@ async def main(args: argparse.Namespace) -> int:
     broker = KafkaBroker(work / "kafka").start()
     redis = RedisServer(work_dir=work / "redis").start()
     try:
+        rebalances = None
+        if not args.no_rebalances:
+            rebalances = await asyncio.to_thread(
+                rebalance.run, broker.bootstrap, redis.url, work / "rebalances",
+                args.rebalance_partitions,
+            )  # fmt: skip
         results = []
-        for policy in args.policies.split(","):
+        for policy in [p for p in args.policies.split(",") if p]:
             r = await step(args, broker.bootstrap, redis.url, policy, work)
             results.append(r)
         print(f"\nlive load step ({args.backend} backend, {args.partitions} partitions, "
@@ -288,7 +312,7 @@ async def main(args: argparse.Namespace) -> int:
             print(
                 f"goal new handler consuming within 10 s (docker): [{'met' if ok else 'NOT met'}]"
             )
-        record(args, sim, results)
+        record(args, sim, results, rebalances)
         print(f"logs: {work}")
         return 0
     finally:
@@ -311,6 +335,8 @@ if __name__ == "__main__":
     ap.add_argument(
         "--policies", default="tickscale,reactive", help="live steps to run, comma-separated"
     )
+    ap.add_argument("--no-rebalances", action="store_true", help="skip the rebalance events")
+    ap.add_argument("--rebalance-partitions", type=int, default=24)
     ap.add_argument(
         "--timeline", action="store_true", help="print each change of the group during a step"
     )
