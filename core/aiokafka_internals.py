@@ -14,8 +14,9 @@ stack's group deletion) keep their policies and see only the functions below.
 So one module answers to a change of aiokafka: ``check_version`` refuses any release
 but the one this was written against (pinned in pyproject.toml; a transactional
 producer and a group exit check it before they touch anything private), and
-tests/test_aiokafka_internals.py fails as soon as another one is installed. The zombie, stale-generation, incarnation and rollout tests exercise every
-piece against the real broker.
+tests/test_aiokafka_internals.py fails as soon as another one is installed. The zombie,
+stale-generation, incarnation and rollout tests exercise every piece against the real
+broker.
 
 A client that implements these itself (librdkafka: ``send_offsets_to_transaction``
 with the consumer's group metadata) would make this module unnecessary; the handler

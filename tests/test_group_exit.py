@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import aiokafka
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from redis.asyncio import Redis
 
 from core.constants import LEAVE_KEY_FIELD, REDIS_HANDLER_STATS
-from ingest.handler import group_exit
 from ingest.handler.service import FeedHandler
 from ingest.handler.settings import HandlerSettings
 from scaler.backends.base import HandlerInstance
