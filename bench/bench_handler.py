@@ -69,6 +69,7 @@ from bench import broker_ceiling
 from bench.ck_bench import pack_topic, passthrough_ck, rss_mb
 from bench.cpu import CpuShares, CpuTimes, shares
 from bench.jvm import compile_seconds, gc_pauses
+from bench.results import host_info
 from core.runtime import freeze_startup_heap
 from core.topology import RAW_CONFIG
 from ingest.manifest import Manifest
@@ -542,9 +543,11 @@ def write_json(run: Run, path: Path | None, results_dir: Path | None, busy: str)
         path.write_text(json.dumps(short, indent=2) + "\n")
     if results_dir is not None:
         now = dt.datetime.now(dt.UTC)
-        doc = {"bench": "handler", "date": now.isoformat(timespec="seconds"),
-               "host": {"cpus": os.cpu_count(), "busy": busy}, **figures(run), **short,
-               "rounds": run.rounds}  # fmt: skip
+        host = host_info()  # the load averages at the end of the run
+        if busy:
+            host["busy"] = f"{busy}; {host['busy']}"
+        doc = {"bench": "handler", "date": now.isoformat(timespec="seconds"), "host": host,
+               **figures(run), **short, "rounds": run.rounds}  # fmt: skip
         results_dir.mkdir(parents=True, exist_ok=True)
         out = results_dir / f"{now:%Y-%m-%d}-handler.json"
         out.write_text(json.dumps(doc, indent=2) + "\n")

@@ -78,7 +78,7 @@ def render_table(runs: list[dict[str, Any]]) -> str:
     ]
     for r in latest:
         host = r.get("host") or {}
-        where = f"{host.get('cpus', '?')} CPUs, {host.get('busy', 'load unknown')}"
+        where = f"{host.get('cpus', '?')} CPUs, {host.get('busy') or 'load not recorded'}"
         lines.append(
             f"| {r['bench']} | [{r['date']}](../bench/results/{r['_file']}) | {_fmt(where)} "
             f"| {_pairs(r['figures'])} | {_pairs(r['ratios'])} |"

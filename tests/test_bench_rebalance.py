@@ -42,3 +42,20 @@ def test_judge_counts_moved_partitions_and_the_new_members_first_commit() -> Non
     assert e.join_to_consume_s is not None and abs(e.join_to_consume_s - 1.0) < 1e-9
     assert e.start_to_consume_s is not None and abs(e.start_to_consume_s - 1.55) < 1e-9
     assert abs(e.pause_s - 0.5) < 1e-9  # 10.5 -> 11.0, the group's longest stop
+
+
+def test_a_moved_partitions_stall_is_its_own_not_the_moved_sets() -> None:
+    """Partition 0 keeps committing and partition 1 stalls: the stall is partition 1's."""
+    obs = Observer("unused:1", "g")
+    a, b = {0: "h0", 1: "h0"}, {0: "h1", 1: "h1"}
+    obs.samples = [
+        _s(10.0, {0: 6, 1: 6}, a),
+        _s(10.5, {0: 7, 1: 6}, a),
+        _s(11.0, {0: 8, 1: 6}, b),
+        _s(11.4, {0: 9, 1: 6}, b),
+        _s(11.6, {0: 10, 1: 9}, b),
+    ]
+    e = judge(obs, "join", "h1", 10.05)
+    assert e.moved == 2
+    assert abs(e.stall_s - 1.55) < 1e-9  # partition 1, 10.05 -> 11.6
+    assert e.join_to_consume_s is not None and abs(e.join_to_consume_s - 0.4) < 1e-9
