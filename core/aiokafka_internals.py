@@ -12,8 +12,8 @@ commit need its private attributes (``_client``, ``_coordinator``, ``_sender``,
 stack's group deletion) keep their policies and see only the functions below.
 
 So one module answers to a change of aiokafka: ``check_version`` refuses any release
-but the one this was written against (pinned in pyproject.toml; a transactional
-producer and a group exit check it before they touch anything private), and
+but the one this was written against (pinned in pyproject.toml; every
+function and class below checks it before it touches anything private), and
 tests/test_aiokafka_internals.py fails as soon as another one is installed. The zombie,
 stale-generation, incarnation and rollout tests exercise every piece against the real
 broker.
@@ -95,6 +95,7 @@ class GroupMetadata:
 
     @classmethod
     def of(cls, consumer: AIOKafkaConsumer, group_id: str) -> GroupMetadata:
+        check_version()
         coord = consumer._coordinator
         if coord is None:
             raise GroupFenced("consumer has no group coordinator")
@@ -365,6 +366,7 @@ class TopicMetadataV12(Request[MetadataRequest_v12]):
 async def leave_group_now(consumer: AIOKafkaConsumer) -> None:
     """Send LeaveGroup and mark the group's coordinator unknown (ingest/handler/group_exit.py
     says when and why)."""
+    check_version()
     coordinator = consumer._coordinator
     if coordinator is None:
         return
@@ -378,6 +380,7 @@ async def fetch_offset(
     """One OffsetFetch v7 for ``tp``: (error code, committed offset or -1, metadata).
 
     Raises what the client raises for a node that cannot be reached."""
+    check_version()
     client = consumer._client
     node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
     resp = await client.send(
@@ -395,6 +398,7 @@ async def fetch_offset(
 
 async def open_transactions(consumer: AIOKafkaConsumer, prefix: str) -> set[str]:
     """The transactional ids starting with ``prefix`` whose transaction is open."""
+    check_version()
     client = consumer._client
     found: set[str] = set()
     # Each broker lists only the transactions it coordinates.
@@ -408,6 +412,7 @@ async def open_transactions(consumer: AIOKafkaConsumer, prefix: str) -> set[str]
 
 async def member_client_ids(consumer: AIOKafkaConsumer, group_id: str) -> set[str]:
     """The client ids of the group's current members."""
+    check_version()
     client = consumer._client
     node_id = await client.coordinator_lookup(CoordinationType.GROUP, group_id)
     resp = await client.send(node_id, DescribeGroupsRequest([group_id]))
@@ -421,6 +426,7 @@ async def raw_topic_id(consumer: AIOKafkaConsumer, topic: str) -> bytes | None:
     """The topic's 16-byte id; None where it has none (all zeroes). Raises
     IncompatibleBrokerVersion or NotImplementedError where the broker predates
     Metadata v12."""
+    check_version()
     client = consumer._client
     node_id = client.get_random_node()
     if node_id is None:
@@ -438,6 +444,7 @@ async def raw_topic_id(consumer: AIOKafkaConsumer, topic: str) -> bytes | None:
 
 async def delete_group(admin: AIOKafkaAdminClient, group_id: str) -> int:
     """Delete a consumer group through a started admin client: the broker's error code."""
+    check_version()
     node = await admin.find_coordinator(group_id)
     resp = await admin._send_request_to_node(node, DeleteGroupsRequest([group_id]))
     return int(dict((g[0], g[1]) for g in resp.results)[group_id])

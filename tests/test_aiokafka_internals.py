@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import aiokafka
 import pytest
+from aiokafka import TopicPartition
 
-from core import aiokafka_internals
+from core import aiokafka_internals as ai
 from core.aiokafka_internals import FencedProducer, check_version
 
 
 def test_the_installed_aiokafka_is_the_release_the_module_was_written_for() -> None:
     # Fails as soon as another release is installed: review core/aiokafka_internals.py
     # (protocol definitions, private attributes, log text) before moving the pin.
-    assert aiokafka.__version__.startswith(aiokafka_internals.SUPPORTED), aiokafka.__version__
+    assert aiokafka.__version__.startswith(ai.SUPPORTED), aiokafka.__version__
     check_version()
 
 
@@ -27,6 +30,22 @@ def test_another_release_is_refused_before_anything_private_is_touched(
         check_version()
     with pytest.raises(RuntimeError, match=r"review the module and its pin"):
         FencedProducer(bootstrap_servers="127.0.0.1:1", transactional_id="t")
+    # Every entry point checks first: the object handed in is never looked at.
+    nothing: Any = object()
+    tp = TopicPartition("t", 0)
+    calls = [
+        lambda: ai.leave_group_now(nothing),
+        lambda: ai.fetch_offset(nothing, "g", tp, True),
+        lambda: ai.open_transactions(nothing, "p"),
+        lambda: ai.member_client_ids(nothing, "g"),
+        lambda: ai.raw_topic_id(nothing, "t"),
+        lambda: ai.delete_group(nothing, "g"),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"review the module and its pin"):
+            asyncio.run(call())
+    with pytest.raises(RuntimeError, match=r"review the module and its pin"):
+        ai.GroupMetadata.of(nothing, "g")
 
 
 def test_no_other_module_reaches_into_aiokafka() -> None:

@@ -43,7 +43,17 @@ from core.aiokafka_internals import (
     open_transactions,
 )
 
-__all__ = ["FencedProducer", "GroupFenced", "GroupMetadata"]
+# The producer and the group identity are re-exported: the handler's commits take them
+# from here, with the rest of the fencing.
+__all__ = [
+    "Committed",
+    "FencedProducer",
+    "GroupFenced",
+    "GroupMetadata",
+    "Unstable",
+    "fetch_committed",
+    "stale_transactions",
+]
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
-from core.aiokafka_internals import check_version, leave_group_now
+from core.aiokafka_internals import leave_group_now
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 async def leave_mid_rebalance(consumer: AIOKafkaConsumer) -> None:
     """Steps 2 and 3 above: call from the revoke callback once the consumer is closing,
     and return from the callback right after."""
-    check_version()
     await leave_group_now(consumer)
 
 
