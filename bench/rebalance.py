@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,9 @@ def handler_env(bootstrap: str, redis_url: str, topics: dict[str, str]) -> dict[
     }
 
 
-def wait_for(obs: Observer, what: str, ok: Any, timeout: float = 120.0) -> None:
+def wait_for(
+    obs: Observer, what: str, ok: Callable[[Sample], bool], timeout: float = 120.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if obs.samples and ok(obs.samples[-1]):
@@ -253,7 +256,9 @@ def run_events(
     wait_for(
         obs,
         "a commit on every partition",
-        lambda s: len(s.committed) == len(s.owners) and min(s.committed.values()) > 0,
+        lambda s: (
+            bool(s.owners) and len(s.committed) == len(s.owners) and min(s.committed.values()) > 0
+        ),
     )
     time.sleep(5)
     t = time.monotonic()
