@@ -77,6 +77,17 @@ class _Listener(ConsumerRebalanceListener):
         await self.h._on_assigned(assigned)
 
 
+def _announcing_sink(s: HandlerSettings, url: str, on_leave: Callable[[], None]) -> RedisSink:
+    # The scaler announces a replacement (by signal, or by Redis where it cannot
+    # signal one handler) only to a handler that says it understands.
+    return RedisSink(
+        client_secrets().redis_url(url),
+        s.handler_id,
+        static={LEAVE_SIGNAL_FIELD: REPLACED_SIGNAL.name, LEAVE_KEY_FIELD: "1"},
+        on_leave=on_leave,
+    )
+
+
 class FeedHandler:
     """One feed-handler process. Use ``async with FeedHandler(s) as h: await h.run()``.
 
@@ -120,14 +131,7 @@ class FeedHandler:
         metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:
-            # The scaler announces a replacement (by signal, or by Redis where it cannot
-            # signal one handler) only to a handler that says it understands.
-            self.sink = RedisSink(
-                client_secrets().redis_url(s.redis_url),
-                s.handler_id,
-                static={LEAVE_SIGNAL_FIELD: REPLACED_SIGNAL.name, LEAVE_KEY_FIELD: "1"},
-                on_leave=self.replacement.announce,
-            )
+            self.sink = _announcing_sink(s, s.redis_url, self.replacement.announce)
             await self.sink.start()
         outputs = Outputs(s.out_topic, await out_partitions(s), s.deadletter_topic)
         self.restorer = Restorer(s, outputs, self.sink, self.grace.event)

@@ -343,21 +343,25 @@ class SwarmBackend(EngineClient):
 
     def _health(self) -> BackendHealth:
         self.client.ping()
-        services = self._services()
-        tasks = self._tasks()
-        running = sum(1 for t in tasks if t.state == "running")
-        replicas = sum(_replicas(s) for s in services)
-        names = ", ".join(s.name for s in services) or self.service
-        return BackendHealth(
-            True,
-            f"Swarm service {names}: {running}/{replicas} replicas running",
-            {
-                "replicas": str(replicas),
-                "running": str(running),
-                "starting": str(len(tasks) - running),
-                "engine": self.where,
-            },
-        )
+        return _fleet_health(self._services(), self._tasks(), self.service, self.where)
+
+
+def _fleet_health(
+    services: builtins.list[Any], tasks: builtins.list[HandlerInstance], fleet: str, where: str
+) -> BackendHealth:
+    running = sum(1 for t in tasks if t.state == "running")
+    replicas = sum(_replicas(s) for s in services)
+    names = ", ".join(s.name for s in services) or fleet
+    return BackendHealth(
+        True,
+        f"Swarm service {names}: {running}/{replicas} replicas running",
+        {
+            "replicas": str(replicas),
+            "running": str(running),
+            "starting": str(len(tasks) - running),
+            "engine": where,
+        },
+    )
 
 
 def _check_manager(client: Any, where: str) -> None:
