@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ from scaler.capacity import SaturationCapacity
 from scaler.floors import LearnedFloors
 from scaler.policy import LAG_ERROR, Policy, PolicyConfig
 from scaler.signals import Snapshot
-from scaler.sim.engine import HandlerModel, group_capacity, run
+from scaler.sim.engine import HandlerModel, _Fleet, group_capacity, run
 from scaler.sim.pauses import BENCH_PAUSES
 from scaler.sim.suite import POLICIES, THRESHOLDS, FixedFleet, aggregate, goals
 
@@ -66,6 +68,41 @@ def test_pauses_come_from_the_measured_table_and_vary() -> None:
     assert len(draws) > 1 and all(p.startup_s[0] <= d <= p.startup_s[1] for d in draws)
     with pytest.raises(ValueError, match="unknown backend"):
         _ = HandlerModel(backend="k8s").pauses
+
+
+def test_the_rebalance_pauses_cover_what_the_committed_bench_measured() -> None:
+    # The simulator's pauses must not drift from the measurements they cite: every join or
+    # leave the latest committed scaler bench saw stalled a moved partition within the range.
+    results = sorted(Path(__file__).parent.parent.glob("bench/results/*-scaler.json"))
+    events = json.loads(results[-1].read_text())["rebalances"]["events"]
+    assert events
+    for backend, p in BENCH_PAUSES.items():
+        lo, hi = p.rebalance_s
+        for e in events:
+            assert lo - 0.05 <= e["stall_s"] <= hi + 0.05, (backend, e)
+    starts = [e["start_to_consume_s"] - e["join_to_consume_s"] for e in events
+              if e["start_to_consume_s"] is not None]  # fmt: skip
+    lo, hi = BENCH_PAUSES["process"].startup_s
+    assert starts and all(lo - 0.05 <= s <= hi + 0.05 for s in starts)
+
+
+def test_policies_meet_the_same_handlers_for_the_same_fleet_size() -> None:
+    # Common random numbers: a fleet that grew 1 -> 3 -> 5 and one that went straight to
+    # 5 run on the same five capacity draws (slots), so neither is luckier than the other.
+    model = HandlerModel(capacity=2500, capacity_noise=0.3, seed=4)
+    caps = [2000.0, 2600.0, 3100.0, 1900.0, 2400.0, 2800.0]
+    stepped = _Fleet(model, random.Random(1), list(caps))
+    stepped.apply(3, 0.0)
+    stepped.apply(5, 10.0)
+    stepped.apply(2, 20.0)  # the youngest leave; their slots are freed
+    stepped.step_membership(30.0)
+    stepped.apply(5, 30.0)
+    straight = _Fleet(model, random.Random(2), list(caps))
+    straight.apply(5, 0.0)
+    for f in (stepped, straight):
+        f.step_membership(60.0)
+    assert sorted(h.capacity for h in stepped.members) == sorted(caps[:5])
+    assert sorted(h.capacity for h in straight.members) == sorted(caps[:5])
 
 
 def test_the_group_is_as_fast_as_its_slowest_busiest_member() -> None:
@@ -140,7 +177,7 @@ def _row(lag: float, cost: float) -> dict[str, float]:
 def test_suite_reports_keda_at_its_best_threshold_and_the_json_shape() -> None:
     seeds = []
     for k in range(3):
-        row = {"tickscale": _row(12 + k, 100), "reactive": _row(5, 400), "fixed": _row(0, 800)}
+        row = {"tickscale": _row(12 + k, 100), "reactive": _row(5, 400), "fixed": _row(10, 800)}
         # 50: lowest lag but expensive; 200: lag within the tie, cheaper -> best.
         sweep = {
             50: _row(20, 300),
@@ -154,6 +191,10 @@ def test_suite_reports_keda_at_its_best_threshold_and_the_json_shape() -> None:
     assert set(day) == set(POLICIES)
     assert day["keda_cron"]["lag_threshold"] == 200
     assert day["keda_cron"]["lag_above_target_s"] == 22  # median over seeds
+    # Beyond the fixed fleet's 10 s at each seed: 12-14 -> 2-4, 21-23 -> 11-13.
+    assert day["tickscale"]["lag_above_fixed_s"] == 3
+    assert day["keda_cron"]["lag_above_fixed_s"] == 12
+    assert day["reactive"]["lag_above_fixed_s"] == 0 and day["fixed"]["lag_above_fixed_s"] == 0
     assert set(day["keda_cron"]["sweep"]) == {str(t) for t in THRESHOLDS}
     for p in POLICIES:
         assert {"lag_above_target_s", "handler_seconds", "scale_events"} <= set(day[p])
@@ -219,6 +260,53 @@ def test_learned_floors_scale_to_today_and_look_over_the_window() -> None:
     assert floors.rate_ahead(9 * 3600 + 1700, info, 120) == pytest.approx(4000)
     holiday = CAL.day(dt.date(2024, 11, 28))
     assert floors.rate_ahead(9 * 3600 + 1700, holiday, 120) == 0.0
+
+
+def _learned(info: DayInfo) -> LearnedFloors:
+    floors = LearnedFloors()
+    start = 9 * 3600
+    for _ in range(3):  # earlier sessions: 1,000 msgs/s, 20,000 for 09:30-09:35
+        rates = [20_000.0 if 9 * 3600 + 1800 <= start + i < 9 * 3600 + 2100 else 1000.0
+                 for i in range(3600)]  # fmt: skip
+        floors.learn(info, start, rates)
+    return floors
+
+
+@pytest.mark.parametrize(("rate", "floored"), [(900.0, True), (100.0, False)])
+def test_a_closed_day_whose_feed_trades_anyway_is_floored_as_a_session(
+    rate: float, floored: bool
+) -> None:
+    # Thanksgiving by the calendar; the feed runs before the open at 0.9x (or 0.1x) what the
+    # sessions saw. Only the first is the calendar being wrong about today.
+    floors = _learned(CAL.day(DAY))
+    holiday = CAL.day(dt.date(2024, 11, 28))
+    assert not holiday.is_session
+    for i in range(0, 900, 5):
+        floors.observe(9 * 3600 + i, holiday, rate)
+    before_open = 9 * 3600 + 1700
+    assert floors.trades_anyway(before_open, holiday) is floored
+    ahead = floors.rate_ahead(before_open, holiday, 120)
+    assert ahead == (pytest.approx(20_000 * 0.9) if floored else 0.0)
+    # Nothing of it joins the sessions' history.
+    assert floors.take_today() == {}
+    # Too little seen yet (under active_min_s): not called a session.
+    fresh = _learned(CAL.day(DAY))
+    for i in range(0, 300, 5):
+        fresh.observe(9 * 3600 + i, holiday, 900.0)
+    assert not fresh.trades_anyway(9 * 3600 + 300, holiday)
+
+
+def test_yesterday_does_not_weigh_on_todays_scale() -> None:
+    # A scaler runs for days: the scale window is on one clock across midnight, so what
+    # it saw yesterday at the same time of day has left the window (yesterday's feed
+    # was down; today's runs as usual: today's scale is 1, not 0.5).
+    floors = _learned(CAL.day(DAY))
+    monday, tuesday = CAL.day(DAY), CAL.day(dt.date(2024, 11, 26))
+    for i in range(600):
+        floors.observe(9 * 3600 + i, monday, 0.0)
+    for i in range(600):
+        floors.observe(9 * 3600 + i, tuesday, 1000.0)
+    assert floors.scale() == pytest.approx(1.0)
 
 
 def test_a_failed_or_implausible_lag_read_holds_the_fleet() -> None:

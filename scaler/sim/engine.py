@@ -11,6 +11,14 @@ What the model charges for, because live Kafka does:
   figure, and a slow common drift (a busier host) moves them all; the group is
   as fast as its slowest busiest member allows.
 
+Policies are compared on common random numbers: the day's capacity draws
+belong to slots (a handler takes the lowest free slot, as a container takes a
+free core), and the drift and the pauses have their own streams. So at one
+seed every policy meets the same host and the same handlers for the same
+fleet size, and a difference between two policies is their decisions', not
+their luck with the draws (before, one extra start reshuffled every later
+draw, and a fixed fleet could lag more than a smaller scaled one).
+
 The decider sees only what it could observe live: end and committed offsets
 (lag in messages and seconds, ingest and process rates), members, the group's
 state, and a capacity it must estimate itself from saturated throughput
@@ -87,6 +95,7 @@ class SimResult:
 class _Handler:
     ready_at: float
     capacity: float
+    slot: int
     leaving_at: float | None = None
 
 
@@ -104,17 +113,24 @@ def group_capacity(caps: list[float], partitions: int) -> float:
 class _Fleet:
     """Handlers started, joined and leaving, and the group's pause state."""
 
-    def __init__(self, model: HandlerModel, rng: random.Random) -> None:
+    def __init__(self, model: HandlerModel, rng: random.Random, slot_caps: list[float]) -> None:
         self.model = model
-        self.rng = rng
-        self.handlers = [self._new(-math.inf) for _ in range(model.initial)]
+        self.rng = rng  # pauses only
+        self.slot_caps = slot_caps
+        self.handlers: list[_Handler] = []
+        for _ in range(model.initial):
+            self.handlers.append(self._new(-math.inf))
         self.members: list[_Handler] = list(self.handlers)
         self.pause_until = -math.inf
         self.capacity = group_capacity([h.capacity for h in self.members], model.partitions)
 
     def _new(self, ready_at: float) -> _Handler:
-        cap = self.model.capacity * self.rng.lognormvariate(0.0, self.model.capacity_noise)
-        return _Handler(ready_at, cap)
+        taken = {h.slot for h in self.handlers}
+        slot = next(i for i in range(len(taken) + 1) if i not in taken)
+        # Slots beyond the partitions' own no partition; they reuse the draws in turn.
+        while slot >= len(self.slot_caps):
+            self.slot_caps.append(self.slot_caps[slot % len(self.slot_caps)])
+        return _Handler(ready_at, self.slot_caps[slot], slot)
 
     def step_membership(self, t: float) -> None:
         self.handlers = [h for h in self.handlers if h.leaving_at is None or h.leaving_at > t]
@@ -214,8 +230,14 @@ def run(
     :param midnight: unix time of the day's local midnight (the calendar needs real time).
     """
     res = SimResult(decider.name)
-    rng = random.Random(model.seed * 7919 + 17)
-    fleet = _Fleet(model, rng)
+    base = model.seed * 7919
+    draw = random.Random(base + 31)
+    caps = [
+        model.capacity * draw.lognormvariate(0.0, model.capacity_noise)
+        for _ in range(max(model.partitions, model.initial, 1))
+    ]
+    fleet = _Fleet(model, random.Random(base + 17), caps)
+    host = random.Random(base + 29)  # the drift's own stream: the same host for every policy
     obs = _Observer(model)
     poll = float(getattr(decider, "poll_s", 1.0))
     arrived_cum: list[float] = []
@@ -226,7 +248,7 @@ def run(
         arrived += rate
         arrived_cum.append(arrived)
         fleet.step_membership(t)
-        drift = 0.995 * drift + 0.005 * rng.gauss(0.0, 1.0)  # a host slowly busier or freer
+        drift = 0.995 * drift + 0.005 * host.gauss(0.0, 1.0)  # a host slowly busier or freer
         running = fleet.running_fraction(t)
         done = min(arrived - processed, fleet.capacity * (1 + drift) * running)
         processed += done
