@@ -186,6 +186,8 @@ class Policy:
             if self.floors.ready:
                 rate = self.floors.rate_ahead(t, info, lead)
                 extra["session_rate"] = round(rate, 1)
+                if self.floors.trades_anyway(t, info):
+                    extra["session"] = "closed-by-calendar-but-trading"
                 extra["floor_scale"] = round(self.floors.scale(), 2)
                 return handlers_for(
                     rate * (1 + self.cfg.headroom), cap, snap.partition_count, limit
