@@ -244,24 +244,6 @@ def test_prescaling_covers_the_whole_lead_window() -> None:
     assert fl.handlers == 12 and fl.session is Session.OPEN
 
 
-def test_learned_floors_scale_to_today_and_look_over_the_window() -> None:
-    info = CAL.day(DAY)
-    floors = LearnedFloors()
-    start = 9 * 3600
-    for _ in range(3):  # earlier days: 1,000 msgs/s, 20,000 for 09:30-09:35
-        rates = [20_000.0 if 9 * 3600 + 1800 <= start + i < 9 * 3600 + 2100 else 1000.0
-                 for i in range(3600)]  # fmt: skip
-        floors.learn(info, start, rates)
-    assert floors.rate_ahead(9 * 3600 + 1700, info, 120) == pytest.approx(20_000)
-    assert floors.rate_ahead(9 * 3600 + 1500, info, 120) == pytest.approx(1000)
-    for i in range(600):  # today runs at a fifth of that before the open
-        floors.observe(9 * 3600 + i, info, 200.0)
-    assert floors.scale() == pytest.approx(0.2)
-    assert floors.rate_ahead(9 * 3600 + 1700, info, 120) == pytest.approx(4000)
-    holiday = CAL.day(dt.date(2024, 11, 28))
-    assert floors.rate_ahead(9 * 3600 + 1700, holiday, 120) == 0.0
-
-
 def _learned(info: DayInfo) -> LearnedFloors:
     floors = LearnedFloors()
     start = 9 * 3600
@@ -270,6 +252,19 @@ def _learned(info: DayInfo) -> LearnedFloors:
                  for i in range(3600)]  # fmt: skip
         floors.learn(info, start, rates)
     return floors
+
+
+def test_learned_floors_scale_to_today_and_look_over_the_window() -> None:
+    info = CAL.day(DAY)
+    floors = _learned(info)
+    assert floors.rate_ahead(9 * 3600 + 1700, info, 120) == pytest.approx(20_000)
+    assert floors.rate_ahead(9 * 3600 + 1500, info, 120) == pytest.approx(1000)
+    for i in range(600):  # today runs at a fifth of that before the open
+        floors.observe(9 * 3600 + i, info, 200.0)
+    assert floors.scale() == pytest.approx(0.2)
+    assert floors.rate_ahead(9 * 3600 + 1700, info, 120) == pytest.approx(4000)
+    holiday = CAL.day(dt.date(2024, 11, 28))
+    assert floors.rate_ahead(9 * 3600 + 1700, holiday, 120) == 0.0
 
 
 @pytest.mark.parametrize(("rate", "floored"), [(900.0, True), (100.0, False)])
