@@ -205,6 +205,24 @@ def test_redis_up_down_up(redis_server: RedisServer) -> None:
         client.close()
 
 
+def test_servers_start_from_a_relative_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `tickscale up` without --out hands its servers paths relative to the
+    # caller's directory, while each server runs inside its own directory.
+    monkeypatch.chdir(tmp_path)
+    with RedisServer(work_dir=Path("run/redis")) as srv:
+        client = redis.Redis.from_url(srv.url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+    with PrometheusServer(work_dir=Path("run/prometheus")) as prom:
+        assert prom.running
+    assert (tmp_path / "run/redis/redis.log").is_file()
+    assert (tmp_path / "run/prometheus/data").is_dir()
+
+
 def test_redis_url_points_at_running_server(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:

@@ -12,13 +12,15 @@ import pytest
 
 @pytest.mark.slow
 def test_up_replays_a_compressed_day_that_scales_and_verifies(tmp_path: Path) -> None:
-    out = tmp_path / "day"
+    # The README's command as a newcomer types it: no options, output under the
+    # current directory.
     r = subprocess.run(
-        [sys.executable, "-m", "tickscale", "up", "--out", str(out)],
-        capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "tickscale", "up"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     text = r.stdout + r.stderr
     assert r.returncode == 0, text[-4000:]
+    (out,) = (tmp_path / ".local/loadtest").iterdir()
     assert "missing=0 duplicated=0 reordered=0 checksum_mismatch=0" in text
     assert (out / "report.html").is_file()
     res = json.loads((out / "results.json").read_text())

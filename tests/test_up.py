@@ -29,8 +29,9 @@ def test_up_runs_a_replayed_open_with_the_scaler_and_verifies(tmp_path: Path) ->
          "--to", "09:34", "--speed", "30", "--handlers", "1", "--max-handlers", "2",
          "--kafka-port", str(free_port()), "--redis-port", str(free_port()),
          "--metrics-port", str(free_port()), "--scaler-port", str(free_port()),
-         "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+         "--state-dir", "up"],
+        # Relative, as the default .local/up is: every server gets the same path.
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     out = r.stdout + r.stderr
     scaler_log = (state / "logs" / "scaler.log").read_text(errors="replace")

@@ -42,7 +42,10 @@ class LocalService:
         self.host = host
         self.port = port or free_port(host)
         self._own_dir = work_dir is None
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix=f"tickscale-{self.name}-"))
+        # Absolute: the server runs with its directory as cwd, so a relative path
+        # in its command line or config would point inside itself.
+        chosen = work_dir or tempfile.mkdtemp(prefix=f"tickscale-{self.name}-")
+        self.work_dir = Path(chosen).absolute()
         self._proc: subprocess.Popen[bytes] | None = None
         # start/stop may come from a worker thread (astart) while a drill or a
         # fixture calls them from another; one lifecycle step at a time.
