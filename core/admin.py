@@ -28,8 +28,8 @@ async def ensure_topics(
 
     An existing topic is left alone even if its partition count or one of
     ``configs`` differs: the caller owns that decision (growing partitions
-    reshuffles keys, a shorter retention deletes data); a differing setting is
-    logged as a warning naming the topic, the setting and both values. Returns
+    reshuffles keys, a shorter retention deletes data); a differing count or setting
+    is logged as a warning naming the topic, the setting and both values. Returns
     only once every partition has a leader, because a producer that races a
     fresh topic gets UNKNOWN_TOPIC_OR_PARTITION and, with transactions, that
     aborts the transaction instead of retrying quietly.
@@ -57,6 +57,14 @@ async def ensure_topics(
                 message = err[2] if len(err) > 2 else ""
                 raise for_code(code)(f"creating topic {topic!r}: {message}")
         kept = [name for name in specs if name in existing]
+        for t in await admin.describe_topics(kept) if kept else []:
+            count = len(t.get("partitions") or [])
+            if t["error_code"] == 0 and count != specs[t["topic"]]:
+                log.warning(
+                    "topic %s exists with %d partitions, not %d; left as it is (more "
+                    "partitions would move keys between them)",
+                    t["topic"], count, specs[t["topic"]],
+                )  # fmt: skip
         for topic, key, have, want in await differing_configs(admin, kept, topic_configs):
             log.warning(
                 "topic %s exists with %s=%s, not %s as this project creates it; left as it "

@@ -53,7 +53,7 @@ async def create_topics(
         bootstrap, {ticks: ticks_partitions, deadletter: 1}, replication, TICKS_CONFIG
     )
     # An existing topic keeps its own count, so the check reads what is there.
-    ids = await _partition_ids(bootstrap, [raw, ticks])
+    ids = await partition_ids(bootstrap, [raw, ticks])
     n_raw, n_ticks = len(ids[raw]), len(ids[ticks])
     if not co_partitioned(n_raw, n_ticks):
         log.warning(
@@ -63,19 +63,28 @@ async def create_topics(
         )  # fmt: skip
 
 
+class TopicMissing(RuntimeError):
+    """The broker has no topic of this name."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist")
+        self.topic = topic
+
+
 async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """Partition ids of ``topic``; RuntimeError naming the topic if it does not exist."""
-    return (await _partition_ids(bootstrap, [topic]))[topic]
+    """Partition ids of ``topic``; TopicMissing if it does not exist."""
+    return (await partition_ids(bootstrap, [topic]))[topic]
 
 
-async def _partition_ids(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:
-    """Partition ids of each of ``topics`` from one admin client; RuntimeError naming
+async def partition_ids(bootstrap: str, topics: list[str]) -> dict[str, list[int]]:
+    """Partition ids of each of ``topics`` from one admin client; TopicMissing naming
     the first that does not exist."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_auth())
-    await admin.start()
     try:
+        # Inside: a start that fails has opened connections too.
+        await admin.start()
         descs = await admin.describe_topics(topics)
     finally:
         await admin.close()
@@ -84,6 +93,6 @@ async def _partition_ids(bootstrap: str, topics: list[str]) -> dict[str, list[in
     for topic in topics:
         desc = found.get(topic)
         if desc is None or desc["error_code"] != 0 or not desc["partitions"]:
-            raise RuntimeError(f"topic {topic!r} does not exist")
+            raise TopicMissing(topic)
         out[topic] = sorted(p["partition"] for p in desc["partitions"])
     return out

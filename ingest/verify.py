@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.reach import reach_topics
 from core.secrets import kafka_auth
 from core.topology import partitions_of
 from ingest.codecs import itch
@@ -232,9 +233,9 @@ async def _read_topic(
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
-    await consumer.start()
     n = 0
     try:
+        await consumer.start()  # (inside: a start that fails has opened connections too)
         tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
@@ -278,12 +279,17 @@ async def verify(
     timeout_s: float = 0.0,
     idle_s: float = 2.0,
     expected_deadletters: list[ExpectedDeadLetter] | None = None,
+    connect_timeout_s: float = 10.0,
 ) -> VerifyResult:
     """Compare the tick topic (and the dead-letter topic) with ``manifest``.
 
     :param expected_deadletters: match the dead-letter topic's records to these by
         their bytes (expectations from a source file), not only count them
+    :param connect_timeout_s: wait this long for a broker first (BrokerUnreachable);
+        a topic that is not there raises TopicMissing before anything is read
     """
+    dl = [deadletter_topic] if deadletter_topic else []
+    await reach_topics(bootstrap, [topic, *dl], connect_timeout_s)
     checks: dict[str, SymbolCheck] = {}
     expected_total = sum(s.ticks for s in manifest.symbols.values())
 

@@ -36,6 +36,9 @@ class VerifySettings(BaseSettings):
     deadletter_topic: str = Field(
         DEADLETTER_TOPIC, description="dead-letter topic to account for ('' = skip)"
     )
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="seconds to wait for a broker, retrying, before giving up"
+    )
     timeout_s: float = Field(
         0.0, ge=0, description="wait up to N s for all expected ticks (0 = read what is there)"
     )

@@ -7,6 +7,7 @@ doing anything if a setting is invalid, naming it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -124,7 +125,9 @@ def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Run one feed handler: md.raw -> ticks on md.ticks, exactly once (settings also from
     TICKSCALE_HANDLER_* variables; flags win)."""
     from core.http import PortInUse
+    from core.reach import BrokerUnreachable
     from core.runtime import freeze_startup_heap
+    from core.topology import TopicMissing
     from ingest.handler.service import FeedHandler
 
     settings = load(HandlerSettings, given)
@@ -145,6 +148,23 @@ def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
             err=True,
         )
         raise typer.Exit(2) from None
+    except BrokerUnreachable as e:
+        raise _fail(e.where, e.what) from None
+    except TopicMissing as e:
+        flag = _topic_flag(settings, e.topic)
+        raise _fail(
+            flag, f"no such topic on {settings.bootstrap} (create it: tickscale topics)"
+        ) from None
+
+
+def _topic_flag(s: HandlerSettings, topic: str) -> str:
+    """The handler's flag naming ``topic``, with the value given."""
+    from core.cli_settings import flag_of
+
+    for name in ("in_topic", "out_topic", "deadletter_topic"):
+        if getattr(s, name) == topic:
+            return f"{flag_of(name, HandlerSettings.model_fields[name])} {topic}"
+    return f"topic {topic}"
 
 
 # --- verify -------------------------------------------------------------------------------
@@ -156,14 +176,22 @@ def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Check md.ticks against a manifest, or against the source file itself: missing,
     duplicated, reordered, checksums, dead letters (settings also from TICKSCALE_VERIFY_*
     variables; flags win)."""
+    from core.reach import BrokerUnreachable
+    from core.topology import TopicMissing
     from ingest.verify import run_verify
 
     s = load(VerifySettings, given)
     m, expected_dls = _expectations(s)
-    res = run_verify(
-        s.bootstrap, s.topic, m, s.deadletter_topic or None, timeout_s=s.timeout_s,
-        expected_deadletters=expected_dls,
-    )  # fmt: skip
+    try:
+        res = run_verify(
+            s.bootstrap, s.topic, m, s.deadletter_topic or None, timeout_s=s.timeout_s,
+            expected_deadletters=expected_dls, connect_timeout_s=s.connect_timeout_s,
+        )  # fmt: skip
+    except BrokerUnreachable as e:
+        raise _fail(e.where, e.what) from None
+    except TopicMissing as e:
+        flag = "--topic" if e.topic == s.topic else "--deadletter-topic"
+        raise _fail(f"{flag} {e.topic}", f"no such topic on {s.bootstrap}") from None
     _report(res, m, s.json_out)
     if not res.ok:
         raise typer.Exit(1)
@@ -179,19 +207,33 @@ def _expectations(s: VerifySettings) -> tuple[Manifest, list[ExpectedDeadLetter]
     if s.source is not None:
         exp = _expect_from_source(s.source, s.day, s.start, s.end, s.only)
         if any(d.broadcast for d in exp.deadletters):
-            from core.topology import partitions_of
+            from core.reach import BrokerUnreachable, reach_topics
+            from core.topology import TopicMissing
 
             try:
-                exp.set_partitions(len(asyncio.run(partitions_of(s.bootstrap, s.raw_topic))))
-            except RuntimeError as e:
-                raise _fail("--raw-topic", str(e)) from None
+                found = asyncio.run(reach_topics(s.bootstrap, [s.raw_topic], s.connect_timeout_s))
+            except BrokerUnreachable as e:
+                raise _fail(e.where, e.what) from None
+            except TopicMissing as e:
+                raise _fail(f"--raw-topic {s.raw_topic}", str(e)) from None
+            exp.set_partitions(len(found[s.raw_topic]))
         else:
             exp.set_partitions(1)
         return exp.manifest, exp.deadletters
     assert s.manifest is not None
-    if not s.manifest.exists():
-        raise _fail("--manifest", f"{s.manifest} does not exist")
-    return Manifest.read(s.manifest), None
+    try:
+        return Manifest.read(s.manifest), None
+    except FileNotFoundError:
+        raise _fail("--manifest", f"{s.manifest} does not exist") from None
+    except OSError as e:
+        raise _fail(f"--manifest {s.manifest}", e.strerror or str(e)) from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "the file"
+        raise _fail(
+            f"--manifest {s.manifest}",
+            f"not a manifest written by tickscale replay ({field}: {err['msg']})",
+        ) from None
 
 
 def _report(res: VerifyResult, m: Manifest, json_out: Path | None) -> None:
@@ -258,12 +300,27 @@ def topics(
         typer.Option(min=1, help="default: the md.raw count, so the topics are co-partitioned"),
     ] = None,
     replication: Annotated[int, typer.Option(min=1)] = 1,
+    connect_timeout: Annotated[
+        float, typer.Option(min=0.1, help="seconds to wait for a broker, retrying")
+    ] = 30.0,
 ) -> None:
     """Create md.raw, md.ticks and md.deadletter if they do not exist."""
+    from aiokafka.errors import InvalidReplicationFactorError, KafkaError
+
+    from core.reach import BrokerUnreachable, reach
     from core.topology import create_topics
 
     ticks = ticks_partitions or raw_partitions
-    asyncio.run(create_topics(bootstrap, raw_partitions, ticks, replication))
+    make = functools.partial(create_topics, bootstrap, raw_partitions, ticks, replication)
+    try:
+        asyncio.run(reach(bootstrap, connect_timeout, make))
+    except BrokerUnreachable as e:
+        raise _fail(e.where, e.what) from None
+    except InvalidReplicationFactorError as e:
+        raise _fail(f"--replication {replication}", str(e)) from None
+    except KafkaError as e:
+        # Another request the broker refused: no right to create topics, say.
+        raise _fail(f"--bootstrap {bootstrap}", f"the broker refused the topics: {e}") from None
     typer.echo(f"topics ready on {bootstrap}")
 
 

@@ -1,5 +1,5 @@
 """How the handler reads its input: its group consumer, the poll's top-up, and
-the output topic's partition count it learns at start."""
+the topics it checks at start."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.reach import reach_topics
 from core.secrets import kafka_auth
 from ingest.handler.settings import HandlerSettings
 
@@ -41,16 +42,12 @@ def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
 
 
 async def out_partitions(s: HandlerSettings) -> int:
-    """The output topic's partition count; RuntimeError naming it if it does not exist."""
-    probe = AIOKafkaProducer(bootstrap_servers=s.bootstrap, **kafka_auth())
-    await probe.start()
-    try:
-        parts = await probe.partitions_for(s.out_topic)
-    finally:
-        await probe.stop()
-    if not parts:
-        raise RuntimeError(f"output topic {s.out_topic!r} does not exist")
-    return len(parts)
+    """The output topic's partition count, once the broker answers and the handler's three
+    topics are there. Waits up to ``connect_timeout_s`` for both; then BrokerUnreachable,
+    or TopicMissing naming a topic still not there."""
+    topics = [s.in_topic, s.out_topic, s.deadletter_topic]
+    found = await reach_topics(s.bootstrap, topics, s.connect_timeout_s, wait_for_topics=True)
+    return len(found[s.out_topic])
 
 
 async def top_up(

@@ -114,7 +114,13 @@ class FeedHandler:
         self.recovery = Recovery(self, settings.poison_after)
 
     async def __aenter__(self) -> FeedHandler:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # What did start (the probes' port, Redis, a producer) is closed, not left
+            # to the process's exit.
+            await self.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -34,6 +34,13 @@ class HandlerSettings(BaseSettings):
         None, description="redis://host:port/db; unset = no Redis",
         json_schema_extra={"flag": "--redis"},
     )  # fmt: skip
+    connect_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="at start, wait this long for a broker and the three topics (a restart, "
+        "a stack still coming up), retrying with backoff, then exit naming what is missing",
+    )
     metrics_host: str = Field("0.0.0.0", description="/metrics, /healthz address")
     metrics_port: int = Field(
         9100,

@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaTimeoutError
 
-from core.topology import partitions_of
+from core.reach import BrokerUnreachable, quiet, reach_topics
+from core.topology import TopicMissing
 from ingest.codecs.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -22,18 +23,6 @@ T = TypeVar("T")
 
 # A wait for the broker says so on the console after this long.
 _OUTAGE_NOTICE_S = 5.0
-
-
-@contextlib.contextmanager
-def quiet(logger: logging.Logger) -> Iterator[None]:
-    """Hold back a logger's lines: each failed connection attempt of the client is
-    one, where the replay says once what is wrong."""
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class BrokerOutage(RuntimeError):
@@ -126,21 +115,11 @@ class OutageGuard:
 async def reach_topic(bootstrap: str, topic: str, connect_timeout_s: float) -> list[int]:
     """The topic's partitions, waiting up to ``connect_timeout_s`` for a broker;
     SourceError naming the address or the topic."""
-    deadline = time.monotonic() + connect_timeout_s
-    while True:
-        try:
-            with quiet(logging.getLogger("aiokafka")):
-                return await partitions_of(bootstrap, topic)
-        except (KafkaError, OSError):  # KafkaError is a RuntimeError: first
-            if time.monotonic() >= deadline:
-                raise SourceError(
-                    f"--bootstrap {bootstrap}",
-                    f"no broker answered within {connect_timeout_s:g} s "
-                    "(is it running, is the address right?)",
-                ) from None
-        except RuntimeError:
-            raise SourceError(
-                f"--topic {topic}",
-                f"no such topic on {bootstrap} (create it: tickscale topics)",
-            ) from None
-            await asyncio.sleep(1.0)
+    try:
+        return (await reach_topics(bootstrap, [topic], connect_timeout_s))[topic]
+    except BrokerUnreachable as e:
+        raise SourceError(e.where, e.what) from None
+    except TopicMissing:
+        raise SourceError(
+            f"--topic {topic}", f"no such topic on {bootstrap} (create it: tickscale topics)"
+        ) from None
