@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from core.http import HealthServer
+from core.reach import BrokerUnreachable, reach
 from core.secrets import client_secrets, without_redis_password
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, HandlerSpec
@@ -39,11 +40,13 @@ log = logging.getLogger("scaler")
 
 
 class StartupError(RuntimeError):
-    """A setting is wrong or a dependency unreachable; ``setting`` names it."""
+    """A setting is wrong or a dependency unreachable; ``setting`` names it (``invalid``:
+    the value itself is wrong, not only what it points at)."""
 
-    def __init__(self, setting: str, message: str) -> None:
+    def __init__(self, setting: str, message: str, invalid: bool = True) -> None:
         super().__init__(f"{setting}: {message}")
         self.setting = setting
+        self.invalid = invalid
 
 
 def policy_config(s: ScalerSettings) -> PolicyConfig:
@@ -154,15 +157,21 @@ async def build(s: ScalerSettings, backend: Backend | None = None) -> Scaler:
     except (RedisError, OSError) as e:
         await redis.aclose()
         raise StartupError("redis_url", f"cannot reach Redis at {s.redis_url}: {e}") from e
-    probe = LagProbe(s.bootstrap, s.topic, s.group)
+
+    async def first_read() -> None:
+        # A probe per attempt, closed each time: the scaler starts its own with the rest.
+        async with LagProbe(s.bootstrap, s.topic, s.group) as probe:
+            await probe.partitions()
+
     try:
-        await probe.start()
-        await probe.partitions()
-    except (KafkaError, OSError) as e:
-        await probe.stop()
+        # A scaler started while its broker restarts waits for it, as its handlers do.
+        await reach(s.bootstrap, s.connect_timeout_s, first_read)
+    except BrokerUnreachable as e:
         await redis.aclose()
-        raise StartupError("bootstrap", f"cannot reach Kafka at {s.bootstrap}: {e}") from e
-    await probe.stop()  # the scaler starts it again with the rest
+        raise StartupError(e.where, e.what, invalid=False) from e
+    except (KafkaError, OSError) as e:
+        await redis.aclose()
+        raise StartupError("bootstrap", f"the broker at {s.bootstrap} refused: {e}") from e
     rollouts = backend is None
     if backend is None:
         backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()

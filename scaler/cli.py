@@ -42,10 +42,10 @@ def main(hooks: Hooks, prog_name: str = "tickscale scaler") -> None:
     app(prog_name=prog_name, obj=hooks)
 
 
-def _fail(setting: str, msg: str) -> None:
+def _fail(setting: str, msg: str, invalid: bool = True) -> None:
     field = ScalerSettings.model_fields.get(setting)
     flag = flag_of(setting, field) if field is not None else setting
-    typer.echo(f"error: invalid setting {flag}: {msg}", err=True)
+    typer.echo(f"error: {'invalid setting ' if invalid else ''}{flag}: {msg}", err=True)
     raise typer.Exit(2)
 
 
@@ -73,7 +73,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
         try:
             scaler = await build(s)
         except StartupError as e:
-            _fail(e.setting, str(e).split(": ", 1)[-1])
+            _fail(e.setting, str(e).split(": ", 1)[-1], e.invalid)
             return
         if hooks.on_built is not None:
             hooks.on_built(scaler)

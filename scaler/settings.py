@@ -55,6 +55,13 @@ class ScalerSettings(BaseSettings):
         "process", description="what runs the handlers"
     )
     poll_s: float = Field(1.0, gt=0, le=60, description="seconds between polls")
+    connect_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="at start, wait this long for a broker, retrying with backoff, then exit "
+        "naming --bootstrap",
+    )
     dry_run: bool = Field(False, description="decide and log only")
     scaler_id: str = Field(
         default_factory=_default_id, description="this scaler's identity [host-pid]",

@@ -12,10 +12,10 @@ from core.cli_settings import flag_of, load, options_from
 from scaler.keda.settings import HANDLER_ONLY, KedaSettings
 
 
-def _fail(setting: str, msg: str) -> typer.Exit:
+def _fail(setting: str, msg: str, invalid: bool = True) -> typer.Exit:
     field = KedaSettings.model_fields.get(setting)
     flag = flag_of(setting, field) if field is not None else setting
-    typer.echo(f"error: invalid setting {flag}: {msg}", err=True)
+    typer.echo(f"error: {'invalid setting ' if invalid else ''}{flag}: {msg}", err=True)
     return typer.Exit(2)
 
 
@@ -41,6 +41,6 @@ def keda(ctx: typer.Context, given: dict[str, Any]) -> None:
     try:
         asyncio.run(main())
     except StartupError as e:
-        raise _fail(e.setting, str(e).split(": ", 1)[-1]) from None
+        raise _fail(e.setting, str(e).split(": ", 1)[-1], e.invalid) from None
     except PortInUse as e:
         raise _fail("metrics_port", f"{e.host}:{e.port} is already in use") from None
