@@ -166,6 +166,17 @@ def test_compare_two_runs_side_by_side(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert p.returncode == 2 and "not a load-test result" in p.stderr
+    # Each input a user must fix is one line naming the file, exit 2.
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"ledger_ok": tr')
+    for other, why in ((cut, "not JSON"), (tmp_path / "absent.json", "No such file")):
+        p = subprocess.run(
+            [sys.executable, "-m", "tickscale", "loadtest", "compare", str(a), str(other)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert p.stderr.strip().splitlines() == [p.stderr.strip()], p.stderr
+        assert p.stderr.startswith(f"error: {other}: {why}"), p.stderr
 
 
 def test_flash_burst_plan_and_time_warp() -> None:

@@ -162,12 +162,23 @@ def compare(
     b: Annotated[Path, typer.Argument(help="results JSON of run B")],
 ) -> None:
     """Two runs side by side: ledger, latency, lag, recovery, handler-seconds."""
+    import orjson
+
     from tickscale.loadtest.compare import print_comparison
     from tickscale.loadtest.results import load
 
-    try:
-        ra, rb = load(a), load(b)
-    except (OSError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    runs = []
+    for path in (a, b):
+        try:
+            runs.append(load(path))
+        except OSError as e:
+            typer.echo(f"error: {path}: {e.strerror or e}", err=True)
+            raise typer.Exit(2) from None
+        except orjson.JSONDecodeError as e:
+            typer.echo(f"error: {path}: not JSON ({e}); give a load test's --json file", err=True)
+            raise typer.Exit(2) from None
+        except ValueError as e:
+            typer.echo(f"error: {path}: {str(e).removeprefix(f'{path} ')}", err=True)
+            raise typer.Exit(2) from None
+    ra, rb = runs
     print_comparison(ra, rb, a.name, b.name, Console())
