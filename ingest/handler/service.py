@@ -117,9 +117,7 @@ class FeedHandler:
         try:
             await self.start()
         except BaseException:
-            # What did start (the probes' port, Redis, a producer) is closed, not left
-            # to the process's exit.
-            await self.stop()
+            await self.stop()  # what did start (probes' port, Redis, producer) is closed
             raise
         return self
 
