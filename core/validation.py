@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 def check_bootstrap(v: str) -> str:
     """``HOST:PORT[,HOST:PORT]`` or ValueError."""
@@ -32,4 +35,20 @@ def check_speed(v: str) -> str:
         raise ValueError(f"expected a number or 'max', got {v!r}") from None
     if not math.isfinite(x) or x <= 0:
         raise ValueError(f"expected a finite number > 0 or 'max', got {v!r}")
+    return v
+
+
+def check_out_dir(v: Path | None) -> Path | None:
+    """A directory a run can write into, made if missing (the run would make it anyway);
+    ValueError saying why not. Checked by writing: a permission check alone passes for root
+    where nothing can be made (``/proc``, a read-only mount)."""
+    if v is None:
+        return v
+    try:
+        v.mkdir(parents=True, exist_ok=True)
+        probe = v / f".tickscale-write-check-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write into {v} ({e.strerror or e})") from None
     return v

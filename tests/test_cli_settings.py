@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -106,3 +109,25 @@ def test_settings_go_to_a_child_process_as_its_flags() -> None:
     assert r.exit_code == 0, r.output
     assert seen[0] == sent
     assert to_args(_Demo()) == []  # only what was set: the child keeps its own defaults
+
+
+@pytest.mark.parametrize("command", [["up"], ["loadtest"]])
+def test_an_output_directory_that_cannot_be_written_is_named_before_the_run(
+    command: list[str], tmp_path: Path
+) -> None:
+    # A file where the directory should go, and a place nothing can be made (even by root).
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for bad, why in (
+        (a_file, "File exists"),
+        (Path("/proc/tickscale-out"), "No such file or directory"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "tickscale", *command, "--out", str(bad)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip() == f"error: invalid setting --out: cannot write into {bad} ({why})"
+    # One that can be is made, as the run would make it, and left empty.
+    fresh = tmp_path / "a" / "b"
+    assert UpSettings(out=fresh).out == fresh and fresh.is_dir() and not any(fresh.iterdir())

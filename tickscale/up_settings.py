@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.validation import check_speed
+from core.validation import check_out_dir, check_speed
 
 
 def _full(description: str) -> str:
@@ -64,6 +64,11 @@ class UpSettings(BaseSettings):
     @classmethod
     def _speed(cls, v: str) -> str:
         return check_speed(v)
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: Path | None) -> Path | None:
+        return check_out_dir(v)
 
 
 # Settings that describe the longer day; given with the compressed one, they are a mistake.

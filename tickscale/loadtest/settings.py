@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.validation import check_out_dir
 from tickscale.loadtest.scenarios import PlanOptions
 from tickscale.loadtest.slo import Thresholds
 
@@ -108,6 +109,11 @@ class LoadTestSettings(BaseSettings):
     suite: str | None = Field(
         None, description="run a suite instead (reliability: every drill and bad input)"
     )
+
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: Path | None) -> Path | None:
+        return check_out_dir(v)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(
