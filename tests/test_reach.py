@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from core import constants as c
 from core.reach import BrokerUnreachable, reach_topics
@@ -192,6 +193,23 @@ async def test_a_handler_started_before_its_broker_waits_and_then_delivers(
 
 # --- topics and verify -------------------------------------------------------------------
 
+# The topics command makes the pipeline's own names, which no other test keeps.
+_PIPELINE_TOPICS = [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]
+
+
+async def _without_pipeline_topics(bootstrap: str) -> None:
+    """Delete the pipeline's topics and wait until the broker lists none of them (deletion
+    is asynchronous: a topic still listed would count as existing to the next creator)."""
+    await delete_topics(bootstrap, _PIPELINE_TOPICS)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        async with asyncio.timeout(30):
+            while set(_PIPELINE_TOPICS) & set(await admin.list_topics()):
+                await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+
 
 def test_the_topics_command_without_a_broker_names_the_address() -> None:
     addr = _absent()
@@ -200,8 +218,7 @@ def test_the_topics_command_without_a_broker_names_the_address() -> None:
 
 
 async def test_the_topics_command_names_a_refused_replication(kafka_bootstrap: str) -> None:
-    # The command makes the pipeline's own names, which no other test keeps.
-    names = [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]
+    await _without_pipeline_topics(kafka_bootstrap)
     try:
         r = await asyncio.to_thread(
             _tickscale, "topics", "--bootstrap", kafka_bootstrap, "--replication", "3"
@@ -210,11 +227,11 @@ async def test_the_topics_command_names_a_refused_replication(kafka_bootstrap: s
         with pytest.raises(TopicMissing):
             await partitions_of(kafka_bootstrap, c.RAW_TOPIC)
     finally:
-        await delete_topics(kafka_bootstrap, names)
+        await _without_pipeline_topics(kafka_bootstrap)
 
 
 async def test_the_topics_command_says_an_existing_count_was_kept(kafka_bootstrap: str) -> None:
-    names = [c.RAW_TOPIC, c.TICKS_TOPIC, c.DEADLETTER_TOPIC]
+    await _without_pipeline_topics(kafka_bootstrap)
     try:
         await ensure_topics(kafka_bootstrap, {c.RAW_TOPIC: 2})
         r = await asyncio.to_thread(
@@ -224,7 +241,7 @@ async def test_the_topics_command_says_an_existing_count_was_kept(kafka_bootstra
         assert f"topic {c.RAW_TOPIC} exists with 2 partitions, not 4" in r.stderr
         assert len(await partitions_of(kafka_bootstrap, c.RAW_TOPIC)) == 2
     finally:
-        await delete_topics(kafka_bootstrap, names)
+        await _without_pipeline_topics(kafka_bootstrap)
 
 
 def test_verify_names_a_file_that_is_not_a_manifest(tmp_path: Path) -> None:
