@@ -5,9 +5,10 @@ telling topic incarnations apart needs: KIP-447's TxnOffsetCommit v3 (the offset
 commit carries the member's generation, so a zombie's commit is refused), OffsetFetch
 v7 ``require_stable``, ListTransactions, and Metadata v12 (topic ids). They are
 defined here on aiokafka's protocol layer; sending them, reading a consumer's
-membership, leaving a group mid-rebalance and giving a transactional producer the v3
-commit need its private attributes (``_client``, ``_coordinator``, ``_sender``,
-``_txn_manager``), which are read here and nowhere else. The callers
+membership, leaving a group mid-rebalance, giving a transactional producer the v3
+commit and finishing a consumer's close that aiokafka leaves half done when the broker
+is gone need its private attributes (``_client``, ``_coordinator``, ``_fetcher``,
+``_sender``, ``_txn_manager``), which are read here and nowhere else. The callers
 (``ingest/handler/fencing.py``, ``incarnation.py``, ``group_exit.py``, the local
 stack's group deletion) keep their policies and see only the functions below.
 
@@ -26,6 +27,7 @@ bench measured one (``ingest/handler/ck_path.py``) and it did not run faster her
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from dataclasses import dataclass
 from io import BytesIO
@@ -372,6 +374,31 @@ async def leave_group_now(consumer: AIOKafkaConsumer) -> None:
         return
     await coordinator.maybe_leave_group()
     coordinator.coordinator_dead()
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """``consumer.stop()``, also after the broker went away.
+
+    aiokafka 0.14's fetcher, closing, cancels a fetch that is waiting out its retry backoff
+    and then awaits it bare: ``stop()`` raises that task's CancelledError whenever the
+    broker was gone, and leaves the client open, its metadata task retrying for the life of
+    the process. Here that CancelledError (the library's own task's) ends the close instead
+    of the caller; one meant for the caller's task is raised as ever.
+    """
+    check_version()
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        fetcher = consumer._fetcher
+        if fetcher is not None:
+            left = [fetcher._fetch_task, *fetcher._pending_tasks]
+            for t in left:
+                t.cancel()
+            await asyncio.gather(*left, return_exceptions=True)
+        await consumer._client.close()
 
 
 async def fetch_offset(

@@ -6,6 +6,11 @@ parts come up in any order) must ride that out rather than die: the broker's abs
 failure of the infrastructure. A wrong address looks the same from here, so the wait is
 bounded and its end names the address.
 
+A broker lost in the middle of a run that reads to a conclusion (``tickscale verify``) is
+the same failure: ``Outage`` waits for it on the same schedule, bounded by its own
+setting, and BrokerLost says that nothing was concluded rather than let a read cut short
+pass for the topic's content.
+
 A missing topic is named at once to a command run by hand (a mistyped name), and waited
 for, with the same bound, by a service: the job that makes the topics may still be
 running when a handler starts with its broker.
@@ -43,6 +48,85 @@ class BrokerUnreachable(Exception):
             f"no broker answered within {waited_s:g} s (is it running, is the address right?)"
         )
         super().__init__(f"{self.where}: {self.what}")
+
+
+class BrokerLost(Exception):
+    """The broker at ``bootstrap`` stopped answering mid-run and did not come back within
+    ``waited_s``: nothing can be concluded from what was read (an infrastructure failure,
+    not the input's)."""
+
+    def __init__(self, bootstrap: str, waited_s: float, doing: str, setting: str) -> None:
+        self.where = f"--bootstrap {bootstrap}"
+        self.what = (
+            f"the broker went away while {doing} and did not answer for {waited_s:g} s "
+            f"({setting}); nothing was concluded: run it again once the broker is back"
+        )
+        super().__init__(f"{self.where}: {self.what}")
+
+
+class Outage:
+    """A broker's absence in the middle of a run: from the first request that goes
+    unanswered to the next answer.
+
+    The caller says what it was doing and which of its settings holds ``limit_s``; each
+    failed probe warns once and comes back with the wait before the next one, until the
+    absence has lasted ``limit_s``: then BrokerLost.
+    While the broker is away the client's own lines (one per failed connection attempt)
+    are held back. Use it as a context manager so they come back whatever happens.
+    """
+
+    def __init__(self, bootstrap: str, limit_s: float, doing: str, setting: str) -> None:
+        self.bootstrap = bootstrap
+        self.limit_s = limit_s
+        self.doing = doing
+        self.setting = setting
+        self.since: float | None = None
+        self.attempt = 0
+        self._client_log = logging.getLogger("aiokafka")
+        self._level: int | None = None
+
+    def __enter__(self) -> Outage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore_client_log()
+
+    def failed(self, e: BaseException) -> float:
+        """A probe went unanswered: the wait before the next (BrokerLost past the limit)."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            self._level = self._client_log.level
+            self._client_log.setLevel(logging.CRITICAL)
+        self.attempt += 1
+        gone = now - self.since
+        if gone >= self.limit_s:
+            raise BrokerLost(self.bootstrap, self.limit_s, self.doing, self.setting)
+        wait = min(backoff_s(self.attempt, _FIRST_RETRY_S, _MAX_RETRY_S), self.limit_s - gone)
+        log.warning(
+            "no answer from the broker at %s while %s (%s) for %.1f s; retry %d in %.1f s, "
+            "giving up after %g s",
+            self.bootstrap, self.doing, type(e).__name__, gone, self.attempt, wait, self.limit_s,
+        )  # fmt: skip
+        return wait
+
+    def answered(self) -> float:
+        """The broker answered: how long it had been away (0.0 if it never was)."""
+        if self.since is None:
+            return 0.0
+        gone = time.monotonic() - self.since
+        log.warning(
+            "the broker at %s is back after %.1f s; %s goes on", self.bootstrap, gone, self.doing
+        )
+        self.since = None
+        self.attempt = 0
+        self._restore_client_log()
+        return gone
+
+    def _restore_client_log(self) -> None:
+        if self._level is not None:
+            self._client_log.setLevel(self._level)
+            self._level = None
 
 
 @contextlib.contextmanager

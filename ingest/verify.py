@@ -27,8 +27,10 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
-from core.reach import reach_topics
+from core.aiokafka_internals import stop_consumer
+from core.reach import Outage, reach_topics
 from core.secrets import kafka_auth
 from core.topology import partitions_of
 from ingest.codecs import itch
@@ -210,20 +212,30 @@ class VerifyResult:
         }
 
 
+# How long one look at the end offsets may take before the broker counts as away: a broker
+# that is there answers in milliseconds.
+_PROBE_S = 5.0
+
+
 async def _read_topic(
     bootstrap: str,
     topic: str,
     on_record: Any,
     expected: int | None,
-    timeout_s: float,
-    idle_s: float,
+    waits: tuple[float, float, float],
 ) -> int:
     """Read a topic from the start with read_committed.
 
-    Stops at the end offsets when ``timeout_s`` is 0; otherwise keeps polling
-    until ``expected`` records arrived and nothing new came for ``idle_s``
-    (so late duplicates are still caught), or the timeout passes.
+    ``waits`` is (timeout, idle, outage) seconds. Stops at the end offsets when the timeout
+    is 0; otherwise keeps polling until ``expected`` records arrived and nothing new came
+    for the idle time (so late duplicates are still caught), or the timeout passes.
+
+    A broker that stops answering is waited for (up to the outage seconds, then
+    BrokerLost) and the read goes on where it was: a verdict read across a hole in the
+    broker's availability would report ticks missing that are only out of reach. The
+    timeout counts only time with a broker, since the pipeline cannot deliver without one.
     """
+    timeout_s, idle_s, outage_s = waits
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         **kafka_auth(),
@@ -234,41 +246,56 @@ async def _read_topic(
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
     n = 0
-    try:
-        await consumer.start()  # (inside: a start that fails has opened connections too)
-        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        last_new = time.monotonic()
-        while True:
-            batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
-            got = 0
-            for recs in batch.values():
-                for r in recs:
-                    on_record(r)
-                got += len(recs)
-            n += got
-            now = time.monotonic()
-            if got:
-                last_new = now
-                continue
-            if timeout_s <= 0:
-                ends = await consumer.end_offsets(tps)
-                positions = [await _position(consumer, tp) for tp in tps]
-                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+    with Outage(bootstrap, outage_s, f"reading {topic}", "--outage-deadline") as outage:
+        try:
+            await consumer.start()  # (inside: a start that fails has opened connections too)
+            tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            deadline = time.monotonic() + timeout_s
+            last_new = time.monotonic()
+            while True:
+                batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+                got = 0
+                for recs in batch.values():
+                    for r in recs:
+                        on_record(r)
+                    got += len(recs)
+                n += got
+                if got:
+                    last_new = time.monotonic()
+                    continue
+                try:
+                    async with asyncio.timeout(_PROBE_S):
+                        at_end = await _at_end(consumer, tps)
+                except (KafkaError, TimeoutError) as e:
+                    await asyncio.sleep(outage.failed(e))
+                    continue
+                away = outage.answered()
+                now = time.monotonic()
+                if away:
+                    deadline += away
+                    last_new = now  # records held back by the outage may still come
+                if timeout_s <= 0:
+                    if at_end:
+                        return n
+                    continue
+                if expected is not None and n >= expected and now - last_new >= idle_s:
                     return n
-                continue
-            if expected is not None and n >= expected and now - last_new >= idle_s:
-                return n
-            if now >= deadline:
-                return n
-    finally:
-        await consumer.stop()
+                if now >= deadline:
+                    return n
+        finally:
+            await stop_consumer(consumer)
 
 
-async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int:
-    return int(await consumer.position(tp))
+async def _at_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> bool:
+    """Whether the consumer has read every partition up to its end (for read_committed:
+    its last stable offset)."""
+    ends = await consumer.end_offsets(tps)
+    for tp in tps:
+        if int(await consumer.position(tp)) < ends[tp]:
+            return False
+    return True
 
 
 async def verify(
@@ -280,6 +307,7 @@ async def verify(
     idle_s: float = 2.0,
     expected_deadletters: list[ExpectedDeadLetter] | None = None,
     connect_timeout_s: float = 10.0,
+    outage_s: float = 300.0,
 ) -> VerifyResult:
     """Compare the tick topic (and the dead-letter topic) with ``manifest``.
 
@@ -287,6 +315,8 @@ async def verify(
         their bytes (expectations from a source file), not only count them
     :param connect_timeout_s: wait this long for a broker first (BrokerUnreachable);
         a topic that is not there raises TopicMissing before anything is read
+    :param outage_s: wait this long for a broker that stops answering mid-read, then
+        BrokerLost (``_read_topic`` says why a read is not cut short)
     """
     dl = [deadletter_topic] if deadletter_topic else []
     await reach_topics(bootstrap, [topic, *dl], connect_timeout_s)
@@ -302,11 +332,12 @@ async def verify(
         c.add(t)
 
     res = VerifyResult(ticks_expected=expected_total)
-    res.ticks_read = await _read_topic(bootstrap, topic, on_tick, expected_total, timeout_s, idle_s)
+    waits = (timeout_s, idle_s, outage_s)
+    res.ticks_read = await _read_topic(bootstrap, topic, on_tick, expected_total, waits)
     _compare(res, manifest, checks)
     if deadletter_topic is not None:
         await _count_deadletters(
-            res, bootstrap, deadletter_topic, manifest, expected_deadletters, (timeout_s, idle_s)
+            res, bootstrap, deadletter_topic, manifest, expected_deadletters, waits
         )
     return res
 
@@ -341,10 +372,10 @@ async def _count_deadletters(
     topic: str,
     manifest: Manifest,
     expected: list[ExpectedDeadLetter] | None,
-    waits: tuple[float, float],
+    waits: tuple[float, float, float],
 ) -> None:
     """The dead-letter topic's records counted (and, with ``expected``, matched by their
-    bytes) into ``res``; ``waits`` is (timeout, idle) seconds."""
+    bytes) into ``res``; ``waits`` is (timeout, idle, outage) seconds."""
     count = 0
     values: Counter[bytes] = Counter()
 
@@ -354,9 +385,13 @@ async def _count_deadletters(
         if expected is not None:
             values[r.value] += 1
 
-    timeout_s, idle_s = waits
+    timeout_s, idle_s, outage_s = waits
     await _read_topic(
-        bootstrap, topic, on_dl, manifest.deadletters_expected, min(timeout_s, 10.0), idle_s
+        bootstrap,
+        topic,
+        on_dl,
+        manifest.deadletters_expected,
+        (min(timeout_s, 10.0), idle_s, outage_s),
     )
     res.deadletters = count
     res.deadletters_expected = manifest.deadletters_expected

@@ -39,6 +39,12 @@ class VerifySettings(BaseSettings):
     connect_timeout_s: float = Field(
         10.0, gt=0, description="seconds to wait for a broker, retrying, before giving up"
     )
+    outage_deadline_s: float = Field(
+        300.0,
+        ge=1,
+        description="seconds a broker lost mid-read may stay away before verify gives up "
+        "(exit 3: nothing concluded)",
+    )
     timeout_s: float = Field(
         0.0, ge=0, description="wait up to N s for all expected ticks (0 = read what is there)"
     )

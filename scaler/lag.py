@@ -27,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from core.aiokafka_internals import stop_consumer
 from core.secrets import kafka_auth
 from scaler.signals import Ewma, PartitionLag, Snapshot
 
@@ -120,7 +121,7 @@ class LagProbe:
 
     async def stop(self) -> None:
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_consumer(self._consumer)
         if self._admin is not None:
             await self._admin.close()
 

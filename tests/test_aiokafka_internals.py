@@ -40,6 +40,7 @@ def test_another_release_is_refused_before_anything_private_is_touched(
         lambda: ai.member_client_ids(nothing, "g"),
         lambda: ai.raw_topic_id(nothing, "t"),
         lambda: ai.delete_group(nothing, "g"),
+        lambda: ai.stop_consumer(nothing),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match=r"review the module and its pin"):
@@ -53,7 +54,7 @@ def test_no_other_module_reaches_into_aiokafka() -> None:
     a new use belongs in core/aiokafka_internals.py, under its version check."""
     layer = re.compile(r"aiokafka\.(protocol|producer\.sender|client|conn)\b")
     private = re.compile(
-        r"\b(?!self\b)\w+\._(client|coordinator|sender|txn_manager|transaction_waiter"
+        r"\b(?!self\b)\w+\._(client|coordinator|fetcher|sender|txn_manager|transaction_waiter"
         r"|send_request_to_node|send_request|find_coordinator)\b"
     )
     root = Path(__file__).resolve().parent.parent

@@ -175,8 +175,11 @@ def _topic_flag(s: HandlerSettings, topic: str) -> str:
 def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Check md.ticks against a manifest, or against the source file itself: missing,
     duplicated, reordered, checksums, dead letters (settings also from TICKSCALE_VERIFY_*
-    variables; flags win)."""
-    from core.reach import BrokerUnreachable
+    variables; flags win). Exit status: 0 exact, 1 problems found, 2 input to fix, 3 the
+    broker failed the check (nothing concluded)."""
+    from aiokafka.errors import KafkaError
+
+    from core.reach import BrokerLost, BrokerUnreachable
     from core.topology import TopicMissing
     from ingest.verify import run_verify
 
@@ -186,12 +189,19 @@ def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
         res = run_verify(
             s.bootstrap, s.topic, m, s.deadletter_topic or None, timeout_s=s.timeout_s,
             expected_deadletters=expected_dls, connect_timeout_s=s.connect_timeout_s,
+            outage_s=s.outage_deadline_s,
         )  # fmt: skip
     except BrokerUnreachable as e:
         raise _fail(e.where, e.what) from None
+    except BrokerLost as e:
+        raise _fail(e.where, e.what, code=3) from None
     except TopicMissing as e:
         flag = "--topic" if e.topic == s.topic else "--deadletter-topic"
         raise _fail(f"{flag} {e.topic}", f"no such topic on {s.bootstrap}") from None
+    except KafkaError as e:
+        # Past the waits above: a failure the broker may not repeat is not the input's.
+        what = f"the broker failed the check ({e}); nothing was concluded"
+        raise _fail(f"--bootstrap {s.bootstrap}", what, 3 if e.retriable else 2) from None
     _report(res, m, s.json_out)
     if not res.ok:
         raise typer.Exit(1)

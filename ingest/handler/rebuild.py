@@ -10,6 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
+from core.aiokafka_internals import stop_consumer
 from core.secrets import kafka_auth
 from ingest import metrics
 from ingest.handler.partition import PartitionWorker, RestoreError, RestoreStopped
@@ -122,4 +123,4 @@ async def _replay(
                         f"offset {end} to restore at"
                     )
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)

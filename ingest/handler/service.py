@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.aiokafka_internals import stop_consumer
 from core.constants import LEAVE_KEY_FIELD, LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
 from core.retry import retry_async
 from core.runtime import stop_on_signals
@@ -176,7 +177,7 @@ class FeedHandler:
             await g.bounded("flush Redis", self.sink.flush())
         if self.consumer is not None:
             # Leaves the group; the revoke callback closes the partition producers.
-            stopping = asyncio.ensure_future(self.consumer.stop())
+            stopping = asyncio.ensure_future(stop_consumer(self.consumer))
             await asyncio.sleep(0)  # consumer.stop() marks the coordinator closing at once
             self.replacement.consumer_closing.set()  # a replaced handler's callback may return
             await g.bounded("leave the group", stopping, KafkaError)

@@ -7,6 +7,7 @@ import logging
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from core.aiokafka_internals import stop_consumer
 from core.constants import HDR_SEQ
 from core.secrets import kafka_auth
 from ingest.manifest import Manifest
@@ -58,7 +59,7 @@ async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manife
                 if await consumer.position(tp) >= todo[tp]:
                     del todo[tp]
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer)
     if any(landed):
         log.info("resume: %d records already on the broker are not sent again", sum(landed))
     return landed
