@@ -53,9 +53,10 @@ def _cli_type(annotation: Any) -> Any:
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
+    if field.is_required():
+        return f"{text} (required)" if text else "(required)"
     if field.default_factory is None and field.default not in (None, "", [], False):
         default = field.default
-        # Parentheses, not brackets: the help is rich markup, where [x] is a style.
         text = f"{text} (default {default})" if text else f"(default {default})"
     return text
 

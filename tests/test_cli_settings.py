@@ -131,3 +131,33 @@ def test_an_output_directory_that_cannot_be_written_is_named_before_the_run(
     # One that can be is made, as the run would make it, and left empty.
     fresh = tmp_path / "a" / "b"
     assert UpSettings(out=fresh).out == fresh and fresh.is_dir() and not any(fresh.iterdir())
+
+
+def _commands(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, sub in getattr(cmd, "commands", {}).items():
+        found += _commands(sub, (*path, name))
+    return found
+
+
+def test_every_help_page_renders_its_text_whole() -> None:
+    """Each command's --help renders; no setting shows pydantic's placeholder for "no
+    default"; text in brackets or braces survives the markup; the command lists give each
+    command one sentence."""
+    from tickscale.cli import app
+
+    runner = CliRunner()
+    pages = {}
+    for path in _commands(get_command(app)):
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert r.exit_code == 0, (path, r.output)
+        pages[path] = r.output
+        assert "PydanticUndefined" not in r.output, path
+    assert "(required)" in pages[("replay",)]
+    assert "[host-pid]" in pages[("handler",)] and "[host-pid]" in pages[("scaler",)]
+    assert ".local/loadtest/{run}" in pages[("loadtest",)]
+    assert "cmd-{hash}" in pages[("rollout",)]
+    listing = pages[()].splitlines()
+    for name in ("replay", "handler", "verify", "up"):
+        (line,) = [ln for ln in listing if ln.strip("│ ").startswith(f"{name} ")]
+        assert line.rstrip("│ ").endswith("."), line

@@ -32,6 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 log = logging.getLogger("tickscale")
@@ -89,8 +90,9 @@ def _fail(where: str, what: str, code: int = 2) -> typer.Exit:
 @app.command()
 @options_from(ReplaySettings)
 def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
-    """Replay a market day into the raw topic and write its manifest (settings also from
-    TICKSCALE_REPLAY_* variables; flags win).
+    """Replay a market day into the raw topic and write its manifest.
+
+    Settings also come from TICKSCALE_REPLAY_* variables; flags win.
 
     Exits 2 with one line naming the input for an input that cannot be used, 1 when
     the replay stopped before the end (a signal, the broker gone past the outage
@@ -122,8 +124,9 @@ def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
 @app.command()
 @options_from(HandlerSettings)
 def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
-    """Run one feed handler: md.raw -> ticks on md.ticks, exactly once (settings also from
-    TICKSCALE_HANDLER_* variables; flags win)."""
+    """Run one feed handler: md.raw -> ticks on md.ticks, exactly once.
+
+    Settings also come from TICKSCALE_HANDLER_* variables; flags win."""
     from core.http import PortInUse
     from core.reach import BrokerUnreachable
     from core.runtime import freeze_startup_heap
@@ -173,10 +176,11 @@ def _topic_flag(s: HandlerSettings, topic: str) -> str:
 @app.command()
 @options_from(VerifySettings)
 def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
-    """Check md.ticks against a manifest, or against the source file itself: missing,
-    duplicated, reordered, checksums, dead letters (settings also from TICKSCALE_VERIFY_*
-    variables; flags win). Exit status: 0 exact, 1 problems found, 2 input to fix, 3 the
-    broker failed the check (nothing concluded)."""
+    """Check md.ticks against a manifest or the source file: nothing lost, duplicated, reordered.
+
+    Also checks each symbol's checksum and the dead letters. Settings also come from
+    TICKSCALE_VERIFY_* variables; flags win. Exit status: 0 exact, 1 problems found, 2 input
+    to fix, 3 the broker failed the check (nothing concluded)."""
     from aiokafka.errors import KafkaError
 
     from core.reach import BrokerLost, BrokerUnreachable
@@ -359,8 +363,9 @@ def secrets(
 @app.command()
 @options_from(UpSettings)
 def up(ctx: typer.Context, given: dict[str, Any]) -> None:
-    """Run the whole pipeline on this machine: Kafka, Redis, the scaler and its handlers,
-    a replayed day, verified."""
+    """Run the whole pipeline on this machine: a replayed day through handlers, verified.
+
+    Starts Kafka, Redis, the scaler and its handlers, replays the day and checks the ledger."""
     from rich.console import Console
 
     from core.cli_settings import flag_of

@@ -39,7 +39,7 @@ def rollout(
         str | None, typer.Option(help="process backend: the new handler's command line")
     ] = None,
     version: Annotated[
-        str | None, typer.Option(help="the new version's name [the image, or cmd-<hash>]")
+        str | None, typer.Option(help="the new version's name (the image, or cmd-{hash})")
     ] = None,
     guard: Annotated[
         str, typer.Option(help="guard thresholds, key=value,... (e.g. window_s=60)")

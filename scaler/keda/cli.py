@@ -21,9 +21,10 @@ def _fail(setting: str, msg: str, invalid: bool = True) -> typer.Exit:
 
 @options_from(KedaSettings, exclude=HANDLER_ONLY)
 def keda(ctx: typer.Context, given: dict[str, Any]) -> None:
-    """Serve KEDA's external scaler (gRPC) with this scaler's policy: Kubernetes runs the
-    handlers, a ScaledObject of type external asks here how many (settings also from
-    TICKSCALE_SCALER_* variables; flags win)."""
+    """Serve KEDA's external scaler (gRPC) with this scaler's policy.
+
+    Kubernetes runs the handlers; a ScaledObject of type external asks here how many.
+    Settings also come from TICKSCALE_SCALER_* variables; flags win."""
     s = load(KedaSettings, given, stop_handlers_on_exit=False)
     # gRPC's core logs its own errors to stderr (a failed bind, on two lines); this command
     # reports each failure once, naming the setting. GRPC_VERBOSITY=error shows them.

@@ -96,7 +96,7 @@ class LoadTestSettings(BaseSettings):
     slo_recovery: float = Field(Thresholds.recovery_s, description="recovery limit, s" + _OFF)
 
     # The run itself.
-    out: Path | None = Field(None, description="output directory (default .local/loadtest/<run>)")
+    out: Path | None = Field(None, description="output directory (default .local/loadtest/{run})")
     json_out: Path | None = Field(
         None, description="write results here", json_schema_extra={"flag": "--json"}
     )
