@@ -44,6 +44,8 @@ def check_out_dir(v: Path | None) -> Path | None:
     where nothing can be made (``/proc``, a read-only mount)."""
     if v is None:
         return v
+    if v.exists() and not v.is_dir():
+        raise ValueError(f"{v} is a file, not a directory")
     try:
         v.mkdir(parents=True, exist_ok=True)
         probe = v / f".tickscale-write-check-{os.getpid()}"
@@ -51,4 +53,16 @@ def check_out_dir(v: Path | None) -> Path | None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write into {v} ({e.strerror or e})") from None
+    return v
+
+
+def check_out_file(v: Path | None) -> Path | None:
+    """A file a run writes when it ends (results, a chart): its folder made if missing and
+    test-written now, so a path that cannot be written fails before the run, not after it;
+    ValueError saying why not."""
+    if v is None:
+        return v
+    if v.is_dir():
+        raise ValueError(f"{v} is a directory; give a file path")
+    check_out_dir(v.parent)
     return v

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.constants import DEADLETTER_TOPIC, RAW_TOPIC, TICKS_TOPIC
-from core.validation import check_bootstrap
+from core.validation import check_bootstrap, check_out_file
 
 _AS_REPLAYED = "--source: as given to replay"
 
@@ -56,3 +56,8 @@ class VerifySettings(BaseSettings):
     @classmethod
     def _bootstrap(cls, v: str) -> str:
         return check_bootstrap(v)
+
+    @field_validator("json_out")
+    @classmethod
+    def _json_out(cls, v: Path | None) -> Path | None:
+        return check_out_file(v)

@@ -119,18 +119,51 @@ def test_an_output_directory_that_cannot_be_written_is_named_before_the_run(
     a_file = tmp_path / "taken"
     a_file.write_text("")
     for bad, why in (
-        (a_file, "File exists"),
-        (Path("/proc/tickscale-out"), "No such file or directory"),
+        (a_file, f"{a_file} is a file, not a directory"),
+        (
+            Path("/proc/tickscale-out"),
+            "cannot write into /proc/tickscale-out (No such file or directory)",
+        ),
     ):
         r = subprocess.run(
             [sys.executable, "-m", "tickscale", *command, "--out", str(bad)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 2, r.stderr[-2000:]
-        assert r.stderr.strip() == f"error: invalid setting --out: cannot write into {bad} ({why})"
+        assert r.stderr.strip() == f"error: invalid setting --out: {why}"
     # One that can be is made, as the run would make it, and left empty.
     fresh = tmp_path / "a" / "b"
     assert UpSettings(out=fresh).out == fresh and fresh.is_dir() and not any(fresh.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [(["verify"], "--json"), (["loadtest"], "--json"), (["scaler", "simulate"], "--plot")],
+)
+def test_a_result_file_that_cannot_be_written_is_named_before_the_run(
+    command: list[str], flag: str, tmp_path: Path
+) -> None:
+    """The file a run writes when it ends is checked when the settings are read: a path
+    that cannot take it fails in one line before any work (it used to end the run in a
+    traceback, its results lost)."""
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for bad, why in (
+        (a_file / "out", f"{a_file} is a file, not a directory"),
+        (tmp_path, f"{tmp_path} is a directory; give a file path"),
+        (Path("/proc/tickscale-out/r"), "cannot write into /proc/tickscale-out"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "tickscale", *command, flag, str(bad)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.startswith(f"error: invalid setting {flag}: {why}"), r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    # A folder that can be made is made, as the run needs it, and the file left unwritten.
+    fresh = tmp_path / "a" / "r.json"
+    assert VerifySettings(manifest=Path("m.json"), json_out=fresh).json_out == fresh
+    assert fresh.parent.is_dir() and not fresh.exists()
 
 
 def _commands(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

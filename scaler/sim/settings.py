@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.validation import check_out_file
 
 
 class SimulateSettings(BaseSettings):
@@ -47,6 +49,11 @@ class SimulateSettings(BaseSettings):
     seeds: int = Field(5, ge=1, description="--suite: seeds per day")
     days: str = Field("", description="--suite: comma-separated day names")
     workers: int = Field(2, ge=1, description="--suite: processes")
+
+    @field_validator("plot")
+    @classmethod
+    def _plot(cls, v: Path | None) -> Path | None:
+        return check_out_file(v)
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:

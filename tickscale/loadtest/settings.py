@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.validation import check_out_dir
+from core.validation import check_out_dir, check_out_file
 from tickscale.loadtest.scenarios import PlanOptions
 from tickscale.loadtest.slo import Thresholds
 
@@ -114,6 +114,11 @@ class LoadTestSettings(BaseSettings):
     @classmethod
     def _out(cls, v: Path | None) -> Path | None:
         return check_out_dir(v)
+
+    @field_validator("json_out")
+    @classmethod
+    def _json_out(cls, v: Path | None) -> Path | None:
+        return check_out_file(v)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(
