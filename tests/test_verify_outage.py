@@ -84,16 +84,24 @@ def _mid_read(err: str, topics: TopicSet) -> None:
     )
 
 
+async def _half_read(
+    topics: TopicSet, values: list[bytes], manifest: Path, *args: str
+) -> subprocess.Popen[str]:
+    """A verify running, half the ticks read and the rest awaited."""
+    await _publish(topics.bootstrap, topics.ticks, values[: _TICKS // 2])
+    proc = _verify(topics, manifest, *args)
+    await asyncio.sleep(_SETTLE_S)
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
 async def test_verify_reads_on_across_a_broker_restart(
     make_topics: MakeTopics, tmp_path: Path, kafka_broker: KafkaBroker
 ) -> None:
     topics = await make_topics(raw_partitions=1)
     values, manifest = _day(tmp_path, topics)
-    await _publish(topics.bootstrap, topics.ticks, values[: _TICKS // 2])
-    proc = _verify(topics, manifest)
+    proc = await _half_read(topics, values, manifest)
     try:
-        await asyncio.sleep(_SETTLE_S)
-        assert proc.poll() is None, proc.communicate()
         await kafka_broker.astop(kill=True)
         await asyncio.sleep(3.0)
     finally:
@@ -113,11 +121,8 @@ async def test_verify_gives_up_past_the_outage_deadline_without_a_verdict(
 ) -> None:
     topics = await make_topics(raw_partitions=1)
     values, manifest = _day(tmp_path, topics)
-    await _publish(topics.bootstrap, topics.ticks, values[: _TICKS // 2])
-    proc = _verify(topics, manifest, "--outage-deadline", "8")
+    proc = await _half_read(topics, values, manifest, "--outage-deadline", "8")
     try:
-        await asyncio.sleep(_SETTLE_S)
-        assert proc.poll() is None, proc.communicate()
         await kafka_broker.astop(kill=True)
         started = time.monotonic()
         out, err = await asyncio.to_thread(proc.communicate, timeout=120)
