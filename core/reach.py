@@ -91,11 +91,12 @@ class Outage:
     def __exit__(self, *exc: object) -> None:
         self._restore_client_log()
 
-    def failed(self, e: BaseException) -> float:
-        """A probe went unanswered: the wait before the next (BrokerLost past the limit)."""
+    def failed(self, e: BaseException, asked_at: float) -> float:
+        """The probe sent at ``asked_at`` (monotonic) went unanswered: the wait before the
+        next (BrokerLost past the limit). The absence counts from the first such probe."""
         now = time.monotonic()
         if self.since is None:
-            self.since = now
+            self.since = asked_at
             self._level = self._client_log.level
             self._client_log.setLevel(logging.CRITICAL)
         self.attempt += 1

@@ -265,11 +265,12 @@ async def _read_topic(
                 if got:
                     last_new = time.monotonic()
                     continue
+                asked_at = time.monotonic()
                 try:
                     async with asyncio.timeout(_PROBE_S):
                         at_end = await _at_end(consumer, tps)
                 except (KafkaError, TimeoutError) as e:
-                    await asyncio.sleep(outage.failed(e))
+                    await asyncio.sleep(outage.failed(e, asked_at))
                     continue
                 away = outage.answered()
                 now = time.monotonic()

@@ -21,7 +21,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core import constants as c
-from core.reach import BrokerUnreachable, reach_topics
+from core.reach import BrokerLost, BrokerUnreachable, Outage, reach_topics
 from core.topology import TopicMissing, partitions_of
 from ingest.codecs.errors import SourceError
 from ingest.handler.service import FeedHandler
@@ -90,6 +90,34 @@ async def test_a_wait_for_an_absent_broker_backs_off_and_names_the_address(
     # The same wait for the handler and verify, as its own exception.
     with pytest.raises(BrokerUnreachable, match=f"--bootstrap {addr}: no broker answered"):
         await reach_topics(addr, ["md.raw", "md.ticks"], 0.5)
+
+
+def test_an_outage_mid_run_backs_off_and_ends_at_its_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bookkeeping of a broker lost mid-run (tests/test_verify_outage.py has the real
+    one): waits grow, the client's own lines are held back only while the broker is away,
+    an answer ends the absence, and one that lasts past the limit is BrokerLost."""
+    client_log = logging.getLogger("aiokafka")
+    before = client_log.level
+    with caplog.at_level(logging.WARNING, logger="core.reach"):
+        with Outage("127.0.0.1:1", 60.0, "reading t", "--outage-deadline") as outage:
+            assert outage.answered() == 0.0
+            waits = [outage.failed(TimeoutError(), time.monotonic()) for _ in range(4)]
+            assert waits == sorted(waits) and waits[0] < 0.5 and waits[-1] >= 1.0, waits
+            assert client_log.level == logging.CRITICAL
+            assert 0.0 < outage.answered() < 5.0
+            assert client_log.level == before
+            # A new absence counts from its own first probe; one begun 61 s ago is over.
+            with pytest.raises(BrokerLost) as info:
+                outage.failed(TimeoutError(), time.monotonic() - 61.0)
+        assert client_log.level == before  # also when the run ends inside the absence
+    assert info.value.where == "--bootstrap 127.0.0.1:1"
+    assert "while reading t and did not answer for 60 s (--outage-deadline)" in info.value.what
+    assert "nothing was concluded" in info.value.what
+    lines = [r.getMessage() for r in caplog.records if r.name == "core.reach"]
+    assert sum("no answer from the broker" in ln for ln in lines) == 4, lines
+    assert sum("is back after" in ln for ln in lines) == 1, lines
 
 
 async def test_a_missing_topic_is_named_at_once_or_waited_for(topics: TopicSet) -> None:
