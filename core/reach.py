@@ -1,5 +1,5 @@
-"""Reaching the broker at start: wait for it with backoff up to a deadline, then say what
-is wrong in one line.
+"""Reaching the broker (and Redis) at start: wait for it with backoff up to a deadline, then
+say what is wrong in one line.
 
 A process started while the broker is restarting (a rollout, a bounce, a stack whose
 parts come up in any order) must ride that out rather than die: the broker's absence is a
@@ -14,6 +14,9 @@ pass for the topic's content.
 A missing topic is named at once to a command run by hand (a mistyped name), and waited
 for, with the same bound, by a service: the job that makes the topics may still be
 running when a handler starts with its broker.
+
+The scaler cannot work without its Redis (its lease, its audit), and waits for it the same
+way (``reach_redis``); the handlers only cache there and start without it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.retry import backoff_s
 from core.topology import TopicMissing, partition_ids
@@ -149,6 +154,40 @@ def _unreached(e: BaseException) -> bool:
     return isinstance(e, OSError | TimeoutError)
 
 
+async def _keep_trying(
+    timeout_s: float,
+    step: Callable[[], Awaitable[T]],
+    absent: Callable[[Exception], str | None],
+    given_up: Callable[[Exception], Exception],
+) -> T:
+    """``await step()`` until it returns, up to ``timeout_s``: a failure ``absent`` describes
+    (something not there yet) is logged and retried with backoff, and at the deadline
+    raised as ``given_up`` makes it; any other is raised at once."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while True:
+        attempt += 1
+        left = deadline - time.monotonic()
+        try:
+            # An address that swallows packets would hold one attempt for the client's
+            # whole request timeout; the deadline is the caller's, so it bounds each one.
+            async with asyncio.timeout(max(0.1, left)):
+                return await step()
+        except Exception as e:
+            what = absent(e)
+            if what is None:
+                raise
+            if time.monotonic() >= deadline:
+                raise given_up(e) from None
+        # The last attempt comes at the deadline itself.
+        wait = min(backoff_s(attempt, _FIRST_RETRY_S, _MAX_RETRY_S), deadline - time.monotonic())
+        log.warning(
+            "%s; retry %d in %.1f s, giving up %g s after the start",
+            what, attempt, max(0.0, wait), timeout_s,
+        )  # fmt: skip
+        await asyncio.sleep(max(0.0, wait))
+
+
 async def reach(
     bootstrap: str,
     connect_timeout_s: float,
@@ -162,34 +201,50 @@ async def reach(
     TopicMissing at the deadline. Anything else ``step`` raises (a refusal, or a missing
     topic without ``wait_for_topics``) is raised at once.
     """
-    deadline = time.monotonic() + connect_timeout_s
-    attempt = 0
-    while True:
-        attempt += 1
-        left = deadline - time.monotonic()
-        try:
-            # An address that swallows packets would hold one attempt for the client's
-            # whole request timeout; the deadline is the caller's, so it bounds each one.
-            with quiet(logging.getLogger("aiokafka")):
-                async with asyncio.timeout(max(0.1, left)):
-                    return await step()
-        except TopicMissing as e:
-            if not wait_for_topics or time.monotonic() >= deadline:
-                raise
-            what = f"no topic {e.topic} on {bootstrap} yet"
-        except Exception as e:
-            if not _unreached(e):
-                raise
-            if time.monotonic() >= deadline:
-                raise BrokerUnreachable(bootstrap, connect_timeout_s) from None
-            what = f"no broker at {bootstrap} yet ({type(e).__name__})"
-        # The last attempt comes at the deadline itself.
-        wait = min(backoff_s(attempt, _FIRST_RETRY_S, _MAX_RETRY_S), deadline - time.monotonic())
-        log.warning(
-            "%s; retry %d in %.1f s, giving up %g s after the start",
-            what, attempt, max(0.0, wait), connect_timeout_s,
-        )  # fmt: skip
-        await asyncio.sleep(max(0.0, wait))
+
+    def absent(e: Exception) -> str | None:
+        if isinstance(e, TopicMissing):
+            return f"no topic {e.topic} on {bootstrap} yet" if wait_for_topics else None
+        if _unreached(e):
+            return f"no broker at {bootstrap} yet ({type(e).__name__})"
+        return None
+
+    def given_up(e: Exception) -> Exception:
+        if isinstance(e, TopicMissing):
+            return e
+        return BrokerUnreachable(bootstrap, connect_timeout_s)
+
+    async def quietly() -> T:
+        with quiet(logging.getLogger("aiokafka")):
+            return await step()
+
+    return await _keep_trying(connect_timeout_s, quietly, absent, given_up)
+
+
+class RedisUnreachable(Exception):
+    """No Redis at ``url`` answered within ``waited_s``."""
+
+    def __init__(self, url: str, waited_s: float) -> None:
+        self.what = (
+            f"no Redis answered at {url} within {waited_s:g} s (is it running, is the "
+            "address right?)"
+        )
+        super().__init__(self.what)
+
+
+async def reach_redis(url: str, connect_timeout_s: float, ping: Callable[[], Awaitable[T]]) -> T:
+    """``await ping()`` (a first command to the Redis at ``url``), retried with backoff
+    while nothing answers there, up to ``connect_timeout_s``; then RedisUnreachable. A
+    refusal (a wrong password, a command not allowed) is raised at once."""
+
+    def absent(e: Exception) -> str | None:
+        if isinstance(e, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
+            return f"no Redis at {url} yet ({type(e).__name__})"
+        return None
+
+    return await _keep_trying(
+        connect_timeout_s, ping, absent, lambda _: RedisUnreachable(url, connect_timeout_s)
+    )
 
 
 async def reach_topics(

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from core.http import HealthServer
-from core.reach import BrokerUnreachable, reach
+from core.reach import BrokerUnreachable, RedisUnreachable, reach, reach_redis
 from core.secrets import client_secrets, without_redis_password
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, HandlerSpec
@@ -152,11 +152,17 @@ async def build(s: ScalerSettings, backend: Backend | None = None) -> Scaler:
     """
     url = client_secrets().redis_url(s.redis_url)
     redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    shown = without_redis_password(s.redis_url)
     try:
-        await redis.ping()
+        # Started while Redis restarts (or before it, in a stack whose parts come up in any
+        # order), the scaler waits for it as for its broker.
+        await reach_redis(shown, s.connect_timeout_s, redis.ping)
+    except RedisUnreachable as e:
+        await redis.aclose()
+        raise StartupError("redis_url", e.what, invalid=False) from e
     except (RedisError, OSError) as e:
         await redis.aclose()
-        raise StartupError("redis_url", f"cannot reach Redis at {s.redis_url}: {e}") from e
+        raise StartupError("redis_url", f"Redis at {shown} refused: {e}", invalid=False) from e
 
     async def first_read() -> None:
         # A probe per attempt, closed each time: the scaler starts its own with the rest.

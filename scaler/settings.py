@@ -59,8 +59,8 @@ class ScalerSettings(BaseSettings):
         120.0,
         gt=0,
         le=3600,
-        description="at start, wait this long for a broker, retrying with backoff, then exit "
-        "naming --bootstrap",
+        description="at start, wait this long for the broker and Redis, retrying with "
+        "backoff, then exit naming --bootstrap or --redis-url",
     )
     dry_run: bool = Field(False, description="decide and log only")
     scaler_id: str = Field(

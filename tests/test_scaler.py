@@ -25,6 +25,7 @@ from scaler.lag import LagProbe
 from tests.pipeline_utils import run_verify, start_replay, summary
 from tickscale.localstack import consumer_groups_describe
 from tickscale.localstack.net import free_port
+from tickscale.localstack.redis import RedisServer
 from tickscale.localstack.topics import TopicSet
 
 
@@ -255,5 +256,29 @@ def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) 
     r = run("--redis-url", redis_url, "--bootstrap", "127.0.0.1:1", "--connect-timeout", "2")
     assert r.returncode == 2 and "--bootstrap 127.0.0.1:1: no broker answered" in r.stderr
     assert "retry 1 in" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    r = run("--redis-url", "redis://127.0.0.1:1/0")
-    assert r.returncode == 2 and "--redis-url" in r.stderr, r.stderr
+    # So is an absent Redis, with its own line.
+    r = run("--redis-url", "redis://127.0.0.1:1/0", "--connect-timeout", "2")
+    assert r.returncode == 2, r.stderr
+    assert "error: --redis-url: no Redis answered at redis://127.0.0.1:1/0 within 2 s" in r.stderr
+    assert "retry 1 in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+async def test_a_scaler_started_before_its_redis_waits_for_it(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """A stack whose parts come up in any order: Redis arrives after the scaler, which
+    waits (as for its broker) instead of exiting, and then leads."""
+    redis = RedisServer(port=free_port(), work_dir=tmp_path / "redis")
+    args = ("--dry-run", "--calendar", "none", "--connect-timeout", "60")
+    sc = ScalerProc(topics, redis.url, tmp_path, *args, "--name", f"late{os.getpid()}")
+    try:
+        await asyncio.sleep(4.0)
+        assert sc.proc.poll() is None, sc.log()
+        await asyncio.to_thread(redis.start)
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 60)
+        log = sc.log()
+        assert f"no Redis at {redis.url} yet" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        if sc.proc.poll() is None:
+            sc.stop()
+        redis.stop()
