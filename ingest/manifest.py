@@ -57,6 +57,10 @@ class Manifest(BaseModel):
     # to: a record sent later carries a later timestamp (its create or append
     # time), which is how a resumed replay finds what reached the broker after it.
     acked_at_ms: int = 0
+    # The topic's id when the replay sent to it ("" where the broker gives none, or a
+    # manifest from before ids were kept): a resume into a topic deleted and created again
+    # since is refused, since what the earlier run sent is not in it.
+    topic_id: str = ""
 
     def write(self, path: str | Path) -> None:
         p = Path(path)

@@ -24,7 +24,13 @@ from ingest.replay.publisher import Replayer, ReplayerOptions
 from ingest.replay.spec import SourceSpec
 from tests.pipeline_utils import replay_cmd
 from tickscale.localstack import KafkaBroker
-from tickscale.localstack.topics import MakeTopics, TopicSet
+from tickscale.localstack.topics import (
+    MakeTopics,
+    TopicSet,
+    delete_topics,
+    ensure_topics,
+    list_topics,
+)
 
 # Every test stops, kills or outlasts a real replay against a real broker.
 pytestmark = pytest.mark.slow
@@ -258,3 +264,51 @@ async def test_past_the_outage_deadline_the_replay_stops_and_resumes_later(
     )
     assert r.returncode == 0, r.stderr[-3000:]
     await _assert_exactly_once(topics, manifest)
+
+
+async def test_a_resume_into_a_topic_created_again_is_refused(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """The manifest belongs to one incarnation of the raw topic: resuming into the same
+    name deleted and created again would skip what the earlier run sent (it is gone with
+    the old log) and leave a hole in the day. It is refused, naming the topic, before
+    anything is sent."""
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "30", *SOURCE_ARGS),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 60) == 1, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stopped = Manifest.read(manifest)
+    assert stopped.topic_id and not stopped.complete
+    await delete_topics(topics.bootstrap, [topics.raw])
+    async with asyncio.timeout(30):  # deletion is asynchronous
+        while topics.raw in await list_topics(topics.bootstrap):
+            await asyncio.sleep(0.2)
+    await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
+
+    r = await asyncio.to_thread(
+        subprocess.run,
+        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert f"--topic {topics.raw}" in errors[0] and "deleted and created again" in errors[0]
+    assert stopped.topic_id in errors[0], errors[0]
+    assert sum(len(v) for v in (await _read_raw(topics)).values()) == 0
+    assert Manifest.read(manifest) == stopped

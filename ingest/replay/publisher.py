@@ -37,7 +37,7 @@ from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.outage import BrokerOutage, OutageGuard, reach_topic
-from ingest.replay.resume import landed_after
+from ingest.replay.resume import check_incarnation, landed_after, topic_incarnation
 from ingest.replay.source import NS, RawMessage
 
 log = logging.getLogger(__name__)
@@ -174,11 +174,15 @@ def _producer(bootstrap: str, outage_deadline_s: float, batch_bytes: int) -> AIO
     )
 
 
-async def _landed(bootstrap: str, topic: str, partitions: int, prev: Manifest | None) -> list[int]:
+async def _landed(
+    bootstrap: str, topic: str, partitions: int, prev: Manifest | None, now_id: str | None
+) -> list[int]:
     """Per partition, the records of the resumed run (``prev``) that reached the broker
-    after its manifest was written."""
+    after its manifest was written; SourceError if the topic is no longer the one that
+    run sent to (``now_id``: its id now)."""
     if prev is None:
         return [0] * partitions
+    check_incarnation(prev, topic, now_id)
     if prev.partitions != partitions:
         raise SourceError(
             f"--topic {topic}",
@@ -239,6 +243,7 @@ class Replayer:
         self.stats = ReplayStats()
         self.builder = ManifestBuilder()
         self.partitions = 0
+        self.topic_id: str | None = None
         self._on_progress = on_progress
         self._manifest = manifest
         self._checkpoint_cb = o.checkpoint if manifest else None
@@ -313,9 +318,12 @@ class Replayer:
         """Learn the topic's partitions; per partition, the records of the resumed run that
         reached the broker after its manifest was written."""
         self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
+        self.topic_id = await topic_incarnation(self.bootstrap, self.topic)
         self._seqs = [0] * self.partitions
         self._on_broker = [0] * self.partitions
-        return await _landed(self.bootstrap, self.topic, self.partitions, self._resume)
+        return await _landed(
+            self.bootstrap, self.topic, self.partitions, self._resume, self.topic_id
+        )
 
     async def _checkpoint(self, out: _Batches, complete: bool) -> Manifest:
         """Send what is open, wait for the broker to acknowledge everything sent, and
@@ -342,6 +350,7 @@ class Replayer:
             partition_seqs=list(self._seqs),
             acked_at_ms=acked_at_ms,
             pacing=st.pacing(self.speed),
+            topic_id=self.topic_id or "",
         )
         if self._checkpoint_cb is not None:
             self._checkpoint_cb(m)

@@ -10,9 +10,35 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from core.aiokafka_internals import stop_consumer
 from core.constants import HDR_SEQ
 from core.secrets import kafka_auth
+from ingest.codecs.errors import SourceError
+from ingest.handler.incarnation import topic_id
 from ingest.manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+
+async def topic_incarnation(bootstrap: str, topic: str) -> str | None:
+    """The topic's id (None where the broker gives none): the manifest keeps it, so a
+    resume tells the topic its run sent to from one deleted and created again since."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **kafka_auth(), enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        return await topic_id(consumer, topic)
+    finally:
+        await stop_consumer(consumer)
+
+
+def check_incarnation(prev: Manifest, topic: str, now: str | None) -> None:
+    """SourceError unless ``topic`` is still the topic the resumed run (``prev``) sent to."""
+    if prev.topic_id and now and prev.topic_id != now:
+        raise SourceError(
+            f"--topic {topic}",
+            f"was deleted and created again since the resumed replay sent to it (topic id "
+            f"{prev.topic_id} then, {now} now), so what it sent is gone: replay the day "
+            "again without --resume, after removing its manifest",
+        )
 
 
 async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manifest) -> list[int]:
