@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -20,6 +21,16 @@ class PortInUse(OSError):
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(errno.EADDRINUSE, f"{host}:{port} is already in use")
+        self.host = host
+        self.port = port
+
+
+class CannotListen(OSError):
+    """The address cannot be listened on: not one of this machine's, a name that does not
+    resolve, a port this user may not bind."""
+
+    def __init__(self, host: str, port: int, why: str, code: int | None) -> None:
+        super().__init__(code, f"cannot listen on {host}:{port} ({why})")
         self.host = host
         self.port = port
 
@@ -43,13 +54,16 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        """Listen; raises :class:`PortInUse` when the port is taken."""
+        """Listen; raises :class:`PortInUse` when the port is taken, :class:`CannotListen`
+        when the address cannot be had at all."""
         try:
             self._server = await asyncio.start_server(self._handle, self.host, self.port)
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise PortInUse(self.host, self.port) from None
-            raise
+            # asyncio words a failed bind at length; the system's own text is enough.
+            why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
+            raise CannotListen(self.host, self.port, why, e.errno) from None
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

@@ -67,6 +67,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     # Mounted under `tickscale`, nothing sets a context object: no hooks.
     hooks = ctx.obj if isinstance(ctx.obj, Hooks) else Hooks()
     s = load(ScalerSettings, given)
+    from core.http import CannotListen, PortInUse
     from scaler.app import StartupError, build
     from scaler.backends.base import BackendError
 
@@ -85,6 +86,13 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
             await scaler.stop()
             setting, _, msg = str(e).partition(": ")
             _fail(setting if msg else "backend", msg or setting)
+        except PortInUse as e:
+            await scaler.stop()
+            _fail("metrics_port", f"{e.host}:{e.port} is already in use (another scaler on "
+                  "this machine?); choose a free one", invalid=False)  # fmt: skip
+        except CannotListen as e:
+            await scaler.stop()
+            _fail("metrics_host", e.strerror or str(e), invalid=False)
         try:
             await scaler.run()
         finally:

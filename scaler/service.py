@@ -101,13 +101,15 @@ class Scaler:
         self._last_logged: tuple[int, int] | None = None
 
     async def start(self) -> None:
+        # The metrics port first: a port that cannot be had (a second scaler on this
+        # machine) fails the start before a lease is taken or a handler adopted.
+        if self.http is not None:
+            await self.http.start()
         await self.backend.start()
         if self.rollout is not None:
             await self.rollout.start()
         await self.probe.start()
         await self.lease.start()
-        if self.http is not None:
-            await self.http.start()
         m.DRY_RUN.set(1 if self.dry_run else 0)
         m.init_series()
         self._started = True

@@ -239,6 +239,21 @@ def test_a_busy_metrics_port_given_explicitly_is_one_error_line(topics: TopicSet
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
 
 
+def test_a_metrics_address_not_on_this_machine_is_one_error_line(topics: TopicSet) -> None:
+    # 192.0.2.0/24 is reserved for documentation: never one of this machine's addresses.
+    r = subprocess.run(
+        _handler_cmd(topics, "--metrics-host", "192.0.2.1", "--metrics-port", "0"),
+        capture_output=True, text=True, timeout=120, env=_env(),
+    )  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: --metrics-host 192.0.2.1: cannot listen on 192.0.2.1:0 "
+        "(Cannot assign requested address)"
+    ], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
 def test_a_busy_default_metrics_port_moves_to_a_free_one(topics: TopicSet, tmp_path: Path) -> None:
     default = HandlerSettings.model_fields["metrics_port"].default
     log_path = tmp_path / "handler.log"

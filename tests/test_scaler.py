@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from redis.asyncio import Redis
 
-from core.constants import REDIS_SCALER_EVENTS
+from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from scaler.audit import read_events
 from scaler.lag import LagProbe
 from tests.pipeline_utils import run_verify, start_replay, summary
@@ -261,6 +262,50 @@ def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) 
     assert r.returncode == 2, r.stderr
     assert "error: --redis-url: no Redis answered at redis://127.0.0.1:1/0 within 2 s" in r.stderr
     assert "retry 1 in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_metrics_address_that_cannot_be_had_is_named_before_the_lease(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """A second scaler on this machine (the metrics port taken) or an address that is not
+    this machine's: one line naming the flag, exit 2, and nothing taken on the way (the
+    leader lease would make it the fleet's leader, whose exit stops its handlers)."""
+    name = f"port{os.getpid()}"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable, "-m", "tickscale", "scaler", "--state-dir", str(tmp_path),
+                "--bootstrap", topics.bootstrap, "--redis-url", redis_url, "--topic", topics.raw,
+                "--group", topics.group, "--name", name, "--calendar", "none", *args,
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    def one_error(r: subprocess.CompletedProcess[str]) -> str:
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr, r.stderr[-3000:]
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, r.stderr[-3000:]
+        return errors[0]
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = one_error(run("--metrics-port", str(port)))
+    assert line.startswith(f"error: --metrics-port: 0.0.0.0:{port} is already in use"), line
+    line = one_error(run("--metrics-host", "192.0.2.1"))
+    assert line.startswith("error: --metrics-host: cannot listen on 192.0.2.1:"), line
+    r = Redis.from_url(redis_url)
+
+    async def lease() -> int:
+        try:
+            return int(await r.exists(f"{REDIS_SCALER_LEASE}:{name}"))
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(lease()) == 0
 
 
 async def test_a_scaler_started_before_its_redis_waits_for_it(

@@ -127,7 +127,7 @@ def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
     """Run one feed handler: md.raw -> ticks on md.ticks, exactly once.
 
     Settings also come from TICKSCALE_HANDLER_* variables; flags win."""
-    from core.http import PortInUse
+    from core.http import CannotListen, PortInUse
     from core.reach import BrokerUnreachable
     from core.runtime import freeze_startup_heap
     from core.topology import TopicMissing
@@ -151,6 +151,8 @@ def handler(ctx: typer.Context, given: dict[str, Any]) -> None:
             err=True,
         )
         raise typer.Exit(2) from None
+    except CannotListen as e:
+        raise _fail(f"--metrics-host {e.host}", e.strerror or str(e)) from None
     except BrokerUnreachable as e:
         raise _fail(e.where, e.what) from None
     except TopicMissing as e:

@@ -29,7 +29,7 @@ def keda(ctx: typer.Context, given: dict[str, Any]) -> None:
     # gRPC's core logs its own errors to stderr (a failed bind, on two lines); this command
     # reports each failure once, naming the setting. GRPC_VERBOSITY=error shows them.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from core.http import PortInUse
+    from core.http import CannotListen, PortInUse
     from scaler.app import StartupError
     from scaler.keda.app import build_keda
 
@@ -45,3 +45,5 @@ def keda(ctx: typer.Context, given: dict[str, Any]) -> None:
         raise _fail(e.setting, str(e).split(": ", 1)[-1], e.invalid) from None
     except PortInUse as e:
         raise _fail("metrics_port", f"{e.host}:{e.port} is already in use") from None
+    except CannotListen as e:
+        raise _fail("metrics_host", e.strerror or str(e)) from None
