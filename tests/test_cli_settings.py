@@ -194,3 +194,31 @@ def test_every_help_page_renders_its_text_whole() -> None:
     for name in ("replay", "handler", "verify", "up"):
         (line,) = [ln for ln in listing if ln.strip("│ ").startswith(f"{name} ")]
         assert line.rstrip("│ ").endswith("."), line
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["loadtest", "--session-min", "open=x"], "--session-min: expected an integer in 'open=x'"),
+        (["loadtest", "--rollout-guard", "bogus=1"], "--rollout-guard: 'bogus=1': expected"),
+        (
+            ["up", "--full-day", "--handlers", "3", "--max-handlers", "1"],
+            "--handlers: handlers (3)",
+        ),
+        (
+            ["loadtest", "--target", "compose", "--compose-env", "/nonexistent/.env"],
+            "--compose-env: /nonexistent/.env not found: copy compose/.env.example to it",
+        ),
+    ],
+)
+def test_settings_a_run_needs_are_checked_before_it_starts(args: list[str], line: str) -> None:
+    """A load test's or up's options for its scaler are checked when read, as the scaler
+    checks them, and so is the file a compose run reads its addresses from: one line,
+    exit 2, before any stack starts (they used to surface as a traceback once the stack
+    was up, a scaler that would not start, or exit 1)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tickscale", *args], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith(f"error: invalid setting {line}"), r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.validation import check_out_dir, check_speed
@@ -69,6 +70,12 @@ class UpSettings(BaseSettings):
     @classmethod
     def _out(cls, v: Path | None) -> Path | None:
         return check_out_dir(v)
+
+    @model_validator(mode="after")
+    def _fleet(self) -> Self:
+        if self.handlers > self.max_handlers:
+            raise ValueError(f"handlers ({self.handlers}) > max_handlers ({self.max_handlers})")
+        return self
 
 
 # Settings that describe the longer day; given with the compressed one, they are a mistake.

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.validation import check_out_dir, check_out_file
@@ -119,6 +119,35 @@ class LoadTestSettings(BaseSettings):
     @classmethod
     def _json_out(cls, v: Path | None) -> Path | None:
         return check_out_file(v)
+
+    @field_validator("compose_env")
+    @classmethod
+    def _compose_env(cls, v: Path, info: ValidationInfo) -> Path:
+        # Where the compose stack publishes its broker and Redis, unless both are given
+        # (the fields before this one).
+        d = info.data
+        needed = d.get("bootstrap") is None or d.get("redis_url") is None
+        if d.get("target") == "compose" and needed and not v.is_file():
+            raise ValueError(f"{v} not found: copy compose/.env.example to it (see README)")
+        return v
+
+    # What the run hands to its scaler, checked as the scaler checks it: a mistake here
+    # would otherwise surface only once the stack is up, in the scaler's own log.
+    @field_validator("session_min")
+    @classmethod
+    def _session_min(cls, v: str) -> str:
+        from scaler.calendar import parse_session_min
+
+        parse_session_min(v)
+        return v
+
+    @field_validator("rollout_guard")
+    @classmethod
+    def _guard(cls, v: str) -> str:
+        from scaler.guard import GuardConfig
+
+        GuardConfig.parse(v)  # GuardError is a ValueError: named as this setting
+        return v
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(
