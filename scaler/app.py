@@ -19,6 +19,7 @@ from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from core.http import HealthServer
 from core.reach import BrokerUnreachable, RedisUnreachable, reach, reach_redis
 from core.secrets import client_secrets, without_redis_password
+from core.validation import check_out_dir
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, HandlerSpec
 from scaler.baseline import BaselineConfig, ReactiveBaseline
@@ -118,6 +119,13 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
     if s.backend == "process":
         from scaler.backends.process import ProcessBackend
 
+        try:
+            # Its logs and targets file go there from the first handler on: a folder that
+            # cannot be written is named now, not as a traceback at the first scale-up.
+            check_out_dir(Path(s.state_dir))
+        except ValueError as e:
+            raise StartupError("state_dir", str(e)) from None
+
         return ProcessBackend(
             spec,
             base_port=s.handler_base_port,
@@ -180,7 +188,11 @@ async def build(s: ScalerSettings, backend: Backend | None = None) -> Scaler:
         raise StartupError("bootstrap", f"the broker at {s.bootstrap} refused: {e}") from e
     rollouts = backend is None
     if backend is None:
-        backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
+        try:
+            backend = make_backend(s, handler_spec(s))  # checked by Scaler.start()
+        except StartupError:
+            await redis.aclose()
+            raise
     clock: MarketClock = ReplayClock(redis) if s.clock == "replay" else WallClock()
     floors = make_floors(s)
     rates = None

@@ -206,6 +206,10 @@ def test_every_help_page_renders_its_text_whole() -> None:
             "--handlers: handlers (3)",
         ),
         (
+            ["up", "--full-day", "--state-dir", "/proc/tickscale-up"],
+            "--state-dir: cannot write into /proc/tickscale-up",
+        ),
+        (
             ["loadtest", "--target", "compose", "--compose-env", "/nonexistent/.env"],
             "--compose-env: /nonexistent/.env not found: copy compose/.env.example to it",
         ),

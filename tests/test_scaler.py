@@ -242,7 +242,9 @@ async def test_standby_leaves_the_leaders_targets_alone(
     assert json.loads(targets.read_text()) == []  # the leader stopped its handler
 
 
-def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) -> None:
+def test_bad_settings_fail_at_start_naming_them(
+    redis_url: str, kafka_bootstrap: str, tmp_path: Path
+) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "tickscale", "scaler", "--state-dir", str(tmp_path), *args],
@@ -257,6 +259,13 @@ def test_bad_settings_fail_at_start_naming_them(redis_url: str, tmp_path: Path) 
     r = run("--redis-url", redis_url, "--bootstrap", "127.0.0.1:1", "--connect-timeout", "2")
     assert r.returncode == 2 and "--bootstrap 127.0.0.1:1: no broker answered" in r.stderr
     assert "retry 1 in" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # A state folder the process backend cannot write (a file there): named before any
+    # handler is started, not as a traceback at the first one.
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    r = run("--redis-url", redis_url, "--bootstrap", kafka_bootstrap, "--state-dir", str(a_file))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: invalid setting --state-dir: {a_file} is a file" in r.stderr, r.stderr
     # So is an absent Redis, with its own line.
     r = run("--redis-url", "redis://127.0.0.1:1/0", "--connect-timeout", "2")
     assert r.returncode == 2, r.stderr

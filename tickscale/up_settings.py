@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.validation import check_out_dir, check_speed
@@ -70,6 +70,14 @@ class UpSettings(BaseSettings):
     @classmethod
     def _out(cls, v: Path | None) -> Path | None:
         return check_out_dir(v)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, v: Path, info: ValidationInfo) -> Path:
+        # Only the longer day keeps its broker and Redis there (full_day comes first).
+        if info.data.get("full_day"):
+            check_out_dir(v)
+        return v
 
     @model_validator(mode="after")
     def _fleet(self) -> Self:
