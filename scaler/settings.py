@@ -22,6 +22,23 @@ def _default_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def check_session_min(v: str) -> str:
+    """``--session-min`` as the policy reads it (ValueError naming what is wrong); also what
+    a load test checks before it hands the value on to its scaler."""
+    from scaler.calendar import parse_session_min
+
+    parse_session_min(v)
+    return v
+
+
+def check_guard(v: str) -> str:
+    """A rollout guard's ``key=value,...`` (GuardError, a ValueError, naming the key)."""
+    from scaler.guard import GuardConfig
+
+    GuardConfig.parse(v)
+    return v
+
+
 class ScalerSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TICKSCALE_SCALER_", extra="forbid", populate_by_name=True
@@ -184,18 +201,12 @@ class ScalerSettings(BaseSettings):
     @field_validator("session_min")
     @classmethod
     def _session_min(cls, v: str) -> str:
-        from scaler.calendar import parse_session_min
-
-        parse_session_min(v)
-        return v
+        return check_session_min(v)
 
     @field_validator("rollout_guard")
     @classmethod
     def _guard(cls, v: str) -> str:
-        from scaler.guard import GuardConfig
-
-        GuardConfig.parse(v)  # GuardError is a ValueError: named as this setting
-        return v
+        return check_guard(v)
 
     @model_validator(mode="after")
     def _secrets_on_the_host(self) -> Self:

@@ -107,10 +107,22 @@ def _wait_for_checkpoint(proc: subprocess.Popen[bytes], manifest: Path, timeout:
     raise TimeoutError("no checkpoint")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
-async def test_a_stopped_replay_resumes_without_duplicates(
-    topics: TopicSet, tmp_path: Path, sig: signal.Signals
-) -> None:
+async def _resume(topics: TopicSet, manifest: Path) -> subprocess.CompletedProcess[str]:
+    """``replay --resume`` of the replay that wrote ``manifest``, at full speed."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+async def _stop_after_checkpoint(
+    topics: TopicSet, tmp_path: Path, sig: signal.Signals, after_s: float
+) -> tuple[int, str]:
+    """A replay into ``topics`` (manifest ``tmp_path/m.json``) sent ``sig`` ``after_s``
+    after its first checkpoint: its exit status and the end of its log."""
     manifest = tmp_path / "m.json"
     log = tmp_path / "replay.log"
     with log.open("wb") as out:
@@ -121,14 +133,24 @@ async def test_a_stopped_replay_resumes_without_duplicates(
         )
         try:
             await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
-            await asyncio.sleep(1.5)  # past a checkpoint, with records in flight
+            await asyncio.sleep(after_s)
             proc.send_signal(sig)
             rc = await asyncio.to_thread(proc.wait, 60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert rc == (1 if sig == signal.SIGTERM else -signal.SIGKILL), log.read_text()[-3000:]
+    return rc, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+async def test_a_stopped_replay_resumes_without_duplicates(
+    topics: TopicSet, tmp_path: Path, sig: signal.Signals
+) -> None:
+    manifest = tmp_path / "m.json"
+    # Past a checkpoint, with records in flight.
+    rc, log = await _stop_after_checkpoint(topics, tmp_path, sig, 1.5)
+    assert rc == (1 if sig == signal.SIGTERM else -signal.SIGKILL), log
     stopped = Manifest.read(manifest)
     assert not stopped.complete
     on_broker = sum(len(v) for v in (await _read_raw(topics)).values())
@@ -139,13 +161,7 @@ async def test_a_stopped_replay_resumes_without_duplicates(
         # Killed: what went out after the last checkpoint is on the broker, uncounted.
         assert on_broker >= stopped.records_sent
 
-    r = await asyncio.to_thread(
-        subprocess.run,
-        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = await _resume(topics, manifest)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     await _assert_exactly_once(topics, manifest)
@@ -255,13 +271,7 @@ async def test_past_the_outage_deadline_the_replay_stops_and_resumes_later(
     assert ("stopped while" if stop_it else "--outage-deadline") in errors[0]
     assert not Manifest.read(manifest).complete
 
-    r = await asyncio.to_thread(
-        subprocess.run,
-        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = await _resume(topics, manifest)
     assert r.returncode == 0, r.stderr[-3000:]
     await _assert_exactly_once(topics, manifest)
 
@@ -274,21 +284,8 @@ async def test_a_resume_into_a_topic_created_again_is_refused(
     the old log) and leave a hole in the day. It is refused, naming the topic, before
     anything is sent."""
     manifest = tmp_path / "m.json"
-    log = tmp_path / "replay.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            replay_cmd(topics, manifest, "--speed", "30", *SOURCE_ARGS),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(proc.wait, 60) == 1, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    rc, log = await _stop_after_checkpoint(topics, tmp_path, signal.SIGTERM, 0.0)
+    assert rc == 1, log
     stopped = Manifest.read(manifest)
     assert stopped.topic_id and not stopped.complete
     await delete_topics(topics.bootstrap, [topics.raw])
@@ -297,13 +294,7 @@ async def test_a_resume_into_a_topic_created_again_is_refused(
             await asyncio.sleep(0.2)
     await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
 
-    r = await asyncio.to_thread(
-        subprocess.run,
-        replay_cmd(topics, manifest, "--speed", "max", "--resume", *SOURCE_ARGS),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = await _resume(topics, manifest)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

@@ -11,6 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.validation import check_out_dir, check_out_file
+from scaler.settings import check_guard, check_session_min
 from tickscale.loadtest.scenarios import PlanOptions
 from tickscale.loadtest.slo import Thresholds
 
@@ -136,18 +137,12 @@ class LoadTestSettings(BaseSettings):
     @field_validator("session_min")
     @classmethod
     def _session_min(cls, v: str) -> str:
-        from scaler.calendar import parse_session_min
-
-        parse_session_min(v)
-        return v
+        return check_session_min(v)
 
     @field_validator("rollout_guard")
     @classmethod
     def _guard(cls, v: str) -> str:
-        from scaler.guard import GuardConfig
-
-        GuardConfig.parse(v)  # GuardError is a ValueError: named as this setting
-        return v
+        return check_guard(v)
 
     def plan_options(self) -> PlanOptions:
         return PlanOptions(
