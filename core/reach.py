@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from aiokafka.errors import KafkaError, KafkaTimeoutError
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
+from redis.exceptions import AuthorizationError as RedisAuthorizationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -238,6 +240,8 @@ async def reach_redis(url: str, connect_timeout_s: float, ping: Callable[[], Awa
     refusal (a wrong password, a command not allowed) is raised at once."""
 
     def absent(e: Exception) -> str | None:
+        if isinstance(e, RedisAuthenticationError | RedisAuthorizationError):
+            return None  # redis-py words a refused password as a connection error
         if isinstance(e, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError):
             return f"no Redis at {url} yet ({type(e).__name__})"
         return None

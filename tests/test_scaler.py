@@ -317,6 +317,40 @@ def test_a_metrics_address_that_cannot_be_had_is_named_before_the_lease(
     assert asyncio.run(lease()) == 0
 
 
+def test_a_refused_redis_password_is_named_at_once(tmp_path: Path) -> None:
+    """A wrong password is the user's to fix, not an absence to wait out (redis-py words
+    it as a connection error): named at once, the password not shown."""
+    port = free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", "right-one", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            [sys.executable, "-m", "tickscale", "scaler", "--state-dir", str(tmp_path),
+             "--redis-url", f"redis://:wrong-one@127.0.0.1:{port}/0", "--connect-timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        redis.terminate()
+        redis.wait(10)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"error: --redis-url: Redis at redis://127.0.0.1:{port}/0 refused" in r.stderr
+    assert "wrong-one" not in r.stderr, r.stderr
+    assert took < 30, took  # not the 60 s wait for a Redis that is absent
+
+
 async def test_a_scaler_started_before_its_redis_waits_for_it(
     topics: TopicSet, tmp_path: Path
 ) -> None:
