@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from core.cli_errors import OneLineErrors
 from core.cli_settings import flag_of, load, options_from
 from scaler.settings import ScalerSettings
 
@@ -22,6 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    cls=OneLineErrors,
 )
 
 

@@ -1,3 +1,4 @@
 from tickscale.cli import app
 
-app()
+# The command's own name in its usage and error lines, not "python -m tickscale".
+app(prog_name="tickscale")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from core.cli_errors import OneLineErrors
 from core.cli_settings import load, options_from
 from ingest.handler.settings import HandlerSettings
 from ingest.replay.settings import ReplaySettings
@@ -33,6 +34,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    cls=OneLineErrors,
 )
 
 log = logging.getLogger("tickscale")

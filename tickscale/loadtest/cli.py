@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from core.cli_errors import OneLineErrors
 from core.cli_settings import load, options_from
 from tickscale.loadtest.settings import LoadTestSettings
 
@@ -28,6 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    cls=OneLineErrors,
 )
 
 
