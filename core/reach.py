@@ -16,7 +16,8 @@ for, with the same bound, by a service: the job that makes the topics may still 
 running when a handler starts with its broker.
 
 The scaler cannot work without its Redis (its lease, its audit), and waits for it the same
-way (``reach_redis``); the handlers only cache there and start without it.
+way (``reach_redis``); the handlers only cache there and start without it. Its container
+engine is waited for the same way too (``keep_trying``, used by the engine backends).
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _unreached(e: BaseException) -> bool:
     return isinstance(e, OSError | TimeoutError)
 
 
-async def _keep_trying(
+async def keep_trying(
     timeout_s: float,
     step: Callable[[], Awaitable[T]],
     absent: Callable[[Exception], str | None],
@@ -220,7 +221,7 @@ async def reach(
         with quiet(logging.getLogger("aiokafka")):
             return await step()
 
-    return await _keep_trying(connect_timeout_s, quietly, absent, given_up)
+    return await keep_trying(connect_timeout_s, quietly, absent, given_up)
 
 
 class RedisUnreachable(Exception):
@@ -246,7 +247,7 @@ async def reach_redis(url: str, connect_timeout_s: float, ping: Callable[[], Awa
             return f"no Redis at {url} yet ({type(e).__name__})"
         return None
 
-    return await _keep_trying(
+    return await keep_trying(
         connect_timeout_s, ping, absent, lambda _: RedisUnreachable(url, connect_timeout_s)
     )
 

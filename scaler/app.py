@@ -142,13 +142,14 @@ def make_backend(s: ScalerSettings, spec: HandlerSpec) -> Backend:
 
         return DockerBackend(
             spec, image=s.image, name=s.name, shape=shape, stop_grace_s=s.stop_grace_s,
-            docker_host=s.docker_host,
+            docker_host=s.docker_host, connect_timeout_s=s.connect_timeout_s,
         )  # fmt: skip
     from scaler.backends.swarm import SwarmBackend
 
     return SwarmBackend(
         spec, image=s.image, service=s.swarm_service, name=s.name, shape=shape,
         stop_grace_s=s.stop_grace_s, docker_host=s.docker_host,
+        connect_timeout_s=s.connect_timeout_s,
     )  # fmt: skip
 
 

@@ -71,7 +71,7 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
     s = load(ScalerSettings, given)
     from core.http import CannotListen, PortInUse
     from scaler.app import StartupError, build
-    from scaler.backends.base import BackendError
+    from scaler.backends.base import BackendError, BackendUnreachable
 
     async def main() -> None:
         try:
@@ -87,7 +87,10 @@ def run(ctx: typer.Context, given: dict[str, Any]) -> None:
         except BackendError as e:
             await scaler.stop()
             setting, _, msg = str(e).partition(": ")
-            _fail(setting if msg else "backend", msg or setting)
+            # Nothing answered there (after the wait): the address may be right, the engine down.
+            _fail(
+                setting if msg else "backend", msg or setting, not isinstance(e, BackendUnreachable)
+            )
         except PortInUse as e:
             await scaler.stop()
             _fail("metrics_port", f"{e.host}:{e.port} is already in use (another scaler on "

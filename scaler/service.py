@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -105,7 +106,11 @@ class Scaler:
         # machine) fails the start before a lease is taken or a handler adopted.
         if self.http is not None:
             await self.http.start()
-        await self.backend.start()
+        # The backend may wait for its engine (up to --connect-timeout): a stop asked for
+        # meanwhile ends that wait, and the scaler with it, rather than outlive it.
+        if not await self._unless_stopped(self.backend.start()):
+            log.info("scaler %s: stopped while starting its backend", self.scaler_id)
+            return
         if self.rollout is not None:
             await self.rollout.start()
         await self.probe.start()
@@ -117,6 +122,25 @@ class Scaler:
             "scaler %s: backend %s, policy %s%s", self.scaler_id, self.backend.name,
             self.decider.name, " (dry run)" if self.dry_run else "",
         )  # fmt: skip
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` to its end (True), or cancel it when a stop is asked for first."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if task.done():
+            task.result()  # its error, if any, is the start's
+            return True
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
 
     async def stop(self) -> None:
         self._stop.set()

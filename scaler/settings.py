@@ -76,8 +76,9 @@ class ScalerSettings(BaseSettings):
         120.0,
         gt=0,
         le=3600,
-        description="at start, wait this long for the broker and Redis, retrying with "
-        "backoff, then exit naming --bootstrap or --redis-url",
+        description="at start, wait this long for the broker, Redis and the container "
+        "engine, retrying with backoff, then exit naming --bootstrap, --redis-url or "
+        "--docker-host",
     )
     dry_run: bool = Field(False, description="decide and log only")
     scaler_id: str = Field(

@@ -30,7 +30,7 @@ import pytest
 from docker.errors import APIError
 
 from core.constants import LABEL_ROLE, LABEL_SCALER
-from scaler.backends.base import BackendError, HandlerInstance, HandlerSpec
+from scaler.backends.base import BackendError, BackendUnreachable, HandlerInstance, HandlerSpec
 from scaler.backends.docker import (
     LABEL_METRICS_PORT,
     LABEL_VERSION,
@@ -48,6 +48,7 @@ ZERO = {"missing": 0, "duplicated": 0, "reordered": 0, "checksum_mismatch": 0}
 # Away from the handler's default 9100 and the process backend's 9300+, which
 # other local runs may be using.
 PORT_BASE = 19100
+ENGINE_SOCKET = "/var/run/docker.sock"
 
 
 def _engine_problem() -> str | None:
@@ -391,9 +392,10 @@ async def test_start_names_the_bad_setting(fleet: str) -> None:
     spec = HandlerSpec("127.0.0.1:9", "raw", "ticks", "dl", "g", None)
     unreachable = "tcp://127.0.0.1:1"
     missing_image = f"tickscale:missing-{fleet}"
+    quick = {"docker_host": unreachable, "connect_timeout_s": 1.0}  # waited for, briefly
     cases: list[tuple[DockerBackend | SwarmBackend, str, str]] = [
-        (DockerBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
-        (SwarmBackend(spec, image=IMAGE, docker_host=unreachable), "docker_host", unreachable),
+        (DockerBackend(spec, image=IMAGE, **quick), "docker_host", unreachable),  # type: ignore[arg-type]
+        (SwarmBackend(spec, image=IMAGE, **quick), "docker_host", unreachable),  # type: ignore[arg-type]
         (DockerBackend(spec, image=missing_image, name=fleet), "image", missing_image),
         (
             DockerBackend(spec, image=IMAGE, shape=ContainerShape(f"no-{fleet}")),
@@ -406,7 +408,44 @@ async def test_start_names_the_bad_setting(fleet: str) -> None:
             await backend.start()
         msg = str(err.value)
         assert msg.startswith(f"{setting}: ") and detail in msg, msg
+        # Nothing answering is told apart from an answer that refuses the setting.
+        assert isinstance(err.value, BackendUnreachable) == (setting == "docker_host"), msg
     assert labelled(fleet) == []
+
+
+async def test_an_engine_that_answers_late_is_waited_for(
+    spec: HandlerSpec, fleet: str, tmp_path: Path
+) -> None:
+    """The engine's socket appears 3 s after the backend starts (an engine restarting, or
+    started after the scaler): the backend waits for it instead of failing its start."""
+    sock = tmp_path / "late.sock"
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Each connection is passed through to the real engine, byte for byte.
+        up_r, up_w = await asyncio.open_unix_connection(ENGINE_SOCKET)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    backend = DockerBackend(
+        spec, image=IMAGE, name=fleet, docker_host=f"unix://{sock}", connect_timeout_s=60
+    )
+    starting = asyncio.create_task(backend.start())
+    await asyncio.sleep(3.0)
+    assert not starting.done(), starting
+    server = await asyncio.start_unix_server(relay, path=str(sock))
+    try:
+        await asyncio.wait_for(starting, 60)
+        assert await backend.list() == []  # a fleet of its own: nothing, but an answer
+    finally:
+        await backend.close()
+        server.close()
 
 
 # Swarm backend ------------------------------------------------------------------------

@@ -370,3 +370,61 @@ async def test_a_scaler_started_before_its_redis_waits_for_it(
         if sc.proc.poll() is None:
             sc.stop()
         redis.stop()
+
+
+def test_a_scaler_waits_for_its_container_engine_then_names_docker_host(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """No engine answers at --docker-host (down, restarting, or the address mistyped): the
+    scaler waits for it as for its broker and Redis, then names the flag. Nothing about the
+    setting is invalid, and nothing is taken on the way."""
+    sock = tmp_path / "absent.sock"
+    name = f"engine{os.getpid()}"
+    sc = ScalerProc(
+        topics, redis_url, tmp_path, "--backend", "docker", "--docker-host", f"unix://{sock}",
+        "--connect-timeout", "3", "--calendar", "none", "--name", name,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    rc = sc.proc.wait(90)
+    took = time.monotonic() - t0
+    assert sc.stop() == rc == 2, sc.log()[-3000:]
+    text = sc.log()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: --docker-host: no Docker engine answered at unix://{sock} within 3 s "
+        "(is it running, is the address right?)"
+    ], text[-3000:]
+    assert f"no Docker engine at unix://{sock} yet; retry 1 in" in text, text[-3000:]
+    assert "Traceback" not in text and took >= 3, (took, text[-3000:])
+    r = Redis.from_url(redis_url)
+
+    async def lease() -> int:
+        try:
+            return int(await r.exists(f"{REDIS_SCALER_LEASE}:{name}"))
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(lease()) == 0
+
+
+def test_a_stop_ends_the_wait_for_the_container_engine(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM while the scaler waits for its engine ends the wait and the scaler at once,
+    cleanly, rather than after the whole --connect-timeout."""
+    sock = tmp_path / "absent.sock"
+    sc = ScalerProc(
+        topics, redis_url, tmp_path, "--backend", "docker", "--docker-host", f"unix://{sock}",
+        "--connect-timeout", "120", "--calendar", "none", "--name", f"stopwait{os.getpid()}",
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "no Docker engine at" not in sc.log():
+        assert sc.proc.poll() is None and time.monotonic() < deadline, sc.log()[-3000:]
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    rc = sc.stop(timeout=30)
+    took = time.monotonic() - t0
+    text = sc.log()
+    assert rc == 0 and took < 10, (rc, took, text[-3000:])
+    assert "stopped while starting its backend" in text, text[-3000:]
+    assert "Traceback" not in text and "error:" not in text, text[-3000:]

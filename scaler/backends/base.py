@@ -17,6 +17,11 @@ class BackendError(RuntimeError):
     """The backend could not do what was asked (engine unreachable, API refused)."""
 
 
+class BackendUnreachable(BackendError):
+    """Nothing answered where the backend was pointed, however long it was waited for: an
+    engine down or an address mistyped, not a setting the engine refused."""
+
+
 @dataclass(frozen=True)
 class HandlerInstance:
     """One handler the backend runs for this scaler.

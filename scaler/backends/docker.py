@@ -33,13 +33,17 @@ from typing import Any, TypeVar
 from docker.client import DockerClient, from_env
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import LogConfig
+from requests import ConnectionError as RequestsConnectionError
 from requests import RequestException
+from requests import Timeout as RequestsTimeout
 
 from core.constants import LABEL_ROLE, LABEL_SCALER, LEAVE_SIGNAL
+from core.reach import keep_trying
 from core.secrets import SECRETS_DIR
 from scaler.backends.base import (
     BackendError,
     BackendHealth,
+    BackendUnreachable,
     HandlerInstance,
     HandlerSpec,
     HandlerVersion,
@@ -119,6 +123,40 @@ def connect(docker_host: str | None) -> Any:
     return client
 
 
+def _not_there_yet(e: BaseException) -> bool:
+    """Whether a failed connect found nothing at the address (an engine down or restarting,
+    a socket not made yet), rather than an address or an answer that cannot be used."""
+    cause = e.__cause__
+    # The client wraps the transport's error (refused, no such socket, timed out) in its own.
+    if isinstance(cause, DockerException):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, RequestException):  # an OSError too, but most are answers
+        return isinstance(cause, RequestsConnectionError | RequestsTimeout)
+    return isinstance(cause, OSError)
+
+
+async def reach_engine(docker_host: str | None, timeout_s: float) -> Any:
+    """``connect``, retried with backoff while nothing answers at the address, up to
+    ``timeout_s`` (an engine restarting, or started after the scaler); then
+    BackendUnreachable naming docker_host. Anything else is raised at once."""
+    where = engine_address(docker_host)
+
+    def absent(e: Exception) -> str | None:
+        if isinstance(e, BackendError) and _not_there_yet(e):
+            return f"no Docker engine at {where} yet"
+        return None
+
+    def given_up(e: Exception) -> Exception:
+        return BackendUnreachable(
+            f"docker_host: no Docker engine answered at {where} within {timeout_s:g} s "
+            "(is it running, is the address right?)"
+        )
+
+    return await keep_trying(
+        timeout_s, lambda: asyncio.to_thread(connect, docker_host), absent, given_up
+    )
+
+
 def check_image(client: Any, image: str, where: str) -> None:
     """The image must already be on the engine: backends never pull."""
     try:
@@ -189,7 +227,7 @@ class DockerBackend(EngineClient):
     def __init__(
         self, spec: HandlerSpec, *, image: str, name: str = "default",
         shape: ContainerShape | None = None, stop_grace_s: float = 30.0,
-        docker_host: str | None = None,
+        docker_host: str | None = None, connect_timeout_s: float = 120.0,
     ) -> None:  # fmt: skip
         self.spec = spec
         self.image = image
@@ -199,6 +237,7 @@ class DockerBackend(EngineClient):
         self.network = self.shape.network
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
+        self.connect_timeout_s = connect_timeout_s
         self.where = engine_address(docker_host)
         self._client: Any = None
         # Port allocation reads the engine, then creates: one add() at a time.
@@ -207,7 +246,7 @@ class DockerBackend(EngineClient):
     # Lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = await asyncio.to_thread(connect, self.docker_host)
+        self._client = await reach_engine(self.docker_host, self.connect_timeout_s)
         try:
             await asyncio.to_thread(check_image, self._client, self.image, self.where)
             await asyncio.to_thread(self._check_network)

@@ -64,9 +64,9 @@ from scaler.backends.docker import (
     ContainerShape,
     EngineClient,
     check_image,
-    connect,
     engine_address,
     parse_docker_time,
+    reach_engine,
 )
 from scaler.backends.swarm_spec import secret_refs, service_args, service_name
 
@@ -112,6 +112,7 @@ class SwarmBackend(EngineClient):
         shape: ContainerShape | None = None,
         stop_grace_s: float = 30.0,
         docker_host: str | None = None,
+        connect_timeout_s: float = 120.0,
     ) -> None:
         """:param shape: the tasks' network and limits (its host_port_base is unused: a
         service's tasks share one metrics port in their own namespaces)"""
@@ -123,6 +124,7 @@ class SwarmBackend(EngineClient):
         self.network = self.shape.network
         self.stop_grace_s = stop_grace_s
         self.docker_host = docker_host
+        self.connect_timeout_s = connect_timeout_s
         self.base = HandlerVersion(image, image=image)  # runs in the service named `service`
         self.version = self.base
         self.where = engine_address(docker_host)
@@ -133,7 +135,7 @@ class SwarmBackend(EngineClient):
     # Lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = await asyncio.to_thread(connect, self.docker_host)
+        self._client = await reach_engine(self.docker_host, self.connect_timeout_s)
         try:
             await self._call("check the swarm", _check_manager, self._client, self.where)
             await asyncio.to_thread(check_image, self._client, self.image, self.where)
