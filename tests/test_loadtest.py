@@ -281,3 +281,24 @@ def test_lag_above_target_counts_the_seconds_spent_above_it() -> None:
     assert lag_above(samples, 5.0) == 3.0
     assert lag_above(samples, 10.0) == 0.0
     assert lag_above(samples[:1], 0.0) == 0.0
+
+
+def test_a_bootstrap_where_no_broker_answers_is_waited_for_then_named(tmp_path: Path) -> None:
+    """--bootstrap given, nothing there: waited for (a stack still starting) up to
+    --connect-timeout, then one line naming the flag, exit 2, and nothing left running
+    (the Redis the run started for itself)."""
+    from tickscale.localstack.net import free_port
+
+    out = tmp_path / "run"
+    where = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    r = loadtest("--bootstrap", where, "--connect-timeout", "3", "--out", str(out), timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: --bootstrap {where}: no broker answered within 3 s "
+        "(is it running, is the address right?)"
+    ], r.stderr[-3000:]
+    assert f"no broker at {where} yet" in r.stderr and "Traceback" not in r.stderr
+    assert took >= 3 and not holding(out), (took, r.stderr[-3000:])

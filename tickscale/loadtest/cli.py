@@ -35,10 +35,16 @@ app = typer.Typer(
 
 def _finish(call: Callable[[], int], console: Console, *also: type[Exception]) -> NoReturn:
     """Exit with the run's status. Set-up failures (a broker not starting, a compose stack
-    absent) are findings, not bugs: one line and status 1; Ctrl-C is status 130."""
+    absent) are findings, not bugs: one line and status 1; a --bootstrap where no broker
+    answered is the input's, status 2; Ctrl-C is status 130."""
+    from core.reach import BrokerUnreachable
+
     failures: tuple[type[Exception], ...] = (RuntimeError, TimeoutError, OSError, *also)
     try:
         rc = call()
+    except BrokerUnreachable as e:  # the address given, as every command names it
+        console.print(f"[red]error:[/] {e.where}: {e.what}", soft_wrap=True)
+        raise typer.Exit(2) from None
     except failures as e:
         console.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
@@ -118,7 +124,8 @@ def _config(s: LoadTestSettings) -> LoadTestConfig:
         compose_env=s.compose_env, partitions=s.partitions, session_min=s.session_min,
         lead_s=s.lead_s, lag_target_s=s.lag_target_s, scale_down_window_s=s.scale_down_window_s,
         chaos=specs, thresholds=s.thresholds(), out_dir=s.out, json_path=s.json_out,
-        drain_timeout_s=s.drain_timeout_s, progress=s.progress, keep_topics=s.keep_topics,
+        drain_timeout_s=s.drain_timeout_s, connect_timeout_s=s.connect_timeout_s,
+        progress=s.progress, keep_topics=s.keep_topics,
         no_members_s=s.no_members_timeout_s, rollout=_rollout_plan(s),
     )  # fmt: skip
 

@@ -115,6 +115,7 @@ class LoadTestConfig:
     out_dir: Path | None = None
     json_path: Path | None = None
     drain_timeout_s: float = default("drain_timeout_s")
+    connect_timeout_s: float = default("connect_timeout_s")
     join_timeout_s: float = 120.0
     progress: bool = default("progress")
     keep_topics: bool = default("keep_topics")
@@ -198,14 +199,23 @@ class LoadTest:
         # aiokafka logs every reconnect attempt at ERROR; outages are what the drills cause and
         # the run reports them itself, so only its critical messages are shown.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        from core.reach import BrokerUnreachable, reach
         from core.topology import create_topics
 
         n = self.names
         try:
-            await create_topics(
-                svc.bootstrap, cfg.partitions, cfg.partitions,
-                raw=n.raw, ticks=n.ticks, deadletter=n.deadletter,
+            # A broker given by --bootstrap may still be starting (a stack brought up just
+            # before the run): waited for like every command's, then named. Creating is
+            # idempotent, so a retried attempt does no harm.
+            await reach(
+                svc.bootstrap, cfg.connect_timeout_s,
+                lambda: create_topics(
+                    svc.bootstrap, cfg.partitions, cfg.partitions,
+                    raw=n.raw, ticks=n.ticks, deadletter=n.deadletter,
+                ),
             )  # fmt: skip
+        except BrokerUnreachable:
+            raise
         except Exception as e:
             raise RunError(f"cannot create topics on {svc.bootstrap}: {e!r}") from e
         try:

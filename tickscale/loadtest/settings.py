@@ -102,6 +102,11 @@ class LoadTestSettings(BaseSettings):
         None, description="write results here", json_schema_extra={"flag": "--json"}
     )
     drain_timeout_s: float = Field(300.0, gt=0, description="wait for the group to drain, s")
+    connect_timeout_s: float = Field(
+        120.0, gt=0, le=3600,
+        description="wait this long for the --bootstrap broker, retrying with backoff, then "
+        "exit naming it",
+    )  # fmt: skip
     progress: bool = Field(True, description="live progress")
     keep_topics: bool = Field(False, description="keep the run's topics")
     no_members_timeout_s: float = Field(
