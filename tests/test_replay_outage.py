@@ -303,3 +303,46 @@ async def test_a_resume_into_a_topic_created_again_is_refused(
     assert stopped.topic_id in errors[0], errors[0]
     assert sum(len(v) for v in (await _read_raw(topics)).values()) == 0
     assert Manifest.read(manifest) == stopped
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["deleted", "deleted-and-created-again"])
+async def test_a_topic_deleted_under_a_running_replay_is_named(
+    topics: TopicSet, tmp_path: Path, again: bool
+) -> None:
+    """The raw topic deleted mid-replay takes what was sent with it. The client only
+    retries, as for an absent broker, but the broker is there: the replay names the topic
+    soon (not after --outage-deadline) and never writes a manifest calling the day sent,
+    also when the topic is created again and the rest of the day went to the new one."""
+    manifest = tmp_path / "m.json"
+    log = tmp_path / "replay.log"
+    args = ["--speed", "20", "--outage-deadline", "150", *SOURCE_ARGS]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, *args), stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 120)
+            began = Manifest.read(manifest).topic_id
+            await delete_topics(topics.bootstrap, [topics.raw])
+            deleted = time.monotonic()
+            if again:
+                async with asyncio.timeout(30):  # deletion is asynchronous
+                    while topics.raw in await list_topics(topics.bootstrap):
+                        await asyncio.sleep(0.1)
+                await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
+            rc = await asyncio.to_thread(proc.wait, 120)
+            took = time.monotonic() - deleted
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text()
+    assert rc == 1 and "Traceback" not in text, text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: --topic {topics.raw}: "), errors
+    said = "was deleted and created again during the replay" if again else "was deleted during"
+    assert said in errors[0] and "without --resume" in errors[0], errors[0]
+    if again:
+        assert began and began in errors[0], errors[0]
+    assert took < 60, (took, text[-3000:])  # well before the 150 s outage deadline
+    assert not Manifest.read(manifest).complete

@@ -98,7 +98,7 @@ def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
 
     Exits 2 with one line naming the input for an input that cannot be used, 1 when
     the replay stopped before the end (a signal, the broker gone past the outage
-    deadline); the manifest then counts what the broker acknowledged.
+    deadline, the topic deleted); the manifest then counts what the broker acknowledged.
     """
     from aiokafka.errors import KafkaError
 

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiokafka.errors import KafkaTimeoutError
@@ -23,6 +23,10 @@ T = TypeVar("T")
 
 # A wait for the broker says so on the console after this long.
 _OUTAGE_NOTICE_S = 5.0
+# While the broker acknowledges nothing, whether the topic is still there is asked this
+# often, each answer waited for this long at most.
+_CHECK_EVERY_S = 10.0
+_CHECK_TIMEOUT_S = 10.0
 
 
 class BrokerOutage(RuntimeError):
@@ -34,14 +38,39 @@ class BrokerOutage(RuntimeError):
         self.what = what
 
 
+class TopicLost(BrokerOutage):
+    """The replay's topic was deleted (or deleted and created again) while it ran: what
+    was sent went with the old log, so going on would leave a hole in the day. The broker
+    is there; waiting for it would not bring the topic back."""
+
+
 class OutageGuard:
-    """Waits on the broker's acknowledgements with the replay's outage deadline."""
+    """Waits on the broker's acknowledgements with the replay's outage deadline.
+
+    ``check``, when set, asks whether the topic is still the one the replay began with
+    (TopicLost if not): a deleted topic leaves the client retrying, silently, exactly as
+    an absent broker does, so a silence is checked once it is noticed and every
+    ``_CHECK_EVERY_S`` after.
+    """
 
     def __init__(self, bootstrap: str, deadline_s: float, stop: asyncio.Event) -> None:
         self.bootstrap = bootstrap
         self.deadline_s = deadline_s
         self._stop = stop  # a stop request ends a wait for an absent broker early
         self.last_ack = 0.0  # monotonic time of the latest acknowledgement
+        self.check: Callable[[], Awaitable[None]] | None = None
+
+    async def _checked(self) -> None:
+        """Run ``check``; only TopicLost comes out (a broker away is the outage itself)."""
+        if self.check is None:
+            return
+        try:
+            async with asyncio.timeout(_CHECK_TIMEOUT_S):
+                await self.check()
+        except TopicLost:
+            raise
+        except Exception as e:
+            log.debug("topic check during a silence: %r", e)
 
     def acked_one(self, fut: asyncio.Future[Any]) -> None:
         if not fut.cancelled() and fut.exception() is None:
@@ -55,6 +84,7 @@ class OutageGuard:
             return fut.result()
         began = time.monotonic()
         noticed = False
+        checked_at = 0.0
         quiet_client = contextlib.ExitStack()
         try:
             while True:
@@ -76,6 +106,9 @@ class OutageGuard:
                         f"stopped while the broker acknowledged nothing ({silent:.0f} s); the "
                         "manifest counts what it acknowledged",
                     )
+                if silent > _OUTAGE_NOTICE_S and time.monotonic() - checked_at > _CHECK_EVERY_S:
+                    checked_at = time.monotonic()
+                    await self._checked()
                 if silent > _OUTAGE_NOTICE_S and not noticed:
                     noticed = True
                     # The client logs each failed connection; this line says it once.

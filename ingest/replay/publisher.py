@@ -36,7 +36,7 @@ from ingest.codecs.errors import SourceError
 from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
-from ingest.replay.outage import BrokerOutage, OutageGuard, reach_topic
+from ingest.replay.outage import BrokerOutage, OutageGuard, TopicLost, reach_topic
 from ingest.replay.resume import check_incarnation, landed_after, topic_incarnation
 from ingest.replay.source import NS, RawMessage
 
@@ -156,6 +156,12 @@ class ReplayStats:
         }
 
 
+# What the topic check says of a topic the broker does not know; and how long after a first
+# such answer (or another topic id) it is asked again before the replay ends on it.
+_GONE = "<gone>"
+_RECHECK_S = 2.0
+
+
 def _producer(bootstrap: str, outage_deadline_s: float, batch_bytes: int) -> AIOKafkaProducer:
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -253,6 +259,7 @@ class Replayer:
         self.connect_timeout_s = o.connect_timeout_s
         self._stop = asyncio.Event()
         self.outage = OutageGuard(bootstrap, o.outage_deadline_s, self._stop)
+        self.outage.check = self._check_topic
         self._seqs: list[int] = []
         # Per partition: records numbered up to this are on the broker already.
         self._on_broker: list[int] = []
@@ -325,6 +332,38 @@ class Replayer:
             self.bootstrap, self.topic, self.partitions, self._resume, self.topic_id
         )
 
+    async def _check_topic(self) -> None:
+        """TopicLost unless the topic is still the incarnation the replay began sending to."""
+        from aiokafka.errors import UnknownTopicOrPartitionError
+
+        async def incarnation() -> str | None:
+            try:
+                return await topic_incarnation(self.bootstrap, self.topic)
+            except UnknownTopicOrPartitionError:
+                return _GONE
+
+        where = f"--topic {self.topic}"
+        now = await incarnation()
+        if now == _GONE or (self.topic_id and now and now != self.topic_id):
+            # Ending a replay on a broker's passing word (one just restarted, its metadata
+            # not yet caught up) would cost a day: the answer must hold a moment later.
+            await asyncio.sleep(_RECHECK_S)
+            now = await incarnation()
+        if now == _GONE:
+            raise TopicLost(
+                where,
+                "was deleted during the replay, and what it had sent with it: create the "
+                "topic again (tickscale topics) and replay the day without --resume, after "
+                "removing the manifest",
+            ) from None
+        if self.topic_id and now and now != self.topic_id:
+            raise TopicLost(
+                where,
+                f"was deleted and created again during the replay (topic id {self.topic_id} "
+                f"then, {now} now), so the day is split across two logs: replay it again "
+                "without --resume, after removing the manifest",
+            )
+
     async def _checkpoint(self, out: _Batches, complete: bool) -> Manifest:
         """Send what is open, wait for the broker to acknowledge everything sent, and
         hand over the manifest of it."""
@@ -332,6 +371,10 @@ class Replayer:
         pending = out.pending[:]
         out.pending.clear()
         await self.outage.acked(pending)
+        if complete:
+            # A topic deleted and made again quickly never silences the broker: the rest of
+            # the day went to the new one. Checked before the manifest calls the day sent.
+            await self._check_topic()
         st = self.stats
         st.elapsed = time.monotonic() - st.started if st.started else 0.0
         acked_at_ms = int(time.time() * 1000)  # every record counted was sent before now
@@ -467,4 +510,4 @@ class Replayer:
                 self._on_progress(self.stats)
 
 
-__all__ = ["BrokerOutage", "ReplayStats", "Replayer"]
+__all__ = ["BrokerOutage", "ReplayStats", "Replayer", "TopicLost"]

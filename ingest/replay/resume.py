@@ -23,8 +23,9 @@ async def topic_incarnation(bootstrap: str, topic: str) -> str | None:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, **kafka_auth(), enable_auto_commit=False, group_id=None
     )
-    await consumer.start()
     try:
+        # Started inside: a start cut short (a broker away, a deadline) is closed too.
+        await consumer.start()
         return await topic_id(consumer, topic)
     finally:
         await stop_consumer(consumer)
