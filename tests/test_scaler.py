@@ -82,6 +82,19 @@ def _metric(text: str, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _lease_taken(redis_url: str, name: str) -> bool:
+    """Whether fleet ``name``'s leader lease is held in Redis."""
+
+    async def exists() -> int:
+        r = Redis.from_url(redis_url)
+        try:
+            return int(await r.exists(f"{REDIS_SCALER_LEASE}:{name}"))
+        finally:
+            await r.aclose()
+
+    return asyncio.run(exists()) == 1
+
+
 class ScalerProc:
     def __init__(self, ts: TopicSet, redis_url: str, tmp: Path, *args: str) -> None:
         self.port = free_port()
@@ -306,15 +319,7 @@ def test_a_metrics_address_that_cannot_be_had_is_named_before_the_lease(
     assert line.startswith(f"error: --metrics-port: 0.0.0.0:{port} is already in use"), line
     line = one_error(run("--metrics-host", "192.0.2.1"))
     assert line.startswith("error: --metrics-host: cannot listen on 192.0.2.1:"), line
-    r = Redis.from_url(redis_url)
-
-    async def lease() -> int:
-        try:
-            return int(await r.exists(f"{REDIS_SCALER_LEASE}:{name}"))
-        finally:
-            await r.aclose()
-
-    assert asyncio.run(lease()) == 0
+    assert not _lease_taken(redis_url, name)
 
 
 def test_a_refused_redis_password_is_named_at_once(tmp_path: Path) -> None:
@@ -396,15 +401,7 @@ def test_a_scaler_waits_for_its_container_engine_then_names_docker_host(
     ], text[-3000:]
     assert f"no Docker engine at unix://{sock} yet; retry 1 in" in text, text[-3000:]
     assert "Traceback" not in text and took >= 3, (took, text[-3000:])
-    r = Redis.from_url(redis_url)
-
-    async def lease() -> int:
-        try:
-            return int(await r.exists(f"{REDIS_SCALER_LEASE}:{name}"))
-        finally:
-            await r.aclose()
-
-    assert asyncio.run(lease()) == 0
+    assert not _lease_taken(redis_url, name)
 
 
 def test_a_stop_ends_the_wait_for_the_container_engine(
