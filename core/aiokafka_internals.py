@@ -60,6 +60,10 @@ SUPPORTED = "0.14."
 # (ingest/handler/retry_log.py counts them).
 SENDER_LOGGER = "aiokafka.producer.sender"
 PRODUCE_RETRY_MSG = "Got error produce response on topic-partition %s, retrying. Error: %s"
+# aiokafka's logger and message for a topic its metadata request did not find: an ERROR at
+# every metadata refresh (twice a second) for as long as a topic it writes to is gone.
+CLUSTER_LOGGER = "aiokafka.cluster"
+TOPIC_NOT_FOUND_MSG = "Topic %s not found in cluster metadata"
 
 UNSTABLE_OFFSET_COMMIT = 88
 # What the group coordinator answers a commit from a member that is no longer the

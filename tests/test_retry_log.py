@@ -1,16 +1,24 @@
-"""The producer's routine produce retries are counted, not logged one by one."""
+"""The client's repeated lines: produce retries counted, a missing topic said once a minute."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import types
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import TopicPartition, cluster
 from aiokafka.errors import NotEnoughReplicasError, NotLeaderForPartitionError
+from aiokafka.producer import sender
 from prometheus_client import REGISTRY
 
-from core.aiokafka_internals import PRODUCE_RETRY_MSG, SENDER_LOGGER
-from ingest.handler.retry_log import ProduceRetries
+from core.aiokafka_internals import (
+    CLUSTER_LOGGER,
+    PRODUCE_RETRY_MSG,
+    SENDER_LOGGER,
+    TOPIC_NOT_FOUND_MSG,
+)
+from ingest.handler.retry_log import MissingTopics, ProduceRetries
 
 
 def _retries(error: str) -> float:
@@ -47,3 +55,56 @@ def test_one_report_a_minute_with_every_retry_counted(caplog: pytest.LogCaptureF
     ]
     assert _retries("NotEnoughReplicasError") - before[0] == 6
     assert _retries("NotLeaderForPartitionError") - before[1] == 1
+
+
+def test_a_missing_topic_is_one_line_a_minute_per_topic(caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    f = MissingTopics(every_s=60, clock=lambda: now[0])
+    log = logging.getLogger(CLUSTER_LOGGER)
+    installed = log.filters[:]
+    log.filters[:] = [f]
+    try:
+        with caplog.at_level(logging.ERROR, logger=CLUSTER_LOGGER):
+            for _ in range(4):  # twice a second while the topic is gone
+                log.error(TOPIC_NOT_FOUND_MSG, "md.ticks")
+                now[0] += 0.5
+            log.error(TOPIC_NOT_FOUND_MSG, "md.deadletter")  # another topic: its own line
+            log.error("Topic %s is not authorized for this client", "md.ticks")  # not this
+            now[0] += 60
+            log.error(TOPIC_NOT_FOUND_MSG, "md.ticks")
+    finally:
+        log.filters[:] = installed
+    assert [r.getMessage() for r in caplog.records] == [
+        "the client finds no topic md.ticks on the broker (1 metadata answers without it "
+        "since the last report)",
+        "the client finds no topic md.deadletter on the broker (1 metadata answers without "
+        "it since the last report)",
+        "Topic md.ticks is not authorized for this client",
+        "the client finds no topic md.ticks on the broker (4 metadata answers without it "
+        "since the last report)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [(sender, PRODUCE_RETRY_MSG), (cluster, TOPIC_NOT_FOUND_MSG)],
+    ids=["produce-retry", "topic-not-found"],
+)
+def test_the_matched_lines_are_the_clients_own(module: object, message: str) -> None:
+    """The filters match the client's log text exactly: a release that rewords a line
+    would let its flood through unnoticed, so this fails instead."""
+    assert message in _string_constants(module)
+
+
+def _string_constants(module: object) -> set[str]:
+    """Every string literal of a module as compiled (adjacent literals joined)."""
+    found: set[str] = set()
+    todo = [compile(inspect.getsource(module), "<module>", "exec")]  # type: ignore[arg-type]
+    while todo:
+        code = todo.pop()
+        for c in code.co_consts:
+            if isinstance(c, str):
+                found.add(c)
+            elif isinstance(c, types.CodeType):
+                todo.append(c)
+    return found

@@ -8,14 +8,17 @@ is not a record's (an outage) never dead-letters anything.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from core.retry import backoff_s
+from core.topology import TopicMissing, partition_ids
 from ingest import metrics
 from ingest.handler.partition import Batch, PartitionWorker
 from ingest.handler.poison import PoisonTracker, may_be_the_records
@@ -25,6 +28,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# While a topic the handler writes to is missing, the line saying so comes this often.
+_MISSING_SAID_EVERY_S = 60.0
+
+
+class CommitTimeout(TimeoutError):
+    """A commit did not finish before the broker would abort its transaction anyway.
+
+    The case it exists for: the ticks (or dead-letter) topic deleted under the handler.
+    The client then retries adding its partitions to the transaction for as long as the
+    topic is gone, silently, and the commit would wait for ever.
+    """
+
 
 class Recovery:
     """Commits one poll's batches for ``handler`` and recovers from a failed commit."""
@@ -33,6 +48,7 @@ class Recovery:
         self.h = handler
         self._poison = PoisonTracker(poison_after)
         self._failed_in_a_row = 0  # failed commits since the last one that succeeded
+        self._missing_said: dict[str, float] = {}  # output topic -> when its absence was said
 
     async def commit(self, work: list[Batch]) -> None:
         """Commit a poll's batches: one transaction with EOS, else output then offsets.
@@ -49,13 +65,21 @@ class Recovery:
                 await self._recover([b.worker.tp for b in rest], group, error)
                 return
         self._failed_in_a_row = 0
+        for topic in self._missing_said:  # a commit went through: it is back
+            log.warning("topic %s is back on the broker: commits go on", topic)
+        self._missing_said.clear()
 
     async def _commit_group(self, work: list[Batch]) -> Exception | None:
         """Commit batches together; the error if they could not be."""
         assert self.h.consumer is not None
         t0 = time.monotonic()
+        limit_s = self.h.s.transaction_timeout_ms / 1000
         try:
-            await self.h.committer.commit(self.h.consumer, self.h.s.group, work)
+            try:
+                async with asyncio.timeout(limit_s):
+                    await self.h.committer.commit(self.h.consumer, self.h.s.group, work)
+            except TimeoutError:
+                raise CommitTimeout(f"the commit did not finish within {limit_s:g} s") from None
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning(
@@ -64,6 +88,8 @@ class Recovery:
                 sorted(b.worker.committed for b in work),
                 e,
             )
+            if isinstance(e, CommitTimeout | UnknownTopicOrPartitionError):
+                await self._say_missing_outputs()
             return e
         done = time.time()
         for b in work:
@@ -78,6 +104,26 @@ class Recovery:
                 b.worker.bare = self._poison.bare(b.worker.tp)
         metrics.PROCESSING.observe(time.monotonic() - t0)
         return None
+
+    async def _say_missing_outputs(self) -> None:
+        """Name a topic the handler writes to that is not on the broker (deleted under it):
+        the one line an operator needs, once a minute while it lasts. The failed commit is
+        retried with backoff as ever; nothing is committed, so the input is held."""
+        s = self.h.s
+        try:
+            await partition_ids(s.bootstrap, [s.out_topic, s.deadletter_topic])
+        except TopicMissing as e:
+            now = time.monotonic()
+            said = self._missing_said.get(e.topic)
+            if said is None or now - said >= _MISSING_SAID_EVERY_S:
+                self._missing_said[e.topic] = now
+                log.warning(
+                    "topic %s is not on the broker (deleted?): the handler holds its input, "
+                    "commits nothing and retries until it is back", e.topic,
+                )  # fmt: skip
+            return
+        except Exception as e:  # a broker away: the retries below ride it out
+            log.debug("could not check the output topics: %r", e)
 
     async def _recover(
         self,

@@ -54,7 +54,7 @@ from ingest.handler.probes import Probes
 from ingest.handler.recovery import Recovery
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.restore import Restorer, fence, transactional_id
-from ingest.handler.retry_log import PRODUCE_RETRIES
+from ingest.handler.retry_log import MISSING_TOPICS, PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
 from ingest.handler.work_meter import WorkMeter
 
@@ -133,6 +133,7 @@ class FeedHandler:
     async def start(self) -> None:
         s = self.s
         PRODUCE_RETRIES.install()  # once per process; adding the same filter again is a no-op
+        MISSING_TOPICS.install()
         metrics.INFO.labels(s.version or "unversioned").set(1)
         await self.probes.start()
         if s.redis_url:

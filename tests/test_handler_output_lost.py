@@ -1,0 +1,71 @@
+"""A ticks topic deleted under a running handler: said once, held, carried on when back.
+
+The real ``tickscale handler`` process against the real broker. While the topic it writes
+to is gone, each batch fails and is aborted (nothing is committed, so nothing is lost) and
+the client would log an ERROR at every metadata refresh; the handler says it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_utils import HandlerProc, run_replay
+from tickscale.localstack.topics import TopicSet, delete_topics, ensure_topics, list_topics
+
+pytestmark = pytest.mark.slow
+
+WINDOW = ["--source", "synthetic", "--symbols", "3", "--seed", "4", "--date", "2024-11-25"]
+
+
+def _ticks_out(h: HandlerProc) -> float:
+    return h.metric("tickscale_handler_ticks_out_total")
+
+
+async def _until(what: str, ok: object, h: HandlerProc, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not ok():  # type: ignore[operator]
+        assert h.proc.poll() is None, h.log()
+        assert time.monotonic() < deadline, f"{what}\n{h.log()}"
+        await asyncio.sleep(0.3)
+
+
+async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    # A commit that cannot finish is given up after the transaction timeout: 10 s here.
+    h = HandlerProc(topics, tmp_path, "lost", extra=["--transaction-timeout-ms", "10000"])
+    try:
+        await asyncio.to_thread(h.wait_ready)
+        args = [*WINDOW, "--speed", "max"]
+        await asyncio.to_thread(
+            run_replay, topics, tmp_path / "a.json", *args, "--from", "09:29", "--to", "09:33"
+        )
+        await _until("no ticks out", lambda: _ticks_out(h) > 0, h)
+        await delete_topics(topics.bootstrap, [topics.ticks])
+        async with asyncio.timeout(30):  # deletion is asynchronous
+            while topics.ticks in await list_topics(topics.bootstrap):
+                await asyncio.sleep(0.2)
+        # More input while the topic is gone: the handler must hold it, not skip it.
+        await asyncio.to_thread(
+            run_replay, topics, tmp_path / "b.json", *args, "--from", "09:33", "--to", "09:36"
+        )
+        held = _ticks_out(h)
+        said = f"topic {topics.ticks} is not on the broker (deleted?)"
+        await _until("the missing topic never said", lambda: said in h.log(), h, within=60)
+        await asyncio.sleep(25)  # two more failed commits, some fifty metadata answers
+        text = h.log_path.read_text(errors="replace")
+        assert "not found in cluster metadata" not in text, text[-3000:]
+        assert text.count(said) == 1, text[-3000:]
+        assert "Traceback" not in text and h.proc.poll() is None, text[-3000:]
+        assert "CommitTimeout" in text, text[-3000:]  # each failed commit is still told
+        assert _ticks_out(h) == held  # nothing is counted out while nothing can be written
+
+        await ensure_topics(topics.bootstrap, {topics.ticks: topics.ticks_partitions})
+        await _until("no ticks after the topic came back", lambda: _ticks_out(h) > held, h)
+        await _until("its return never said", lambda: f"topic {topics.ticks} is back" in h.log(), h)
+    finally:
+        h.close()
