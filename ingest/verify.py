@@ -30,9 +30,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
+from core.client_log import MISSING_TOPICS
 from core.reach import Outage, reach_topics
 from core.secrets import kafka_auth
-from core.topology import partitions_of
+from core.topology import TopicMissing, partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.source import RawMessage
@@ -215,6 +216,38 @@ class VerifyResult:
 # How long one look at the end offsets may take before the broker counts as away: a broker
 # that is there answers in milliseconds.
 _PROBE_S = 5.0
+# A topic found missing mid-read is asked about again this long after, before the read
+# ends on it: a broker just restarted may answer before its metadata has caught up.
+_RECHECK_S = 2.0
+
+
+class TopicGone(Exception):
+    """The topic was deleted while it was being read: nothing can be concluded from what
+    was read of it, and waiting for the broker would not bring it back."""
+
+    def __init__(self, topic: str, setting: str) -> None:
+        self.where = f"{setting} {topic}"
+        self.what = (
+            "was deleted while verify read it; nothing was concluded (the ticks it held are "
+            "gone with it)"
+        )
+        super().__init__(f"{self.where}: {self.what}")
+
+
+async def _gone(bootstrap: str, topic: str) -> bool:
+    """Whether the broker answers, twice, that ``topic`` is not there (not: no answer)."""
+    for attempt in range(2):
+        if attempt:
+            await asyncio.sleep(_RECHECK_S)
+        try:
+            async with asyncio.timeout(_PROBE_S):
+                await partitions_of(bootstrap, topic)
+            return False
+        except TopicMissing:
+            continue
+        except (KafkaError, OSError, TimeoutError):
+            return False
+    return True
 
 
 async def _read_topic(
@@ -223,8 +256,9 @@ async def _read_topic(
     on_record: Any,
     expected: int | None,
     waits: tuple[float, float, float],
+    setting: str = "--topic",
 ) -> int:
-    """Read a topic from the start with read_committed.
+    """Read a topic from the start with read_committed (``setting`` names it).
 
     ``waits`` is (timeout, idle, outage) seconds. Stops at the end offsets when the timeout
     is 0; otherwise keeps polling until ``expected`` records arrived and nothing new came
@@ -234,6 +268,7 @@ async def _read_topic(
     BrokerLost) and the read goes on where it was: a verdict read across a hole in the
     broker's availability would report ticks missing that are only out of reach. The
     timeout counts only time with a broker, since the pipeline cannot deliver without one.
+    A topic deleted under the read ends it at once (TopicGone).
     """
     timeout_s, idle_s, outage_s = waits
     consumer = AIOKafkaConsumer(
@@ -270,6 +305,10 @@ async def _read_topic(
                     async with asyncio.timeout(_PROBE_S):
                         at_end = await _at_end(consumer, tps)
                 except (KafkaError, TimeoutError) as e:
+                    # The client cannot tell a deleted topic from an absent broker: both
+                    # leave it retrying. The broker can, when it answers.
+                    if await _gone(bootstrap, topic):
+                        raise TopicGone(topic, setting) from None
                     await asyncio.sleep(outage.failed(e, asked_at))
                     continue
                 away = outage.answered()
@@ -393,6 +432,7 @@ async def _count_deadletters(
         on_dl,
         manifest.deadletters_expected,
         (min(timeout_s, 10.0), idle_s, outage_s),
+        "--deadletter-topic",
     )
     res.deadletters = count
     res.deadletters_expected = manifest.deadletters_expected
@@ -404,4 +444,5 @@ async def _count_deadletters(
 
 
 def run_verify(*args: Any, **kw: Any) -> VerifyResult:
+    MISSING_TOPICS.install()  # a topic deleted under the read floods the log otherwise
     return asyncio.run(verify(*args, **kw))

@@ -18,7 +18,8 @@ from core.aiokafka_internals import (
     SENDER_LOGGER,
     TOPIC_NOT_FOUND_MSG,
 )
-from ingest.handler.retry_log import MissingTopics, ProduceRetries
+from core.client_log import MissingTopics
+from ingest.handler.retry_log import ProduceRetries
 
 
 def _retries(error: str) -> float:

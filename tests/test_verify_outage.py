@@ -142,6 +142,33 @@ async def test_verify_gives_up_past_the_outage_deadline_without_a_verdict(
     assert took < 8 + 30, took
 
 
+async def test_a_tick_topic_deleted_under_verify_is_named_not_waited_out(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    """The client retries a deleted topic as it does an absent broker, but the broker is
+    there and says so: verify names the topic at once, concludes nothing (exit 3), and
+    the client's error for each metadata answer (thousands a second) is cut to one line."""
+    from tickscale.localstack.topics import delete_topics
+
+    topics = await make_topics(raw_partitions=1)
+    values, manifest = _day(tmp_path, topics)
+    proc = await _half_read(topics, values, manifest, "--outage-deadline", "150")
+    await delete_topics(topics.bootstrap, [topics.ticks])
+    started = time.monotonic()
+    out, err = await asyncio.to_thread(proc.communicate, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 3, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: --topic {topics.ticks}: was deleted while verify read it; nothing was "
+        "concluded (the ticks it held are gone with it)"
+    ], err[-3000:]
+    assert "ticks read=" not in out and "missing" not in out, out
+    assert took < 60, took  # not the 150 s outage deadline
+    assert len(err.splitlines()) < 20, err[-3000:]
+
+
 async def test_a_consumer_stops_cleanly_after_its_broker_went_away(
     make_topics: MakeTopics, kafka_broker: KafkaBroker
 ) -> None:

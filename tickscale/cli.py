@@ -189,7 +189,7 @@ def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
 
     from core.reach import BrokerLost, BrokerUnreachable
     from core.topology import TopicMissing
-    from ingest.verify import run_verify
+    from ingest.verify import TopicGone, run_verify
 
     s = load(VerifySettings, given)
     m, expected_dls = _expectations(s)
@@ -201,7 +201,7 @@ def verify(ctx: typer.Context, given: dict[str, Any]) -> None:
         )  # fmt: skip
     except BrokerUnreachable as e:
         raise _fail(e.where, e.what) from None
-    except BrokerLost as e:
+    except (BrokerLost, TopicGone) as e:
         raise _fail(e.where, e.what, code=3) from None
     except TopicMissing as e:
         flag = "--topic" if e.topic == s.topic else "--deadletter-topic"

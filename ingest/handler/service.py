@@ -40,6 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
+from core.client_log import MISSING_TOPICS
 from core.constants import LEAVE_KEY_FIELD, LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
 from core.retry import retry_async
 from core.runtime import stop_on_signals
@@ -54,7 +55,7 @@ from ingest.handler.probes import Probes
 from ingest.handler.recovery import Recovery
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.restore import Restorer, fence, transactional_id
-from ingest.handler.retry_log import MISSING_TOPICS, PRODUCE_RETRIES
+from ingest.handler.retry_log import PRODUCE_RETRIES
 from ingest.handler.settings import HandlerSettings
 from ingest.handler.work_meter import WorkMeter
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from core.client_log import MISSING_TOPICS
 from core.runtime import freeze_startup_heap, stop_on_signals
 from ingest.codecs.errors import SourceError
 from ingest.manifest import Manifest
@@ -176,6 +177,7 @@ def run_replay(settings: ReplaySettings) -> bool:
         outage_deadline_s=s.outage_deadline_s, connect_timeout_s=s.connect_timeout_s,
     )  # fmt: skip
     replayer = Replayer(s.bootstrap, s.topic, src, s.pace, day_s, bar.update, options=options)
+    MISSING_TOPICS.install()  # a topic deleted under the replay floods the log otherwise
     m = asyncio.run(_run(s, replayer, bar, day_s))
     console.print(_summary(replayer.stats, m, prev is not None, s.manifest))
     # False when a signal cut the replay short: the manifest covers only what was sent.
