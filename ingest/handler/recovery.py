@@ -65,9 +65,10 @@ class Recovery:
                 await self._recover([b.worker.tp for b in rest], group, error)
                 return
         self._failed_in_a_row = 0
-        for topic in self._missing_said:  # a commit went through: it is back
-            log.warning("topic %s is back on the broker: commits go on", topic)
-        self._missing_said.clear()
+        if self._missing_said:  # a commit went through: what was missing is back
+            for topic in self._missing_said:
+                log.warning("topic %s is back on the broker: commits go on", topic)
+            self._missing_said.clear()
 
     async def _commit_group(self, work: list[Batch]) -> Exception | None:
         """Commit batches together; the error if they could not be."""

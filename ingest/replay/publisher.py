@@ -355,7 +355,7 @@ class Replayer:
                 "was deleted during the replay, and what it had sent with it: create the "
                 "topic again (tickscale topics) and replay the day without --resume, after "
                 "removing the manifest",
-            ) from None
+            )
         if self.topic_id and now and now != self.topic_id:
             raise TopicLost(
                 where,
