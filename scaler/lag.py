@@ -2,7 +2,10 @@
 
 Per partition: lag = log-end offset - committed offset; a partition the group
 never committed counts from its log-start offset (everything in it is still
-unprocessed). Lag in seconds is the age of the oldest unprocessed record: the
+unprocessed). So does one whose committed offset belongs to an earlier
+incarnation of the topic (``core.incarnation``): the handlers ignore such an
+offset and start from the log start, and the backlog the fleet is sized for
+begins there too. Lag in seconds is the age of the oldest unprocessed record: the
 time the log-end offset passed the committed offset, interpolated from the
 (time, end offset) points this probe has recorded, or, when the committed
 offset is older than that history (a scaler that just started), the record's
@@ -28,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
+from core.incarnation import judge_committed, topic_id
 from core.secrets import kafka_auth
 from scaler.signals import Ewma, PartitionLag, Snapshot
 
@@ -106,6 +110,8 @@ class LagProbe:
         self._ingest = Ewma(rate_halflife_s)
         self._process = Ewma(rate_halflife_s)
         self._last: tuple[float, int, int] | None = None  # time, sum(end), sum(committed)
+        # partition -> the foreign commit last reported, so each is said once.
+        self._foreign_said: dict[int, tuple[int, str]] = {}
 
     async def start(self) -> None:
         self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **kafka_auth())
@@ -151,23 +157,46 @@ class LagProbe:
                     return GroupInfo(str(g["state"]), len(g["members"]), ids)
         return GroupInfo("Dead", 0)
 
-    async def committed(self) -> dict[int, int]:
+    async def committed(self) -> dict[int, tuple[int, str]]:
+        """Partition -> (committed offset, its commit metadata)."""
         assert self._admin is not None
         offs = await self._admin.list_consumer_group_offsets(self.group)
         return {
-            tp.partition: om.offset
+            tp.partition: (om.offset, om.metadata or "")
             for tp, om in offs.items()
             if tp.topic == self.topic and om.offset >= 0
         }
+
+    def _this_incarnation(
+        self, p: int, got: tuple[int, str] | None, tid: str | None, end: int
+    ) -> int | None:
+        """The committed offset if it belongs to this incarnation of the topic, else None
+        (counted from the log start, as the handlers will). Judged as the handlers judge
+        it, and said once per foreign commit."""
+        if got is None:
+            return None
+        verdict = judge_committed(got[0], got[1], tid, end)
+        if not verdict.foreign:
+            self._foreign_said.pop(p, None)
+            return verdict.offset
+        if self._foreign_said.get(p) != got:
+            self._foreign_said[p] = got
+            log.warning(
+                "%s-%d: the group's committed offset %d is from an earlier incarnation of "
+                "the topic (%s): its lag counts from the log start until a handler commits",
+                self.topic, p, got[0], verdict.foreign,
+            )  # fmt: skip
+        return None
 
     async def measure(self) -> Snapshot:
         assert self._consumer is not None
         tps = await self.partitions()
         if not tps:
             raise KafkaError(f"topic {self.topic!r} has no partitions (does it exist?)")
-        (starts, ends), committed, info = await asyncio.gather(
-            self._offsets(tps), self.committed(), self.group_info()
-        )
+        (starts, ends), committed, info, tid = await asyncio.gather(
+            self._offsets(tps), self.committed(), self.group_info(),
+            topic_id(self._consumer, self.topic),
+        )  # fmt: skip
         now = time.time()
         rows: list[PartitionLag] = []
         for tp in tps:
@@ -175,7 +204,7 @@ class LagProbe:
             end, start = ends[tp], starts[tp]
             hist = self._hist.setdefault(p, _EndHistory(self.history_s))
             hist.add(now, end)
-            c = committed.get(p)
+            c = self._this_incarnation(p, committed.get(p), tid, end)
             # A committed offset below the log start (retention trimmed it) resumes
             # at the start: that is where the backlog begins.
             frm = start if c is None else max(c, start)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ingest.handler.incarnation import offset_metadata, topic_id
+from core.incarnation import offset_metadata, topic_id
 from ingest.handler.settings import HandlerSettings
 from tests.pipeline_utils import HandlerProc
 from tickscale.localstack import KafkaBroker

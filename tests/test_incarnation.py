@@ -17,13 +17,13 @@ import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ingest.handler.fencing import Committed, fetch_committed
-from ingest.handler.incarnation import (
+from core.incarnation import (
     judge_committed,
     metadata_topic_id,
     offset_metadata,
     topic_id,
 )
+from ingest.handler.fencing import Committed, fetch_committed
 from ingest.handler.redis_sink import snapshot_key
 from tests.pipeline_utils import HandlerProc, run_replay, run_verify, summary
 from tickscale.localstack import delete_topics, ensure_topics

@@ -21,6 +21,7 @@ from aiokafka.structs import OffsetAndMetadata
 from redis.asyncio import Redis
 
 from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
+from core.incarnation import offset_metadata, topic_id
 from scaler.audit import read_events
 from scaler.lag import LagProbe
 from tests.pipeline_utils import run_verify, start_replay, summary
@@ -70,6 +71,56 @@ async def test_lag_matches_kafkas_own_consumer_groups_tool(topics: TopicSet) -> 
     # Records were produced moments ago: the oldest unprocessed is young but not zero.
     assert 0 < snap.lag_s < 120
     assert snap.group_state == "Empty" and snap.members == 0
+
+
+async def test_lag_ignores_offsets_committed_for_another_incarnation(
+    topics: TopicSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Offsets the group committed for a deleted topic of the same name (a late commit of
+    the old day) are not this log's: the handlers start such partitions from the log
+    start, so that is where the backlog the scaler sizes the fleet for begins."""
+    prod = AIOKafkaProducer(bootstrap_servers=topics.bootstrap)
+    await prod.start()
+    try:
+        for i in range(400):
+            await prod.send(topics.raw, b"x" * 10, partition=i % 4)
+        await prod.flush()
+    finally:
+        await prod.stop()
+    c = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group,
+                         enable_auto_commit=False)  # fmt: skip
+    await c.start()
+    try:
+        this_id = await topic_id(c, topics.raw)
+        assert this_id
+        c.assign([TopicPartition(topics.raw, p) for p in range(4)])
+        await c.commit({
+            # This incarnation's own commit: trusted.
+            TopicPartition(topics.raw, 0): OffsetAndMetadata(
+                60, offset_metadata("tickscale.g.h1", this_id)),
+            # Stamped with an earlier incarnation's id, within this log.
+            TopicPartition(topics.raw, 1): OffsetAndMetadata(
+                40, offset_metadata("tickscale.g.h1", "EARLIER-ID")),
+            # Unstamped, beyond this log's end: an earlier, longer day's.
+            TopicPartition(topics.raw, 2): OffsetAndMetadata(5_000, "tickscale.g.h1"),
+            # Unstamped, within the log: nothing tells it apart, so it is trusted.
+            TopicPartition(topics.raw, 3): OffsetAndMetadata(90, "tickscale.g.h1"),
+        })  # fmt: skip
+    finally:
+        await c.stop()
+
+    async with LagProbe(topics.bootstrap, topics.raw, topics.group) as probe:
+        snap = await probe.measure()
+        again = await probe.measure()
+    ours = {p.partition: p for p in snap.partitions}
+    assert [ours[p].lag for p in range(4)] == [40, 100, 100, 10]
+    assert [ours[p].committed for p in range(4)] == [60, None, None, 90]
+    assert snap.lag_msgs == again.lag_msgs == 250
+    said = [r.getMessage() for r in caplog.records if "earlier incarnation" in r.getMessage()]
+    # Said once per partition, not at every poll.
+    assert len(said) == 2, said
+    assert any(f"{topics.raw}-1" in m and "EARLIER-ID" in m for m in said), said
+    assert any(f"{topics.raw}-2" in m and "beyond the log end 100" in m for m in said), said
 
 
 def _scrape(port: int) -> str:

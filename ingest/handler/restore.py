@@ -15,10 +15,10 @@ import time
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from core.incarnation import judge_committed, offset_metadata, topic_id
 from core.secrets import kafka_auth
 from ingest import metrics
 from ingest.handler.fencing import Committed, Unstable, fetch_committed, stale_transactions
-from ingest.handler.incarnation import judge_committed, offset_metadata, topic_id
 from ingest.handler.partition import Outputs, PartitionWorker
 from ingest.handler.redis_sink import RedisSink
 from ingest.handler.settings import HandlerSettings

@@ -9,9 +9,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from core.aiokafka_internals import stop_consumer
 from core.constants import HDR_SEQ
+from core.incarnation import topic_id
 from core.secrets import kafka_auth
 from ingest.codecs.errors import SourceError
-from ingest.handler.incarnation import topic_id
 from ingest.manifest import Manifest
 
 log = logging.getLogger(__name__)
