@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.constants import REDIS_HANDLER_STATS
+from core.repeats import RepeatedFailure
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,17 @@ class RedisCapacity:
         self.redis = redis
         self.fallback = fallback
         self.est = CapacityEstimator(window_s, hold_s=hold_s)
+        # Redis down fails this every poll: said once a minute, not each second.
+        self._failing = RepeatedFailure(log, "reading the handlers' stats from Redis")
 
     async def poll(self) -> tuple[float, str]:
         try:
             for s in await read_handler_stats(self.redis):
                 self.est.observe(s)
         except (RedisError, OSError) as e:
-            log.warning("reading handler stats failed: %s", e)
+            self._failing.failed(e)
+        else:
+            self._failing.succeeded()
         self.est.forget_older_than(time.time() - 2 * self.est.window_s)
         cap = self.est.estimate()
         if cap is None:

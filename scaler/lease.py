@@ -18,6 +18,8 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.repeats import RepeatedFailure
+
 log = logging.getLogger(__name__)
 
 # Extend only if we still own it; returns 1 when renewed.
@@ -50,6 +52,8 @@ class LeaderLease:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.changed = asyncio.Event()  # set on every gain or loss, for the service loop
+        # Redis down fails each attempt (three a TTL): said once a minute, not each time.
+        self._failing = RepeatedFailure(log, "leader lease")
 
     @property
     def is_leader(self) -> bool:
@@ -93,10 +97,11 @@ class LeaderLease:
             else:
                 ok = await self.redis.set(self.key, self.holder, nx=True, px=self.ttl_ms)
         except (RedisError, OSError) as e:
-            log.warning("leader lease: Redis unavailable (%s)", e)
+            self._failing.failed(e)
             if self.is_leader and time.monotonic() >= self._valid_until - self.ttl_ms / 3000:
                 self._set(False, 0.0)
             return
+        self._failing.succeeded()
         if ok:
             # Counted from before the request: the lease may have started then.
             self._set(True, t0 + self.ttl_ms / 1000 * 0.9)

@@ -62,6 +62,14 @@ for _event in (
 BACKEND_ERRORS = Counter(
     "tickscale_scaler_backend_errors_total", "Backend calls that failed", ["op"]
 )
+POLL_FAILURES = Counter(
+    "tickscale_scaler_poll_failures_total",
+    "Polls that could not measure, decide or act (the fleet is held meanwhile)",
+)
+LAST_GOOD_POLL = Gauge(
+    "tickscale_scaler_last_good_poll_timestamp_seconds",
+    "When a poll last measured the group; the other gauges are that poll's figures",
+)
 LEADER = Gauge("tickscale_scaler_leader", "1 while this scaler holds the leader lease")
 DRY_RUN = Gauge("tickscale_scaler_dry_run", "1 when the scaler decides but changes nothing")
 POLL = Histogram(

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.http import HealthServer
+from core.repeats import RepeatedFailure
 from core.runtime import stop_on_signals
 from core.sessions import Session
 from scaler import metrics as m
@@ -66,6 +67,9 @@ class Scaler:
 
     :param poll_s: time between the starts of two polls.
     :param dry_run: decide and log, change nothing.
+
+    ``stale_s``: past this long without a good poll, its figures are old; the scaler is
+    not ready (/readyz) and its KEDA service answers UNAVAILABLE.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class Scaler:
         self.capacity = parts.capacity
         self.clock = parts.clock
         self.poll_s = poll_s
+        self.stale_s = max(10.0, 5 * poll_s)
         self.dry_run = dry_run
         self.http = http
         self.stop_handlers_on_exit = stop_handlers_on_exit
@@ -98,7 +103,8 @@ class Scaler:
         self.snapshot: Snapshot | None = None  # the last poll's measurement
         self._stop = asyncio.Event()
         self._started = False
-        self._measured = False
+        self._measured_at: float | None = None  # monotonic time of the last good poll
+        self._failing = RepeatedFailure(log, "poll")
         self._last_logged: tuple[int, int] | None = None
 
     async def start(self) -> None:
@@ -183,7 +189,8 @@ class Scaler:
         return self._started and not self._stop.is_set()
 
     def ready(self) -> bool:
-        return self._started and self._measured
+        t = self._measured_at
+        return self._started and t is not None and time.monotonic() - t <= self.stale_s
 
     async def run(self) -> None:
         while not self._stop.is_set():
@@ -192,8 +199,12 @@ class Scaler:
                 await self.poll_once()
             except (KafkaError, OSError, RedisError, BackendError) as e:
                 # One bad poll (broker election, Docker hiccup) must not end the
-                # scaler; the next poll measures afresh.
-                log.warning("poll failed: %r", e)
+                # scaler; the next poll measures afresh. While they keep failing (the raw
+                # topic deleted, Redis down) the fleet is held and it is said once a minute.
+                m.POLL_FAILURES.inc()
+                self._failing.failed(e)
+            else:
+                self._failing.succeeded()
             m.POLL.observe(time.monotonic() - t0)
             delay = max(0.0, self.poll_s - (time.monotonic() - t0))
             with contextlib.suppress(TimeoutError):
@@ -208,7 +219,8 @@ class Scaler:
             snap = replace(snap, market_known=False)
         else:
             snap = replace(snap, market_time=mt.when, market_speed=mt.speed)
-        self._measured = True
+        self._measured_at = time.monotonic()
+        m.LAST_GOOD_POLL.set(snap.time)
         return snap
 
     async def poll_once(self) -> Decision:

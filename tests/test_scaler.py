@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from core.incarnation import offset_metadata, topic_id
 from scaler.audit import read_events
 from scaler.lag import LagProbe
 from tests.pipeline_utils import run_verify, start_replay, summary
-from tickscale.localstack import consumer_groups_describe
+from tickscale.localstack import consumer_groups_describe, delete_topics, ensure_topics
 from tickscale.localstack.net import free_port
 from tickscale.localstack.redis import RedisServer
 from tickscale.localstack.topics import TopicSet
@@ -422,6 +424,103 @@ async def test_a_scaler_started_before_its_redis_waits_for_it(
         await asyncio.to_thread(sc.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 60)
         log = sc.log()
         assert f"no Redis at {redis.url} yet" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        if sc.proc.poll() is None:
+            sc.stop()
+        redis.stop()
+
+
+def _readyz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:  # not listening yet
+        return 0
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, sc: ScalerProc) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert sc.proc.poll() is None, sc.log()[-3000:]
+        assert time.monotonic() < deadline, f"{what} after {timeout}s\n{sc.log()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _poll_lines(log: str) -> list[str]:
+    return [ln for ln in log.splitlines() if " poll failed" in ln or "poll still failing" in ln]
+
+
+async def test_a_raw_topic_gone_is_said_once_and_the_scaler_turns_not_ready(
+    topics: TopicSet, redis_url: str, tmp_path: Path
+) -> None:
+    """The raw topic deleted under a running scaler: each poll fails (every 0.5 s here).
+    That is said once, not per poll; /readyz turns 503 once its figures are stale, so
+    nothing reads them as current; the topic back, it says so and is ready again."""
+    args = ("--dry-run", "--calendar", "none", "--name", f"gone{os.getpid()}")
+    sc = ScalerProc(topics, redis_url, tmp_path, *args)
+    try:
+        await asyncio.to_thread(_wait, lambda: _readyz(sc.port) == 200, 60, "not ready", sc)
+        before = len(sc.log())
+        await delete_topics(topics.bootstrap, [topics.raw])
+        t0 = time.monotonic()
+        await asyncio.to_thread(
+            _wait, lambda: _readyz(sc.port) == 503, 30, "still ready without the topic", sc
+        )
+        assert time.monotonic() - t0 >= 9, "not ready before its figures were 10 s old"
+        failures = await asyncio.to_thread(
+            sc.wait_for, "tickscale_scaler_poll_failures_total", lambda v: v >= 20, 30
+        )
+        lines = _poll_lines(sc.log()[before:])
+        assert len(lines) == 1, f"{failures} failed polls said {len(lines)} times: {lines}"
+        assert f"poll failed: KafkaError: topic '{topics.raw}' has no partitions" in lines[0]
+
+        await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
+        await asyncio.to_thread(
+            _wait, lambda: _readyz(sc.port) == 200, 30, "not ready with the topic back", sc
+        )
+        await asyncio.to_thread(
+            _wait, lambda: "poll succeeds again, after" in sc.log(), 10, "no recovery line", sc
+        )
+        assert len(_poll_lines(sc.log()[before:])) == 1
+    finally:
+        if sc.proc.poll() is None:
+            sc.stop()
+
+
+@pytest.mark.slow
+async def test_redis_lost_under_a_running_scaler_holds_the_fleet_and_says_so_once(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """Redis stops under the leading scaler: it cannot renew its lease or read the
+    handlers' capacity, so it holds the fleet, says so once, not at each poll, and leads
+    again when Redis is back."""
+    redis = RedisServer(port=free_port(), work_dir=tmp_path / "redis")
+    redis.start()
+    args = ("--dry-run", "--calendar", "none", "--name", f"rl{os.getpid()}")
+    sc = ScalerProc(topics, redis.url, tmp_path, *args)
+    try:
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 60)
+        before = len(sc.log())
+        redis.stop()
+        t0 = time.monotonic()
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_leader", lambda v: v == 0, 30)
+        # Some 25 polls and 7 lease attempts, each failing at Redis.
+        await asyncio.sleep(max(0.0, 12 - (time.monotonic() - t0)))
+        log = sc.log()[before:]
+        # The lease and the handlers' stats each say it once (the poll goes on).
+        lines = [ln for ln in log.splitlines() if "WARNING" in ln]
+        assert len(lines) == 2, lines
+        assert any("leader lease failed: ConnectionError: Error 111" in ln for ln in lines), lines
+        assert any("Redis failed: ConnectionError: Error 111" in ln for ln in lines), lines
+        assert "Traceback" not in log
+
+        redis.start()
+        await asyncio.to_thread(sc.wait_for, "tickscale_scaler_leader", lambda v: v == 1, 60)
+        log = sc.log()[before:]
+        assert "leader lease succeeds again, after" in log, log[-3000:]
+        assert "stats from Redis succeeds again, after" in log, log[-3000:]
     finally:
         if sc.proc.poll() is None:
             sc.stop()

@@ -41,15 +41,15 @@ def bind_error(listen: str) -> str | None:
 class KedaScaler:
     """The scaler and its gRPC server; ``async with`` starts and stops both.
 
-    :param stale_s: calls fail UNAVAILABLE while the last good poll is older than this.
+    Calls fail UNAVAILABLE while the last good poll is older than the scaler's
+    ``stale_s``, the age at which its /readyz turns false too.
     """
 
     def __init__(self, s: KedaSettings, scaler: Scaler, replicas: ReportedReplicas) -> None:
         self.settings = s
         self.scaler = scaler
         self.replicas = replicas
-        stale_s = max(10.0, 5 * s.poll_s)
-        self.service = ExternalScaler(scaler, replicas, s.activation_lag, stale_s)
+        self.service = ExternalScaler(scaler, replicas, s.activation_lag, scaler.stale_s)
         self._server: grpc.aio.Server | None = None
         self.port = 0  # the port bound (--listen HOST:0 picks one)
 
