@@ -405,6 +405,32 @@ async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
         await consumer._client.close()
 
 
+async def stop_producer(producer: AIOKafkaProducer, within_s: float) -> None:
+    """``producer.stop()``, ended after ``within_s`` even with batches unsent.
+
+    stop() first waits for every batch to be delivered, for ever for one bound for a topic
+    deleted meanwhile. Cancelling it there leaves the sender running: a transactional
+    one retries adding that topic to its transaction every retry backoff, until a newer
+    producer with its transactional id fences it, and then fails the transaction's
+    futures with nobody left to read them. Past ``within_s`` the sender is cancelled, the
+    unsent batches fail (their futures carry the error to whoever reads them), and stop()
+    goes on to close the connections.
+    """
+    check_version()
+    stopping = asyncio.ensure_future(producer.stop())
+    await asyncio.wait({stopping}, timeout=within_s)
+    sender = producer._sender
+    task = sender.sender_task if sender is not None else None
+    if task is not None and not task.done():
+        await sender.close()  # a cancelled sender fails nothing itself
+        producer._message_accumulator.fail_all(
+            Errors.KafkaError("the producer was closed with this batch unsent")
+        )
+    await stopping
+    # stop() returns at once, closing nothing, after an earlier one was cut short.
+    await producer.client.close()
+
+
 async def fetch_offset(
     consumer: AIOKafkaConsumer, group_id: str, tp: TopicPartition, require_stable: bool
 ) -> tuple[int, int, str]:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import aiokafka
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from core import aiokafka_internals as ai
 from core.aiokafka_internals import FencedProducer, check_version
+from tests.conftest import MakeTopics
+from tickscale.localstack.topics import delete_topics, list_topics
 
 
 def test_the_installed_aiokafka_is_the_release_the_module_was_written_for() -> None:
@@ -41,6 +44,7 @@ def test_another_release_is_refused_before_anything_private_is_touched(
         lambda: ai.raw_topic_id(nothing, "t"),
         lambda: ai.delete_group(nothing, "g"),
         lambda: ai.stop_consumer(nothing),
+        lambda: ai.stop_producer(nothing, 1.0),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match=r"review the module and its pin"):
@@ -70,3 +74,48 @@ def test_no_other_module_reaches_into_aiokafka() -> None:
                 if layer.search(line) or private.search(line):
                     found.append(f"{rel}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+async def _stuck_producer(bootstrap: str, topic: str) -> tuple[AIOKafkaProducer, Any]:
+    """A transactional producer holding a batch for ``topic``, deleted under it: the batch
+    waits for its partition to join the transaction, which never happens."""
+    p = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=f"stuck-{topic}")
+    await p.start()
+    await p.partitions_for(topic)  # the partitions are known: the send does not wait
+    await delete_topics(bootstrap, [topic])
+    async with asyncio.timeout(30):  # deletion is asynchronous
+        while topic in await list_topics(bootstrap):
+            await asyncio.sleep(0.2)
+    await p.begin_transaction()
+    b = p.create_batch()
+    b.append(key=None, value=b"x", timestamp=None)
+    fut = await p.send_batch(b, topic, partition=0)
+    return p, fut
+
+
+async def test_a_producer_stuck_on_a_deleted_topic_is_stopped_within_its_limit(
+    make_topics: MakeTopics,
+) -> None:
+    ts = await make_topics(raw_partitions=1)
+    p, fut = await _stuck_producer(ts.bootstrap, ts.raw)
+    t0 = time.monotonic()
+    await ai.stop_producer(p, 2.0)
+    assert time.monotonic() - t0 < 10
+    # The sender is gone, not left retrying; the batch failed, and says why.
+    assert p._sender.sender_task.done()
+    assert fut.done() and "closed with this batch unsent" in str(fut.exception())
+
+
+async def test_the_library_alone_leaves_that_producers_sender_running(
+    make_topics: MakeTopics,
+) -> None:
+    """Why stop_producer exists: a stop() cut short leaves the sender retrying. Once a
+    release closes such a producer itself, this fails: review stop_producer then."""
+    ts = await make_topics(raw_partitions=1)
+    p, fut = await _stuck_producer(ts.bootstrap, ts.raw)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(p.stop(), 2.0)
+    await asyncio.sleep(0.5)
+    assert not p._sender.sender_task.done() and not fut.done()
+    await ai.stop_producer(p, 0.1)  # and it ends it
+    assert p._sender.sender_task.done()

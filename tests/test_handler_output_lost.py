@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,14 @@ def _ticks_out(h: HandlerProc) -> float:
     return h.metric("tickscale_handler_ticks_out_total")
 
 
+def _status(h: HandlerProc, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{h.port}{path}", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 async def _until(what: str, ok: object, h: HandlerProc, within: float = 60) -> None:
     deadline = time.monotonic() + within
     while not ok():  # type: ignore[operator]
@@ -37,7 +47,11 @@ async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
     topics: TopicSet, tmp_path: Path
 ) -> None:
     # A commit that cannot finish is given up after the transaction timeout: 10 s here.
-    h = HandlerProc(topics, tmp_path, "lost", extra=["--transaction-timeout-ms", "10000"])
+    # From the second failure at an offset, records are committed one at a time: one
+    # that makes no tick then commits without the missing topic, which must not be
+    # mistaken for its return.
+    extra = ["--transaction-timeout-ms", "10000", "--poison-after", "2"]
+    h = HandlerProc(topics, tmp_path, "lost", extra=extra)
     try:
         await asyncio.to_thread(h.wait_ready)
         args = [*WINDOW, "--speed", "max"]
@@ -56,16 +70,28 @@ async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
         held = _ticks_out(h)
         said = f"topic {topics.ticks} is not on the broker (deleted?)"
         await _until("the missing topic never said", lambda: said in h.log(), h, within=60)
-        await asyncio.sleep(25)  # two more failed commits, some fifty metadata answers
+        # The first failed producer's close (30 s, its batches can never send) and some
+        # failed commits after it, a hundred metadata answers without the topic, and
+        # polls whose records made no ticks, which commit without it.
+        await asyncio.sleep(50)
         text = h.log_path.read_text(errors="replace")
         assert "not found in cluster metadata" not in text, text[-3000:]
         assert text.count(said) == 1, text[-3000:]
+        assert f"topic {topics.ticks} is back" not in text, text[-3000:]
         assert "Traceback" not in text and h.proc.poll() is None, text[-3000:]
         assert "CommitTimeout" in text, text[-3000:]  # each failed commit is still told
         assert _ticks_out(h) == held  # nothing is counted out while nothing can be written
+        # Alive (a restart would not help) but not ready: the fleet cannot deliver.
+        assert _status(h, "/healthz") == 200
+        assert _status(h, "/readyz") == 503
 
         await ensure_topics(topics.bootstrap, {topics.ticks: topics.ticks_partitions})
         await _until("no ticks after the topic came back", lambda: _ticks_out(h) > held, h)
         await _until("its return never said", lambda: f"topic {topics.ticks} is back" in h.log(), h)
+        assert _status(h, "/readyz") == 200
+        # The producers given up meanwhile were fenced by their successors: their unsent
+        # batches failed then, with no traceback for it.
+        text = h.log()
+        assert "Traceback" not in text and "never retrieved" not in text, text[-3000:]
     finally:
         h.close()

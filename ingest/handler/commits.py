@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from core.aiokafka_internals import stop_producer
 from core.secrets import kafka_auth
 from ingest.handler.fencing import FencedProducer, GroupMetadata
 from ingest.handler.partition import Batch, PartitionWorker
@@ -23,6 +24,10 @@ from ingest.handler.settings import HandlerSettings
 from ingest.kafka_metadata import throttle_metadata_updates
 
 log = logging.getLogger(__name__)
+
+# How long a discarded producer gets to close. Its unsent batches are of an abandoned
+# transaction; with a topic gone they never send, and the close waits this out.
+DISCARD_WAIT_S = 30.0
 
 
 class Committer:
@@ -81,7 +86,7 @@ class Committer:
         p, self.producer = self.producer, None
         if p is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(p.stop(), 30)
+                await stop_producer(p, DISCARD_WAIT_S)
 
     def detach(self) -> tuple[AIOKafkaProducer | None, bool]:
         """The producer, handed over for closing, and whether it holds an open transaction."""

@@ -87,6 +87,22 @@ def unseen(records: list[ConsumerRecord[Any, Any]], start: int) -> list[Consumer
     return out
 
 
+def _read_outcome(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def read_later(fut: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """``fut``, its outcome read whenever it comes.
+
+    The commit reads every send's outcome, unless it was given up (a topic gone, the
+    commit past its time limit): the producer is then discarded, and its unsent batches
+    fail later, when a newer producer fences it, with nobody awaiting them; asyncio
+    would log each with a traceback as never retrieved."""
+    fut.add_done_callback(_read_outcome)
+    return fut
+
+
 def _headers(rec: ConsumerRecord[Any, Any]) -> dict[str, bytes]:
     return dict(rec.headers) if rec.headers else {}
 
@@ -309,17 +325,19 @@ class PartitionWorker:
             if dl.bare:
                 detail += f" (dead letter without the record's {len(rec.value or b'')} bytes)"
             futures.append(
-                await producer.send(
-                    self.outputs.deadletter_topic,
-                    b"" if dl.bare else rec.value or b"",
-                    key=None if dl.bare else rec.key,
-                    headers=[
-                        (HDR_DL_REASON, f"{dl.reason}: {detail}".encode(errors="replace")),
-                        (HDR_DL_TOPIC, rec.topic.encode()),
-                        (HDR_DL_PARTITION, str(rec.partition).encode()),
-                        (HDR_DL_OFFSET, str(rec.offset).encode()),
-                        *(() if dl.bare else rec.headers or ()),
-                    ],
+                read_later(
+                    await producer.send(
+                        self.outputs.deadletter_topic,
+                        b"" if dl.bare else rec.value or b"",
+                        key=None if dl.bare else rec.key,
+                        headers=[
+                            (HDR_DL_REASON, f"{dl.reason}: {detail}".encode(errors="replace")),
+                            (HDR_DL_TOPIC, rec.topic.encode()),
+                            (HDR_DL_PARTITION, str(rec.partition).encode()),
+                            (HDR_DL_OFFSET, str(rec.offset).encode()),
+                            *(() if dl.bare else rec.headers or ()),
+                        ],
+                    )
                 )
             )
         return futures
@@ -357,11 +375,11 @@ class PartitionWorker:
             if b is None:
                 b = by_part[part] = p.create_batch()
             if b.append(key=key, value=value, timestamp=None) is None:
-                futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
+                futures.append(read_later(await p.send_batch(b, out.ticks_topic, partition=part)))
                 b = by_part[part] = p.create_batch()
                 b.append(key=key, value=value, timestamp=None)
         for part, b in by_part.items():
-            futures.append(await p.send_batch(b, out.ticks_topic, partition=part))
+            futures.append(read_later(await p.send_batch(b, out.ticks_topic, partition=part)))
         return futures
 
     def _count_book_errors(self) -> None:

@@ -20,6 +20,7 @@ from aiokafka.errors import UnknownTopicOrPartitionError
 from core.retry import backoff_s
 from core.topology import TopicMissing, partition_ids
 from ingest import metrics
+from ingest.handler.commits import DISCARD_WAIT_S
 from ingest.handler.partition import Batch, PartitionWorker
 from ingest.handler.poison import PoisonTracker, may_be_the_records
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # While a topic the handler writes to is missing, the line saying so comes this often.
 _MISSING_SAID_EVERY_S = 60.0
+# ... and, while commits without it go through, the broker is asked this often if it is back.
+_BACK_CHECKED_EVERY_S = 5.0
 
 
 class CommitTimeout(TimeoutError):
@@ -49,6 +52,7 @@ class Recovery:
         self._poison = PoisonTracker(poison_after)
         self._failed_in_a_row = 0  # failed commits since the last one that succeeded
         self._missing_said: dict[str, float] = {}  # output topic -> when its absence was said
+        self._back_checked = 0.0  # monotonic time the broker was last asked if they are back
 
     async def commit(self, work: list[Batch]) -> None:
         """Commit a poll's batches: one transaction with EOS, else output then offsets.
@@ -65,10 +69,29 @@ class Recovery:
                 await self._recover([b.worker.tp for b in rest], group, error)
                 return
         self._failed_in_a_row = 0
-        if self._missing_said:  # a commit went through: what was missing is back
-            for topic in self._missing_said:
-                log.warning("topic %s is back on the broker: commits go on", topic)
-            self._missing_said.clear()
+        if self._missing_said:
+            await self._say_outputs_back()
+
+    async def _say_outputs_back(self) -> None:
+        """After a commit went through while an output topic was missing: say which are
+        back. Asked of the broker, at most every few seconds: a poll whose records made
+        no ticks commits its offsets alone, without the missing topic."""
+        now = time.monotonic()
+        if now - self._back_checked < _BACK_CHECKED_EVERY_S:
+            return
+        self._back_checked = now
+        s = self.h.s
+        try:
+            await partition_ids(s.bootstrap, list(self._missing_said))
+        except TopicMissing:
+            return  # still gone: said once a minute by the failed commits
+        except Exception as e:  # a broker away: asked again after the next commit
+            log.debug("could not check the output topics: %r", e)
+            return
+        for topic in self._missing_said:
+            log.warning("topic %s is back on the broker: commits go on", topic)
+        self._missing_said.clear()
+        self.h.probes.unblock()
 
     async def _commit_group(self, work: list[Batch]) -> Exception | None:
         """Commit batches together; the error if they could not be."""
@@ -114,6 +137,10 @@ class Recovery:
         try:
             await partition_ids(s.bootstrap, [s.out_topic, s.deadletter_topic])
         except TopicMissing as e:
+            # Until the next failed commit could renew it: the commit's limit, the
+            # discarded producer's close, the longest backoff before the next, a margin.
+            renew_s = s.transaction_timeout_ms / 1000 + DISCARD_WAIT_S + s.retry_backoff_max_s + 10
+            self.h.probes.block(f"topic {e.topic} is not on the broker", renew_s)
             now = time.monotonic()
             said = self._missing_said.get(e.topic)
             if said is None or now - said >= _MISSING_SAID_EVERY_S:
