@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
 from core.client_log import MISSING_TOPICS
+from core.incarnation import topic_id
 from core.reach import Outage, reach_topics
 from core.secrets import kafka_auth
 from core.topology import TopicMissing, partitions_of
@@ -225,10 +226,11 @@ class TopicGone(Exception):
     """The topic was deleted while it was being read: nothing can be concluded from what
     was read of it, and waiting for the broker would not bring it back."""
 
-    def __init__(self, topic: str, setting: str) -> None:
+    def __init__(self, topic: str, setting: str, recreated: bool = False) -> None:
         self.where = f"{setting} {topic}"
+        how = "deleted and created again" if recreated else "deleted"
         self.what = (
-            "was deleted while verify read it; nothing was concluded (the ticks it held are "
+            f"was {how} while verify read it; nothing was concluded (the ticks it held are "
             "gone with it)"
         )
         super().__init__(f"{self.where}: {self.what}")
@@ -268,7 +270,9 @@ async def _read_topic(
     BrokerLost) and the read goes on where it was: a verdict read across a hole in the
     broker's availability would report ticks missing that are only out of reach. The
     timeout counts only time with a broker, since the pipeline cannot deliver without one.
-    A topic deleted under the read ends it at once (TopicGone).
+    A topic deleted under the read ends it at once (TopicGone), and so does one deleted
+    and created again (its topic id changed): the read would go on in the new log from the
+    old one's position, and a verdict would join two logs neither of which it read whole.
     """
     timeout_s, idle_s, outage_s = waits
     consumer = AIOKafkaConsumer(
@@ -285,6 +289,7 @@ async def _read_topic(
         try:
             await consumer.start()  # (inside: a start that fails has opened connections too)
             tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+            first_id = await topic_id(consumer, topic)  # None: the broker gives no ids
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
             deadline = time.monotonic() + timeout_s
@@ -301,9 +306,12 @@ async def _read_topic(
                     last_new = time.monotonic()
                     continue
                 asked_at = time.monotonic()
+                now_id = None
                 try:
                     async with asyncio.timeout(_PROBE_S):
                         at_end = await _at_end(consumer, tps)
+                        if first_id is not None:
+                            now_id = await topic_id(consumer, topic)
                 except (KafkaError, TimeoutError) as e:
                     # The client cannot tell a deleted topic from an absent broker: both
                     # leave it retrying. The broker can, when it answers.
@@ -311,6 +319,8 @@ async def _read_topic(
                         raise TopicGone(topic, setting) from None
                     await asyncio.sleep(outage.failed(e, asked_at))
                     continue
+                if now_id is not None and now_id != first_id:
+                    raise TopicGone(topic, setting, recreated=True)
                 away = outage.answered()
                 now = time.monotonic()
                 if away:

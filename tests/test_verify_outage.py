@@ -12,6 +12,8 @@ process: the fault needs nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -167,6 +169,42 @@ async def test_a_tick_topic_deleted_under_verify_is_named_not_waited_out(
     assert "ticks read=" not in out and "missing" not in out, out
     assert took < 60, took  # not the 150 s outage deadline
     assert len(err.splitlines()) < 20, err[-3000:]
+
+
+async def test_a_tick_topic_recreated_under_verify_concludes_nothing(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    """Deleted and created again while verify was not looking (stopped here, so no probe
+    falls in the gap): the new log holds a thousand wrong ticks, then the day's second
+    half. Read on from the old log's position, the two halves verify saw make an exact
+    day that the topic does not hold; verify must say it read two logs, exit 3."""
+    from tickscale.localstack.topics import delete_topics, ensure_topics, list_topics
+
+    topics = await make_topics(raw_partitions=1)
+    values, manifest = _day(tmp_path, topics)
+    proc = await _half_read(topics, values, manifest, "--outage-deadline", "150")
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        await delete_topics(topics.bootstrap, [topics.ticks])
+        async with asyncio.timeout(30):  # deletion is asynchronous
+            while topics.ticks in await list_topics(topics.bootstrap):
+                await asyncio.sleep(0.2)
+        await ensure_topics(topics.bootstrap, {topics.ticks: 1})
+        wrong = [
+            orjson.dumps({"symbol": "AAA", "seq": i, "kind": "trade", "px": -1})
+            for i in range(1, _TICKS // 2 + 1)
+        ]
+        await _publish(topics.bootstrap, topics.ticks, wrong + values[_TICKS // 2 :])
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = await asyncio.to_thread(proc.communicate, timeout=120)
+    assert proc.returncode == 3, out[-2000:] + err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        f"error: --topic {topics.ticks}: was deleted and created again while verify read it; "
+        "nothing was concluded (the ticks it held are gone with it)"
+    ], err[-3000:]
+    assert "Traceback" not in err and "missing=0" not in out, out + err[-3000:]
 
 
 async def test_a_consumer_stops_cleanly_after_its_broker_went_away(
