@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -94,8 +94,18 @@ class Committer:
         open_txn = isinstance(p, FencedProducer) and p.in_transaction()
         return p, open_txn
 
-    async def commit(self, consumer: AIOKafkaConsumer, group: str, work: list[Batch]) -> None:
-        """Commit batches together; raises what kept them from committing."""
+    async def commit(
+        self,
+        consumer: AIOKafkaConsumer,
+        group: str,
+        work: list[Batch],
+        check: Awaitable[None] | None = None,
+    ) -> None:
+        """Commit batches together; raises what kept them from committing.
+
+        ``check`` runs beside the sends and must pass before anything is committed: what
+        it raises fails the commit (recovery.py: the input topic is still the incarnation
+        the partitions were restored from)."""
         p = self.producer
         assert p is not None
         if isinstance(p, FencedProducer):
@@ -113,10 +123,14 @@ class Committer:
             for r in await asyncio.gather(*futures, return_exceptions=True):
                 if isinstance(r, BaseException):
                     raise r
+            if check is not None:
+                await check
             await p.commit_transaction()
             return
         futures = [f for b in work for f in await b.worker.send(p, b)]
         await asyncio.gather(*futures)
+        if check is not None:
+            await check
         # At-least-once: offsets after the output is acknowledged.
         try:
             await consumer.commit({b.worker.tp: (b.next_offset, self._metadata()) for b in work})

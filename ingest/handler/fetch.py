@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 Batches = dict[TopicPartition, list[Any]]
 
 
+METADATA_MAX_AGE_MS = 5_000
+
+
 def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
     """The handler's member of the group: reads committed records only, commits nothing
     itself (the transactions carry the offsets)."""
@@ -38,6 +41,11 @@ def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
         # Restores can replay many records inside the assignment callback.
         rebalance_timeout_ms=120_000,
         max_poll_interval_ms=300_000,
+        # The group sees a topic's partitions change only at a metadata refresh: every
+        # 5 minutes by default. Partitions added to md.raw, or md.raw deleted and created
+        # again (which leaves the group with no partitions while it is gone), would wait
+        # that long to be consumed; a metadata request every 5 s costs nothing here.
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
     )
 
 

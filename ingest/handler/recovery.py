@@ -15,8 +15,9 @@ import time
 from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
-from aiokafka.errors import UnknownTopicOrPartitionError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
+from core.incarnation import topic_id
 from core.retry import backoff_s
 from core.topology import TopicMissing, partition_ids
 from ingest import metrics
@@ -44,6 +45,16 @@ class CommitTimeout(TimeoutError):
     """
 
 
+class TopicRecreated(KafkaError):
+    """The input topic was deleted and created again since its partitions were restored:
+    their positions and books are of the old log. Nothing of the batch may be committed;
+    every partition is restored from the new log (``core.incarnation``)."""
+
+    def __init__(self, topic: str, was: str, now: str) -> None:
+        super().__init__(f"topic {topic} has id {now}, its partitions were restored from {was}")
+        self.topic, self.was, self.now = topic, was, now
+
+
 class Recovery:
     """Commits one poll's batches for ``handler`` and recovers from a failed commit."""
 
@@ -64,6 +75,9 @@ class Recovery:
         groups = [[b] for b in work] if any(b.worker.one_at_a_time for b in work) else [work]
         for i, group in enumerate(groups):
             error = await self._commit_group(group)
+            if isinstance(error, TopicRecreated):
+                await self._follow_new_incarnation(error)
+                return
             if error is not None:
                 rest = [b for g in groups[i:] for b in g]
                 await self._recover([b.worker.tp for b in rest], group, error)
@@ -93,17 +107,44 @@ class Recovery:
         self._missing_said.clear()
         self.h.probes.unblock()
 
+    async def _same_incarnation(self) -> None:
+        """Raise TopicRecreated unless the input topic still has the id its partitions were
+        restored with. Deleted and created again between two of the group's metadata
+        refreshes, it never looks missing and nobody rebalances: the consumer reads the
+        new log on from the old one's positions, into the old day's books."""
+        consumer, restorer = self.h.consumer, self.h.restorer
+        if consumer is None or restorer is None or restorer.topic_id is None:
+            return
+        now = await topic_id(consumer, self.h.s.in_topic)
+        if now is not None and now != restorer.topic_id:  # None: deleted, the group sees it
+            raise TopicRecreated(self.h.s.in_topic, restorer.topic_id, now)
+
+    async def _follow_new_incarnation(self, e: TopicRecreated) -> None:
+        """Abort the batch and restore every partition from the new log: committed offsets
+        and snapshots of the old one are ignored there (restore.py)."""
+        assert self.h.consumer is not None
+        log.warning(
+            "%s was deleted and created again (topic id %s, was %s): the batch is aborted "
+            "and every partition restored from the new log", e.topic, e.now, e.was,
+        )  # fmt: skip
+        await self._recover(sorted(self.h.consumer.assignment()))
+
     async def _commit_group(self, work: list[Batch]) -> Exception | None:
         """Commit batches together; the error if they could not be."""
         assert self.h.consumer is not None
         t0 = time.monotonic()
         limit_s = self.h.s.transaction_timeout_ms / 1000
+        # Beside the sends, so it costs no time on the commit's path.
+        check = asyncio.ensure_future(self._same_incarnation())
         try:
             try:
                 async with asyncio.timeout(limit_s):
-                    await self.h.committer.commit(self.h.consumer, self.h.s.group, work)
+                    await self.h.committer.commit(self.h.consumer, self.h.s.group, work, check)
             except TimeoutError:
                 raise CommitTimeout(f"the commit did not finish within {limit_s:g} s") from None
+            finally:
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)  # its outcome, read
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning(
