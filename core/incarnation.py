@@ -31,12 +31,18 @@ def format_topic_id(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# Said once per process: the scaler asks at every poll.
+_NO_IDS_SAID: set[str] = set()
+
+
 async def topic_id(consumer: AIOKafkaConsumer, topic: str) -> str | None:
     """The topic's id, or None where the broker predates topic ids (Metadata v12)."""
     try:
         raw = await raw_topic_id(consumer, topic)
     except (IncompatibleBrokerVersion, NotImplementedError) as e:
-        log.warning("the broker gives no topic ids (%s): state is checked by offset only", e)
+        if not _NO_IDS_SAID:
+            _NO_IDS_SAID.add(str(e))
+            log.warning("the broker gives no topic ids (%s): state is checked by offset only", e)
         return None
     return None if raw is None else format_topic_id(raw)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -134,6 +135,26 @@ def test_offset_verdicts() -> None:
     assert beyond.offset is None and "beyond the log end 10" in beyond.foreign
     # A broker without topic ids: the offset check alone.
     assert judge_committed(7, meta, None, 10).offset == 7
+
+
+async def test_a_broker_without_topic_ids_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker older than topic ids (Kafka 2.8) cannot be had here, so its answer is
+    stood in for. The scaler asks at every poll: one warning, not one a poll."""
+    from aiokafka.errors import IncompatibleBrokerVersion
+
+    import core.incarnation as inc
+
+    async def old_broker(consumer: object, topic: str) -> bytes | None:
+        raise IncompatibleBrokerVersion("Metadata v12 is not supported")
+
+    monkeypatch.setattr(inc, "raw_topic_id", old_broker)
+    monkeypatch.setattr(inc, "_NO_IDS_SAID", set())
+    nothing: Any = object()
+    assert [await inc.topic_id(nothing, "md.raw") for _ in range(3)] == [None, None, None]
+    said = [r for r in caplog.records if "gives no topic ids" in r.getMessage()]
+    assert len(said) == 1, said
 
 
 @pytest.mark.slow
