@@ -463,18 +463,21 @@ async def test_a_raw_topic_gone_is_said_once_and_the_scaler_turns_not_ready(
     try:
         await asyncio.to_thread(_wait, lambda: _readyz(sc.port) == 200, 60, "not ready", sc)
         before = len(sc.log())
+        t0 = time.monotonic()  # its last good poll is about one poll before this
         await delete_topics(topics.bootstrap, [topics.raw])
-        t0 = time.monotonic()
         await asyncio.to_thread(
             _wait, lambda: _readyz(sc.port) == 503, 30, "still ready without the topic", sc
         )
-        assert time.monotonic() - t0 >= 9, "not ready before its figures were 10 s old"
+        # Not at the first failed poll: once its figures are 10 s old (less a slow poll).
+        assert time.monotonic() - t0 >= 5, "not ready before its figures were stale"
         failures = await asyncio.to_thread(
             sc.wait_for, "tickscale_scaler_poll_failures_total", lambda v: v >= 20, 30
         )
         lines = _poll_lines(sc.log()[before:])
-        assert len(lines) == 1, f"{failures} failed polls said {len(lines)} times: {lines}"
-        assert f"poll failed: KafkaError: topic '{topics.raw}' has no partitions" in lines[0]
+        # One line; two if a poll under way when the topic went failed another way first.
+        assert 1 <= len(lines) <= 2, f"{failures} failed polls said {len(lines)} times: {lines}"
+        gone = f"poll failed: KafkaError: topic '{topics.raw}' has no partitions"
+        assert sum(gone in ln for ln in lines) == 1, lines
 
         await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
         await asyncio.to_thread(
@@ -483,7 +486,7 @@ async def test_a_raw_topic_gone_is_said_once_and_the_scaler_turns_not_ready(
         await asyncio.to_thread(
             _wait, lambda: "poll succeeds again, after" in sc.log(), 10, "no recovery line", sc
         )
-        assert len(_poll_lines(sc.log()[before:])) == 1
+        assert _poll_lines(sc.log()[before:]) == lines  # nothing failed since
     finally:
         if sc.proc.poll() is None:
             sc.stop()
@@ -510,7 +513,7 @@ async def test_redis_lost_under_a_running_scaler_holds_the_fleet_and_says_so_onc
         await asyncio.sleep(max(0.0, 12 - (time.monotonic() - t0)))
         log = sc.log()[before:]
         # The lease and the handlers' stats each say it once (the poll goes on).
-        lines = [ln for ln in log.splitlines() if "WARNING" in ln]
+        lines = [ln for ln in log.splitlines() if " failed: " in ln or "still failing" in ln]
         assert len(lines) == 2, lines
         assert any("leader lease failed: ConnectionError: Error 111" in ln for ln in lines), lines
         assert any("Redis failed: ConnectionError: Error 111" in ln for ln in lines), lines
