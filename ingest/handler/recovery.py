@@ -115,8 +115,10 @@ class Recovery:
         consumer, restorer = self.h.consumer, self.h.restorer
         if consumer is None or restorer is None or restorer.topic_id is None:
             return
+        # A topic deleted and not yet back raises here: the commit fails and is retried
+        # like any failed one, until the group takes the partitions away.
         now = await topic_id(consumer, self.h.s.in_topic)
-        if now is not None and now != restorer.topic_id:  # None: deleted, the group sees it
+        if now is not None and now != restorer.topic_id:
             raise TopicRecreated(self.h.s.in_topic, restorer.topic_id, now)
 
     async def _follow_new_incarnation(self, e: TopicRecreated) -> None:
