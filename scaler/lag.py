@@ -193,10 +193,15 @@ class LagProbe:
         tps = await self.partitions()
         if not tps:
             raise KafkaError(f"topic {self.topic!r} has no partitions (does it exist?)")
-        (starts, ends), committed, info, tid = await asyncio.gather(
-            self._offsets(tps), self.committed(), self.group_info(),
-            topic_id(self._consumer, self.topic),
-        )  # fmt: skip
+        # Committed offsets first, log ends after: a log end only grows, so a commit
+        # the group makes between the two reads can never lie beyond the end read
+        # here, and "beyond the log end" keeps meaning "from another incarnation".
+        # Read together, a busy fleet's live position looked foreign and its whole
+        # log counted as lag.
+        committed, info, tid = await asyncio.gather(
+            self.committed(), self.group_info(), topic_id(self._consumer, self.topic)
+        )
+        starts, ends = await self._offsets(tps)
         now = time.time()
         rows: list[PartitionLag] = []
         for tp in tps:

@@ -578,3 +578,67 @@ def test_a_stop_ends_the_wait_for_the_container_engine(
     assert rc == 0 and took < 10, (rc, took, text[-3000:])
     assert "stopped while starting its backend" in text, text[-3000:]
     assert "Traceback" not in text and "error:" not in text, text[-3000:]
+
+
+async def test_lag_of_a_group_committing_while_it_is_read_is_never_judged_foreign(
+    topics: TopicSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A busy group commits between the probe's reads. The committed offsets are read
+    before the log ends, so a commit made meanwhile is never beyond the end the probe
+    saw, and a live group's position is never taken for an earlier incarnation's (which
+    would count the whole log as lag and scale the fleet to its maximum).
+
+    On a busy machine the coordinator's answer comes late; the test makes it late on
+    purpose (50 ms before each committed-offset read), as it cannot make the machine
+    busy on cue."""
+    prod = AIOKafkaProducer(bootstrap_servers=topics.bootstrap, linger_ms=0)
+    c = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group,
+                         enable_auto_commit=False)  # fmt: skip
+    await prod.start()
+    await c.start()
+    stop = asyncio.Event()
+    rounds = 0
+
+    async def produce_and_commit(tp: TopicPartition, tid: str) -> None:
+        # Each record committed as soon as it is written: the group's position is
+        # at the log end nearly all the time, as a fleet keeping up has it.
+        nonlocal rounds
+        meta = offset_metadata("tickscale.g.h1", tid)
+        while not stop.is_set():
+            md = await prod.send_and_wait(topics.raw, b"x" * 10, partition=tp.partition)
+            await c.commit({tp: OffsetAndMetadata(md.offset + 1, meta)})
+            rounds += 1
+
+    tid = await topic_id(c, topics.raw)
+    assert tid
+    tps = [TopicPartition(topics.raw, p) for p in range(4)]
+    c.assign(tps)
+    writers = [asyncio.create_task(produce_and_commit(tp, tid)) for tp in tps]
+    lags: list[int] = []
+    try:
+        # The group's coordinator is up once the first commit is through.
+        while rounds == 0:
+            assert not any(w.done() for w in writers), [w.result() for w in writers]
+            await asyncio.sleep(0.05)
+        async with LagProbe(topics.bootstrap, topics.raw, topics.group) as probe:
+            read_committed = probe.committed
+
+            async def late_committed() -> dict[int, tuple[int, str]]:
+                await asyncio.sleep(0.05)
+                return await read_committed()
+
+            probe.committed = late_committed  # type: ignore[method-assign]
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                snap = await probe.measure()
+                lags.append(snap.lag_msgs)
+    finally:
+        stop.set()
+        await asyncio.gather(*writers)
+        await c.stop()
+        await prod.stop()
+    assert rounds > 50 and len(lags) > 50, (rounds, len(lags))
+    said = [r.getMessage() for r in caplog.records if "earlier incarnation" in r.getMessage()]
+    assert said == []
+    # The group is a record or so behind per partition: never the whole log.
+    assert max(lags) <= 4 * 4, lags
