@@ -33,7 +33,8 @@ from tickscale.localstack.redis import RedisServer
 from tickscale.localstack.topics import TopicSet
 
 
-async def test_lag_matches_kafkas_own_consumer_groups_tool(topics: TopicSet) -> None:
+async def _fill_raw(topics: TopicSet) -> None:
+    """100 records on each of md.raw's 4 partitions."""
     prod = AIOKafkaProducer(bootstrap_servers=topics.bootstrap)
     await prod.start()
     try:
@@ -42,6 +43,10 @@ async def test_lag_matches_kafkas_own_consumer_groups_tool(topics: TopicSet) -> 
         await prod.flush()
     finally:
         await prod.stop()
+
+
+async def test_lag_matches_kafkas_own_consumer_groups_tool(topics: TopicSet) -> None:
+    await _fill_raw(topics)
     # Commit different positions on three partitions; leave partition 3 uncommitted.
     c = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group,
                          enable_auto_commit=False)  # fmt: skip
@@ -81,14 +86,7 @@ async def test_lag_ignores_offsets_committed_for_another_incarnation(
     """Offsets the group committed for a deleted topic of the same name (a late commit of
     the old day) are not this log's: the handlers start such partitions from the log
     start, so that is where the backlog the scaler sizes the fleet for begins."""
-    prod = AIOKafkaProducer(bootstrap_servers=topics.bootstrap)
-    await prod.start()
-    try:
-        for i in range(400):
-            await prod.send(topics.raw, b"x" * 10, partition=i % 4)
-        await prod.flush()
-    finally:
-        await prod.stop()
+    await _fill_raw(topics)
     c = AIOKafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=topics.group,
                          enable_auto_commit=False)  # fmt: skip
     await c.start()
