@@ -612,7 +612,7 @@ async def test_lag_of_a_group_committing_while_it_is_read_is_never_judged_foreig
     tps = [TopicPartition(topics.raw, p) for p in range(4)]
     c.assign(tps)
     writers = [asyncio.create_task(produce_and_commit(tp, tid)) for tp in tps]
-    lags: list[int] = []
+    lags: list[tuple[int, int]] = []  # (lag, records in the log) per measure
     try:
         # The group's coordinator is up once the first commit is through.
         while rounds == 0:
@@ -629,7 +629,7 @@ async def test_lag_of_a_group_committing_while_it_is_read_is_never_judged_foreig
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
                 snap = await probe.measure()
-                lags.append(snap.lag_msgs)
+                lags.append((snap.lag_msgs, sum(p.end_offset for p in snap.partitions)))
     finally:
         stop.set()
         await asyncio.gather(*writers)
@@ -638,5 +638,6 @@ async def test_lag_of_a_group_committing_while_it_is_read_is_never_judged_foreig
     assert rounds > 50 and len(lags) > 50, (rounds, len(lags))
     said = [r.getMessage() for r in caplog.records if "earlier incarnation" in r.getMessage()]
     assert said == []
-    # The group is a record or so behind per partition: never the whole log.
-    assert max(lags) <= 4 * 4, lags
+    # The group is a few records behind per partition, never a partition's whole log
+    # (a quarter of the records); how few depends on the machine's load.
+    assert all(lag <= max(16, size // 10) for lag, size in lags), lags
