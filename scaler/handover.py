@@ -185,6 +185,14 @@ class Handover:
         self.cancel()
         live = {i.id for i in instances}
         if not any(i in live for i in p.old):
+            if set(p.old) <= set(p.announced) and not self.backend.stops_chosen:
+                # Told, they left and exited by themselves, but their slots are still
+                # their service's until it is lowered: Swarm would start them again, of
+                # the old version. This poll may be the first to see it (a scaler
+                # restarted mid-change, a watch that ended in an error); lowering an
+                # already-lowered slot changes nothing (Backend.remove_ids).
+                await self.backend.remove_ids(p.old)
+                return Outcome(True, "the old handler(s) left and exited; their slots released")
             return Outcome(True, "the old handler(s) are gone")
         names = frozenset(i.name for i in instances if i.id in p.new)
         olds = frozenset(i.name for i in instances if i.id in p.old)

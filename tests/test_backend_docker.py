@@ -38,6 +38,7 @@ from scaler.backends.docker import (
     DockerBackend,
 )
 from scaler.backends.swarm import SwarmBackend
+from scaler.handover import Handover, Pending
 from tests.docker_utils import docker, engine_problem, swarm_state
 from tests.pipeline_utils import run_verify, start_replay, summary
 from tickscale.localstack.topics import TopicSet
@@ -519,3 +520,96 @@ async def test_swarm_add_remove_change_running_tasks(
 
         with contextlib.suppress(AssertionError):
             await wait_for("the service's containers to go", gone, within_s=60)
+
+
+class _NoGroup:
+    """The handover's group reader, for a change whose old handler is already gone:
+    that path never reads the group."""
+
+    async def group_info(self) -> Any:
+        raise AssertionError("the group was read")
+
+
+async def test_swarm_releases_an_exited_told_tasks_slot_once(
+    swarm: None, spec: HandlerSpec, fleet: str
+) -> None:
+    """A told task that left and exited by itself keeps its slot until its service is
+    lowered; Swarm would start it again. A handover that first sees it gone (a scaler
+    restarted mid-change) lowers the service, and asking again lowers nothing more."""
+    service = f"tickscale-handlers-{fleet}"
+    b = SwarmBackend(
+        spec, image=IMAGE, service=service, name=fleet,
+        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=15.0,
+    )  # fmt: skip
+
+    def replicas() -> int:
+        svc = json.loads(docker("service", "inspect", service).stdout)[0]
+        return int(svc["Spec"]["Mode"]["Replicated"]["Replicas"])
+
+    async def running(n: int) -> bool:
+        return [t.state for t in await b.list()] == ["running"] * n
+
+    try:
+        await b.start()
+        old, new = await b.add(2)
+        await wait_for("2 running tasks", lambda: running(2), within_s=120)
+        # The old one exits by itself, as a told handler does once its replacement joined.
+        cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={old}").stdout
+        docker("stop", cid.strip())
+
+        async def old_gone() -> bool:
+            return old not in {t.id for t in await b.list()}
+
+        await wait_for("the old task to exit", old_gone, within_s=60)
+        pending = Pending([new], [old], time.time(), "step", announced=[old])
+        out = await Handover(b, _NoGroup()).advance(pending, await b.list(), join_s=60)
+        assert out is not None and out.joined, out
+        assert replicas() == 1
+        assert await b.remove_ids([old]) == []  # a resumed handover asks again
+        assert replicas() == 1
+        # Past Swarm's restart delay (5 s), the slot stayed released.
+        await asyncio.sleep(8)
+        assert [t.id for t in await b.list()] == [new]
+    finally:
+        await b.close()
+        docker("service", "rm", service, check=False)
+
+
+async def test_swarm_retire_stops_a_slot_waiting_out_its_restart_delay(
+    swarm: None, spec: HandlerSpec, fleet: str
+) -> None:
+    """On the scaler's exit every handler goes: one that had just exited, its slot
+    waiting out Swarm's restart delay, is not in the list the exit's scale-in counts;
+    it must not start again and hold the services in place."""
+    service = f"tickscale-handlers-{fleet}"
+    b = SwarmBackend(
+        spec, image=IMAGE, service=service, name=fleet,
+        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=10.0,
+    )  # fmt: skip
+    try:
+        await b.start()
+        first, _ = await b.add(2)
+        await wait_for(
+            "2 running tasks",
+            lambda: _states(b, ["running", "running"]), within_s=120,
+        )  # fmt: skip
+        cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={first}").stdout
+        docker("stop", cid.strip())
+        listed: list[HandlerInstance] = []
+
+        async def exited() -> bool:
+            listed[:] = await b.list()
+            return first not in {t.id for t in listed}
+
+        await wait_for("Swarm to see the task exit", exited, within_s=30, every=0.1)
+        assert len(listed) == 1, listed  # the replacement waits out the delay unlisted
+        await b.remove(len(listed))  # as Scaler.stop does
+        await b.retire()
+        assert docker("service", "inspect", service, check=False).returncode != 0
+    finally:
+        await b.close()
+        docker("service", "rm", service, check=False)
+
+
+async def _states(b: SwarmBackend, want: list[str]) -> bool:
+    return [t.state for t in await b.list()] == want

@@ -141,7 +141,9 @@ class Backend(Protocol):
         ...
 
     async def remove_ids(self, ids: builtins.list[str]) -> builtins.list[str]:
-        """Stop these handlers (SIGTERM and the grace period, together); return their ids."""
+        """Stop these handlers (SIGTERM and the grace period, together); return their ids.
+        One that has exited already is not stopped again; where the platform keeps its
+        slot to restart it (Swarm), the slot is released, once however often asked."""
         ...
 
     async def announce_replacement(self, ids: builtins.list[str]) -> builtins.list[str]:

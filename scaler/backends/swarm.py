@@ -29,11 +29,14 @@ named, counting a named task that has already exited (its slot is still the
 service's). A rollout step uses that: the old task, told through Redis, leaves
 the group and exits by itself, and the handover lowers its service only then
 (``scaler.handover``), so the scale-down takes the exited task's slot, not a
-running one. Elsewhere (the policy scaling in during a rollout, a rollback)
-any task of the service will do. The cost: a scaler that dies between a
-handover's stop and the state's save, and finds the named old task still
-running, stops one old task more on resuming; the policy scales the fleet back
-up.
+running one. An exited task is counted only while its slot is still held (a
+task of that slot meant to run: Swarm's replacement, made at once and started
+after the restart delay), so asking again, as a handover resumed after a
+restart or an error does, lowers nothing twice. Elsewhere (the policy scaling
+in during a rollout, a rollback) any task of the service will do. The cost: a
+scaler that dies between a handover's stop and the state's save, and finds the
+named old task still running, stops one old task more on resuming; the policy
+scales the fleet back up.
 
 A swarm spans machines, so the network must be an overlay (or ``host``).
 """
@@ -149,7 +152,11 @@ class SwarmBackend(EngineClient):
 
     async def retire(self) -> None:
         """Wait for the scaled-in tasks to drain, then remove the services: they hold the
-        overlay network, and removing one while tasks still run would kill them."""
+        overlay network, and removing one while tasks still run would kill them. Every
+        service goes to zero first: a slot whose task had exited, waiting out its restart
+        delay, is not in the list the scale-in counted, and would start again."""
+        async with self._lock:
+            await self._call("scale the services", self._scale_all_to_zero)
         deadline = time.monotonic() + self.stop_grace_s + _RETIRE_MARGIN_S
         while await self._call("list service tasks", self._running_tasks):
             if time.monotonic() > deadline:
@@ -277,17 +284,30 @@ class SwarmBackend(EngineClient):
         # A named task no longer listed has exited on its own (a replaced handler leaves
         # and exits): its slot is still its service's, and Swarm would start it again.
         # Lowering the service takes that slot, which Swarm prefers to a running one.
+        # Only while that slot is still held, though: lowered once already (a handover
+        # resumed after a restart or an error), it must not be lowered again.
         gone = sorted(wanted - {h.id for h in named})
         ours = {svc.id: svc.name for svc in self._services()} if gone else {}
         exited = []
         for tid in gone:
             for t in self.client.api.tasks(filters={"id": tid}):
-                if t.get("ServiceID") in ours and t["ID"] == tid:
+                if t.get("ServiceID") in ours and t["ID"] == tid and self._slot_held(t):
                     per[ours[t["ServiceID"]]] += 1
                     exited.append(tid)
         for svc, k in per.items():
             self._scale_by(svc, -k)
         return [h.id for h in named] + exited
+
+    def _slot_held(self, task: dict[str, Any]) -> bool:
+        """Whether an exited task's slot still counts in its service's replicas. Swarm
+        makes the replacement at once (desired state ready, running after the restart
+        delay) and drops it when a scale-down takes the slot; until Swarm has seen the
+        exit, the exited task itself is still meant to run."""
+        slot = task.get("Slot")
+        tasks = self.client.api.tasks(filters={"service": task["ServiceID"]})
+        return any(
+            t.get("Slot") == slot and t.get("DesiredState") in ("ready", "running") for t in tasks
+        )
 
     def _shrink_any(self, n: int) -> builtins.list[str]:
         """n fewer replicas, from services of other versions first (a rollout's leftovers)."""
@@ -317,6 +337,11 @@ class SwarmBackend(EngineClient):
         svc.scale(new)
         log.info("swarm service %s: replicas %d -> %d", name, old, new)
         return old, new
+
+    def _scale_all_to_zero(self) -> None:
+        for svc in self._services():
+            if _replicas(svc):
+                self._scale_by(svc.name, -_replicas(svc))
 
     def _running_tasks(self) -> int:
         return sum(_live(s) for s in self._services())
