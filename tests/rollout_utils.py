@@ -64,12 +64,15 @@ def running_versions(fleet: str) -> list[str]:
     return sorted(out.split())
 
 
-def wait_until(what: str, pred: Callable[[], bool], within_s: float) -> None:
-    """Swarm stops tasks after the scaler lowered a count: what is seen lags a little."""
+def wait_until(
+    what: str, pred: Callable[[], bool], within_s: float, seen: Callable[[], object] = list
+) -> None:
+    """Swarm stops tasks after the scaler lowered a count: what is seen lags a little.
+    ``seen()`` is what the failure shows beside ``what`` (what was there instead)."""
     deadline = time.monotonic() + within_s
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {within_s:g}s: {what}")
+            raise AssertionError(f"not within {within_s:g}s: {what}; seen {seen()}")
         time.sleep(0.5)
 
 
@@ -95,13 +98,13 @@ async def promote_then_roll_back(
         )
         assert ok.returncode == 0, ok.stdout + ok.stderr + sc.log()[-3000:]
         await asyncio.to_thread(wait_until, f"only {good} running",
-                                lambda: set(versions()) == {good}, 60)  # fmt: skip
+                                lambda: set(versions()) == {good}, 60, versions)  # fmt: skip
         bad = await asyncio.to_thread(_rollout, topics, redis_url, name, "--image", faulty,
                                       "--guard", GUARD)  # fmt: skip
         assert bad.returncode == 1, bad.stdout + bad.stderr + sc.log()[-3000:]
         assert "rolled back: deadletters per 1,000 records" in bad.stderr
         await asyncio.to_thread(wait_until, f"only {good} running again",
-                                lambda: set(versions()) == {good}, 60)  # fmt: skip
+                                lambda: set(versions()) == {good}, 60, versions)  # fmt: skip
         assert await asyncio.to_thread(rp.wait, 300) == 0
     finally:
         if rp.poll() is None:

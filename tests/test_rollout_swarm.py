@@ -45,6 +45,17 @@ def _services(fleet: str) -> list[str]:
     return sorted(out.split())
 
 
+def _tasks(fleet: str) -> str:
+    """Each of the fleet's services with its tasks' desired and current states."""
+    names = _services(fleet)
+    fmt = "{{.Name}} {{.Image}} {{.DesiredState}} {{.CurrentState}} {{.Error}}"
+    return (
+        docker("service", "ps", "--no-trunc", "--format", fmt, *names, check=False).stdout
+        if names
+        else "(no services)"
+    )
+
+
 async def test_swarm_rollout_promotes_across_a_restart_and_rolls_back_the_faulty_one(
     swarm: None, topics: TopicSet, redis_url: str, tmp_path: Path,
     rollout_images: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
@@ -94,6 +105,9 @@ async def test_swarm_rollout_promotes_across_a_restart_and_rolls_back_the_faulty
         await asyncio.to_thread(wait_until, f"only {good_service} left",
                                 lambda: _services(name) == [good_service], 60)  # fmt: skip
         assert faulty not in " ".join(running_versions(name))
+    except AssertionError as e:
+        # What a red run needs first: the tasks Swarm holds, and the live scaler's account.
+        raise AssertionError(f"{e}\n{_tasks(name)}\n{procs[-1].log()[-6000:]}") from e
     finally:
         rcs = [p.stop() for p in procs]
         left = _services(name)
