@@ -463,11 +463,7 @@ async def test_swarm_start_refuses_a_non_manager(fleet: str) -> None:
 async def test_swarm_add_remove_change_running_tasks(
     swarm: None, spec: HandlerSpec, fleet: str
 ) -> None:
-    service = f"tickscale-handlers-{fleet}"
-    b = SwarmBackend(
-        spec, image=IMAGE, service=service, name=fleet,
-        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=15.0,
-    )  # fmt: skip
+    service, b = _swarm(spec, fleet, stop_grace_s=15.0)
     try:
         await b.start()
         svc = json.loads(docker("service", "inspect", service).stdout)[0]["Spec"]
@@ -536,26 +532,16 @@ async def test_swarm_releases_an_exited_told_tasks_slot_once(
     """A told task that left and exited by itself keeps its slot until its service is
     lowered; Swarm would start it again. A handover that first sees it gone (a scaler
     restarted mid-change) lowers the service, and asking again lowers nothing more."""
-    service = f"tickscale-handlers-{fleet}"
-    b = SwarmBackend(
-        spec, image=IMAGE, service=service, name=fleet,
-        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=15.0,
-    )  # fmt: skip
+    service, b = _swarm(spec, fleet, stop_grace_s=15.0)
 
     def replicas() -> int:
         svc = json.loads(docker("service", "inspect", service).stdout)[0]
         return int(svc["Spec"]["Mode"]["Replicated"]["Replicas"])
 
-    async def running(n: int) -> bool:
-        return [t.state for t in await b.list()] == ["running"] * n
-
     try:
         await b.start()
-        old, new = await b.add(2)
-        await wait_for("2 running tasks", lambda: running(2), within_s=120)
         # The old one exits by itself, as a told handler does once its replacement joined.
-        cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={old}").stdout
-        docker("stop", cid.strip())
+        old, new = await _two_tasks_then_the_first_exits(b)
 
         async def old_gone() -> bool:
             return old not in {t.id for t in await b.list()}
@@ -581,20 +567,10 @@ async def test_swarm_retire_stops_a_slot_waiting_out_its_restart_delay(
     """On the scaler's exit every handler goes: one that had just exited, its slot
     waiting out Swarm's restart delay, is not in the list the exit's scale-in counts;
     it must not start again and hold the services in place."""
-    service = f"tickscale-handlers-{fleet}"
-    b = SwarmBackend(
-        spec, image=IMAGE, service=service, name=fleet,
-        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=10.0,
-    )  # fmt: skip
+    service, b = _swarm(spec, fleet, stop_grace_s=10.0)
     try:
         await b.start()
-        first, _ = await b.add(2)
-        await wait_for(
-            "2 running tasks",
-            lambda: _states(b, ["running", "running"]), within_s=120,
-        )  # fmt: skip
-        cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={first}").stdout
-        docker("stop", cid.strip())
+        first, _ = await _two_tasks_then_the_first_exits(b)
         listed: list[HandlerInstance] = []
 
         async def exited() -> bool:
@@ -611,5 +587,24 @@ async def test_swarm_retire_stops_a_slot_waiting_out_its_restart_delay(
         docker("service", "rm", service, check=False)
 
 
-async def _states(b: SwarmBackend, want: list[str]) -> bool:
-    return [t.state for t in await b.list()] == want
+def _swarm(spec: HandlerSpec, fleet: str, stop_grace_s: float) -> tuple[str, SwarmBackend]:
+    """The fleet's service name, and its backend (not started)."""
+    service = f"tickscale-handlers-{fleet}"
+    return service, SwarmBackend(
+        spec, image=IMAGE, service=service, name=fleet,
+        shape=ContainerShape("host", cpus=0.5, mem_mb=256), stop_grace_s=stop_grace_s,
+    )  # fmt: skip
+
+
+async def _two_tasks_then_the_first_exits(b: SwarmBackend) -> tuple[str, str]:
+    """Two running tasks; then the first is stopped from outside Swarm (SIGTERM: it
+    drains and exits 0), so its slot is left to Swarm's restart. Their ids."""
+    first, second = await b.add(2)
+
+    async def running() -> bool:
+        return [t.state for t in await b.list()] == ["running", "running"]
+
+    await wait_for("2 running tasks", running, within_s=120)
+    cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={first}").stdout
+    docker("stop", cid.strip())
+    return first, second
