@@ -541,12 +541,7 @@ async def test_swarm_releases_an_exited_told_tasks_slot_once(
     try:
         await b.start()
         # The old one exits by itself, as a told handler does once its replacement joined.
-        old, new = await _two_tasks_then_the_first_exits(b)
-
-        async def old_gone() -> bool:
-            return old not in {t.id for t in await b.list()}
-
-        await wait_for("the old task to exit", old_gone, within_s=60)
+        old, new, _ = await _two_tasks_then_the_first_exits(b)
         pending = Pending([new], [old], time.time(), "step", announced=[old])
         out = await Handover(b, _NoGroup()).advance(pending, await b.list(), join_s=60)
         assert out is not None and out.joined, out
@@ -570,14 +565,7 @@ async def test_swarm_retire_stops_a_slot_waiting_out_its_restart_delay(
     service, b = _swarm(spec, fleet, stop_grace_s=10.0)
     try:
         await b.start()
-        first, _ = await _two_tasks_then_the_first_exits(b)
-        listed: list[HandlerInstance] = []
-
-        async def exited() -> bool:
-            listed[:] = await b.list()
-            return first not in {t.id for t in listed}
-
-        await wait_for("Swarm to see the task exit", exited, within_s=30, every=0.1)
+        _, _, listed = await _two_tasks_then_the_first_exits(b)
         assert len(listed) == 1, listed  # the replacement waits out the delay unlisted
         await b.remove(len(listed))  # as Scaler.stop does
         await b.retire()
@@ -596,9 +584,12 @@ def _swarm(spec: HandlerSpec, fleet: str, stop_grace_s: float) -> tuple[str, Swa
     )  # fmt: skip
 
 
-async def _two_tasks_then_the_first_exits(b: SwarmBackend) -> tuple[str, str]:
+async def _two_tasks_then_the_first_exits(
+    b: SwarmBackend,
+) -> tuple[str, str, list[HandlerInstance]]:
     """Two running tasks; then the first is stopped from outside Swarm (SIGTERM: it
-    drains and exits 0), so its slot is left to Swarm's restart. Their ids."""
+    drains and exits 0), so its slot is left to Swarm's restart. Their ids, and the
+    backend's list as soon as the first has left it (within the restart delay)."""
     first, second = await b.add(2)
 
     async def running() -> bool:
@@ -607,4 +598,11 @@ async def _two_tasks_then_the_first_exits(b: SwarmBackend) -> tuple[str, str]:
     await wait_for("2 running tasks", running, within_s=120)
     cid = docker("ps", "-q", "--filter", f"label=com.docker.swarm.task.id={first}").stdout
     docker("stop", cid.strip())
-    return first, second
+    listed: list[HandlerInstance] = []
+
+    async def exited() -> bool:
+        listed[:] = await b.list()
+        return first not in {t.id for t in listed}
+
+    await wait_for("Swarm to see the task exit", exited, within_s=30, every=0.1)
+    return first, second, listed
