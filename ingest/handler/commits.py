@@ -74,8 +74,9 @@ class Committer:
     def transactional(self) -> bool:
         return isinstance(self.producer, FencedProducer)
 
-    async def discard(self) -> None:
-        """Drop the producer after a failed transaction; ``open()`` makes the next.
+    async def discard(self, wait_s: float = DISCARD_WAIT_S) -> None:
+        """Drop the producer after a failed transaction; ``open()`` makes the next. Its
+        close is cut short after ``wait_s``.
 
         Not abort_transaction(): on an abortable error aiokafka forgets which
         partitions the transaction wrote to, then "aborts" it without telling the
@@ -86,7 +87,7 @@ class Committer:
         p, self.producer = self.producer, None
         if p is not None:
             with contextlib.suppress(Exception):
-                await stop_producer(p, DISCARD_WAIT_S)
+                await stop_producer(p, wait_s)
 
     def detach(self) -> tuple[AIOKafkaProducer | None, bool]:
         """The producer, handed over for closing, and whether it holds an open transaction."""

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
 from core.incarnation import topic_id
@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 
 # While a topic the handler writes to is missing, the line saying so comes this often.
 _MISSING_SAID_EVERY_S = 60.0
-# ... and, while commits without it go through, the broker is asked this often if it is back.
+# ... and the broker is asked this often whether it is back.
 _BACK_CHECKED_EVERY_S = 5.0
+# A commit still unfinished after this long is checked for a topic it writes to gone from
+# the broker: the client retries such a topic silently until the transaction times out.
+_STALL_CHECKED_AFTER_S = 3.0
+# A discarded producer whose output topic is gone can never send its batches, which
+# belong to an abandoned transaction anyway: its close is not waited out.
+_DISCARD_WAIT_TOPIC_GONE_S = 1.0
 
 
 class CommitTimeout(TimeoutError):
@@ -43,6 +49,14 @@ class CommitTimeout(TimeoutError):
     The client then retries adding its partitions to the transaction for as long as the
     topic is gone, silently, and the commit would wait for ever.
     """
+
+
+class OutputMissing(KafkaError):
+    """A topic the handler writes to is not on the broker: the commit cannot succeed."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic} is not on the broker")
+        self.topic = topic
 
 
 class TopicRecreated(KafkaError):
@@ -64,6 +78,13 @@ class Recovery:
         self._failed_in_a_row = 0  # failed commits since the last one that succeeded
         self._missing_said: dict[str, float] = {}  # output topic -> when its absence was said
         self._back_checked = 0.0  # monotonic time the broker was last asked if they are back
+        self._held: set[TopicPartition] = set()  # paused by hold()
+
+    @property
+    def holding(self) -> bool:
+        """Whether the ticks topic is known gone: every batch writes to it, so none can
+        commit, and the input is held until it is back (``hold``)."""
+        return self.h.s.out_topic in self._missing_said
 
     async def commit(self, work: list[Batch]) -> None:
         """Commit a poll's batches: one transaction with EOS, else output then offsets.
@@ -94,18 +115,14 @@ class Recovery:
         if now - self._back_checked < _BACK_CHECKED_EVERY_S:
             return
         self._back_checked = now
-        s = self.h.s
         try:
-            await partition_ids(s.bootstrap, list(self._missing_said))
+            await partition_ids(self.h.s.bootstrap, list(self._missing_said))
         except TopicMissing:
             return  # still gone: said once a minute by the failed commits
         except Exception as e:  # a broker away: asked again after the next commit
             log.debug("could not check the output topics: %r", e)
             return
-        for topic in self._missing_said:
-            log.warning("topic %s is back on the broker: commits go on", topic)
-        self._missing_said.clear()
-        self.h.probes.unblock()
+        self._back(list(self._missing_said))
 
     async def _same_incarnation(self) -> None:
         """Raise TopicRecreated unless the input topic still has the id its partitions were
@@ -138,15 +155,26 @@ class Recovery:
         limit_s = self.h.s.transaction_timeout_ms / 1000
         # Beside the sends, so it costs no time on the commit's path.
         check = asyncio.ensure_future(self._same_incarnation())
+        commit = asyncio.ensure_future(
+            self.h.committer.commit(self.h.consumer, self.h.s.group, work, check)
+        )
+        watch = asyncio.ensure_future(self._watch_outputs())
         try:
             try:
-                async with asyncio.timeout(limit_s):
-                    await self.h.committer.commit(self.h.consumer, self.h.s.group, work, check)
-            except TimeoutError:
-                raise CommitTimeout(f"the commit did not finish within {limit_s:g} s") from None
+                finished, _ = await asyncio.wait(
+                    {commit, watch}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if commit in finished:
+                    commit.result()
+                elif watch in finished:
+                    watch.result()  # raises OutputMissing
+                else:
+                    raise CommitTimeout(f"the commit did not finish within {limit_s:g} s")
             finally:
-                check.cancel()
-                await asyncio.gather(check, return_exceptions=True)  # its outcome, read
+                for t in (commit, watch, check):
+                    t.cancel()
+                # Their outcomes, read: none is left for asyncio to report.
+                await asyncio.gather(commit, watch, check, return_exceptions=True)
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning(
@@ -155,7 +183,7 @@ class Recovery:
                 sorted(b.worker.committed for b in work),
                 e,
             )
-            if isinstance(e, CommitTimeout | UnknownTopicOrPartitionError):
+            if isinstance(e, CommitTimeout | UnknownTopicOrPartitionError | OutputMissing):
                 await self._say_missing_outputs()
             return e
         done = time.time()
@@ -172,6 +200,38 @@ class Recovery:
         metrics.PROCESSING.observe(time.monotonic() - t0)
         return None
 
+    async def _watch_outputs(self) -> None:
+        """Raise OutputMissing once a commit has run ``_STALL_CHECKED_AFTER_S`` and a topic
+        it writes to is gone; otherwise wait for ever (the commit's own limit ends it).
+        A broker that does not answer is not a missing topic: asked again later."""
+        s = self.h.s
+        await asyncio.sleep(_STALL_CHECKED_AFTER_S)
+        while True:
+            try:
+                await partition_ids(s.bootstrap, [s.out_topic, s.deadletter_topic])
+            except TopicMissing as e:
+                raise OutputMissing(e.topic) from None
+            except Exception as e:
+                log.debug("could not check the output topics: %r", e)
+            await asyncio.sleep(_BACK_CHECKED_EVERY_S)
+
+    async def hold(self, consumer: AIOKafkaConsumer) -> None:
+        """While the ticks topic is gone: fetch nothing (the partitions stay paused, the
+        member stays in its group) and ask the broker every few seconds; once it is back,
+        say so and fetch again. No transaction is begun meanwhile, so the client does not
+        spin on the missing topic and nothing is restored over and over."""
+        held = consumer.assignment()
+        consumer.pause(*held)  # the group may have given new partitions since
+        self._held |= held
+        now = time.monotonic()
+        if now - self._back_checked < _BACK_CHECKED_EVERY_S:
+            return
+        self._back_checked = now
+        await self._say_missing_outputs()
+        if not self.holding:
+            consumer.resume(*(self._held & consumer.assignment()))
+            self._held.clear()
+
     async def _say_missing_outputs(self) -> None:
         """Name a topic the handler writes to that is not on the broker (deleted under it):
         the one line an operator needs, once a minute while it lasts. The failed commit is
@@ -180,8 +240,10 @@ class Recovery:
         try:
             await partition_ids(s.bootstrap, [s.out_topic, s.deadletter_topic])
         except TopicMissing as e:
-            # Until the next failed commit could renew it: the commit's limit, the
-            # discarded producer's close, the longest backoff before the next, a margin.
+            if e.topic != s.out_topic and s.out_topic in self._missing_said:
+                self._back([s.out_topic])  # asked first, so it is there
+            # Until the next failed commit or check could renew it: the commit's limit,
+            # the discarded producer's close, the longest backoff before the next, a margin.
             renew_s = s.transaction_timeout_ms / 1000 + DISCARD_WAIT_S + s.retry_backoff_max_s + 10
             self.h.probes.block(f"topic {e.topic} is not on the broker", renew_s)
             now = time.monotonic()
@@ -195,6 +257,15 @@ class Recovery:
             return
         except Exception as e:  # a broker away: the retries below ride it out
             log.debug("could not check the output topics: %r", e)
+            return
+        self._back(list(self._missing_said))
+
+    def _back(self, topics: list[str]) -> None:
+        for topic in topics:
+            log.warning("topic %s is back on the broker: commits go on", topic)
+            del self._missing_said[topic]
+        if not self._missing_said:
+            self.h.probes.unblock()
 
     async def _recover(
         self,
@@ -214,7 +285,8 @@ class Recovery:
             wait = 0 if n <= 1 else backoff_s(n - 1, 0.25, self.h.s.retry_backoff_max_s)
             await self.h.grace.pause(wait)
         if self.h.committer.transactional:
-            await self.h.committer.discard()
+            gone = isinstance(error, OutputMissing) or self.holding
+            await self.h.committer.discard(_DISCARD_WAIT_TOPIC_GONE_S if gone else DISCARD_WAIT_S)
             await self.h.retry("reopen the producer", self.h.committer.open)
             if self.h.probes.fatal is not None:
                 return

@@ -277,6 +277,8 @@ class FeedHandler:
         consumer = self.consumer
         last_stats = 0.0
         while not self.grace.requested:
+            if self.recovery.holding:
+                await self.recovery.hold(consumer)
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.s.max_batch)
             except KafkaError as e:
