@@ -1,10 +1,16 @@
-"""A topic missing from the cluster's metadata: one line a minute, not a flood.
+"""The Kafka client's log lines that repeat: one line a minute, not a flood.
 
 A topic deleted under a running client makes aiokafka log an ERROR at each metadata
 refresh for as long as it is gone: twice a second in the handler's producer, thousands a
 second in a consumer reading it (verify logged 15,000 lines in 8 s). Each process that
 reads or writes topics others may delete (handler, replay, verify) installs this filter;
 what the process does about the missing topic it says itself.
+
+A broker that goes away does the same with every kind of client error: a handler logged
+3,300 ERROR lines in a 40 s outage (connection refused, metadata, fetch and coordinator
+requests failed, each every retry backoff), about 80 a second, and a fleet multiplies that.
+Every process's log handler carries ``CLIENT_REPEATS``: each kind of client warning or
+error is logged the first time, then at most once a minute with the number left out.
 """
 
 from __future__ import annotations
@@ -46,8 +52,58 @@ class MissingTopics(logging.Filter):
             "since the last report)"
         )
         record.args = (topic, self._since.pop(topic))
+        setattr(record, SUMMARY_ATTR, True)
         self._last[topic] = now
         return True
 
 
 MISSING_TOPICS = MissingTopics()
+
+
+# Set on a record a filter above has already summarised: it passes ClientRepeats as is.
+SUMMARY_ATTR = "tickscale_summary"
+_CLIENT = "aiokafka"
+
+
+class ClientRepeats(logging.Filter):
+    """For the process's log handlers: a client (``aiokafka*`` logger) warning or error of
+    a kind (logger and message template) seen in the last ``every_s`` is left out and
+    counted; the next one let through says how many were."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._last: dict[tuple[str, object], float] = {}
+        self._since: Counter[tuple[str, object]] = Counter()
+
+    def install(self) -> None:
+        """On the root logger's handlers: a filter on a logger misses its children's
+        records, and the client logs under a dozen names. Call after logging is set up."""
+        for h in logging.getLogger().handlers:
+            if self not in h.filters:
+                h.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno < logging.WARNING
+            or getattr(record, SUMMARY_ATTR, False)
+            or not (record.name == _CLIENT or record.name.startswith(_CLIENT + "."))
+        ):
+            return True
+        key = (record.name, record.msg)
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._since[key] += 1
+            return False
+        left_out = self._since.pop(key, 0)
+        if left_out:
+            # Formatted here: the count must not meet a % in the client's own text.
+            record.msg = f"{record.getMessage()} ({left_out} more like it left out since)"
+            record.args = None
+        self._last[key] = now
+        return True
+
+
+CLIENT_REPEATS = ClientRepeats()

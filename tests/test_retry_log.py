@@ -18,7 +18,7 @@ from core.aiokafka_internals import (
     SENDER_LOGGER,
     TOPIC_NOT_FOUND_MSG,
 )
-from core.client_log import MissingTopics
+from core.client_log import SUMMARY_ATTR, ClientRepeats, MissingTopics
 from ingest.handler.retry_log import ProduceRetries
 
 
@@ -109,3 +109,47 @@ def _string_constants(module: object) -> set[str]:
             elif isinstance(c, types.CodeType):
                 todo.append(c)
     return found
+
+
+def test_client_repeats_are_logged_once_a_minute_with_the_count() -> None:
+    now = [0.0]
+    f = ClientRepeats(every_s=60, clock=lambda: now[0])
+
+    def rec(name: str, msg: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, args, None)
+
+    refused = "Unable connect to node with id %s: %s"
+    assert f.filter(rec("aiokafka", refused, 1, "refused"))
+    # The same kind again, with other values: left out for a minute.
+    assert not any(f.filter(rec("aiokafka", refused, 1, f"try {i}")) for i in range(500))
+    # Other kinds, other levels and other loggers are not held back by it.
+    assert f.filter(rec("aiokafka.consumer.fetcher", "Failed fetch messages from %s: %s", 1, "x"))
+    assert f.filter(rec("aiokafka", refused, 1, "x", level=logging.INFO))
+    assert f.filter(rec("ingest.handler.recovery", refused, 1, "x"))
+    assert f.filter(rec("aiokafkaesque", refused, 1, "x"))
+    # A missing topic's lines are already one a minute per topic, by their own filter.
+    for topic in ("md.ticks", "md.deadletter"):
+        summarised = rec(CLUSTER_LOGGER, TOPIC_NOT_FOUND_MSG, topic)
+        assert MissingTopics(clock=lambda: now[0]).filter(summarised)
+        assert getattr(summarised, SUMMARY_ATTR) is True
+        assert f.filter(summarised)
+    now[0] = 61.0
+    r = rec("aiokafka", refused, 1, "100% refused")
+    assert f.filter(r)
+    assert r.getMessage() == (
+        "Unable connect to node with id 1: 100% refused (500 more like it left out since)"
+    )
+    assert not f.filter(rec("aiokafka", refused, 1, "again"))
+
+
+def test_client_repeats_sits_on_the_root_loggers_handlers_once() -> None:
+    f = ClientRepeats()
+    handler = logging.StreamHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        f.install()
+        f.install()
+        assert handler.filters.count(f) == 1
+    finally:
+        root.removeHandler(handler)

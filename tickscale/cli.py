@@ -64,6 +64,9 @@ def _main(
         stream=sys.stderr,
     )
     logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
+    from core.client_log import CLIENT_REPEATS
+
+    CLIENT_REPEATS.install()  # an outage's client errors: one line a minute each
     from core.secrets import client_secrets
 
     # Passwords are read once, here, so a placeholder stops every role before it starts.

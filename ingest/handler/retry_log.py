@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from core.aiokafka_internals import PRODUCE_RETRY_MSG, SENDER_LOGGER
+from core.client_log import SUMMARY_ATTR
 from ingest import metrics
 
 
@@ -51,6 +52,7 @@ class ProduceRetries(logging.Filter):
         counts = ", ".join(f"{n} x{k}" for n, k in sorted(self._since.items()))
         record.msg = "produce retried (%s) since the last report; the latest on %s"
         record.args = (counts, tp)
+        setattr(record, SUMMARY_ATTR, True)
         self._since.clear()
         self._last = now
         return True

@@ -60,6 +60,9 @@ def main() -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    from core.client_log import CLIENT_REPEATS
+
+    CLIENT_REPEATS.install()  # an outage's client errors: one line a minute each
     tasks: set[asyncio.Task[int | None]] = set()
 
     def on_built(sc: Scaler) -> None:
