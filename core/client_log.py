@@ -9,8 +9,9 @@ what the process does about the missing topic it says itself.
 A broker that goes away does the same with every kind of client error: a handler logged
 3,300 ERROR lines in a 40 s outage (connection refused, metadata, fetch and coordinator
 requests failed, each every retry backoff), about 80 a second, and a fleet multiplies that.
-Every process's log handler carries ``CLIENT_REPEATS``: each kind of client warning or
-error is logged the first time, then at most once a minute with the number left out.
+Every process's log handler carries ``CLIENT_REPEATS`` (``CLIENT_REPEATS.handler``): each
+kind of client warning or error is logged the first time, then at most once a minute with
+the number left out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TextIO
 
 from core.aiokafka_internals import CLUSTER_LOGGER, TOPIC_NOT_FOUND_MSG
 
@@ -77,12 +79,12 @@ class ClientRepeats(logging.Filter):
         self._last: dict[tuple[str, object], float] = {}
         self._since: Counter[tuple[str, object]] = Counter()
 
-    def install(self) -> None:
-        """On the root logger's handlers: a filter on a logger misses its children's
-        records, and the client logs under a dozen names. Call after logging is set up."""
-        for h in logging.getLogger().handlers:
-            if self not in h.filters:
-                h.addFilter(self)
+    def handler(self, stream: TextIO) -> logging.Handler:
+        """The process's log handler, writing to ``stream``, with this filter: a filter on
+        a logger misses its children's records, and the client logs under a dozen names."""
+        h = logging.StreamHandler(stream)
+        h.addFilter(self)
+        return h
 
     def filter(self, record: logging.LogRecord) -> bool:
         if (

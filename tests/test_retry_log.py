@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import types
 
 import pytest
@@ -142,14 +143,15 @@ def test_client_repeats_are_logged_once_a_minute_with_the_count() -> None:
     assert not f.filter(rec("aiokafka", refused, 1, "again"))
 
 
-def test_client_repeats_sits_on_the_root_loggers_handlers_once() -> None:
+def test_client_repeats_is_on_the_process_log_handler(capsys: pytest.CaptureFixture[str]) -> None:
     f = ClientRepeats()
-    handler = logging.StreamHandler()
-    root = logging.getLogger()
-    root.addHandler(handler)
+    handler = f.handler(sys.stderr)
+    assert f in handler.filters
+    log = logging.getLogger("aiokafka.consumer.fetcher")
+    log.addHandler(handler)
     try:
-        f.install()
-        f.install()
-        assert handler.filters.count(f) == 1
+        for i in range(3):
+            log.error("Failed fetch messages from %s: %s", 1, f"attempt {i}")
     finally:
-        root.removeHandler(handler)
+        log.removeHandler(handler)
+    assert capsys.readouterr().err == "Failed fetch messages from 1: attempt 0\n"

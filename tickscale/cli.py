@@ -58,15 +58,15 @@ def _main(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown level {log_level!r}", param_hint="--log-level")
+    from core.client_log import CLIENT_REPEATS
+
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        # An outage's client errors: each kind once, then one line a minute.
+        handlers=[CLIENT_REPEATS.handler(sys.stderr)],
     )
     logging.getLogger("aiokafka").setLevel(max(level, logging.WARNING))
-    from core.client_log import CLIENT_REPEATS
-
-    CLIENT_REPEATS.install()  # an outage's client errors: one line a minute each
     from core.secrets import client_secrets
 
     # Passwords are read once, here, so a placeholder stops every role before it starts.
@@ -101,20 +101,21 @@ def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
 
     Exits 2 with one line naming the input for an input that cannot be used, 1 when
     the replay stopped before the end (a signal, the broker gone past the outage
-    deadline, the topic deleted); the manifest then counts what the broker acknowledged.
+    deadline, the topic deleted) or its last manifest could not be written (a full disk);
+    the manifest then counts what the broker acknowledged, or less.
     """
     from aiokafka.errors import KafkaError
 
     from ingest.codecs.errors import SourceError
     from ingest.replay.publisher import BrokerOutage
-    from ingest.replay.run import run_replay
+    from ingest.replay.run import ManifestUnwritable, run_replay
 
     settings = load(ReplaySettings, given)
     try:
         ok = run_replay(settings)
     except SourceError as e:
         raise _fail(e.where, e.what) from None
-    except BrokerOutage as e:
+    except (BrokerOutage, ManifestUnwritable) as e:
         raise _fail(e.where, e.what, code=1) from None
     except KafkaError as e:
         where = f"--bootstrap {settings.bootstrap}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -53,16 +54,17 @@ async def lower_max(sc: Scaler) -> int | None:
 
 
 def main() -> None:
+    from core.client_log import CLIENT_REPEATS
     from scaler.cli import Hooks
     from scaler.cli import main as run_scaler
 
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # An outage's client errors: each kind once, then one line a minute.
+        handlers=[CLIENT_REPEATS.handler(sys.stderr)],
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    from core.client_log import CLIENT_REPEATS
-
-    CLIENT_REPEATS.install()  # an outage's client errors: one line a minute each
     tasks: set[asyncio.Task[int | None]] = set()
 
     def on_built(sc: Scaler) -> None:
