@@ -66,13 +66,17 @@ class Manifest(BaseModel):
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_path(p)
-        with tmp.open("w") as f:
-            f.write(self.model_dump_json(indent=1))
-            f.flush()
-            # On disk before the rename: after a crash the manifest is the old
-            # one or the new one, never an empty file.
-            os.fsync(f.fileno())
-        tmp.replace(p)  # atomic: a reader never sees half a manifest
+        try:
+            with tmp.open("w") as f:
+                f.write(self.model_dump_json(indent=1))
+                f.flush()
+                # On disk before the rename: after a crash the manifest is the old
+                # one or the new one, never an empty file.
+                os.fsync(f.fileno())
+            tmp.replace(p)  # atomic: a reader never sees half a manifest
+        except OSError:
+            tmp.unlink(missing_ok=True)  # half written (a full disk): ours, and of no use
+            raise
 
     @staticmethod
     def check_writable(path: str | Path) -> None:

@@ -8,10 +8,13 @@ the source makes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -346,3 +349,58 @@ async def test_a_topic_deleted_under_a_running_replay_is_named(
         assert began and began in errors[0], errors[0]
     assert took < 60, (took, text[-3000:])  # well before the 150 s outage deadline
     assert not Manifest.read(manifest).complete
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system of its own, to fill."""
+    if os.geteuid() != 0:
+        pytest.skip("fills a small tmpfs, which needs root to mount")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+async def test_a_full_disk_does_not_stop_the_feed_and_resume_writes_the_manifest(
+    topics: TopicSet, tmp_path: Path, small_disk: Path
+) -> None:
+    """The manifest's disk fills during the replay: every message is still sent, the
+    replay says so once and exits 1 with one line naming --manifest, leaves no half
+    written file, and ``--resume`` once there is room writes the whole day's manifest."""
+    disk = small_disk
+    manifest = disk / "m.json"
+    log = tmp_path / "replay.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "60", *SOURCE_ARGS),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        counted = await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 60)
+        filler = disk / "filler"
+        with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        code = await asyncio.to_thread(proc.wait, 120)
+    finally:
+        proc.kill()
+    text = log.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith(f"error: --manifest {manifest}: cannot write it"), text[-3000:]
+    assert "--resume" in last
+    assert text.count("cannot write the manifest") == 1, text[-3000:]
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "m.json"]  # no .tmp left
+    m = Manifest.read(manifest)
+    assert not m.complete and m.source_messages >= counted
+    # Every message reached the broker all the same: the resume sends nothing again.
+    filler.unlink()
+    r = await _resume(topics, manifest)
+    assert r.returncode == 0, r.stderr[-3000:]
+    await _assert_exactly_once(topics, manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,75 @@ from ingest.manifest import Manifest
 from ingest.replay.publisher import Replayer, ReplayerOptions, ReplayStats
 from ingest.replay.settings import ReplaySettings
 from ingest.replay.source import NS
+
+log = logging.getLogger(__name__)
+
+# A manifest that cannot be written (a full disk) is said this often while the replay goes on.
+_UNWRITABLE_SAID_EVERY_S = 60.0
+# Waits before each further attempt at the last manifest (15 s in all).
+_LAST_WRITE_WAITS_S = (1.0, 2.0, 4.0, 8.0)
+
+
+class ManifestUnwritable(RuntimeError):
+    """The replay's last manifest could not be written: what was sent is on the broker,
+    the manifest on disk counts less (an earlier checkpoint, or none)."""
+
+    def __init__(self, where: str, what: str) -> None:
+        super().__init__(f"{where}: {what}")
+        self.where = where
+        self.what = what
+
+
+class _ManifestWriter:
+    """Writes each checkpoint's manifest. One that cannot be written does not stop the
+    feed (a market day must not get a hole for its bookkeeping): it is said once a minute,
+    the next checkpoint tries again, and ``finish`` retries the last one."""
+
+    def __init__(self, path: Path, source: str, params: dict[str, object]) -> None:
+        self.path, self.source, self.params = path, source, params
+        self.unwritten: Manifest | None = None  # the latest manifest not on disk
+        self.error: OSError | None = None
+        self._said = -_UNWRITABLE_SAID_EVERY_S
+
+    def __call__(self, m: Manifest) -> None:
+        m.source = self.source
+        m.params = self.params
+        try:
+            m.write(self.path)
+        except OSError as e:
+            self.unwritten, self.error = m, e
+            now = time.monotonic()
+            if now - self._said >= _UNWRITABLE_SAID_EVERY_S:
+                self._said = now
+                log.warning(
+                    "cannot write the manifest --manifest %s (%s): the replay goes on and "
+                    "tries again at each checkpoint", self.path, e.strerror or e,
+                )  # fmt: skip
+            return
+        if self.unwritten is not None:
+            log.warning("the manifest %s is written again", self.path)
+        self.unwritten = self.error = None
+
+    def finish(self) -> None:
+        """Retry the last manifest a few times; ManifestUnwritable if it stays unwritten."""
+        for wait_s in _LAST_WRITE_WAITS_S:
+            m = self.unwritten
+            if m is None:
+                return
+            try:
+                time.sleep(wait_s)
+            except KeyboardInterrupt:
+                break  # asked to stop: say what is left as it is
+            self(m)
+        m, e = self.unwritten, self.error
+        if m is None:
+            return
+        raise ManifestUnwritable(
+            f"--manifest {self.path}",
+            f"cannot write it ({e.strerror if e is not None else e}); the broker acknowledged "
+            f"{m.records_sent:,} records, which the manifest on disk does not all count: make "
+            "room and run the same command with --resume to write it",
+        )
 
 
 def _clock(ns: int, codec: str) -> str:
@@ -154,6 +224,7 @@ def run_replay(settings: ReplaySettings) -> bool:
         first record where it can be known in advance, else after the manifest of
         what was sent
     :raises BrokerOutage: the broker was gone past the outage deadline
+    :raises ManifestUnwritable: the last manifest could not be written (a full disk)
     """
     s = settings
     Manifest.check_writable(s.manifest)
@@ -167,21 +238,25 @@ def run_replay(settings: ReplaySettings) -> bool:
         return True
     bar = _Bar(console, spec.source, codec, s.progress)
 
-    def write(m: Manifest) -> None:
-        m.source = spec.source
-        m.params = params
-        m.write(s.manifest)
-
+    write = _ManifestWriter(Path(s.manifest), spec.source, params)
     options = ReplayerOptions(
         checkpoint=write, checkpoint_every_s=s.checkpoint_every_s, resume=prev,
         outage_deadline_s=s.outage_deadline_s, connect_timeout_s=s.connect_timeout_s,
     )  # fmt: skip
     replayer = Replayer(s.bootstrap, s.topic, src, s.pace, day_s, bar.update, options=options)
     MISSING_TOPICS.install()  # a topic deleted under the replay floods the log otherwise
-    m = asyncio.run(_run(s, replayer, bar, day_s))
+    try:
+        m = asyncio.run(_run(s, replayer, bar, day_s))
+    except BaseException:
+        try:
+            write.finish()  # its manifest is what --resume carries on from
+        except ManifestUnwritable as e:
+            log.warning("%s", e)  # beside what stopped the replay, which is said next
+        raise
+    write.finish()
     console.print(_summary(replayer.stats, m, prev is not None, s.manifest))
     # False when a signal cut the replay short: the manifest covers only what was sent.
     return not replayer.interrupted
 
 
-__all__ = ["resume_from", "run_replay"]
+__all__ = ["ManifestUnwritable", "resume_from", "run_replay"]
