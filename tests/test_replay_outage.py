@@ -25,7 +25,7 @@ from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.publisher import Replayer, ReplayerOptions
 from ingest.replay.spec import SourceSpec
-from tests.pipeline_utils import replay_cmd
+from tests.pipeline_utils import replay_cmd, start_replay
 from tickscale.localstack import KafkaBroker
 from tickscale.localstack.topics import (
     MakeTopics,
@@ -374,12 +374,7 @@ async def test_a_full_disk_does_not_stop_the_feed_and_resume_writes_the_manifest
     disk = small_disk
     manifest = disk / "m.json"
     log = tmp_path / "replay.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            replay_cmd(topics, manifest, "--speed", "60", *SOURCE_ARGS),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    proc = start_replay(topics, manifest, log, "--speed", "60", *SOURCE_ARGS)
     try:
         counted = await asyncio.to_thread(_wait_for_checkpoint, proc, manifest, 60)
         filler = disk / "filler"
