@@ -70,14 +70,23 @@ _CLIENT = "aiokafka"
 class ClientRepeats(logging.Filter):
     """For the process's log handlers: a client (``aiokafka*`` logger) warning or error of
     a kind (logger and message template) seen in the last ``every_s`` is left out and
-    counted; the next one let through says how many were."""
+    counted; the next one let through says how many were. ``flush``, called now and then,
+    says it for a kind that has gone quiet for ``quiet_s``: the end of an outage shows."""
 
-    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        every_s: float = 60.0,
+        quiet_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__()
         self.every_s = every_s
+        self.quiet_s = quiet_s
         self.clock = clock
-        self._last: dict[tuple[str, object], float] = {}
-        self._since: Counter[tuple[str, object]] = Counter()
+        self._last: dict[tuple[str, object], float] = {}  # kind -> when one was let through
+        self._since: Counter[tuple[str, object]] = Counter()  # kind -> left out since
+        # kind -> the latest left out: (level, its text, when)
+        self._latest: dict[tuple[str, object], tuple[int, str, float]] = {}
 
     def handler(self, stream: TextIO) -> logging.Handler:
         """The process's log handler, writing to ``stream``, with this filter: a filter on
@@ -98,14 +107,30 @@ class ClientRepeats(logging.Filter):
         last = self._last.get(key)
         if last is not None and now - last < self.every_s:
             self._since[key] += 1
+            self._latest[key] = (record.levelno, record.getMessage(), now)
             return False
         left_out = self._since.pop(key, 0)
+        self._latest.pop(key, None)
         if left_out:
             # Formatted here: the count must not meet a % in the client's own text.
             record.msg = f"{record.getMessage()} ({left_out} more like it left out since)"
             record.args = None
         self._last[key] = now
         return True
+
+    def flush(self) -> None:
+        """Say how many of each kind were left out, for every kind none of which came in
+        the last ``quiet_s``: the last line of an outage, rather than silence."""
+        now = self.clock()
+        for key, (level, text, when) in list(self._latest.items()):
+            if now - when < self.quiet_s:
+                continue
+            del self._latest[key]
+            n = self._since.pop(key, 0)
+            logging.getLogger(key[0]).log(
+                level, "%s (%d more like it left out, the last %.0f s ago; none since)",
+                text, n, now - when, extra={SUMMARY_ATTR: True},
+            )  # fmt: skip
 
 
 CLIENT_REPEATS = ClientRepeats()

@@ -74,6 +74,8 @@ async def test_a_broker_outage_is_ridden_out_in_a_few_lines(
         assert kinds, "the outage left no trace in the log"
         assert max(kinds.values()) <= 2, kinds.most_common(5)
         assert sum(kinds.values()) <= 40, kinds.most_common(10)
+        # ... and once the broker is back, how many were left out: the outage's last line.
+        assert "more like it left out, the last" in text, text[-3000:]
         assert "Traceback" not in text and h.proc.poll() is None, text[-3000:]
     finally:
         if replay is not None and replay.poll() is None:

@@ -143,6 +143,32 @@ def test_client_repeats_are_logged_once_a_minute_with_the_count() -> None:
     assert not f.filter(rec("aiokafka", refused, 1, "again"))
 
 
+def test_client_repeats_say_how_many_once_a_kind_has_gone_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    f = ClientRepeats(every_s=60, quiet_s=10, clock=lambda: now[0])
+    log = logging.getLogger("aiokafka.consumer.fetcher")
+    log.addFilter(f)  # on the logger here, so caplog sees what passes
+    try:
+        with caplog.at_level(logging.WARNING, logger="aiokafka.consumer.fetcher"):
+            for i in range(40):  # an outage: a failed fetch every 100 ms
+                log.error("Failed fetch messages from %s: %s", 1, f"attempt {i}")
+                now[0] += 0.1
+            f.flush()  # still failing a moment ago: nothing to say yet
+            now[0] += 10
+            f.flush()
+            f.flush()  # said once
+    finally:
+        log.removeFilter(f)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed fetch messages from 1: attempt 0",
+        "Failed fetch messages from 1: attempt 39 (39 more like it left out, the last 10 s ago; "
+        "none since)",
+    ]
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.ERROR]
+
+
 def test_client_repeats_is_on_the_process_log_handler(capsys: pytest.CaptureFixture[str]) -> None:
     f = ClientRepeats()
     handler = f.handler(sys.stderr)

@@ -40,7 +40,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
-from core.client_log import MISSING_TOPICS
+from core.client_log import CLIENT_REPEATS, MISSING_TOPICS
 from core.constants import LEAVE_KEY_FIELD, LEAVE_SIGNAL, LEAVE_SIGNAL_FIELD
 from core.retry import retry_async
 from core.runtime import stop_on_signals
@@ -302,6 +302,7 @@ class FeedHandler:
             if now - last_stats >= 1.0:
                 last_stats = now
                 self._report(consumer)
+                CLIENT_REPEATS.flush()  # an outage's client errors: how many, once over
                 self._check_parent()
         if self.probes.fatal is not None:
             raise self.probes.fatal
