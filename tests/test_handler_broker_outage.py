@@ -70,10 +70,11 @@ async def test_a_broker_outage_is_ridden_out_in_a_few_lines(
         kinds = _client_lines(text)
         # The client logs each failed connection, metadata, fetch and coordinator request
         # every retry backoff: about 80 lines a second before. Each kind is now logged once,
-        # then at most once a minute.
+        # then at most once a minute (a slow broker start can make that one more), and once
+        # more with the count when it has gone quiet.
         assert kinds, "the outage left no trace in the log"
-        assert max(kinds.values()) <= 2, kinds.most_common(5)
-        assert sum(kinds.values()) <= 40, kinds.most_common(10)
+        assert max(kinds.values()) <= 4, kinds.most_common(5)
+        assert sum(kinds.values()) <= 50, kinds.most_common(10)
         # ... and once the broker is back, how many were left out: the outage's last line.
         assert "more like it left out, the last" in text, text[-3000:]
         assert "Traceback" not in text and h.proc.poll() is None, text[-3000:]
