@@ -78,7 +78,6 @@ class Recovery:
         self._failed_in_a_row = 0  # failed commits since the last one that succeeded
         self._missing_said: dict[str, float] = {}  # output topic -> when its absence was said
         self._back_checked = 0.0  # monotonic time the broker was last asked if they are back
-        self._held: set[TopicPartition] = set()  # paused by hold()
 
     @property
     def holding(self) -> bool:
@@ -111,10 +110,8 @@ class Recovery:
         """After a commit went through while an output topic was missing: say which are
         back. Asked of the broker, at most every few seconds: a poll whose records made
         no ticks commits its offsets alone, without the missing topic."""
-        now = time.monotonic()
-        if now - self._back_checked < _BACK_CHECKED_EVERY_S:
+        if not self._check_due():
             return
-        self._back_checked = now
         try:
             await partition_ids(self.h.s.bootstrap, list(self._missing_said))
         except TopicMissing:
@@ -123,6 +120,14 @@ class Recovery:
             log.debug("could not check the output topics: %r", e)
             return
         self._back(list(self._missing_said))
+
+    def _check_due(self) -> bool:
+        """Whether to ask the broker about the missing topics now: every few seconds."""
+        now = time.monotonic()
+        if now - self._back_checked < _BACK_CHECKED_EVERY_S:
+            return False
+        self._back_checked = now
+        return True
 
     async def _same_incarnation(self) -> None:
         """Raise TopicRecreated unless the input topic still has the id its partitions were
@@ -220,17 +225,12 @@ class Recovery:
         member stays in its group) and ask the broker every few seconds; once it is back,
         say so and fetch again. No transaction is begun meanwhile, so the client does not
         spin on the missing topic and nothing is restored over and over."""
-        held = consumer.assignment()
-        consumer.pause(*held)  # the group may have given new partitions since
-        self._held |= held
-        now = time.monotonic()
-        if now - self._back_checked < _BACK_CHECKED_EVERY_S:
+        consumer.pause(*consumer.assignment())  # the group may have given new ones since
+        if not self._check_due():
             return
-        self._back_checked = now
         await self._say_missing_outputs()
         if not self.holding:
-            consumer.resume(*(self._held & consumer.assignment()))
-            self._held.clear()
+            consumer.resume(*consumer.paused())  # nothing else pauses partitions
 
     async def _say_missing_outputs(self) -> None:
         """Name a topic the handler writes to that is not on the broker (deleted under it):
