@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -157,29 +158,14 @@ class Recovery:
         """Commit batches together; the error if they could not be."""
         assert self.h.consumer is not None
         t0 = time.monotonic()
-        limit_s = self.h.s.transaction_timeout_ms / 1000
         # Beside the sends, so it costs no time on the commit's path.
         check = asyncio.ensure_future(self._same_incarnation())
-        commit = asyncio.ensure_future(
-            self.h.committer.commit(self.h.consumer, self.h.s.group, work, check)
-        )
-        watch = asyncio.ensure_future(self._watch_outputs())
         try:
             try:
-                finished, _ = await asyncio.wait(
-                    {commit, watch}, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED
-                )
-                if commit in finished:
-                    commit.result()
-                elif watch in finished:
-                    watch.result()  # raises OutputMissing
-                else:
-                    raise CommitTimeout(f"the commit did not finish within {limit_s:g} s")
+                await self._bounded(work, check)
             finally:
-                for t in (commit, watch, check):
-                    t.cancel()
-                # Their outcomes, read: none is left for asyncio to report.
-                await asyncio.gather(commit, watch, check, return_exceptions=True)
+                check.cancel()
+                await asyncio.gather(check, return_exceptions=True)  # its outcome, read
         except Exception as e:  # any failure leaves state ahead of the commit
             metrics.TXN_ABORTS.labels(type(e).__name__).inc()
             log.warning(
@@ -205,17 +191,46 @@ class Recovery:
         metrics.PROCESSING.observe(time.monotonic() - t0)
         return None
 
-    async def _watch_outputs(self) -> None:
-        """Raise OutputMissing once a commit has run ``_STALL_CHECKED_AFTER_S`` and a topic
-        it writes to is gone; otherwise wait for ever (the commit's own limit ends it).
-        A broker that does not answer is not a missing topic: asked again later."""
+    async def _bounded(self, work: list[Batch], check: Awaitable[None]) -> None:
+        """The commit, given up after the transaction timeout (CommitTimeout). One still
+        running after ``_STALL_CHECKED_AFTER_S`` starts a check of the output topics that
+        ends it at once if one is gone (OutputMissing); a commit of the usual few
+        milliseconds costs only the timer."""
+        assert self.h.consumer is not None
+        limit_s = self.h.s.transaction_timeout_ms / 1000
+        missing: list[str] = []
+        watch: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.timeout(limit_s) as deadline:
+                timer = asyncio.get_running_loop().call_later(
+                    _STALL_CHECKED_AFTER_S,
+                    lambda: watch.append(asyncio.ensure_future(self._watch(deadline, missing))),
+                )
+                try:
+                    await self.h.committer.commit(self.h.consumer, self.h.s.group, work, check)
+                finally:
+                    timer.cancel()
+        except TimeoutError:
+            if missing:
+                raise OutputMissing(missing[0]) from None
+            raise CommitTimeout(f"the commit did not finish within {limit_s:g} s") from None
+        finally:
+            for t in watch:
+                t.cancel()
+            await asyncio.gather(*watch, return_exceptions=True)
+
+    async def _watch(self, deadline: asyncio.Timeout, missing: list[str]) -> None:
+        """Ask the broker for the output topics until one is found gone: name it in
+        ``missing`` and end the commit now. A broker that does not answer is not a missing
+        topic: asked again later."""
         s = self.h.s
-        await asyncio.sleep(_STALL_CHECKED_AFTER_S)
         while True:
             try:
                 await partition_ids(s.bootstrap, [s.out_topic, s.deadletter_topic])
             except TopicMissing as e:
-                raise OutputMissing(e.topic) from None
+                missing.append(e.topic)
+                deadline.reschedule(asyncio.get_running_loop().time())
+                return
             except Exception as e:
                 log.debug("could not check the output topics: %r", e)
             await asyncio.sleep(_BACK_CHECKED_EVERY_S)
