@@ -36,6 +36,14 @@ BOOK_ERRORS = Counter(
 SEQUENCE_GAPS = Counter(
     "tickscale_handler_sequence_gaps_total", "Feed messages missing by sequence number"
 )
+RAW_DELETED = Counter(
+    "tickscale_handler_raw_records_deleted_total",
+    "Raw records deleted from md.raw (retention, or by hand) before the handler used them: "
+    "before_processing (their ticks are missing), before_restore (a rebuilt book lacks them)",
+    ["when"],
+)
+for _when in ("before_processing", "before_restore"):
+    RAW_DELETED.labels(_when)  # exported at 0, so a panel or an alert sees the series at once
 BATCH_SIZE = Histogram(
     "tickscale_handler_batch_size",
     "Raw messages per transaction",

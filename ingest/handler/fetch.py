@@ -8,10 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from core.reach import reach_topics
 from core.secrets import kafka_auth
+from ingest import metrics
 from ingest.handler.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,10 @@ def group_consumer(s: HandlerSettings) -> AIOKafkaConsumer:
         group_id=s.group,
         client_id=s.handler_id,
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        # Never reset silently: a position that fell out of the log (its records
+        # deleted by retention before they were processed) is a hole in the day,
+        # which move_into_log() says and counts.
+        auto_offset_reset="none",
         isolation_level="read_committed",
         max_poll_records=s.max_batch,
         max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -58,6 +62,48 @@ async def out_partitions(s: HandlerSettings) -> int:
     return len(found[s.out_topic])
 
 
+async def log_starts(
+    consumer: AIOKafkaConsumer, tps: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """Where each partition's log starts now: retention moves it on."""
+    return dict(await consumer.beginning_offsets(tps))
+
+
+async def move_into_log(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
+    """Seek partitions whose fetch position lies outside their log to its start.
+
+    Below the log start, the records up to it were deleted (retention, or by hand)
+    before the group processed them: their ticks can never be made, so the hole is
+    said and counted. Beyond the log end, the topic was deleted and created again (the
+    next commit sees its new id and restores every partition) or its log truncated:
+    reading from the start is what the consumer did before.
+    """
+    # An error can be stale: the fetcher sends its first fetch from the committed
+    # offset while the assignment's restore is still choosing the start, and the
+    # restore's seek wins. Only a position still at the refused offset is moved.
+    positions = {tp: p for tp, p in positions.items() if await consumer.position(tp) == p}
+    if not positions:
+        return
+    starts = await log_starts(consumer, list(positions))
+    for tp, pos in positions.items():
+        start = starts[tp]
+        if pos < start:
+            metrics.RAW_DELETED.labels("before_processing").inc(start - pos)
+            log.warning(
+                "%s: offsets %d to %d were deleted from the log before the group processed "
+                "them: %d records (retention, or deleted by hand), whose ticks are missing "
+                "from the day; reading on from offset %d",
+                tp, pos, start - 1, start - pos, start,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "%s: offset %d lies beyond the log end (the topic deleted and created "
+                "again, or its log truncated); reading from the log start %d",
+                tp, pos, start,
+            )  # fmt: skip
+        consumer.seek(tp, start)
+
+
 async def top_up(
     consumer: AIOKafkaConsumer,
     batches: Batches,
@@ -80,6 +126,10 @@ async def top_up(
     seen = rebalances()
     try:
         more = await consumer.getmany(timeout_ms=wait_ms, max_records=room)
+    except (OffsetOutOfRangeError, NoOffsetForPartitionError):
+        # A position out of the log stays where it is, so the next poll meets it
+        # again and moves it (move_into_log); a poll's records are never dropped here.
+        more = {}
     except KafkaError as e:
         log.warning("fetch failed: %s", e)
         more = {}

@@ -95,6 +95,21 @@ async def _replay(
     n = 0
     try:
         consumer.assign([w.tp])
+        log_start = (await consumer.beginning_offsets([w.tp]))[w.tp]
+        if log_start > start:
+            # Deleted (retention, or by hand) since the state at ``start`` was made:
+            # nothing can bring them back, so the book is rebuilt without them.
+            gone = min(log_start, end) - start
+            metrics.RAW_DELETED.labels("before_restore").inc(gone)
+            log.warning(
+                "%s: the book is rebuilt at offset %d without offsets %d to %d, deleted "
+                "from the log (retention, or by hand): %d records; ticks of orders they "
+                "placed or changed may be wrong",
+                w.tp, end, start, start + gone - 1, gone,
+            )  # fmt: skip
+            if log_start >= end:
+                return 0
+            start = log_start
         consumer.seek(w.tp, start)
         sink: list[dict[str, Any]] = []
         while True:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError, OffsetOutOfRangeError
 
 from core.aiokafka_internals import stop_consumer
 from core.client_log import CLIENT_REPEATS, MISSING_TOPICS
@@ -47,7 +47,14 @@ from core.runtime import stop_on_signals
 from core.secrets import client_secrets
 from ingest import metrics
 from ingest.handler.commits import Committer
-from ingest.handler.fetch import Batches, group_consumer, out_partitions, top_up
+from ingest.handler.fetch import (
+    Batches,
+    group_consumer,
+    log_starts,
+    move_into_log,
+    out_partitions,
+    top_up,
+)
 from ingest.handler.grace import StopGrace
 from ingest.handler.group_exit import Replacement
 from ingest.handler.partition import Outputs, PartitionWorker
@@ -244,9 +251,11 @@ class FeedHandler:
         w = await self.restorer.open(consumer, tp)
         self.workers[tp] = w
         # An immediate seek, never seek_to_beginning(): that one is applied lazily
-        # and can rewind the position after a batch was already consumed. Offset 0
-        # on a trimmed log falls back to the earliest offset via auto_offset_reset.
-        consumer.seek(tp, w.committed or 0)
+        # and can rewind the position after a batch was already consumed. With nothing
+        # committed the start is wherever the log starts now; a committed offset whose
+        # records have been deleted since is left to the poll to say (move_into_log).
+        start = w.committed or (await log_starts(consumer, [tp]))[tp]
+        consumer.seek(tp, start)
 
     def close_worker(self, tp: TopicPartition) -> None:
         self.workers.pop(tp, None)
@@ -281,6 +290,17 @@ class FeedHandler:
                 await self.recovery.hold(consumer)
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=self.s.max_batch)
+            except OffsetOutOfRangeError as e:
+                async with self._lock:  # not beside an assignment's own seek
+                    positions: dict[TopicPartition, int] = e.args[0]
+                    await move_into_log(
+                        consumer, {tp: p for tp, p in positions.items() if tp in self.workers}
+                    )
+                continue
+            except NoOffsetForPartitionError:
+                # The fetcher's own first look, made before the assignment's restore
+                # sought the partition's start: that seek has replaced it.
+                continue
             except KafkaError as e:
                 log.warning("fetch failed: %s", e)
                 await asyncio.sleep(0.5)
