@@ -8,7 +8,9 @@ sent, which must match the records on the broker.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,14 +18,14 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from core.topology import partitions_of
+from core.topology import RAW_CONFIG, partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest
-from ingest.replay.source import ItchWindow, parse_hhmm
+from ingest.replay.source import MAX_LINE_BYTES, ItchWindow, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tests.pipeline_utils import json_trades, replay_cmd
 from tickscale.localstack.net import free_port
-from tickscale.localstack.topics import TopicSet
+from tickscale.localstack.topics import MakeTopics, TopicSet
 
 DAY = "2024-11-25"
 
@@ -204,6 +206,41 @@ async def test_an_oversize_jsonl_line_is_named_by_its_number(
     _one_error(r, f"{f} line 26", "--max-line-bytes")
     m = _partial(tmp_path / "m.json", 25)
     assert await _raw_records(topics) == m.records_sent == 25
+
+
+async def test_every_jsonl_line_accepted_fits_the_raw_topic(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    """md.raw takes 1 MiB a record batch; the line limit was 1 MiB too, so a line near
+    it passed the replay's check, the broker refused its batch, and the replay ended
+    without a manifest. The limit now leaves room for the record's framing."""
+    ts = await make_topics(raw_partitions=1, configs=RAW_CONFIG)
+    good = [orjson.dumps(t) for t in json_trades("AAA", 20)]
+
+    def pad(n: int) -> bytes:  # incompressible, though nothing compresses md.raw now
+        return base64.b64encode(os.urandom(n))[:n]
+
+    fits = tmp_path / "fits.jsonl"
+    fits.write_bytes(b"\n".join([*good[:10], pad(MAX_LINE_BYTES), *good[10:]]) + b"\n")
+    r = _replay(ts, tmp_path / "fits.json", "--source", "jsonl", "--file", str(fits))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = Manifest.read(tmp_path / "fits.json")
+    assert m.complete and m.records_sent == 21 and m.deadletters_expected == 1
+
+    # A line the old limit let through, and the broker refused: named, with the
+    # manifest of the lines before it.
+    over = tmp_path / "over.jsonl"
+    over.write_bytes(b"\n".join([*good[:10], pad((1 << 20) - 20), *good[10:]]) + b"\n")
+    r = _replay(ts, tmp_path / "over.json", "--source", "jsonl", "--file", str(over))
+    _one_error(r, f"{over} line 11", "--max-line-bytes")
+    assert _partial(tmp_path / "over.json", 10).records_sent == 10
+
+    # A topic made to take less than md.raw does: the refusal names it and the fix.
+    small = await make_topics(raw_partitions=1, configs={"max.message.bytes": "2000"})
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"\n".join([*good[:10], pad(3000), *good[10:]]) + b"\n")
+    r = _replay(small, tmp_path / "big.json", "--source", "jsonl", "--file", str(big))
+    _one_error(r, f"--topic {small.raw}", "max.message.bytes", "--max-line-bytes")
 
 
 # --- forwarded for the handler to dead-letter --------------------------------------------

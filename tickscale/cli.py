@@ -104,7 +104,7 @@ def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
     deadline, the topic deleted) or its last manifest could not be written (a full disk);
     the manifest then counts what the broker acknowledged, or less.
     """
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 
     from ingest.codecs.errors import SourceError
     from ingest.replay.publisher import BrokerOutage
@@ -117,6 +117,15 @@ def replay(ctx: typer.Context, given: dict[str, Any]) -> None:
         raise _fail(e.where, e.what) from None
     except (BrokerOutage, ManifestUnwritable) as e:
         raise _fail(e.where, e.what, code=1) from None
+    except (MessageSizeTooLargeError, RecordTooLargeError) as e:
+        # Only a topic taking less than md.raw's 1 MiB a record gets here: every line
+        # the source accepts fits that (ingest/replay/source.py).
+        where = f"--topic {settings.topic}"
+        raise _fail(
+            where,
+            f"refused a record as too large ({e}); its max.message.bytes is below what "
+            "the replay sends: raise it, or lower --max-line-bytes",
+        ) from None
     except KafkaError as e:
         where = f"--bootstrap {settings.bootstrap}"
         raise _fail(where, f"the broker refused the replay ({e})", 1) from None

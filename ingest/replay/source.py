@@ -127,8 +127,12 @@ def file_faults(messages: Iterable[RawMessage], path: str | Path) -> Iterator[Ra
 
 
 # A JSON-lines message is small; a line past this is not one (a binary file, a
-# missing newline) and reading it whole could take the replay's memory.
-MAX_LINE_BYTES = 1 << 20
+# missing newline) and reading it whole could take the replay's memory. It is sent
+# as one record, key (its symbol) and value, to a topic that takes 1 MiB a record
+# batch (md.raw's max.message.bytes, core/topology.py): 1 KiB is left for the
+# batch's framing and the record's headers, so every line accepted fits.
+RECORD_FRAMING_BYTES = 1024
+MAX_LINE_BYTES = (1 << 20) - RECORD_FRAMING_BYTES
 
 
 def jsonl_source(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawMessage]:
@@ -137,8 +141,8 @@ def jsonl_source(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iter
     Lines are forwarded as they are; only ``symbol`` and ``ts`` are peeked at
     for routing and pacing. Validation is the handler's job, so an invalid line
     travels to the dead-letter topic instead of vanishing here. A line longer
-    than ``max_line_bytes`` is not a message: SourceError names its number
-    (the lines before it have been yielded).
+    than ``max_line_bytes``, or whose symbol and bytes together are, is not a
+    message: SourceError names its number (the lines before it have been yielded).
     """
     last_ts = 0
     where = str(path)
@@ -182,6 +186,12 @@ def jsonl_source(path: str | Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iter
                             pass
             except orjson.JSONDecodeError:
                 pass
+            if len(line) + len(key) > max_line_bytes:
+                raise SourceError(
+                    f"{where} line {n}",
+                    f"{len(line):,} bytes and a {len(key):,}-byte symbol make a record over "
+                    f"{max_line_bytes:,} bytes (the limit: --max-line-bytes)",
+                )
             yield RawMessage(last_ts, key, line, "json")
 
 
