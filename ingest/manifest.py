@@ -61,6 +61,10 @@ class Manifest(BaseModel):
     # manifest from before ids were kept): a resume into a topic deleted and created again
     # since is refused, since what the earlier run sent is not in it.
     topic_id: str = ""
+    # Each partition's log end when the replay first began (empty in manifests from
+    # before they were kept): its records lie at or after these offsets, so a resume
+    # never takes an earlier run's records, numbered from 1 as well, for its own.
+    start_offsets: list[int] = Field(default_factory=list)
 
     def write(self, path: str | Path) -> None:
         p = Path(path)

@@ -25,7 +25,7 @@ from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.publisher import Replayer, ReplayerOptions
 from ingest.replay.spec import SourceSpec
-from tests.pipeline_utils import replay_cmd, start_replay
+from tests.pipeline_utils import replay_cmd, run_replay, start_replay
 from tickscale.localstack import KafkaBroker
 from tickscale.localstack.topics import (
     MakeTopics,
@@ -168,6 +168,52 @@ async def test_a_stopped_replay_resumes_without_duplicates(
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     await _assert_exactly_once(topics, manifest)
+
+
+async def test_a_replay_killed_before_its_first_checkpoint_resumes_without_duplicates(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """Its manifest is written before the first record: killed before a checkpoint, the
+    replay used to leave none, so running it again sent its first records twice."""
+    manifest = tmp_path / "m.json"
+    # A run before it into the same topic: its records are numbered from 1 too, and a
+    # resume must not take them for the killed run's.
+    run_replay(topics, tmp_path / "before.json", "--speed", "max", *SOURCE_ARGS[:8],
+               "--from", "09:29", "--to", "09:31")  # fmt: skip
+    before = sum(len(v) for v in (await _read_raw(topics)).values())
+    args = [*SOURCE_ARGS[:-2], "--checkpoint-every", "600"]
+    with (tmp_path / "replay.log").open("wb") as out:
+        proc = subprocess.Popen(
+            replay_cmd(topics, manifest, "--speed", "30", *args), stdout=out, stderr=out
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while sum(len(v) for v in (await _read_raw(topics)).values()) <= before + 100:
+                assert proc.poll() is None and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            proc.kill()
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stopped = Manifest.read(manifest)
+    assert not stopped.complete and stopped.source_messages == 0
+    # A fresh run is refused: it would send the records already on the broker again.
+    r = await asyncio.to_thread(
+        subprocess.run, replay_cmd(topics, manifest, "--speed", "max", *SOURCE_ARGS),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "did not finish" in r.stderr, r.stderr[-3000:]
+    r = await _resume(topics, manifest)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = await _read_raw(topics)
+    expected, _ = _expected(topics.raw_partitions)
+    for p in range(topics.raw_partitions):
+        # The earlier run's records, then this replay's, each once and in order.
+        mine = [v for _, v in got[p]][-len(expected[p]) :]
+        assert mine == expected[p], f"partition {p}"
+    assert sum(len(v) for v in got.values()) == before + sum(len(v) for v in expected.values())
 
 
 @pytest.mark.parametrize("timestamps", ["CreateTime", "LogAppendTime"])

@@ -37,7 +37,7 @@ from ingest.kafka_metadata import throttle_metadata_updates
 from ingest.keys import partition_for
 from ingest.manifest import Manifest, ManifestBuilder
 from ingest.replay.outage import BrokerOutage, OutageGuard, TopicLost, reach_topic
-from ingest.replay.resume import check_incarnation, landed_after, topic_incarnation
+from ingest.replay.resume import check_incarnation, landed_after, log_ends, topic_incarnation
 from ingest.replay.source import NS, RawMessage
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,7 @@ class Replayer:
         self.outage = OutageGuard(bootstrap, o.outage_deadline_s, self._stop)
         self.outage.check = self._check_topic
         self._seqs: list[int] = []
+        self._start_offsets: list[int] = []  # where the replay's records begin, per partition
         # Per partition: records numbered up to this are on the broker already.
         self._on_broker: list[int] = []
         self._skip_messages = resume.source_messages if resume is not None else 0
@@ -326,6 +327,10 @@ class Replayer:
         reached the broker after its manifest was written."""
         self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
         self.topic_id = await topic_incarnation(self.bootstrap, self.topic)
+        if self._resume is not None:
+            self._start_offsets = list(self._resume.start_offsets)
+        elif self._checkpoint_cb is not None:
+            self._start_offsets = await log_ends(self.bootstrap, self.topic, self.partitions)
         self._seqs = [0] * self.partitions
         self._on_broker = [0] * self.partitions
         return await _landed(
@@ -394,6 +399,7 @@ class Replayer:
             acked_at_ms=acked_at_ms,
             pacing=st.pacing(self.speed),
             topic_id=self.topic_id or "",
+            start_offsets=self._start_offsets,
         )
         if self._checkpoint_cb is not None:
             self._checkpoint_cb(m)
@@ -411,6 +417,11 @@ class Replayer:
         self.outage.last_ack = st.started
         self._last_progress = 0.0
         self._last_yield = self._last_flush = self._last_checkpoint = st.started
+        if prev is None and self._checkpoint_cb is not None:
+            # On disk before the first record goes out: a replay killed before its first
+            # checkpoint leaves a manifest that refuses a fresh run (which would send its
+            # records twice) and that --resume carries on from.
+            await self._checkpoint(out, complete=False)
         speed = self.speed
         for m in self.source:
             targets = range(n_parts) if m.key is None else (partition_for(m.key, n_parts),)

@@ -31,6 +31,20 @@ async def topic_incarnation(bootstrap: str, topic: str) -> str | None:
         await stop_consumer(consumer)
 
 
+async def log_ends(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    """Each partition's log end: where a replay beginning now puts its first record."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, **kafka_auth(), enable_auto_commit=False, group_id=None
+    )
+    try:
+        await consumer.start()
+        ends = await consumer.end_offsets(tps)
+        return [ends[tp] for tp in tps]
+    finally:
+        await stop_consumer(consumer)
+
+
 def check_incarnation(prev: Manifest, topic: str, now: str | None) -> None:
     """SourceError unless ``topic`` is still the topic the resumed run (``prev``) sent to."""
     if prev.topic_id and now and prev.topic_id != now:
@@ -47,7 +61,8 @@ async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manife
 
     The run that wrote ``prev`` may have stopped with records sent and not yet
     acknowledged, or acknowledged since its last checkpoint. They carry the feed
-    sequence numbers that follow the manifest's, and timestamps from after it.
+    sequence numbers that follow the manifest's, timestamps from after it, and
+    offsets past the log ends the replay began at (where the manifest keeps them).
     """
     n = partitions
     seqs = prev.partition_seqs or [0] * n
@@ -70,8 +85,11 @@ async def landed_after(bootstrap: str, topic: str, partitions: int, prev: Manife
         todo: dict[TopicPartition, int] = {}
         for tp in tps:
             at = starts.get(tp)
-            if at is not None and at.offset < ends[tp]:
-                consumer.seek(tp, at.offset)
+            if at is None:
+                continue
+            first = max(at.offset, prev.start_offsets[tp.partition] if prev.start_offsets else 0)
+            if first < ends[tp]:
+                consumer.seek(tp, first)
                 todo[tp] = ends[tp]
         while todo:
             batch = await consumer.getmany(*todo, timeout_ms=1000)
