@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_utils import HandlerProc, run_replay
+from tests.pipeline_utils import HandlerProc, run_replay, run_verify, summary
 from tickscale.localstack.topics import TopicSet, delete_topics, ensure_topics, list_topics
 
 pytestmark = pytest.mark.slow
@@ -100,5 +100,45 @@ async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
         # then, with no traceback for it.
         text = h.log()
         assert "Traceback" not in text and "never retrieved" not in text, text[-3000:]
+    finally:
+        h.close()
+
+
+async def test_a_deleted_dead_letter_topic_holds_the_input_once_a_dead_letter_waits(
+    topics: TopicSet, tmp_path: Path
+) -> None:
+    """Batches without dead letters do not need the topic and commit; the first with one
+    fails on it, and every poll after fetches that record again. So the input is held, as
+    for the ticks topic, until the topic is back (before, each retry began a transaction
+    that failed on it and was aborted, over and over), and nothing is lost."""
+    h = HandlerProc(topics, tmp_path, "dl", extra=["--poison-after", "2"])
+    try:
+        await asyncio.to_thread(h.wait_ready)
+        await delete_topics(topics.bootstrap, [topics.deadletter])
+        async with asyncio.timeout(30):
+            while topics.deadletter in await list_topics(topics.bootstrap):
+                await asyncio.sleep(0.2)
+        manifest = tmp_path / "day.json"
+        await asyncio.to_thread(
+            run_replay, topics, manifest, *WINDOW, "--speed", "max", "--from", "09:29",
+            "--to", "09:34", "--malformed-every", "700",
+        )  # fmt: skip
+        said = f"topic {topics.deadletter} is not on the broker (deleted?)"
+        await _until("the missing topic not said within 25 s", lambda: said in h.log(), h, 25)
+        await _until("the failed commit not counted", lambda: _aborts(h) > 0, h, 10)
+        aborts = _aborts(h)
+        await asyncio.sleep(30)
+        text = h.log_path.read_text(errors="replace")
+        assert _aborts(h) == aborts, text[-3000:]
+        assert text.count(said) == 1, text[-3000:]
+        assert _status(h, "/readyz") == 503
+
+        await ensure_topics(topics.bootstrap, {topics.deadletter: topics.deadletter_partitions})
+        back = f"topic {topics.deadletter} is back"
+        await _until("its return not said within 20 s", lambda: back in h.log(), h, 20)
+        # Every tick and every dead letter of the day, once.
+        rc, out = await asyncio.to_thread(run_verify, topics, manifest)
+        assert rc == 0 and summary(out)["missing"] == 0, out[-3000:]
+        assert "Traceback" not in h.log_path.read_text(errors="replace")
     finally:
         h.close()

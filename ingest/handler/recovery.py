@@ -79,12 +79,20 @@ class Recovery:
         self._failed_in_a_row = 0  # failed commits since the last one that succeeded
         self._missing_said: dict[str, float] = {}  # output topic -> when its absence was said
         self._back_checked = 0.0  # monotonic time the broker was last asked if they are back
+        # A batch with dead letters failed on the dead-letter topic's absence: its
+        # partitions fetch that record again and again until the topic is back.
+        self._dead_letters_wait = False
 
     @property
     def holding(self) -> bool:
-        """Whether the ticks topic is known gone: every batch writes to it, so none can
-        commit, and the input is held until it is back (``hold``)."""
-        return self.h.s.out_topic in self._missing_said
+        """Whether the input is held until a topic is back (``hold``): the ticks topic,
+        which every batch writes to, or the dead-letter topic, once a batch with dead
+        letters failed on it (the poll's one transaction holds every partition's batch,
+        so nothing of the poll could commit anyway)."""
+        said = self._missing_said
+        return self.h.s.out_topic in said or (
+            self._dead_letters_wait and self.h.s.deadletter_topic in said
+        )
 
     async def commit(self, work: list[Batch]) -> None:
         """Commit a poll's batches: one transaction with EOS, else output then offsets.
@@ -236,10 +244,11 @@ class Recovery:
             await asyncio.sleep(_BACK_CHECKED_EVERY_S)
 
     async def hold(self, consumer: AIOKafkaConsumer) -> None:
-        """While the ticks topic is gone: fetch nothing (the partitions stay paused, the
-        member stays in its group) and ask the broker every few seconds; once it is back,
-        say so and fetch again. No transaction is begun meanwhile, so the client does not
-        spin on the missing topic and nothing is restored over and over."""
+        """While a topic the input waits for is gone (``holding``): fetch nothing (the
+        partitions stay paused, the member stays in its group) and ask the broker every few
+        seconds; once it is back, say so and fetch again. No transaction is begun meanwhile,
+        so the client does not spin on the missing topic and nothing is restored over and
+        over."""
         consumer.pause(*consumer.assignment())  # the group may have given new ones since
         if not self._check_due():
             return
@@ -279,6 +288,8 @@ class Recovery:
         for topic in topics:
             log.warning("topic %s is back on the broker: commits go on", topic)
             del self._missing_said[topic]
+            if topic == self.h.s.deadletter_topic:
+                self._dead_letters_wait = False
         if not self._missing_said:
             self.h.probes.unblock()
 
@@ -294,6 +305,8 @@ class Recovery:
         back off, and count towards finding a poison record (poison.py).
         """
         assert self.h.consumer is not None
+        if failed and self.h.s.deadletter_topic in self._missing_said:
+            self._dead_letters_wait = any(b.dead for b in failed)
         if failed:
             self._failed_in_a_row += 1
             n = self._failed_in_a_row
