@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -219,3 +221,17 @@ def swarm() -> Iterator[None]:
     finally:
         # Only because this fixture made the engine a swarm.
         docker("swarm", "leave", "--force", check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB file system of its own, to fill (a full disk, for real)."""
+    if os.geteuid() != 0:
+        pytest.skip("fills a small tmpfs, which needs root to mount")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -395,20 +393,6 @@ async def test_a_topic_deleted_under_a_running_replay_is_named(
         assert began and began in errors[0], errors[0]
     assert took < 60, (took, text[-3000:])  # well before the 150 s outage deadline
     assert not Manifest.read(manifest).complete
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB file system of its own, to fill."""
-    if os.geteuid() != 0:
-        pytest.skip("fills a small tmpfs, which needs root to mount")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], check=True)
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
 
 
 async def test_a_full_disk_does_not_stop_the_feed_and_resume_writes_the_manifest(

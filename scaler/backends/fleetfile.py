@@ -74,9 +74,13 @@ class FleetFile:
     def write(self, rec: Record) -> None:
         data = {"next_serial": rec.next_serial, "handlers": [asdict(h) for h in rec.handlers]}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # half written (a full disk): of no use
+            raise
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

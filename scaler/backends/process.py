@@ -142,7 +142,20 @@ class ProcessBackend:
                     r.next_serial = max(r.next_serial, serials.stop)
                     r.handlers.extend(started)
 
-                await asyncio.to_thread(self._update, record)
+                try:
+                    await asyncio.to_thread(self._update, record)
+                except OSError as e:
+                    # Unrecorded, they would run where no scaler can count, adopt or stop
+                    # them, and the next scale-up would start more (one an attempt, on a
+                    # full disk): they go, and the scaler retries with the rest of its loop.
+                    for h in started:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(h.pid, signal.SIGTERM)
+                    await asyncio.gather(*(self._wait_stopped(h) for h in started))
+                    raise BackendError(
+                        f"state_dir {self.state_dir}: cannot record the handlers it starts "
+                        f"({e.strerror or e}); stopped {len(started)} again"
+                    ) from None
         return [str(e.pid) for e in started]
 
     async def remove(self, n: int) -> builtins.list[str]:
@@ -284,10 +297,24 @@ class ProcessBackend:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # A temporary file of its own: two scalers sharing a state directory (a
         # leader and its standby) once renamed each other's and one crashed.
-        fd, name = tempfile.mkstemp(dir=self.state_dir, prefix="targets.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(groups, indent=1))
-        os.replace(name, self.targets_path)  # atomic: Prometheus never reads half a file
+        try:
+            fd, name = tempfile.mkstemp(dir=self.state_dir, prefix="targets.", suffix=".tmp")
+        except OSError as e:
+            self._targets_unwritten(e)
+            return
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(groups, indent=1))
+            os.replace(name, self.targets_path)  # atomic: Prometheus never reads half a file
+        except OSError as e:
+            Path(name).unlink(missing_ok=True)
+            self._targets_unwritten(e)
+
+    def _targets_unwritten(self, e: OSError) -> None:
+        # Only Prometheus reads it: the fleet, recorded, goes on; it is written whole at
+        # the next change.
+        log.warning("cannot write %s (%s): Prometheus keeps its last list of handlers",
+                    self.targets_path, e.strerror or e)  # fmt: skip
 
 
 def _ancestors() -> builtins.list[int]:
