@@ -3,10 +3,12 @@ scalers at once, and a full disk under it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,3 +74,27 @@ async def test_a_full_state_dir_leaves_no_handler_running_unrecorded(small_disk:
     finally:
         for pid in _running_handlers(fleet):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_slot_whose_port_another_program_holds_is_skipped(tmp_path: Path) -> None:
+    """A handler's metrics port is its slot's. Before, every handler started in a slot
+    whose port another program listened on exited at once, and the fleet never grew."""
+    spec = HandlerSpec(f"127.0.0.1:{free_port()}", "md.raw", "md.ticks", "md.deadletter", "g", None)
+    base = free_port()
+    fleet = f"port{os.getpid()}"
+    backend = ProcessBackend(spec, base_port=base, state_dir=tmp_path, name=fleet, stop_grace_s=10)
+    await backend.start()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", base))
+        other.listen()
+        try:
+            ids = await backend.add(1)
+            await asyncio.sleep(3)  # a handler on a taken port is gone by then
+            assert [h.id for h in await backend.list()] == ids
+            targets = json.loads((tmp_path / "targets.json").read_text())
+            assert [t["targets"] for t in targets] == [[f"127.0.0.1:{base + 1}"]]
+        finally:
+            await backend.remove(1)
+            for pid in _running_handlers(fleet):
+                os.kill(pid, signal.SIGKILL)

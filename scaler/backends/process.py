@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -86,6 +87,7 @@ class ProcessBackend:
         # loop's child watcher reaps them when they exit.
         self._children: dict[int, asyncio.subprocess.Process] = {}
         self._lock = asyncio.Lock()
+        self._ports_said: set[int] = set()  # taken by other programs, said once each
 
     async def start(self) -> None:
         if self.parent_pid is not None and self.parent_pid not in _ancestors():
@@ -128,8 +130,7 @@ class ProcessBackend:
         async with self._lock:
             # Reserve slots and names first, under the file lock, then start.
             rec = await asyncio.to_thread(self._update, None)
-            taken = {h.slot for h in rec.handlers}
-            slots = [s for s in range(len(taken) + n) if s not in taken][:n]
+            slots = self._free_slots({h.slot for h in rec.handlers}, n)
             serials = range(rec.next_serial, rec.next_serial + n)
             started: builtins.list[Entry] = []
             try:
@@ -157,6 +158,25 @@ class ProcessBackend:
                         f"({e.strerror or e}); stopped {len(started)} again"
                     ) from None
         return [str(e.pid) for e in started]
+
+    def _free_slots(self, taken: set[int], n: int) -> builtins.list[int]:
+        """The ``n`` lowest slots neither the fleet's nor on a port another process holds.
+
+        A handler's metrics port is its slot's: one another program listens on would end
+        every handler started there at once, and the fleet would never grow past it."""
+        slots: builtins.list[int] = []
+        slot = 0
+        while len(slots) < n:
+            if slot not in taken:
+                port = self.base_port + slot
+                if _port_free(self.host, port):
+                    slots.append(slot)
+                elif port not in self._ports_said:
+                    self._ports_said.add(port)
+                    log.warning("port %d (slot %d) is taken by another process: handlers "
+                                "skip that slot", port, slot)  # fmt: skip
+            slot += 1
+        return slots
 
     async def remove(self, n: int) -> builtins.list[str]:
         if n <= 0:
@@ -315,6 +335,17 @@ class ProcessBackend:
         # the next change.
         log.warning("cannot write %s (%s): Prometheus keeps its last list of handlers",
                     self.targets_path, e.strerror or e)  # fmt: skip
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a handler could listen on ``port`` now (bound as its server binds it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _ancestors() -> builtins.list[int]:
