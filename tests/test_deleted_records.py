@@ -60,6 +60,14 @@ async def _wait_committed(ts: TopicSet, tp: TopicPartition, offset: int, h: Hand
         await asyncio.sleep(0.5)
 
 
+def _unprocessed(tp: TopicPartition, first: int, start: int) -> str:
+    """What the handler says of offsets ``first`` .. ``start - 1`` deleted unprocessed."""
+    return (
+        f"{tp}: offsets {first} to {start - 1} were deleted from the log before the group "
+        f"processed them: {start - first} records"
+    )
+
+
 @pytest.mark.slow
 async def test_records_deleted_before_the_handler_used_them_are_said_and_counted(
     make_topics: MakeTopics, tmp_path: Path
@@ -100,10 +108,7 @@ async def test_records_deleted_before_the_handler_used_them_are_said_and_counted
         ), log[-4000:]
         # The records between the committed offset and the new log start were never
         # processed: their ticks are missing, and the handler says how many.
-        assert (
-            f"{tp}: offsets {committed} to {start - 1} were deleted from the log before the "
-            f"group processed them: {start - committed} records" in log
-        ), log[-4000:]
+        assert _unprocessed(tp, committed, start) in log, log[-4000:]
         name = "tickscale_handler_raw_records_deleted_total"
         assert b.metric(name, 'when="before_restore"') == committed
         assert b.metric(name, 'when="before_processing"') == start - committed
@@ -124,10 +129,7 @@ async def test_records_deleted_before_the_handler_used_them_are_said_and_counted
             os.kill(b.proc.pid, signal.SIGCONT)
         await _wait_committed(ts, tp, end2, b)
         log = b.log_path.read_text()
-        assert (
-            f"{tp}: offsets {end} to {start2 - 1} were deleted from the log before the "
-            f"group processed them: {start2 - end} records" in log
-        ), log[-4000:]
+        assert _unprocessed(tp, end, start2) in log, log[-4000:]
         assert b.metric(name, 'when="before_processing"') == start - committed + start2 - end
         assert b.metric("tickscale_handler_messages_in_total") == end - start + end2 - start2
         assert b.metric("tickscale_handler_rebalances_total") == 1

@@ -47,6 +47,21 @@ def _aborts(h: HandlerProc) -> float:
     return h.metric("tickscale_handler_transaction_aborts_total")
 
 
+async def _held(h: HandlerProc, topic: str, for_s: float) -> str:
+    """The handler says ``topic`` is missing, its commit fails once, and then nothing is
+    aborted for ``for_s`` seconds: it holds its input. Its log."""
+    said = f"topic {topic} is not on the broker (deleted?)"
+    # A stalled commit is checked within seconds, long before its transaction times out.
+    await _until("the missing topic not said within 25 s", lambda: said in h.log(), h, 25)
+    await _until("the failed commit not counted", lambda: _aborts(h) > 0, h, 10)
+    aborts = _aborts(h)
+    await asyncio.sleep(for_s)
+    text = h.log_path.read_text(errors="replace")
+    assert _aborts(h) == aborts, text[-3000:]
+    assert text.count(said) == 1, text[-3000:]
+    return text
+
+
 async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
     topics: TopicSet, tmp_path: Path
 ) -> None:
@@ -71,19 +86,11 @@ async def test_a_deleted_ticks_topic_is_said_once_and_carried_on_when_back(
             run_replay, topics, tmp_path / "b.json", *args, "--from", "09:33", "--to", "09:36"
         )
         held = _ticks_out(h)
-        said = f"topic {topics.ticks} is not on the broker (deleted?)"
-        # A stalled commit is checked within seconds, long before its transaction times out.
-        await _until("the missing topic not said within 25 s", lambda: said in h.log(), h, 25)
-        await _until("the failed commit not counted", lambda: _aborts(h) > 0, h, 10)
-        aborts = _aborts(h)
         # Held: no transaction is begun while the topic is gone (before, one was begun,
         # spun on the missing topic until its timeout and was aborted, over and over),
         # and the client's error about the missing topic is never logged.
-        await asyncio.sleep(40)
-        text = h.log_path.read_text(errors="replace")
-        assert _aborts(h) == aborts, text[-3000:]
+        text = await _held(h, topics.ticks, 40)
         assert "not found in cluster metadata" not in text, text[-3000:]
-        assert text.count(said) == 1, text[-3000:]
         assert f"topic {topics.ticks} is back" not in text, text[-3000:]
         assert "Traceback" not in text and h.proc.poll() is None, text[-3000:]
         assert _ticks_out(h) == held  # nothing is counted out while nothing can be written
@@ -123,14 +130,7 @@ async def test_a_deleted_dead_letter_topic_holds_the_input_once_a_dead_letter_wa
             run_replay, topics, manifest, *WINDOW, "--speed", "max", "--from", "09:29",
             "--to", "09:34", "--malformed-every", "700",
         )  # fmt: skip
-        said = f"topic {topics.deadletter} is not on the broker (deleted?)"
-        await _until("the missing topic not said within 25 s", lambda: said in h.log(), h, 25)
-        await _until("the failed commit not counted", lambda: _aborts(h) > 0, h, 10)
-        aborts = _aborts(h)
-        await asyncio.sleep(30)
-        text = h.log_path.read_text(errors="replace")
-        assert _aborts(h) == aborts, text[-3000:]
-        assert text.count(said) == 1, text[-3000:]
+        await _held(h, topics.deadletter, 30)
         assert _status(h, "/readyz") == 503
 
         await ensure_topics(topics.bootstrap, {topics.deadletter: topics.deadletter_partitions})
