@@ -98,3 +98,11 @@ async def test_a_slot_whose_port_another_program_holds_is_skipped(tmp_path: Path
             await backend.remove(1)
             for pid in _running_handlers(fleet):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_slots_past_the_last_port_are_an_error_not_a_crash(tmp_path: Path) -> None:
+    # No port can be bound on an address this machine does not have (TEST-NET-1).
+    spec = HandlerSpec("127.0.0.1:1", "md.raw", "md.ticks", "md.deadletter", "g", None)
+    backend = ProcessBackend(spec, base_port=65534, state_dir=tmp_path, host="192.0.2.1")
+    with pytest.raises(BackendError, match="handler_base_port 65534: no free port"):
+        backend._free_slots(set(), 1)

@@ -169,12 +169,18 @@ class ProcessBackend:
         while len(slots) < n:
             if slot not in taken:
                 port = self.base_port + slot
+                if port > 65535:
+                    raise BackendError(
+                        f"handler_base_port {self.base_port}: no free port for {n} more "
+                        f"handler(s) on {self.host} up to 65535"
+                    )
                 if _port_free(self.host, port):
                     slots.append(slot)
                 elif port not in self._ports_said:
                     self._ports_said.add(port)
-                    log.warning("port %d (slot %d) is taken by another process: handlers "
-                                "skip that slot", port, slot)  # fmt: skip
+                    log.warning("port %d (slot %d) cannot be listened on at %s (another "
+                                "program holds it?): handlers skip that slot",
+                                port, slot, self.host)  # fmt: skip
             slot += 1
         return slots
 
