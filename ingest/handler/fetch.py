@@ -62,13 +62,6 @@ async def out_partitions(s: HandlerSettings) -> int:
     return len(found[s.out_topic])
 
 
-async def log_starts(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition]
-) -> dict[TopicPartition, int]:
-    """Where each partition's log starts now: retention moves it on."""
-    return dict(await consumer.beginning_offsets(tps))
-
-
 async def move_into_log(consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int]) -> None:
     """Seek partitions whose fetch position lies outside their log to its start.
 
@@ -84,7 +77,7 @@ async def move_into_log(consumer: AIOKafkaConsumer, positions: dict[TopicPartiti
     positions = {tp: p for tp, p in positions.items() if await consumer.position(tp) == p}
     if not positions:
         return
-    starts = await log_starts(consumer, list(positions))
+    starts = await consumer.beginning_offsets(list(positions))
     for tp, pos in positions.items():
         start = starts[tp]
         if pos < start:

@@ -50,7 +50,6 @@ from ingest.handler.commits import Committer
 from ingest.handler.fetch import (
     Batches,
     group_consumer,
-    log_starts,
     move_into_log,
     out_partitions,
     top_up,
@@ -254,7 +253,7 @@ class FeedHandler:
         # and can rewind the position after a batch was already consumed. With nothing
         # committed the start is wherever the log starts now; a committed offset whose
         # records have been deleted since is left to the poll to say (move_into_log).
-        start = w.committed or (await log_starts(consumer, [tp]))[tp]
+        start = w.committed or (await consumer.beginning_offsets([tp]))[tp]
         consumer.seek(tp, start)
 
     def close_worker(self, tp: TopicPartition) -> None:
