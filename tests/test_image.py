@@ -89,6 +89,25 @@ def test_tickscale_help_runs(image: dict) -> None:
     assert image["Config"]["Entrypoint"] == ["tickscale"]
 
 
+# A topic may be compressed with any codec Kafka has (tests/test_compressed_topics.py):
+# the image's client must decompress them all, not only the one in the standard library.
+READ_EVERY_CODEC = """
+from aiokafka import codec
+data = b"ITCH" * 1000
+for name in ("gzip", "lz4", "snappy", "zstd"):
+    encode, decode = getattr(codec, name + "_encode"), getattr(codec, name + "_decode")
+    assert decode(encode(data)) == data, name
+print("codecs ok")
+"""
+
+
+def test_the_image_reads_every_kafka_codec(image: dict) -> None:
+    r = docker(
+        "run", "--rm", "--read-only", "--entrypoint", "python3", IMAGE, "-c", READ_EVERY_CODEC
+    )
+    assert "codecs ok" in r.stdout, r.stdout + r.stderr
+
+
 def test_healthcheck_hits_handler_healthz(image: dict) -> None:
     hc = image["Config"].get("Healthcheck") or {}
     test = " ".join(hc.get("Test") or [])
