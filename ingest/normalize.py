@@ -56,8 +56,26 @@ def day_start_ns(day: bytes | str) -> int:
         raise DecodeError("bad_date", f"date header {day!r:.40}: {e}") from None
 
 
+@lru_cache(maxsize=64)
+def _trading_day(day: bytes | str) -> date | None:
+    """A date header as a date; None where it is not one (its record is dead-lettered
+    when decoded, by ``day_start_ns``)."""
+    try:
+        day_start_ns(day)
+        return date.fromisoformat(day.decode("ascii") if isinstance(day, bytes) else day)
+    except DecodeError:
+        return None
+
+
 class Normalizer:
-    """Stateful transform of one partition's raw messages into tick dicts."""
+    """Stateful transform of one partition's raw messages into tick dicts.
+
+    ITCH state belongs to one trading day: order references, stock locates and the feed's
+    sequence numbers start again each day, so a record of a later day starts the state
+    afresh, and the ticks of every symbol are numbered from 1 again. Handlers run on from
+    one day to the next through the same topics; books carried over would price today's
+    quotes with yesterday's resting orders.
+    """
 
     def __init__(self) -> None:
         self.books = Books()
@@ -67,6 +85,33 @@ class Normalizer:
         self.last_feed_seq = 0
         self.book_errors: Counter[str] = Counter()
         self.gaps = 0
+        # The trading day of the ITCH state (None before the first ITCH record), and the
+        # header it was last seen as: most records carry the same one, so callers compare
+        # a record's header with it before calling enter_day.
+        self.day: date | None = None
+        self.day_header: bytes | str | None = None
+
+    def enter_day(self, day: bytes | str) -> bool:
+        """Take a record's date header: a later day than the state's starts the day's
+        state afresh. False for a record of an earlier day, which cannot be applied to
+        today's books; True otherwise (a header that is no date included: decoding the
+        record dead-letters it)."""
+        if day == self.day_header or not isinstance(day, bytes | str):  # a null header
+            return True
+        d = _trading_day(day)
+        if d is None:
+            return True
+        if self.day is not None and d < self.day:
+            return False
+        if self.day is not None and d > self.day:
+            self.books = Books()
+            self.directory = {}
+            self.last_top = {}
+            self.seqs = {}
+            self.last_feed_seq = 0
+        self.day = d
+        self.day_header = day
+        return True
 
     # Feed sequence -------------------------------------------------------
 
@@ -131,12 +176,17 @@ class Normalizer:
     ) -> itch.ItchMessage:
         """Decode and apply one ITCH message, appending any ticks to ``out``.
 
-        Raises itch.DecodeError for input that cannot be decoded or a ``day``
-        that is not a date (the caller dead-letters it), before any state
-        changes. Book inconsistencies are counted, never raised.
+        Raises itch.DecodeError for input that cannot be decoded, a ``day``
+        that is not a date or one before the state's day (the caller
+        dead-letters it), before any state changes. Book inconsistencies are
+        counted, never raised.
         """
         msg = itch.decode(payload)
         when = (day_start_ns(day) + msg.timestamp, recv_ts)
+        if day != self.day_header and not self.enter_day(day):  # (inline: per message)
+            raise DecodeError(
+                "previous_day", f"date header {day!r:.40} is before the state's day {self.day}"
+            )
         try:
             if not self._apply_order(msg, when, out):
                 self._apply_other(msg, when, out)
@@ -241,6 +291,7 @@ class Normalizer:
                 "last_top": [[k, list(v)] for k, v in self.last_top.items()],
                 "seqs": self.seqs,
                 "last_feed_seq": self.last_feed_seq,
+                "day": None if self.day is None else self.day.isoformat(),
             }
         )
 
@@ -255,4 +306,7 @@ class Normalizer:
         n.last_top = {int(k): tuple(v) for k, v in d["last_top"]}
         n.seqs = dict(d["seqs"])
         n.last_feed_seq = int(d["last_feed_seq"])
+        # Absent from snapshots taken before days were kept: the next record sets it.
+        if d.get("day"):
+            n.day = date.fromisoformat(d["day"])
         return n

@@ -20,8 +20,9 @@ import asyncio
 import gzip
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,14 @@ from aiokafka.errors import KafkaError
 
 from core.aiokafka_internals import stop_consumer
 from core.client_log import MISSING_TOPICS
+from core.constants import HDR_DATE, HDR_DL_OFFSET, HDR_DL_PARTITION, HDR_DL_TOPIC
 from core.incarnation import topic_id
 from core.reach import Outage, reach_topics
 from core.secrets import kafka_auth
 from core.topology import TopicMissing, partitions_of
 from ingest.codecs import itch
 from ingest.manifest import Manifest, ManifestBuilder
+from ingest.normalize import midnight_ns
 from ingest.replay.source import RawMessage
 from ingest.ticks import SymbolLedger
 
@@ -117,6 +120,8 @@ def expect_from_source(
             seen[reason] += 1
             dls.append(ExpectedDeadLetter(m.payload, reason, m.key is None))
     manifest = builder.build(source=source, topic="", partitions=0)
+    if codec == "itch":
+        manifest.params["date"] = day  # only this day's ticks are judged
     return SourceExpectation(manifest, dls)
 
 
@@ -160,6 +165,9 @@ class VerifyResult:
     unexpected_symbols: int = 0
     ticks_read: int = 0
     ticks_expected: int = 0
+    # Ticks of other trading days (an ITCH manifest's topic holds every day the
+    # handlers ran through): read, not judged.
+    ticks_other_days: int = 0
     deadletters: int | None = None
     deadletters_expected: int = 0
     per_symbol: dict[str, dict[str, int | bool]] = field(default_factory=dict)
@@ -197,6 +205,7 @@ class VerifyResult:
             "unexpected_symbols": self.unexpected_symbols,
             "ticks_read": self.ticks_read,
             "ticks_expected": self.ticks_expected,
+            "ticks_other_days": self.ticks_other_days,
             "deadletters": self.deadletters,
             "deadletters_expected": self.deadletters_expected,
             "deadletter_spans": None
@@ -255,12 +264,13 @@ async def _gone(bootstrap: str, topic: str) -> bool:
 async def _read_topic(
     bootstrap: str,
     topic: str,
-    on_record: Any,
+    on_record: Callable[[Any], bool],
     expected: int | None,
     waits: tuple[float, float, float],
     setting: str = "--topic",
 ) -> int:
-    """Read a topic from the start with read_committed (``setting`` names it).
+    """Read a topic from the start with read_committed (``setting`` names it); returns how
+    many records ``on_record`` counted (returned true for).
 
     ``waits`` is (timeout, idle, outage) seconds. Stops at the end offsets when the timeout
     is 0; otherwise keeps polling until ``expected`` records arrived and nothing new came
@@ -298,10 +308,8 @@ async def _read_topic(
                 batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
                 got = 0
                 for recs in batch.values():
-                    for r in recs:
-                        on_record(r)
+                    n += sum(1 for r in recs if on_record(r))
                     got += len(recs)
-                n += got
                 if got:
                     last_new = time.monotonic()
                     continue
@@ -372,16 +380,21 @@ async def verify(
     await reach_topics(bootstrap, [topic, *dl], connect_timeout_s)
     checks: dict[str, SymbolCheck] = {}
     expected_total = sum(s.ticks for s in manifest.symbols.values())
+    res = VerifyResult(ticks_expected=expected_total)
+    day = trading_day_ns(manifest)
 
-    def on_tick(r: Any) -> None:
+    def on_tick(r: Any) -> bool:
         t = orjson.loads(r.value)
+        if day is not None and not day[0] <= t["event_ts"] < day[1]:
+            res.ticks_other_days += 1
+            return False
         sym = t["symbol"]
         c = checks.get(sym)
         if c is None:
             c = checks[sym] = SymbolCheck()
         c.add(t)
+        return True
 
-    res = VerifyResult(ticks_expected=expected_total)
     waits = (timeout_s, idle_s, outage_s)
     res.ticks_read = await _read_topic(bootstrap, topic, on_tick, expected_total, waits)
     _compare(res, manifest, checks)
@@ -390,6 +403,20 @@ async def verify(
             res, bootstrap, deadletter_topic, manifest, expected_deadletters, waits
         )
     return res
+
+
+def trading_day_ns(manifest: Manifest) -> tuple[int, int] | None:
+    """[start, end) in epoch ns of an ITCH manifest's trading day; None for a JSON feed
+    (its ticks carry the source's own times, of no one day) or a manifest without a date.
+
+    An ITCH tick's event time is its day's midnight plus the message's time of day, so
+    the day's ticks are exactly those inside it.
+    """
+    text = manifest.params.get("date")
+    if manifest.source not in ("synthetic", "itch") or not isinstance(text, str) or not text:
+        return None
+    d = date.fromisoformat(text)
+    return midnight_ns(d.isoformat()), midnight_ns((d + timedelta(days=1)).isoformat())
 
 
 def _compare(res: VerifyResult, manifest: Manifest, checks: dict[str, SymbolCheck]) -> None:
@@ -428,12 +455,16 @@ async def _count_deadletters(
     bytes) into ``res``; ``waits`` is (timeout, idle, outage) seconds."""
     count = 0
     values: Counter[bytes] = Counter()
+    ours = _replay_deadletter(manifest)
 
-    def on_dl(r: Any) -> None:
+    def on_dl(r: Any) -> bool:
         nonlocal count
+        if not ours(r):
+            return False
         count += 1
         if expected is not None:
             values[r.value] += 1
+        return True
 
     timeout_s, idle_s, outage_s = waits
     await _read_topic(
@@ -451,6 +482,35 @@ async def _count_deadletters(
             d.delivered = min(d.copies, values[d.payload])
             values[d.payload] -= d.delivered
         res.deadletter_spans = expected
+
+
+def _replay_deadletter(manifest: Manifest) -> Callable[[Any], bool]:
+    """Whether a dead letter came from the manifest's replay. The dead-letter topic keeps
+    every earlier day's too, so one is the replay's when it came from the replay's raw
+    topic at or after the offsets where the replay began, and (an ITCH day) its date header
+    is the replay's day. What a manifest does not know (where its replay began: one from
+    a source file or from before the offsets were kept) does not rule a dead letter out,
+    and neither does a header missing from it, so a stray record is counted, not hidden."""
+    starts = manifest.start_offsets if manifest.topic else []
+    topic = manifest.topic.encode()
+    day = manifest.params.get("date") if trading_day_ns(manifest) else None
+    day_header = day.encode() if isinstance(day, str) else None
+
+    def ours(r: Any) -> bool:
+        h = dict(r.headers or ())
+        if day_header is not None and h.get(HDR_DATE, day_header) != day_header:
+            return False
+        if not starts:
+            return True
+        try:
+            part, offset = int(h[HDR_DL_PARTITION]), int(h[HDR_DL_OFFSET])
+        except (KeyError, TypeError, ValueError):
+            return True
+        if h.get(HDR_DL_TOPIC) != topic or not 0 <= part < len(starts):
+            return False
+        return offset >= starts[part]
+
+    return ours
 
 
 def run_verify(*args: Any, **kw: Any) -> VerifyResult:

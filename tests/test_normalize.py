@@ -372,3 +372,65 @@ def test_snapshot_restore_equivalence(seed: int, symbols: int, frac: float, frac
     assert part1 + part2 + part3 == full
     assert n3.snapshot() == full_n.snapshot()
     assert n3.book_errors == {} and n2.book_errors == {}
+
+
+# --- one trading day after another -------------------------------------------------------
+
+NEXT = "2024-03-05"
+NEXT_MIDNIGHT = MIDNIGHT + 86_400 * 1_000_000_000  # no clock change between the two
+
+
+def test_a_later_day_starts_the_state_afresh() -> None:
+    """A handler runs on into the next day: yesterday's resting orders must not price
+    today's quotes, and each symbol's ticks are numbered from 1 again, so a day's ticks
+    are the same whether or not the handler saw the day before."""
+    payloads = [itch.encode(m) for m, _ in script()]
+    n = Normalizer()
+    first = []
+    for p in payloads:
+        n.on_itch(p, DAY, 42, first)
+    assert n.books.books, "the script leaves orders resting overnight"
+    again: list[dict[str, Any]] = []
+    for p in payloads:
+        n.on_itch(p, NEXT.encode(), 42, again)
+    fresh: list[dict[str, Any]] = []
+    m = Normalizer()
+    for p in payloads:
+        m.on_itch(p, NEXT.encode(), 42, fresh)
+    assert again == fresh
+    assert [t["seq"] for t in again] == [t["seq"] for t in first]
+    assert {t["event_ts"] - NEXT_MIDNIGHT for t in again} == {
+        t["event_ts"] - MIDNIGHT for t in first
+    }
+    assert n.snapshot() == m.snapshot()
+
+
+def test_a_record_of_an_earlier_day_is_refused_and_changes_nothing() -> None:
+    payloads = [itch.encode(m) for m, _ in script()]
+    n = Normalizer()
+    for p in payloads[:4]:
+        n.on_itch(p, NEXT, 42, [])
+    before = n.snapshot()
+    with pytest.raises(itch.DecodeError) as e:
+        n.on_itch(payloads[4], DAY, 42, [])
+    assert e.value.reason == "previous_day"
+    assert n.snapshot() == before
+    n.on_itch(payloads[4], NEXT, 42, [])  # today's records go on as before
+
+
+def test_the_day_survives_a_snapshot() -> None:
+    payloads = [itch.encode(m) for m, _ in script()]
+    n = Normalizer()
+    for p in payloads[:3]:
+        n.on_itch(p, NEXT, 42, [])
+    r = Normalizer.restore(n.snapshot())
+    with pytest.raises(itch.DecodeError):
+        r.on_itch(payloads[3], DAY, 42, [])
+    # A snapshot from before days were kept takes the day of its next record.
+    old = orjson.loads(n.snapshot())
+    del old["day"]
+    legacy = Normalizer.restore(orjson.dumps(old))
+    assert legacy.day is None
+    out: list[dict[str, Any]] = []
+    legacy.on_itch(payloads[3], NEXT, 42, out)
+    assert out and legacy.books.books, "the restored state is kept, not started afresh"

@@ -458,3 +458,25 @@ def test_itch_framing_through_the_per_record_path(stream: tuple[bytes, int]) -> 
             assert i in dead, f"desync span {p!r:.60} was not dead-lettered"
     if runs == 0:
         assert all(itch.is_frame(p) for p in payloads)
+
+
+def test_a_new_day_numbers_its_feed_from_one_and_yesterday_is_dead_lettered() -> None:
+    """The feed's sequence starts again each trading day: the first records of a new day
+    are no gap, a gap inside it still is, and a record of the day before that arrives
+    after today's began is dead-lettered without touching today's numbers."""
+    add = itch.encode(itch.AddOrder(1, 0, 5, 7, "B", 100, "AAPL", 1_000_000))
+
+    def rec(offset: int, day: bytes, seq: int) -> Any:
+        return _record(offset, add, [(HDR_DATE, day), (HDR_SEQ, str(seq).encode())])
+
+    w = _worker()
+    w.transform([rec(i, DAY, i + 1) for i in range(100)])
+    assert w.norm.gaps == 0
+    today = b"2024-11-26"
+    b = w.transform(
+        [rec(100, today, 1), rec(101, today, 2), rec(102, DAY, 101), rec(103, today, 4)]
+    )
+    assert b is not None
+    assert [(d.record.offset, d.reason) for d in b.dead] == [(102, "previous_day")]
+    assert w.norm.gaps == 1  # seq 3 of today, and nothing else
+    assert w.norm.last_feed_seq == 4

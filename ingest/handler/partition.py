@@ -224,13 +224,25 @@ class PartitionWorker:
         fails the same way in both and leaves the same state behind.
         """
         h = _headers(rec)
-        if HDR_SEQ in h:
+        codec = h.get(HDR_CODEC, b"itch")
+        # A new trading day numbers its feed from 1 again: the day is taken before the
+        # sequence is checked, and a record of an earlier day (dead-lettered below) is
+        # not counted against today's numbers.
+        today = True
+        norm = self.norm
+        if codec == b"itch" and h.get(HDR_DATE, norm.day_header) != norm.day_header:
+            was = norm.day
+            today = norm.enter_day(h[HDR_DATE])
+            if was is not None and norm.day != was and not silent:
+                log.info(
+                    "%s: trading day %s begins at offset %d", self.tp, self.norm.day, rec.offset
+                )
+        if today and HDR_SEQ in h:
             seq = _feed_seq(h[HDR_SEQ])
             missed = 0 if seq is None else self.norm.check_feed_seq(seq)
             if missed and not silent:
                 metrics.SEQUENCE_GAPS.inc(missed)
                 log.warning("%s: feed sequence gap of %d before %d", self.tp, missed, seq)
-        codec = h.get(HDR_CODEC, b"itch")
         mark = len(out)
         try:
             value = rec.value or b""
