@@ -8,10 +8,12 @@ sent, which must match the records on the broker.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import orjson
@@ -25,7 +27,13 @@ from ingest.replay.source import MAX_LINE_BYTES, ItchWindow, parse_hhmm
 from ingest.replay.synthetic import SyntheticDay
 from tests.pipeline_utils import json_trades, replay_cmd
 from tickscale.localstack.net import free_port
-from tickscale.localstack.topics import MakeTopics, TopicSet
+from tickscale.localstack.topics import (
+    MakeTopics,
+    TopicSet,
+    delete_topics,
+    ensure_topics,
+    list_topics,
+)
 
 DAY = "2024-11-25"
 
@@ -160,6 +168,33 @@ async def test_resume_of_another_replay_is_refused(topics: TopicSet, tmp_path: P
     r = _replay(topics, manifest, "--resume", "--date", DAY, "--symbols", "3", "--to", "09:31")
     _one_error(r, str(manifest), "seed")
     assert await _raw_records(topics) == 0
+
+
+async def test_the_same_replay_into_the_topic_that_holds_it_is_refused(
+    make_topics: MakeTopics, tmp_path: Path
+) -> None:
+    """A second run of a replay whose complete manifest is there (a second `docker compose
+    up` with the first one's volumes) would hand the handlers the whole day twice."""
+    ts = await make_topics(raw_partitions=2)
+    manifest = tmp_path / "m.json"
+    window = ("--symbols", "3", "--from", "09:29", "--to", "09:31")
+    assert _replay(ts, manifest, "--date", DAY, *window).returncode == 0
+    sent, body = await _raw_records(ts), manifest.read_bytes()
+    _one_error(_replay(ts, manifest, "--date", DAY, *window), f"--topic {ts.raw}", str(manifest))
+    assert await _raw_records(ts) == sent
+    assert manifest.read_bytes() == body
+    # Another day, written to the same manifest path, goes out.
+    assert _replay(ts, manifest, "--date", "2024-11-26", *window).returncode == 0
+    assert await _raw_records(ts) > sent
+    # The same replay into the topic deleted and created again since goes out too.
+    await delete_topics(ts.bootstrap, [ts.raw])
+    deadline = time.monotonic() + 60
+    while ts.raw in await list_topics(ts.bootstrap):
+        assert time.monotonic() < deadline, "the topic is still listed after its deletion"
+        await asyncio.sleep(0.2)
+    await ensure_topics(ts.bootstrap, {ts.raw: ts.raw_partitions})
+    assert _replay(ts, manifest, "--date", "2024-11-26", *window).returncode == 0
+    assert Manifest.read(manifest).records_sent == await _raw_records(ts) > 0
 
 
 # --- found part-way: the manifest counts what was sent -----------------------------------

@@ -210,6 +210,8 @@ class ReplayerOptions:
     :param outage_deadline_s: how long the broker may acknowledge nothing before
         the replay gives up (BrokerOutage)
     :param connect_timeout_s: how long to wait for a broker before the first record
+    :param check_topic: called with the topic's id (None where the broker gives none)
+        once the topic is found, before the first record; raises to refuse the replay
     """
 
     checkpoint: Callable[[Manifest], None] | None = None
@@ -217,6 +219,7 @@ class ReplayerOptions:
     resume: Manifest | None = None
     outage_deadline_s: float = 300.0
     connect_timeout_s: float = 10.0
+    check_topic: Callable[[str | None], None] | None = None
 
 
 class Replayer:
@@ -255,6 +258,7 @@ class Replayer:
         self._checkpoint_cb = o.checkpoint if manifest else None
         self._checkpoint_every_s = o.checkpoint_every_s
         self._resume = resume
+        self._check_topic_id = o.check_topic
         self.outage_deadline_s = o.outage_deadline_s
         self.connect_timeout_s = o.connect_timeout_s
         self._stop = asyncio.Event()
@@ -327,6 +331,8 @@ class Replayer:
         reached the broker after its manifest was written."""
         self.partitions = len(await reach_topic(self.bootstrap, self.topic, self.connect_timeout_s))
         self.topic_id = await topic_incarnation(self.bootstrap, self.topic)
+        if self._check_topic_id is not None:
+            self._check_topic_id(self.topic_id)
         if self._resume is not None:
             self._start_offsets = list(self._resume.start_offsets)
         elif self._checkpoint_cb is not None:

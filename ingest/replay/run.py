@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -111,6 +112,19 @@ def resume_from(path: Path, source: str, params: dict[str, object], topic: str) 
     if prev.topic != topic:
         raise SourceError(where, f"was written for topic {prev.topic!r}, not {topic!r}")
 
+    differ = _differences(prev, source, params)
+    if differ:
+        raise SourceError(
+            where,
+            f"was written by another replay ({', '.join(differ)} differ): resume it with the "
+            "options it was started with",
+        )
+    return prev
+
+
+def _differences(prev: Manifest, source: str, params: dict[str, object]) -> list[str]:
+    """What makes ``prev`` the manifest of another replay than ``source`` with ``params``."""
+
     def same(key: str) -> bool:
         a, b = prev.params.get(key), params.get(key)
         if key == "file" and a is not None and b is not None:
@@ -120,13 +134,36 @@ def resume_from(path: Path, source: str, params: dict[str, object], topic: str) 
     differ = sorted(k for k in set(prev.params) | set(params) if not same(k))
     if prev.source != source:
         differ.insert(0, "source")
-    if differ:
-        raise SourceError(
-            where,
-            f"was written by another replay ({', '.join(differ)} differ): resume it with the "
-            "options it was started with",
-        )
-    return prev
+    return differ
+
+
+def _sent_already(
+    s: ReplaySettings, source: str, params: dict[str, object]
+) -> Callable[[str | None], None] | None:
+    """A check refusing to send again what a complete manifest at ``--manifest`` says this
+    same replay sent to this same topic, while the topic is still the one it sent to.
+
+    The handlers would get every record of the day twice, on top of its end-of-day books:
+    a second ``docker compose up`` with the volumes of the first did that. A topic deleted
+    and created since (another id) holds nothing of it, so the day goes out again there.
+    """
+    try:
+        prev = Manifest.read(s.manifest)
+    except (OSError, ValueError):
+        return None
+    if not prev.complete or prev.topic != s.topic or _differences(prev, source, params):
+        return None
+
+    def check(now: str | None) -> None:
+        if prev.topic_id and now == prev.topic_id:
+            raise SourceError(
+                f"--topic {s.topic}",
+                f"holds this same replay already ({s.manifest} is its complete manifest, "
+                f"topic id {now}): sending it again would give the handlers every record "
+                "twice; replay it into a new topic, or delete and create this one again",
+            )
+
+    return check
 
 
 def _incomplete(path: Path) -> bool:
@@ -242,6 +279,7 @@ def run_replay(settings: ReplaySettings) -> bool:
     options = ReplayerOptions(
         checkpoint=write, checkpoint_every_s=s.checkpoint_every_s, resume=prev,
         outage_deadline_s=s.outage_deadline_s, connect_timeout_s=s.connect_timeout_s,
+        check_topic=None if prev is not None else _sent_already(s, spec.source, params),
     )  # fmt: skip
     replayer = Replayer(s.bootstrap, s.topic, src, s.pace, day_s, bar.update, options=options)
     MISSING_TOPICS.install()  # a topic deleted under the replay floods the log otherwise
