@@ -26,6 +26,7 @@ from core.repeats import RepeatedFailure
 from core.runtime import stop_on_signals
 from core.sessions import Session
 from scaler import metrics as m
+from scaler.action_backoff import ActionBackoff
 from scaler.audit import AuditLog
 from scaler.backends.base import Backend, BackendError, HandlerInstance
 from scaler.capacity import RedisCapacity
@@ -105,6 +106,7 @@ class Scaler:
         self._started = False
         self._measured_at: float | None = None  # monotonic time of the last good poll
         self._failing = RepeatedFailure(log, "poll")
+        self._backoff = ActionBackoff(log)
         self._last_logged: tuple[int, int] | None = None
 
     async def start(self) -> None:
@@ -257,6 +259,8 @@ class Scaler:
                 self._last_logged = key
                 log.info("dry run: would scale %d->%d: %s", d.current, d.desired, d.explanation)
             return d
+        if self._backoff.holds("add" if d.desired > d.current else "remove"):
+            return d  # failed a moment ago: tried again once its backoff has passed
         result = await self._apply(d, instances)
         self.decider.applied(d)
         direction = "up" if d.desired > d.current else "down"
@@ -277,8 +281,9 @@ class Scaler:
                 ids = await self.backend.remove(n)
         except BackendError as e:
             m.BACKEND_ERRORS.labels(op).inc()
-            log.error("backend %s(%d) failed: %s", op, n, e)
-            return {"op": op, "n": n, "ok": False, "error": str(e)}
+            wait = self._backoff.failed(op, n, e)
+            return {"op": op, "n": n, "ok": False, "error": str(e), "retry_in_s": round(wait, 1)}
+        self._backoff.succeeded()
         return {"op": op, "n": n, "ok": True, "ids": ids}
 
     def _export(self, snap: Snapshot, d: Decision, current: int) -> None:

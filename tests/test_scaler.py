@@ -4,6 +4,7 @@ leader failover, start-up errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -641,3 +642,38 @@ async def test_lag_of_a_group_committing_while_it_is_read_is_never_judged_foreig
     # The group is a few records behind per partition, never a partition's whole log
     # (a quarter of the records); how few depends on the machine's load.
     assert all(lag <= max(16, size // 10) for lag, size in lags), lags
+
+
+@pytest.mark.slow
+def test_a_backend_action_that_keeps_failing_backs_off_and_is_said_once(
+    topics: TopicSet, redis_url: str, tmp_path: Path, small_disk: Path
+) -> None:
+    """A failed change was tried again at every poll past the settle period (here 0.5 s),
+    each time with an ERROR line, a handler started and stopped again and an audit
+    record: a full disk under the process backend drowned the scaler's log. It is tried
+    again after a backoff, and said once, then once a minute, then its end."""
+    with (small_disk / "filler").open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    args = ("--state-dir", str(small_disk), "--calendar", "none", "--settle", "0.5",
+            "--min-handlers", "1", "--max-handlers", "1", "--name", f"bf{os.getpid()}")  # fmt: skip
+    sc = ScalerProc(topics, redis_url, tmp_path, *args)
+    errors = 'tickscale_scaler_backend_errors_total\\{op="add"\\}'
+    try:
+        sc.wait_for(errors, lambda v: v is not None and v >= 1, 60)
+        time.sleep(20)
+        # Backoff from 2 s, doubling: tries at about 0, 2, 6, 14 s. At every poll after
+        # the settle period (0.5 s) it was some 30.
+        tries = _metric(sc.metrics(), errors)
+        assert tries is not None and 3 <= tries <= 6, tries
+        said = [ln for ln in sc.log().splitlines() if "backend action" in ln]
+        assert len(said) == 1, said
+        assert "add(1)" in said[0] and "No space left" in said[0], said
+        assert str(small_disk) in said[0], said
+        (small_disk / "filler").unlink()
+        running = "tickscale_scaler_running_handlers"
+        _wait(lambda: sc.value(running) == 1, 60, "no handler once there is room", sc)
+        _wait(lambda: "backend action succeeds again, after" in sc.log(), 10, "no end said", sc)
+    finally:
+        if sc.proc.poll() is None:
+            sc.stop()
