@@ -163,6 +163,9 @@ class VerifyResult:
     reordered: int = 0
     checksum_mismatch: int = 0
     unexpected_symbols: int = 0
+    # Records of the tick topic that are not ticks (not JSON, or without a symbol, a
+    # sequence number or an event time): any consumer of the topic would stumble on them.
+    unreadable: int = 0
     ticks_read: int = 0
     ticks_expected: int = 0
     # Ticks of other trading days (an ITCH manifest's topic holds every day the
@@ -186,6 +189,7 @@ class VerifyResult:
             and self.reordered == 0
             and self.checksum_mismatch == 0
             and self.unexpected_symbols == 0
+            and self.unreadable == 0
             and dl_ok
         )
 
@@ -203,6 +207,7 @@ class VerifyResult:
             "reordered": self.reordered,
             "checksum_mismatch": self.checksum_mismatch,
             "unexpected_symbols": self.unexpected_symbols,
+            "unreadable": self.unreadable,
             "ticks_read": self.ticks_read,
             "ticks_expected": self.ticks_expected,
             "ticks_other_days": self.ticks_other_days,
@@ -384,11 +389,18 @@ async def verify(
     day = trading_day_ns(manifest)
 
     def on_tick(r: Any) -> bool:
-        t = orjson.loads(r.value)
-        if day is not None and not day[0] <= t["event_ts"] < day[1]:
+        try:
+            t = orjson.loads(r.value)
+            when, sym, seq = int(t["event_ts"]), str(t["symbol"]), int(t["seq"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            res.unreadable += 1
+            return False
+        if not 0 < seq < _MAX_TICK_SEQ:  # the ledger keeps a byte per sequence number
+            res.unreadable += 1
+            return False
+        if day is not None and not day[0] <= when < day[1]:
             res.ticks_other_days += 1
             return False
-        sym = t["symbol"]
         c = checks.get(sym)
         if c is None:
             c = checks[sym] = SymbolCheck()
@@ -403,6 +415,10 @@ async def verify(
             res, bootstrap, deadletter_topic, manifest, expected_deadletters, waits
         )
     return res
+
+
+# Far above any symbol's ticks in a day: a sequence number past it is not a tick's.
+_MAX_TICK_SEQ = 2**31
 
 
 def trading_day_ns(manifest: Manifest) -> tuple[int, int] | None:

@@ -278,6 +278,7 @@ def _report(res: VerifyResult, m: Manifest, json_out: Path | None) -> None:
         f"ticks read={res.ticks_read} expected={res.ticks_expected} "
         f"symbols={len(m.symbols)} unexpected_symbols={res.unexpected_symbols}"
         + (f" other_days={res.ticks_other_days}" if res.ticks_other_days else "")
+        + (f" unreadable={res.unreadable}" if res.unreadable else "")
     )
     for dl in (res.deadletter_spans or [])[:50]:
         typer.echo(dl.line())

@@ -33,6 +33,7 @@ class Ledger:
         return (
             f"ledger {verdict}: ticks={r.ticks_read:,}/{r.ticks_expected:,} {r.summary_line()} "
             f"unexpected_symbols={r.unexpected_symbols}{dl}"
+            + (f" unreadable={r.unreadable}" if r.unreadable else "")
         )
 
     def as_dict(self) -> dict[str, Any]:
