@@ -40,7 +40,7 @@ def sasl_broker(data_dir: Path) -> tuple[KafkaBroker, int]:
     return broker, sasl
 
 
-def _tool(main_class: str, args: list[str]) -> str:
+def tool(main_class: str, args: list[str]) -> str:
     r = run_tool(main_class, args)
     if r.returncode != 0:
         raise RuntimeError(f"{main_class} {args} failed: {r.stdout}\n{r.stderr}")
@@ -48,7 +48,7 @@ def _tool(main_class: str, args: list[str]) -> str:
 
 
 def add_user(bootstrap: str, name: str, password: str) -> None:
-    _tool("kafka.admin.ConfigCommand", [
+    tool("kafka.admin.ConfigCommand", [
         "--bootstrap-server", bootstrap, "--alter", "--entity-type", "users",
         "--entity-name", name, "--add-config", f"{MECHANISM}=[iterations=4096,password={password}]",
     ])  # fmt: skip
@@ -59,7 +59,7 @@ def apply_acls(bootstrap: str) -> int:
     n = 0
     for line in ACLS.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
-            _tool("org.apache.kafka.tools.AclCommand", ["--bootstrap-server", bootstrap, "--add",
+            tool("org.apache.kafka.tools.AclCommand", ["--bootstrap-server", bootstrap, "--add",
                                               *shlex.split(line)])  # fmt: skip
             n += 1
     return n

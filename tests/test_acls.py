@@ -5,7 +5,14 @@ refused outside it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,8 +30,9 @@ from aiokafka.errors import (
 
 from core.aiokafka_internals import delete_group
 from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
-from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker
-from tickscale.localstack.net import HOST
+from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker, tool
+from tickscale.localstack.net import HOST, free_port
+from tickscale.localstack.topics import delete_groups, delete_topics, ensure_topics, list_topics
 
 TOPICS = (RAW_TOPIC, TICKS_TOPIC, DEADLETTER_TOPIC)
 TIMEOUT_MS = 15000
@@ -222,3 +230,97 @@ async def test_the_load_test_runs_a_day_of_its_own_and_nothing_else(
     await refused(
         read_one(broker, "loadtest", RAW_TOPIC, HANDLER_GROUP), GroupAuthorizationFailedError
     )
+
+
+def _as(broker: dict[str, Any], who: str, tmp: Path) -> dict[str, str]:
+    """The environment of a tickscale process running as ``who``."""
+    d = tmp / f"secrets-{who}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    (d / "tickscale_kafka_password").write_text(broker["passwords"][who])
+    return os.environ | {"TICKSCALE_SECRETS_DIR": str(d), "TICKSCALE_KAFKA_USERNAME": who}
+
+
+def _acl(broker: dict[str, Any], op: str, *args: str) -> None:
+    tool("org.apache.kafka.tools.AclCommand", ["--bootstrap-server", broker["plain"], op, *args])
+
+
+async def _fresh_topics(broker: dict[str, Any]) -> None:
+    """The topics and the handlers' group as new: the tests above left records in them
+    that are not a day's (b"x"), and offsets."""
+    await delete_topics(broker["plain"], TOPICS)
+    deadline = time.monotonic() + 60
+    while set(TOPICS) & set(await list_topics(broker["plain"])):
+        assert time.monotonic() < deadline, "topics still listed after deletion"
+        await asyncio.sleep(0.2)
+    await delete_groups(broker["plain"], [HANDLER_GROUP])
+    await ensure_topics(broker["plain"], dict.fromkeys(TOPICS, 1))
+
+
+def _ready(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+async def test_a_handler_refused_a_write_says_what_to_grant_and_goes_on_once_granted(
+    broker: dict, topics: None, tmp_path: Path
+) -> None:
+    """An ACL missing for the handler's principal (here Write on md.deadletter) fails every
+    commit with a dead letter in it, until an operator adds it. The handler tried again
+    every few seconds without end, aborting and restoring, and never said what to grant."""
+    grant = ("--allow-principal", "User:handler", "--operation", "Write", "--topic",
+             DEADLETTER_TOPIC)  # fmt: skip
+    await _fresh_topics(broker)
+    _acl(broker, "--remove", "--force", *grant)
+    port = free_port()
+    log = tmp_path / "handler.log"
+    cmd = [sys.executable, "-m", "tickscale", "handler", "--bootstrap", broker["sasl"],
+           "--metrics-port", str(port), "--id", "denied"]  # fmt: skip
+    with log.open("wb") as out:
+        h = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                             env=_as(broker, "handler", tmp_path))  # fmt: skip
+    manifest = tmp_path / "day.json"
+    try:
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tickscale", "replay", "--bootstrap", broker["sasl"],
+             "--manifest", str(manifest), "--no-progress", "--speed", "max", "--symbols", "3",
+             "--date", "2024-11-25", "--from", "09:29", "--to", "09:30",
+             "--malformed-every", "100"],
+            env=_as(broker, "replay", tmp_path), check=True, capture_output=True, timeout=120,
+        )  # fmt: skip
+        await asyncio.sleep(45)
+        text = log.read_text()
+        said = [ln for ln in text.splitlines() if "refuses this handler's commits" in ln]
+        assert len(said) == 1, text[-3000:]
+        assert f"Write and Describe on topic {DEADLETTER_TOPIC}" in said[0], said
+        # Tried again on a backoff from 2 s to a minute: about 5 times in 45 s. Every few
+        # seconds, it was 13.
+        tries = text.count("aborting and restoring")
+        assert 1 <= tries <= 6, text[-3000:]
+        assert _ready(port) == 503
+        assert h.poll() is None
+
+        _acl(broker, "--add", *grant)
+        verify = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tickscale", "verify", "--bootstrap", broker["sasl"],
+             "--manifest", str(manifest), "--deadletter-topic", DEADLETTER_TOPIC,
+             "--timeout", "120"],
+            env=_as(broker, "verify", tmp_path), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        out = verify.stdout + verify.stderr
+        assert verify.returncode == 0, out[-3000:] + log.read_text()[-3000:]
+        assert "missing=0 duplicated=0 reordered=0 checksum_mismatch=0" in out, out[-3000:]
+        dead = [ln for ln in out.splitlines() if ln.startswith("deadletters=")][-1]
+        n, expected = (int(kv.split("=")[1]) for kv in dead.split())
+        assert n == expected > 0, out[-3000:]
+        assert "takes this handler's commits again" in log.read_text()
+        assert _ready(port) == 200
+    finally:
+        _acl(broker, "--add", *grant)
+        h.kill()
+        h.wait(10)

@@ -23,6 +23,7 @@ from core.retry import backoff_s
 from core.topology import TopicMissing, partition_ids
 from ingest import metrics
 from ingest.handler.commits import DISCARD_WAIT_S
+from ingest.handler.denied import DENIED, Denials
 from ingest.handler.partition import Batch, PartitionWorker
 from ingest.handler.poison import PoisonTracker, may_be_the_records
 
@@ -82,6 +83,7 @@ class Recovery:
         # A batch with dead letters failed on the dead-letter topic's absence: its
         # partitions fetch that record again and again until the topic is back.
         self._dead_letters_wait = False
+        self._denials = Denials()
 
     @property
     def holding(self) -> bool:
@@ -112,6 +114,10 @@ class Recovery:
                 await self._recover([b.worker.tp for b in rest], group, error)
                 return
         self._failed_in_a_row = 0
+        if self._denials.denied:
+            self._denials.succeeded()
+            if not self._missing_said:
+                self.h.probes.unblock()
         if self._missing_said:
             await self._say_outputs_back()
 
@@ -184,6 +190,8 @@ class Recovery:
             )
             if isinstance(e, CommitTimeout | UnknownTopicOrPartitionError | OutputMissing):
                 await self._say_missing_outputs()
+            elif self._denials.failed(e):
+                self.h.probes.block(f"the broker refuses its commits: {e!r}", 2 * 60.0)
             return e
         done = time.time()
         for b in work:
@@ -310,7 +318,10 @@ class Recovery:
         if failed:
             self._failed_in_a_row += 1
             n = self._failed_in_a_row
-            wait = 0 if n <= 1 else backoff_s(n - 1, 0.25, self.h.s.retry_backoff_max_s)
+            if isinstance(error, DENIED):  # until the grant is made: see denied.py
+                wait = self._denials.wait_s(n)
+            else:
+                wait = 0 if n <= 1 else backoff_s(n - 1, 0.25, self.h.s.retry_backoff_max_s)
             await self.h.grace.pause(wait)
         if self.h.committer.transactional:
             gone = isinstance(error, OutputMissing) or self.holding
@@ -323,8 +334,10 @@ class Recovery:
             # and the broker takes a commit without it: an outage must never
             # dead-letter good records.
             lone = b.worker.one_at_a_time and len(b.records) == 1
-            if error is not None and (
-                not lone or (may_be_the_records(error) and await self._probe([b.worker]))
+            if (
+                error is not None
+                and not isinstance(error, DENIED)
+                and (not lone or (may_be_the_records(error) and await self._probe([b.worker])))
             ):
                 self._poison.failed(b.worker.tp, b.worker.committed, b.next_offset, error)
         for tp in tps:
