@@ -24,6 +24,8 @@ MAX_S = 60.0
 
 
 class ActionBackoff:
+    """Which backend action waits out its backoff, and what its failures say."""
+
     def __init__(self, logger: logging.Logger, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._failing = RepeatedFailure(logger, "backend action", clock=clock)
