@@ -174,6 +174,13 @@ def summary(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in last.split())}
 
 
+def deadletters(out: str) -> tuple[int, int]:
+    """(dead letters found, expected) from verify's ``deadletters=N expected=M`` line."""
+    last = [ln for ln in out.splitlines() if ln.startswith("deadletters=")][-1]
+    found, expected = (int(kv.split("=")[1]) for kv in last.split())
+    return found, expected
+
+
 def json_trades(symbol: str, n: int) -> list[dict[str, object]]:
     """``n`` valid trades of one symbol in the JSONL replay format, 1 ns apart."""
     return [

@@ -31,6 +31,7 @@ from aiokafka.errors import (
 from core.aiokafka_internals import delete_group
 from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
 from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker, tool
+from tests.pipeline_utils import deadletters
 from tickscale.localstack.net import HOST, free_port
 from tickscale.localstack.topics import delete_groups, delete_topics, ensure_topics, list_topics
 
@@ -315,8 +316,7 @@ async def test_a_handler_refused_a_write_says_what_to_grant_and_goes_on_once_gra
         out = verify.stdout + verify.stderr
         assert verify.returncode == 0, out[-3000:] + log.read_text()[-3000:]
         assert "missing=0 duplicated=0 reordered=0 checksum_mismatch=0" in out, out[-3000:]
-        dead = [ln for ln in out.splitlines() if ln.startswith("deadletters=")][-1]
-        n, expected = (int(kv.split("=")[1]) for kv in dead.split())
+        n, expected = deadletters(out)
         assert n == expected > 0, out[-3000:]
         assert "takes this handler's commits again" in log.read_text()
         assert _ready(port) == 200

@@ -14,7 +14,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tests.pipeline_utils import HandlerProc, run_replay, run_verify, summary
+from tests.pipeline_utils import HandlerProc, deadletters, run_replay, run_verify, summary
 from tests.test_incarnation import DAY, ZERO
 from tickscale.localstack.topics import MakeTopics, TopicSet
 
@@ -48,9 +48,8 @@ async def test_a_day_through_topics_compressed_with_zstd_lz4_and_snappy(
         rc, out = run_verify(ts, manifest)
         assert summary(out) == ZERO, out[-3000:] + h.log()[-3000:]
         assert rc == 0, out[-3000:]
-        dead = [ln for ln in out.splitlines() if ln.startswith("deadletters=")][-1]
-        n, expected = (int(kv.split("=")[1]) for kv in dead.split())
-        assert n == expected > 0, dead
+        n, expected = deadletters(out)
+        assert n == expected > 0, out[-3000:]
         assert "fetch failed" not in h.log(), h.log()[-3000:]
     finally:
         h.close()

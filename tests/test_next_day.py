@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiokafka import TopicPartition
 
-from tests.pipeline_utils import HandlerProc, run_replay, run_verify, summary
+from tests.pipeline_utils import HandlerProc, deadletters, run_replay, run_verify, summary
 from tests.test_incarnation import ZERO
 from tickscale.localstack.topics import MakeTopics, TopicSet
 
@@ -29,8 +29,7 @@ def _replay(ts: TopicSet, manifest: Path, day: str) -> None:
 def _assert_day_exact(ts: TopicSet, manifest: Path, h: HandlerProc) -> str:
     rc, out = run_verify(ts, manifest, timeout_s=60)
     assert summary(out) == ZERO, out[-3000:] + h.log()[-2000:]
-    dead = [ln for ln in out.splitlines() if ln.startswith("deadletters=")][-1]
-    n, expected = (int(kv.split("=")[1]) for kv in dead.split())
+    n, expected = deadletters(out)
     assert n == expected > 0, out[-3000:]
     assert rc == 0, out[-3000:]
     return out
