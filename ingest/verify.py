@@ -163,8 +163,9 @@ class VerifyResult:
     reordered: int = 0
     checksum_mismatch: int = 0
     unexpected_symbols: int = 0
-    # Records of the tick topic that are not ticks (not JSON, or without a symbol, a
-    # sequence number or an event time): any consumer of the topic would stumble on them.
+    # Records of the tick topic that are not ticks (not JSON, or without a symbol or a
+    # sequence number, or judging an ITCH day, an event time): any consumer of the topic
+    # would stumble on them.
     unreadable: int = 0
     ticks_read: int = 0
     ticks_expected: int = 0
@@ -391,7 +392,9 @@ async def verify(
     def on_tick(r: Any) -> bool:
         try:
             t = orjson.loads(r.value)
-            when, sym, seq = int(t["event_ts"]), str(t["symbol"]), int(t["seq"])
+            sym, seq = str(t["symbol"]), int(t["seq"])
+            # Only a day's judge needs the event time, to tell the day's ticks.
+            when = int(t["event_ts"]) if day is not None else 0
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             res.unreadable += 1
             return False
