@@ -78,11 +78,7 @@ class Normalizer:
     """
 
     def __init__(self) -> None:
-        self.books = Books()
-        self.directory: dict[int, str] = {}
-        self.last_top: dict[int, Top] = {}
-        self.seqs: dict[str, int] = {}
-        self.last_feed_seq = 0
+        self._start_day_state()
         self.book_errors: Counter[str] = Counter()
         self.gaps = 0
         # The trading day of the ITCH state (None before the first ITCH record), and the
@@ -104,14 +100,19 @@ class Normalizer:
         if self.day is not None and d < self.day:
             return False
         if self.day is not None and d > self.day:
-            self.books = Books()
-            self.directory = {}
-            self.last_top = {}
-            self.seqs = {}
-            self.last_feed_seq = 0
+            self._start_day_state()
         self.day = d
         self.day_header = day
         return True
+
+    def _start_day_state(self) -> None:
+        """Everything that belongs to one trading day, empty: the state of a new handler
+        and of a new day alike, so a field added here cannot be carried into the next."""
+        self.books = Books()
+        self.directory: dict[int, str] = {}
+        self.last_top: dict[int, Top] = {}
+        self.seqs: dict[str, int] = {}
+        self.last_feed_seq = 0
 
     # Feed sequence -------------------------------------------------------
 

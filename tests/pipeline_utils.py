@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -172,6 +173,17 @@ def run_verify(ts: TopicSet, manifest: Path, timeout_s: float = 90) -> tuple[int
 def summary(out: str) -> dict[str, int]:
     last = [ln for ln in out.splitlines() if ln.startswith("missing=")][-1]
     return {k: int(v) for k, v in (kv.split("=") for kv in last.split())}
+
+
+def readyz(port: int) -> int:
+    """The HTTP status of a process's /readyz on ``port``; 0 while nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:  # not listening yet
+        return 0
 
 
 def deadletters(out: str) -> tuple[int, int]:

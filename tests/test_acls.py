@@ -11,8 +11,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ from aiokafka.errors import (
 from core.aiokafka_internals import delete_group
 from core.constants import DEADLETTER_TOPIC, HANDLER_GROUP, RAW_TOPIC, TICKS_TOPIC
 from tests.kafka_sasl import MECHANISM, PRINCIPALS, add_user, apply_acls, sasl_broker, tool
-from tests.pipeline_utils import deadletters
+from tests.pipeline_utils import deadletters, readyz
 from tickscale.localstack.net import HOST, free_port
 from tickscale.localstack.topics import delete_groups, delete_topics, ensure_topics, list_topics
 
@@ -257,14 +255,6 @@ async def _fresh_topics(broker: dict[str, Any]) -> None:
     await ensure_topics(broker["plain"], dict.fromkeys(TOPICS, 1))
 
 
-def _ready(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=5) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
 @pytest.mark.slow
 async def test_a_handler_refused_a_write_says_what_to_grant_and_goes_on_once_granted(
     broker: dict, topics: None, tmp_path: Path
@@ -302,7 +292,7 @@ async def test_a_handler_refused_a_write_says_what_to_grant_and_goes_on_once_gra
         # seconds, it was 13.
         tries = text.count("aborting and restoring")
         assert 1 <= tries <= 6, text[-3000:]
-        assert _ready(port) == 503
+        assert readyz(port) == 503
         assert h.poll() is None
 
         _acl(broker, "--add", *grant)
@@ -319,7 +309,7 @@ async def test_a_handler_refused_a_write_says_what_to_grant_and_goes_on_once_gra
         n, expected = deadletters(out)
         assert n == expected > 0, out[-3000:]
         assert "takes this handler's commits again" in log.read_text()
-        assert _ready(port) == 200
+        assert readyz(port) == 200
     finally:
         _acl(broker, "--add", *grant)
         h.kill()

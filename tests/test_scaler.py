@@ -27,7 +27,7 @@ from core.constants import REDIS_SCALER_EVENTS, REDIS_SCALER_LEASE
 from core.incarnation import offset_metadata, topic_id
 from scaler.audit import read_events
 from scaler.lag import LagProbe
-from tests.pipeline_utils import run_verify, start_replay, summary
+from tests.pipeline_utils import readyz, run_verify, start_replay, summary
 from tickscale.localstack import consumer_groups_describe, delete_topics, ensure_topics
 from tickscale.localstack.net import free_port
 from tickscale.localstack.redis import RedisServer
@@ -429,16 +429,6 @@ async def test_a_scaler_started_before_its_redis_waits_for_it(
         redis.stop()
 
 
-def _readyz(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:  # not listening yet
-        return 0
-
-
 def _wait(pred: Callable[[], bool], timeout: float, what: str, sc: ScalerProc) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -460,12 +450,12 @@ async def test_a_raw_topic_gone_is_said_once_and_the_scaler_turns_not_ready(
     args = ("--dry-run", "--calendar", "none", "--name", f"gone{os.getpid()}")
     sc = ScalerProc(topics, redis_url, tmp_path, *args)
     try:
-        await asyncio.to_thread(_wait, lambda: _readyz(sc.port) == 200, 60, "not ready", sc)
+        await asyncio.to_thread(_wait, lambda: readyz(sc.port) == 200, 60, "not ready", sc)
         before = len(sc.log())
         t0 = time.monotonic()  # its last good poll is about one poll before this
         await delete_topics(topics.bootstrap, [topics.raw])
         await asyncio.to_thread(
-            _wait, lambda: _readyz(sc.port) == 503, 30, "still ready without the topic", sc
+            _wait, lambda: readyz(sc.port) == 503, 30, "still ready without the topic", sc
         )
         # Not at the first failed poll: once its figures are 10 s old (less a slow poll).
         assert time.monotonic() - t0 >= 5, "not ready before its figures were stale"
@@ -480,7 +470,7 @@ async def test_a_raw_topic_gone_is_said_once_and_the_scaler_turns_not_ready(
 
         await ensure_topics(topics.bootstrap, {topics.raw: topics.raw_partitions})
         await asyncio.to_thread(
-            _wait, lambda: _readyz(sc.port) == 200, 30, "not ready with the topic back", sc
+            _wait, lambda: readyz(sc.port) == 200, 30, "not ready with the topic back", sc
         )
         await asyncio.to_thread(
             _wait, lambda: "poll succeeds again, after" in sc.log(), 10, "no recovery line", sc
